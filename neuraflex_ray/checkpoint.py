@@ -1,0 +1,117 @@
+"""Checkpoint conversion and the consolidated export format.
+
+DeepSpeed writes one file per expert per MoE layer plus the non-expert weights, and reloading
+that needs the same `ep_size`. Serving and evaluation want one file that loads in one process
+with no process group, so `consolidate_deepspeed()` maps the per-expert files back into the
+local layout (stacked `[E, ...]` expert weights) and `export()` writes:
+
+    <dir>/model.safetensors   local-layout weights (tied output weight stored once)
+    <dir>/config.json         the model config (+ whatever metadata the caller adds)
+    <dir>/tokenizer.json      the tokenizer the model was trained with
+
+Every write goes to a temporary sibling directory first and is renamed into place, so a crash
+never leaves a half-written export behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from neuraflex_ray.config import ModelConfig
+from neuraflex_ray.models.moe_lm import MoELM
+from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT, DS_GATE, to_local_name
+from neuraflex_ray.train.strategy import CKPT_TAG
+
+_EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt$")
+
+
+def consolidate_deepspeed(checkpoint_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Merge a DeepSpeed MoE checkpoint (any ep_size) into one local-layout state dict."""
+    root = Path(checkpoint_dir) / CKPT_TAG
+    main = root / "mp_rank_00_model_states.pt"
+    if not main.is_file():
+        raise FileNotFoundError(f"{main} not found: is {checkpoint_dir} a DeepSpeed checkpoint written by train?")
+    module = torch.load(main, map_location="cpu", weights_only=False)["module"]
+    state = {to_local_name(k): v for k, v in module.items() if DS_EXPERT not in k}
+
+    # Expert files: layer_{moe_layer_id}_expert_{global_id}_...; moe_layer_id counts MoE blocks
+    # in module order, which is layer order.
+    moe_layers = [i for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1]
+    experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for f in root.iterdir():
+        m = _EXPERT_FILE.match(f.name)
+        if m:
+            experts[(int(m.group(1)), int(m.group(2)))] = torch.load(f, map_location="cpu", weights_only=False)
+    for moe_id, layer in enumerate(moe_layers):
+        for w in ("w1", "w3", "w2"):
+            stacked = []
+            for e in range(cfg.num_experts):
+                if (moe_id, e) not in experts:
+                    raise FileNotFoundError(f"{root}: missing expert file for MoE layer {moe_id}, expert {e}")
+                stacked.append(experts[(moe_id, e)][f"layers.{layer}.ffn.{DS_EXPERT}.{e}.{w}"])
+            state[f"layers.{layer}.ffn.{w}"] = torch.stack(stacked)
+    assert not any(DS_GATE in k for k in state)
+    return state
+
+
+def _atomic_dir(final: Path):
+    """Context manager: yields a temp dir next to `final`, renamed onto it on success."""
+
+    class _Ctx:
+        def __enter__(self) -> Path:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            return self.tmp
+
+        def __exit__(self, exc_type, exc, tb) -> None:
+            if exc_type is not None:
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                return
+            old = None
+            if final.exists():
+                old = final.with_name(f".{final.name}.old-{os.getpid()}")
+                os.replace(final, old)
+            os.replace(self.tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+
+    return _Ctx()
+
+
+def export(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: str | Path, out_dir: str | Path,
+           metadata: dict[str, Any] | None = None) -> Path:
+    """Write a consolidated checkpoint that `load_exported()` reads back in one process."""
+    out = Path(out_dir).resolve()
+    model = MoELM(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    if missing or unexpected:
+        raise ValueError(f"state does not match the model config: missing={missing[:5]} unexpected={unexpected[:5]}")
+    with _atomic_dir(out) as tmp:
+        save_model(model, str(tmp / "model.safetensors"))
+        meta = {"model": dataclasses.asdict(cfg), **(metadata or {})}
+        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+    return out
+
+
+def load_exported(path: str | Path, device: str = "cpu") -> tuple[MoELM, dict[str, Any]]:
+    """Load a consolidated export: (model in eval mode, config.json contents)."""
+    p = Path(path)
+    if not (p / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{p}/model.safetensors not found: pass a directory written by `neuraflex-ray export`")
+    meta = json.loads((p / "config.json").read_text())
+    cfg = ModelConfig(**meta["model"])
+    model = MoELM(cfg)
+    load_model(model, str(p / "model.safetensors"), device=device)
+    return model.to(device).eval(), meta

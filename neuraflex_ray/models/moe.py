@@ -1,0 +1,169 @@
+"""Top-k routed SwiGLU experts, executed locally and without dropping tokens.
+
+The layer owns one set of parameters: a router `[E, d]` and stacked expert weights
+`w1, w3: [E, d, f]`, `w2: [E, f, d]`. This file runs them in one process (training on one
+device, evaluation, serving). `neuraflex_ray/parallel/deepspeed_moe.py` runs the *same*
+parameters through DeepSpeed's expert-parallel `MoE` layer; both paths share `route()` and the
+auxiliary losses below, so they optimise the identical objective.
+
+Routing semantics follow DeepSpeed's gates so that the two paths agree token for token:
+softmax over all experts in fp32, pick the top-k, and renormalise the k weights to sum to one
+when k > 1 (k = 1 keeps the raw probability, as Switch does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Routing:
+    logits: torch.Tensor  # [N, E] fp32
+    probs: torch.Tensor  # [N, E] fp32 softmax
+    weights: torch.Tensor  # [N, k] combine weights
+    experts: torch.Tensor  # [N, k] expert indices
+
+
+def route(logits: torch.Tensor, top_k: int) -> Routing:
+    probs = logits.float().softmax(dim=-1)
+    weights, experts = probs.topk(top_k, dim=-1)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return Routing(logits=logits, probs=probs, weights=weights, experts=experts)
+
+
+def load_balancing_loss(r: Routing) -> torch.Tensor:
+    """Switch/GShard balance loss: E * sum_e f_e * P_e.
+
+    f_e is the fraction of the N*k token->expert assignments that go to expert e, P_e the mean
+    router probability of e. It is 1.0 under perfectly uniform routing.
+    """
+    num_experts = r.probs.shape[-1]
+    counts = torch.bincount(r.experts.flatten(), minlength=num_experts).to(r.probs.dtype)
+    f = counts / r.experts.numel()
+    p = r.probs.mean(dim=0)
+    return num_experts * torch.sum(f * p)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss: mean squared log-partition; keeps router logits small and stable."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer reports per forward: losses (with grad) and routing statistics."""
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    expert_fraction: torch.Tensor  # [E], detached: share of assignments per expert
+    dropped_fraction: torch.Tensor  # scalar, detached: share of assignments over capacity
+
+
+def moe_stats(r: Routing, capacity: int | None = None) -> MoEStats:
+    num_experts = r.probs.shape[-1]
+    counts = torch.bincount(r.experts.detach().flatten(), minlength=num_experts).float()
+    if capacity is None:
+        dropped = torch.zeros(())
+    else:
+        dropped = (counts - capacity).clamp_min(0).sum() / r.experts.numel()
+    return MoEStats(
+        aux_loss=load_balancing_loss(r),
+        z_loss=router_z_loss(r.logits),
+        expert_fraction=counts / r.experts.numel(),
+        dropped_fraction=dropped,
+    )
+
+
+def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
+    # torch._grouped_mm needs 16-byte aligned strides (dims a multiple of 4 in fp32).
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                   w2: torch.Tensor) -> torch.Tensor:
+    """SwiGLU over tokens already sorted by expert: rows [off_e, off_e + counts_e) go to expert e.
+
+    Uses one grouped matmul per weight (torch._grouped_mm) where available; otherwise a loop
+    over contiguous slices, which is still dropless and mask-free.
+    """
+    if _grouped_mm_ok(x, w1, w2):
+        offs = counts.cumsum(0).to(torch.int32)
+        h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
+    outs = []
+    for e, xe in enumerate(torch.split(x, counts.tolist())):
+        outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+    return torch.cat(outs)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Dropless top-k mixture of SwiGLU experts, plus an optional always-on shared expert."""
+
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, shared_ffn_dim: int = 0):
+        super().__init__()
+        self.num_experts, self.top_k = num_experts, top_k
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
+        self.shared = SwiGLU(dim, shared_ffn_dim) if shared_ffn_dim > 0 else None
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.router.weight, std=std)
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        nn.init.normal_(self.w2, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        r = route(F.linear(x.float(), self.router.weight.float()), self.top_k)
+        y = self.experts_forward(x, r)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.reshape(shape), moe_stats(r)
+
+    def experts_forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        n, k = r.experts.shape
+        flat = r.experts.flatten()
+        order = flat.argsort(stable=True)  # assignments grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token_of = order // k
+        out = grouped_swiglu(x[token_of], counts, self.w1, self.w3, self.w2)
+        out = out * r.weights.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+
+def naive_moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Reference implementation: a Python loop over experts with boolean masks (benchmarks, tests)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    r = route(F.linear(x2.float(), moe.router.weight.float()), moe.top_k)
+    y = torch.zeros_like(x2)
+    for e in range(moe.num_experts):
+        tok, slot = torch.where(r.experts == e)
+        if tok.numel() == 0:
+            continue
+        xe = x2[tok]
+        h = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        y.index_add_(0, tok, h * r.weights[tok, slot, None])
+    if moe.shared is not None:
+        y = y + moe.shared(x2)
+    return y.reshape(x.shape)

@@ -1,0 +1,278 @@
+"""NeuralFlex-MoE: a decoder-only Mixture-of-Experts language model.
+
+RMSNorm, rotary positions, grouped-query attention through `scaled_dot_product_attention`,
+SwiGLU experts with a top-k router every `moe_every` layers (dense SwiGLU elsewhere), optional
+shared expert and tied embeddings, and KV-cache generation. Nothing here knows about process
+groups, meshes or engines: `neuraflex_ray/parallel/` wraps this model for distributed training.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuraflex_ray.config import ModelConfig
+from neuraflex_ray.models.moe import MoE, MoEStats, SwiGLU
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, T, H, D]; cos/sin: [T, D/2]. Rotates (even, odd) pairs."""
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)
+
+
+@dataclass
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding: [B, n_kv_heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> KVCache:
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
+        mask, causal = None, True
+        if cache is not None:
+            end = start_pos + t
+            cache.k[:b, :, start_pos:end] = k
+            cache.v[:b, :, start_pos:end] = v
+            k, v = cache.k[:b, :, :end], cache.v[:b, :, :end]
+            if start_pos > 0:
+                # New query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
+                causal = False
+                if t > 1:
+                    mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and t > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.is_moe = layer_id % cfg.moe_every == cfg.moe_every - 1
+        if self.is_moe:
+            self.ffn: nn.Module = MoE(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, cfg.shared_expert_ffn_dim)
+        else:
+            self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
+                start_pos: int) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+        h = self.ffn(self.ffn_norm(x))
+        stats = None
+        if self.is_moe:
+            h, stats = h
+        return x + h, stats
+
+
+class MoELM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (the pipeline's tokenizer fills it in)")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(cfg.max_seq_len, cfg.dim // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)  # residual-branch outputs, as in GPT-2
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.output.weight, std=std)
+        for layer in self.layers:
+            for lin in (layer.attn.wq, layer.attn.wk, layer.attn.wv):
+                nn.init.normal_(lin.weight, std=std)
+            nn.init.normal_(layer.attn.wo.weight, std=out_std)
+            ffn = layer.ffn
+            if isinstance(ffn, MoE):
+                ffn.init_weights(std, out_std)
+                ffn = ffn.shared
+            if ffn is not None:
+                nn.init.normal_(ffn.w1.weight, std=std)
+                nn.init.normal_(ffn.w3.weight, std=std)
+                nn.init.normal_(ffn.w2.weight, std=out_std)
+
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                start_pos: int = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+        t = tokens.shape[1]
+        if start_pos + t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start_pos + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
+        h = self.tok_embeddings(tokens)
+        stats: list[MoEStats] = []
+        for i, layer in enumerate(self.layers):
+            h, s = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            if s is not None:
+                stats.append(s)
+        return self.output(self.norm(h)), stats
+
+    def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
+        c = self.cfg
+        p = self.tok_embeddings.weight
+        return [KVCache.empty(batch, c.n_kv_heads, max_len or c.max_seq_len, c.dim // c.n_heads, p.dtype, p.device)
+                for _ in range(c.n_layers)]
+
+
+@dataclass
+class LossParts:
+    total: torch.Tensor  # what backward() sees
+    ce: torch.Tensor  # next-token cross entropy, nats per token
+    aux: torch.Tensor  # summed load-balancing loss over MoE layers
+    z: torch.Tensor  # summed router z-loss
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, stats: list[MoEStats], cfg: ModelConfig) -> LossParts:
+    ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits.device))
+    z = sum((s.z_loss for s in stats), torch.zeros((), device=logits.device))
+    total = ce + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
+    return LossParts(total=total, ce=ce, aux=aux, z=z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [B, V] -> next ids [B]. temperature 0 means greedy."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(-1) - sorted_p >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: MoELM, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_ids: tuple[int, ...] = (), seed: int | None = None,
+             use_cache: bool = True) -> list[int]:
+    """Continue `prompt`; returns the new token ids (without the prompt, without the stop token)."""
+    model.eval()
+    device = model.tok_embeddings.weight.device
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - len(prompt))
+    if not prompt or max_new_tokens <= 0:
+        return []
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed if seed is not None else 0)
+    ids = torch.tensor([prompt], device=device)
+    caches = model.new_caches(1, len(prompt) + max_new_tokens) if use_cache else None
+    logits, _ = model(ids, caches, 0)
+    out: list[int] = []
+    pos = ids.shape[1]
+    for _ in range(max_new_tokens):
+        nxt = sample_next(logits[:, -1], temperature, top_k, top_p, gen)
+        tok = int(nxt.item())
+        if tok in stop_ids:
+            break
+        out.append(tok)
+        if len(out) == max_new_tokens:
+            break
+        if use_cache:
+            logits, _ = model(nxt.view(1, 1), caches, pos)
+        else:
+            logits, _ = model(torch.tensor([prompt + out], device=device))
+        pos += 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter and FLOP accounting (for MFU)
+# ---------------------------------------------------------------------------------------------
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Total parameters and active parameters per token (the matmul weights a token touches).
+
+    Active counts: attention, routers, top_k experts (+ shared) in MoE layers, dense FFNs, and the
+    output projection (it is a real d x V matmul even when tied). The embedding lookup is excluded.
+    """
+    d, hd = cfg.dim, cfg.dim // cfg.n_heads
+    attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2
+    expert = 3 * d * cfg.expert_ffn_dim
+    shared = 3 * d * cfg.shared_expert_ffn_dim
+    dense = 3 * d * cfg.dense_ffn_dim
+    n_moe = sum(1 for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1)
+    n_dense = cfg.n_layers - n_moe
+    norms = (2 * cfg.n_layers + 1) * d
+    embed = cfg.vocab_size * d
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
+    total = (embed + head + norms + cfg.n_layers * attn + n_dense * dense
+             + n_moe * (d * cfg.num_experts + cfg.num_experts * expert + shared))
+    active = (cfg.vocab_size * d + cfg.n_layers * attn + n_dense * dense
+              + n_moe * (d * cfg.num_experts + cfg.top_k * expert + shared))
+    return {"total": total, "active": active}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_active + 6 * L * H * (d_qk + d_v) * T (torchtitan's convention)."""
+    hd = cfg.dim // cfg.n_heads
+    return 6 * param_counts(cfg)["active"] + 6 * cfg.n_layers * cfg.n_heads * (2 * hd) * seq_len

@@ -1,0 +1,126 @@
+"""Driver side of training: data, Ray Train `TorchTrainer`, checkpoints on disk.
+
+Everything here runs in the process that `ray job submit` (or the CLI) starts. All paths are
+made absolute before workers start, because Train V2 workers `chdir` into their own artifacts
+directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, validate
+from neuraflex_ray.train.loop import train_loop_per_worker
+
+RAY_RUN_NAME = "train"
+
+
+def ensure_ray(cfg: JobConfig | None = None) -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg else 2
+    # Logical CPUs above the physical count leave room for Ray Data's read tasks beside the
+    # training workers on a small machine; the workers set their own torch thread counts.
+    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def latest_checkpoint(path: str | Path) -> Path | None:
+    """The newest complete checkpoint under a run directory (or `path` itself if it is one)."""
+    p = Path(path).resolve()
+    if (p / "ds" / "mp_rank_00_model_states.pt").is_file():
+        return p
+    root = checkpoints_root(p) / RAY_RUN_NAME
+    if not root.is_dir():
+        return None
+    # Ray names checkpoints by time; a directory without DeepSpeed's model file is incomplete.
+    done = [d for d in sorted(root.glob("checkpoint_*")) if (d / "ds" / "mp_rank_00_model_states.pt").is_file()]
+    return done[-1] if done else None
+
+
+def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
+    """Fill model.vocab_size from the dataset's tokenizer (rounded up to a multiple of 64)."""
+    vocab = manifest["vocab_size"]
+    if model.vocab_size == 0:
+        return dataclasses.replace(model, vocab_size=-(-vocab // 64) * 64)
+    if model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab}; "
+                          f"set model.vocab_size=0 to take it from the tokenizer")
+    return model
+
+
+def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the dataset, run distributed training, return a summary dict."""
+    from pipelines.text import build_text_dataset, load_text_datasets
+
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dir=str(Path(cfg.data.output_dir).resolve())))
+    validate(cfg)
+    run_dir = cfg.run_dir
+    ensure_ray(cfg)
+
+    manifest = build_text_dataset(cfg.data)
+    cfg = dataclasses.replace(cfg, model=model_for_data(cfg.model, manifest))
+    if manifest["seq_len"] != cfg.data.seq_len:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} but the dataset in {cfg.data.output_dir} was built "
+                          f"with {manifest['seq_len']}; rebuild it or use another data.output_dir")
+    train_ds, val_ds, _ = load_text_datasets(cfg.data.output_dir)
+
+    resume = None
+    if cfg.train.resume_from:
+        resume = latest_checkpoint(cfg.train.resume_from)
+        if resume is None:
+            raise ConfigError(f"train.resume_from={cfg.train.resume_from!r} holds no complete checkpoint")
+        print(f"[train] resuming from {resume}", flush=True)
+    storage = checkpoints_root(run_dir)
+    if fresh and storage.exists():
+        shutil.rmtree(storage)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    t = cfg.train
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": cfg.to_dict(),
+            "tensorboard_dir": str(run_dir / "tensorboard"),
+            "val_bytes_per_token": manifest["val_bytes_per_token"],
+        },
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        datasets={"train": train_ds, "val": val_ds},
+        # Unsplit: each rank reads the same global batches and keeps its slice (see loop.py).
+        dataset_config=DataConfig(datasets_to_split=[]),
+        run_config=RunConfig(
+            name=RAY_RUN_NAME,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep, checkpoint_score_attribute="step",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = dict(result.return_value or {})
+    out.update({
+        "strategy": t.strategy, "workers": t.num_workers, "ep_size": t.ep_size, "zero_stage": t.zero_stage,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "run_dir": str(run_dir), "model_config": dataclasses.asdict(cfg.model), "manifest": manifest,
+    })
+    return out

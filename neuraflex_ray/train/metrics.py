@@ -1,0 +1,71 @@
+"""Progress reporting: TensorBoard scalars, MoE routing statistics, and the MFU denominator."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from neuraflex_ray.models.moe import MoEStats
+
+# Dense bf16 peak (datasheet, without sparsity) for the GPUs our cluster files name.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def measure_peak_flops(device: torch.device, threads: int, seconds: float = 0.5) -> float:
+    """FLOP/s the denominator of MFU uses.
+
+    GPU: the datasheet dense bf16 figure for known parts. CPU: there is no datasheet figure we
+    can trust, so measure a large fp32 matmul with the worker's thread count, here, in this run.
+    """
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in GPU_PEAK_BF16.items():
+            if key in name:
+                return peak
+    torch.set_num_threads(threads)
+    n = 512
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b  # warm-up
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsWriter:
+    """Rank 0's TensorBoard writer."""
+
+    def __init__(self, log_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=log_dir)
+
+    def scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
+        for k, v in values.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def moe_layers(self, stats: list[MoEStats], step: int) -> None:
+        """Per MoE layer: share of tokens per expert, aux loss, z-loss, dropped-token share."""
+        for i, s in enumerate(stats):
+            for e, frac in enumerate(s.expert_fraction.tolist()):
+                self.tb.add_scalar(f"moe/layer{i}/expert{e}_fraction", frac, step)
+            self.tb.add_scalar(f"moe/layer{i}/aux_loss", float(s.aux_loss), step)
+            self.tb.add_scalar(f"moe/layer{i}/z_loss", float(s.z_loss), step)
+            self.tb.add_scalar(f"moe/layer{i}/dropped_fraction", float(s.dropped_fraction), step)
+
+    def close(self) -> None:
+        self.tb.flush()
+        self.tb.close()

@@ -99,6 +99,9 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
             "job": cfg.to_dict(),
             "tensorboard_dir": str(run_dir / "tensorboard"),
             "val_bytes_per_token": manifest["val_bytes_per_token"],
+            # Train V2 has no resume_from_checkpoint: the loop loads this when Train itself
+            # holds no checkpoint of this run yet (a restart after a failure takes the run's own).
+            "resume_from": str(resume) if resume else None,
         },
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
@@ -112,7 +115,6 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
     )
     result = trainer.fit()
     if result.error:

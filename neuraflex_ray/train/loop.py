@@ -14,7 +14,6 @@ our own TensorBoard writer (rank 0) and the log.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -91,6 +90,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     step, epoch, batch_in_epoch = 0, 0, 0
     restored_from = None
     ckpt = ray.train.get_checkpoint()
+    if ckpt is None and config.get("resume_from"):
+        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = strategy.load(d)
@@ -123,13 +124,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 return b
             except StopIteration:
                 if batch_in_epoch == 0:
-                    raise RuntimeError("training split produced no full batch: lower train.micro_batch_size")
+                    raise RuntimeError("training split produced no full batch: lower train.micro_batch_size") from None
                 epoch, batch_in_epoch = epoch + 1, 0
                 batches = rank_batches(train_ds, t.micro_batch_size, rank, world)
 
     strategy.train(True)
     while step < t.max_steps:
-        if t.inject_failure_at_step and step == t.inject_failure_at_step and restored_from is None and rank == world - 1:
+        injected = t.inject_failure_at_step and step == t.inject_failure_at_step
+        if injected and restored_from is None and rank == world - 1:
             raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
         lr = lr_at(step, cfg)
         for _ in range(t.grad_accum_steps):

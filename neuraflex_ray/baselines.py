@@ -1,0 +1,51 @@
+"""Reference numbers a trained LM must beat, in bits per byte (tokenizer-independent).
+
+A model's loss is in nats per token; dividing by ln 2 and by the split's UTF-8 bytes per token
+(`val_bytes_per_token` in the data manifest) gives bits per byte, comparable across tokenizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
+    """Convert a cross entropy in nats/token to bits/byte."""
+    return loss_nats_per_token / math.log(2) / bytes_per_token
+
+
+def bigram_bits_per_byte(train_blocks: np.ndarray, val_blocks: np.ndarray, vocab_size: int,
+                         val_bytes_per_token: float, alpha: float = 0.1) -> float:
+    """Held-out bits/byte of an add-alpha smoothed bigram model fitted on the train blocks.
+
+    Scores the positions an LM predicts: tokens[1:] given tokens[:-1] within each block. Counts
+    are sparse (unique pair codes prev * V + next), so memory grows with the number of distinct
+    pairs seen, not with V**2: fine for V = 50k.
+    """
+    if alpha <= 0:
+        raise ValueError(f"alpha must be > 0 (got {alpha})")
+    v = int(vocab_size)
+    train = np.asarray(train_blocks, dtype=np.int64)
+    val = np.asarray(val_blocks, dtype=np.int64)
+    if train.ndim != 2 or val.ndim != 2 or val.shape[1] < 2 or val.shape[0] == 0:
+        raise ValueError(f"need 2-D blocks with >= 2 tokens and a non-empty val set; got train {train.shape}, "
+                         f"val {val.shape}")
+    if min(train.min(initial=0), val.min()) < 0 or max(train.max(initial=0), val.max()) >= v:
+        raise ValueError(f"token ids must lie in [0, vocab_size={v})")
+
+    prev, nxt = train[:, :-1].ravel(), train[:, 1:].ravel()
+    pair_codes, pair_counts = np.unique(prev * v + nxt, return_counts=True)  # sorted codes
+    prev_counts = np.bincount(prev, minlength=v)
+
+    vp, vn = val[:, :-1].ravel(), val[:, 1:].ravel()
+    codes = vp * v + vn
+    counts = np.zeros(len(codes), dtype=np.float64)
+    if len(pair_codes):
+        idx = np.minimum(np.searchsorted(pair_codes, codes), len(pair_codes) - 1)
+        hit = pair_codes[idx] == codes
+        counts[hit] = pair_counts[idx[hit]]
+    prob = (counts + alpha) / (prev_counts[vp] + alpha * v)
+    bits_per_token = float(-np.log2(prob).mean())
+    return bits_per_token / val_bytes_per_token

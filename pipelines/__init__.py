@@ -1,0 +1,1 @@
+"""Ray Data pipelines that turn raw inputs into training-ready Parquet shards."""

@@ -13,6 +13,7 @@ hits all three alike; compare ratios, not absolute numbers, on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -28,6 +29,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuraflex_ray.config import ModelConfig  # noqa: E402
 from neuraflex_ray.models.moe import MoE, naive_moe_forward  # noqa: E402
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """DeepSpeed prints set-up chatter on stdout (some from compiled ops); keep stdout pure JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def main() -> None:
@@ -48,9 +63,10 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29555")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    import deepspeed  # after the accelerator env var
+    with stdout_to_stderr():
+        import deepspeed  # after the accelerator env var
 
-    deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group created above
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group created above
 
     from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE
 
@@ -61,8 +77,9 @@ def main() -> None:
     cfg = ModelConfig(dim=args.dim, num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn,
                       capacity_factor=args.experts / args.top_k, eval_capacity_factor=args.experts / args.top_k,
                       min_capacity=0)
-    ds = DeepSpeedMoE(moe, cfg, ep_size=1, ep_rank=0).to(device)
-    ds.ds.set_deepspeed_parallelism()
+    with stdout_to_stderr():
+        ds = DeepSpeedMoE(moe, cfg, ep_size=1, ep_rank=0).to(device)
+        ds.ds.set_deepspeed_parallelism()
 
     x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
     grad = torch.randn(args.tokens, args.dim, device=device)

@@ -95,7 +95,8 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
     ev = evaluate_export(export_dir, cfg.data.output_dir)
     print(f"[eval] held-out bits/byte {ev['val_bits_per_byte']:.4f} vs bigram {ev['bigram_bits_per_byte']:.4f}",
           flush=True)
-    completion = generate_text(export_dir, prompt, max_new_tokens=48, seed=cfg.train.seed)
+    completion = generate_text(export_dir, prompt, max_new_tokens=48, temperature=0.7, top_k=50,
+                               seed=cfg.train.seed)
     print(f"[generate] {prompt!r} -> {completion!r}", flush=True)
     summary = {
         "pipeline": {k: manifest[k] for k in ("train_tokens", "val_tokens", "vocab_size", "seq_len")},
@@ -104,7 +105,8 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
                                          "flops_per_token", "checkpoint")},
         "eval": ev,
         "export": {"path": str(export_dir)},
-        "generate": {"prompt": prompt, "completion": completion},
+        "generate": {"prompt": prompt, "completion": completion, "temperature": 0.7, "top_k": 50,
+                     "seed": cfg.train.seed},
         "wall_s": time.perf_counter() - t0,
     }
     summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "

@@ -25,6 +25,8 @@ RAY_RUN_NAME = "train"
 
 def ensure_ray(cfg: JobConfig | None = None) -> None:
     """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+    # Our own [data]/[train] lines report progress; Ray Data's bars garble job logs.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):

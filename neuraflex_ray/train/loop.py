@@ -153,11 +153,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tok_s = tokens_per_step * steps_since_log / dt
             mfu = tok_s / world * model_flops / peak
             eta = (now - t_start) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
+            # Routing health of the last micro-batch: busiest expert's share (1/E is balanced) and
+            # the share of assignments dropped for capacity, worst layer of each.
+            max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
+            dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
             rec = {"step": step, "loss": avg[0], "ce": avg[1], "aux": avg[2], "z": avg[3], "lr": lr,
-                   "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu}
+                   "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu, "expert_max_load": max_load,
+                   "dropped_fraction": dropped}
             history.append(rec)
             if writer is not None:
                 print(f"[train] step {step}/{t.max_steps} | loss {avg[0]:.4f} | ce {avg[1]:.4f} | aux {avg[2]:.3f} "
+                      f"| max load {max_load:.2f} | drop {100 * dropped:.1f}% "
                       f"| lr {lr:.2e} | gnorm {grad_norm:.3f} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% "
                       f"| eta {format_eta(eta)}", flush=True)
                 writer.scalars("train", rec, step)

@@ -61,7 +61,7 @@ class ModelConfig:
 
 
 # Presets. `debug` trains in minutes on 2 CPU cores; `small` is a single-GPU model; `1b` is
-# about 1B total parameters (about 0.3B active) for a multi-GPU node.
+# about 1.0B total parameters (about 0.2B active, 32k vocab) for a multi-GPU node.
 MODEL_FLAVOURS: dict[str, dict[str, Any]] = {
     "debug": {},
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, expert_ffn_dim=64,
@@ -69,8 +69,8 @@ MODEL_FLAVOURS: dict[str, dict[str, Any]] = {
     "small": dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=4, num_experts=8, top_k=2,
                   expert_ffn_dim=1024, dense_ffn_dim=2048, max_seq_len=1024),
     "1b": dict(dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, num_experts=16, top_k=2,
-               expert_ffn_dim=2816, dense_ffn_dim=4096, max_seq_len=2048, moe_every=1,
-               shared_expert_ffn_dim=2816),
+               expert_ffn_dim=1152, dense_ffn_dim=4096, max_seq_len=2048, moe_every=1,
+               shared_expert_ffn_dim=1152),
 }
 
 

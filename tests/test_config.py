@@ -47,3 +47,13 @@ def test_missing_config_file():
 def test_override_syntax_error():
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(DEBUG, ["train.lr"])
+
+
+def test_flavour_sizes():
+    from neuraflex_ray.models.moe_lm import param_counts
+
+    def total(flavour: str) -> int:
+        return param_counts(load_config(None, [f"model.flavour={flavour}", "model.vocab_size=32768"]).model)["total"]
+
+    assert 0.9e9 < total("1b") < 1.2e9  # the ~1B-total GPU flavour
+    assert total("debug") < 10e6 < total("small")

@@ -3,7 +3,7 @@
     python benchmarks/moe_layer.py [--tokens 4096 --dim 512 --ffn 1024 --experts 8 --top-k 2]
 
 - dropless:  our local path (sort by expert, grouped matmul via torch._grouped_mm)
-- deepspeed: deepspeed.moe.layer.MoE with ep_size=1, same weights, capacity large enough to drop nothing
+- deepspeed: deepspeed.moe.layer.MoE with ep_size=1, same weights, drop_tokens=False (capacity = busiest expert)
 - naive:     a Python loop over experts with boolean masks
 
 Prints one JSON object. Timings are medians over repeats, interleaved so that machine noise
@@ -73,10 +73,10 @@ def main() -> None:
     torch.manual_seed(0)
     moe = MoE(args.dim, args.ffn, args.experts, args.top_k).to(device)
     moe.init_weights(0.02, 0.02)
-    # Capacity factor = E / k: every expert could take every token, so nothing is dropped.
+    # DeepSpeed at its own no-drop setting: drop_tokens=False sizes each expert's buffer to the
+    # busiest expert's load (not to E/k times the mean, which would inflate its dispatch tensors).
     cfg = ModelConfig(dim=args.dim, num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn,
-                      capacity_factor=args.experts / args.top_k, eval_capacity_factor=args.experts / args.top_k,
-                      min_capacity=0)
+                      drop_tokens=False)
     with stdout_to_stderr():
         ds = DeepSpeedMoE(moe, cfg, ep_size=1, ep_rank=0).to(device)
         ds.ds.set_deepspeed_parallelism()

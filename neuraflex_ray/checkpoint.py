@@ -28,25 +28,57 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from neuraflex_ray.config import ModelConfig
-from neuraflex_ray.models.moe_lm import MoELM
+from neuraflex_ray.models.moe_lm import MoELM, moe_layer_ids
 from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT, DS_GATE, to_local_name
 from neuraflex_ray.train.strategy import CKPT_TAG
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt$")
 
 
-def consolidate_deepspeed(checkpoint_dir: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Merge a DeepSpeed MoE checkpoint (any ep_size) into one local-layout state dict."""
-    root = Path(checkpoint_dir) / CKPT_TAG
-    main = root / "mp_rank_00_model_states.pt"
+def _main_file(checkpoint_dir: str | Path) -> Path:
+    return Path(checkpoint_dir) / CKPT_TAG / "mp_rank_00_model_states.pt"
+
+
+def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """What train stored beside the weights: step, data position, the model config, world size.
+
+    Memory-mapped, so reading it costs nothing like loading the weights.
+    """
+    main = _main_file(checkpoint_dir)
     if not main.is_file():
         raise FileNotFoundError(f"{main} not found: is {checkpoint_dir} a DeepSpeed checkpoint written by train?")
-    module = torch.load(main, map_location="cpu", weights_only=False)["module"]
+    state = torch.load(main, map_location="cpu", weights_only=False, mmap=True)
+    keys = ("step", "epoch", "samples_in_epoch", "model_config", "dp_world_size")
+    return {k: state[k] for k in keys}
+
+
+def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig:
+    return ModelConfig(**read_checkpoint_state(checkpoint_dir)["model_config"])
+
+
+def is_complete(checkpoint_dir: str | Path) -> bool:
+    """Every rank's optimizer shard and every expert file are there (a crash mid-upload leaves gaps)."""
+    try:
+        state = read_checkpoint_state(checkpoint_dir)
+    except (FileNotFoundError, KeyError, RuntimeError, EOFError):
+        return False
+    root = Path(checkpoint_dir) / CKPT_TAG
+    cfg = ModelConfig(**state["model_config"])
+    shards = all((root / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in range(state["dp_world_size"]))
+    n_expert_files = sum(1 for f in root.iterdir() if _EXPERT_FILE.match(f.name))
+    return shards and n_expert_files == len(moe_layer_ids(cfg)) * cfg.num_experts
+
+
+def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
+    """Merge a DeepSpeed MoE checkpoint (any ep_size) into one local-layout state dict and its config."""
+    cfg = checkpoint_model_config(checkpoint_dir)
+    root = Path(checkpoint_dir) / CKPT_TAG
+    module = torch.load(_main_file(checkpoint_dir), map_location="cpu", weights_only=False)["module"]
     state = {to_local_name(k): v for k, v in module.items() if DS_EXPERT not in k}
 
     # Expert files: layer_{moe_layer_id}_expert_{global_id}_...; moe_layer_id counts MoE blocks
     # in module order, which is layer order.
-    moe_layers = [i for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1]
+    moe_layers = moe_layer_ids(cfg)
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for f in root.iterdir():
         m = _EXPERT_FILE.match(f.name)
@@ -61,7 +93,7 @@ def consolidate_deepspeed(checkpoint_dir: str | Path, cfg: ModelConfig) -> dict[
                 stacked.append(experts[(moe_id, e)][f"layers.{layer}.ffn.{DS_EXPERT}.{e}.{w}"])
             state[f"layers.{layer}.ffn.{w}"] = torch.stack(stacked)
     assert not any(DS_GATE in k for k in state)
-    return state
+    return state, cfg
 
 
 def _atomic_dir(final: Path):

@@ -42,17 +42,14 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
-    from neuraflex_ray.train.driver import latest_checkpoint, model_for_data
+    from neuraflex_ray.train.driver import latest_checkpoint
     from neuraflex_ray.workflows import export_checkpoint
-    from pipelines.text import load_text_datasets
 
     cfg = _config(args)
     ckpt = latest_checkpoint(args.checkpoint or cfg.run_dir)
     if ckpt is None:
         raise ConfigError(f"--checkpoint: no complete checkpoint under {args.checkpoint or cfg.run_dir}; run train first")
-    _, _, manifest = load_text_datasets(str(Path(cfg.data.output_dir).resolve()))
-    model_cfg = model_for_data(cfg.model, manifest)
-    out = export_checkpoint(ckpt, model_cfg, Path(cfg.data.output_dir).resolve(), args.out or cfg.run_dir / "export")
+    out = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), args.out or cfg.run_dir / "export")
     return {"export": str(out), "checkpoint": str(ckpt)}
 
 

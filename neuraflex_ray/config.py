@@ -53,9 +53,9 @@ class ModelConfig:
     init_std: float = 0.02
     aux_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
-    # Capacity only matters on the DeepSpeed path (the local path is dropless).
+    # Capacity only matters when training on the DeepSpeed path: the local path and evaluation
+    # are dropless.
     capacity_factor: float = 2.0
-    eval_capacity_factor: float = 4.0
     min_capacity: int = 4
     drop_tokens: bool = True
 
@@ -279,7 +279,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     need(m.top_k <= m.num_experts,
          f"model.top_k={m.top_k} is larger than model.num_experts={m.num_experts}; set model.top_k <= {m.num_experts}")
     need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
-    need(m.capacity_factor > 0 and m.eval_capacity_factor > 0, "model.capacity_factor and model.eval_capacity_factor must be > 0")
+    need(m.capacity_factor > 0, f"model.capacity_factor must be > 0 (got {m.capacity_factor})")
 
     need(d.seq_len > 0, f"data.seq_len must be > 0 (got {d.seq_len})")
     need(d.seq_len <= m.max_seq_len,

@@ -9,7 +9,6 @@ generate: a completion from an export
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -19,13 +18,14 @@ import numpy as np
 import torch
 
 from neuraflex_ray.checkpoint import consolidate_deepspeed, export, load_exported
-from neuraflex_ray.config import JobConfig, ModelConfig
+from neuraflex_ray.config import JobConfig
 from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
 
 
-def export_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, data_dir: str | Path, out_dir: str | Path,
+def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
                       metadata: dict[str, Any] | None = None) -> Path:
-    state = consolidate_deepspeed(checkpoint, model_cfg)
+    """The model config comes from the checkpoint itself, so the export is the model that trained."""
+    state, model_cfg = consolidate_deepspeed(checkpoint)
     return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir,
                   {"source_checkpoint": str(checkpoint), **(metadata or {})})
 
@@ -45,7 +45,7 @@ def heldout_loss(model: MoELM, blocks: np.ndarray, batch_size: int = 32) -> floa
 
 
 def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
-    from neuraflex_ray.baselines import bigram_bits_per_byte
+    from neuraflex_ray.baselines import bigram_bits_per_byte, bits_per_byte
     from pipelines.text import load_text_datasets, read_blocks
 
     model, _ = load_exported(export_dir)
@@ -55,7 +55,7 @@ def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, A
     loss = heldout_loss(model, val_blocks)
     return {
         "val_loss": loss,
-        "val_bits_per_byte": loss / math.log(2) / bpt,
+        "val_bits_per_byte": bits_per_byte(loss, bpt),
         "bigram_bits_per_byte": bigram_bits_per_byte(train_blocks, val_blocks, manifest["vocab_size"], bpt),
         "val_tokens": int(val_blocks[:, 1:].size),
     }
@@ -88,8 +88,7 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
     result = train(cfg, fresh=True)
     manifest = result["manifest"]
     run_dir = Path(result["run_dir"])
-    model_cfg = ModelConfig(**result["model_config"])
-    export_dir = export_checkpoint(result["checkpoint"], model_cfg, cfg.data.output_dir, run_dir / "export",
+    export_dir = export_checkpoint(result["checkpoint"], cfg.data.output_dir, run_dir / "export",
                                    {"run_dir": str(run_dir), "steps": result["steps"]})
     print(f"[export] consolidated checkpoint -> {export_dir}", flush=True)
     ev = evaluate_export(export_dir, cfg.data.output_dir)

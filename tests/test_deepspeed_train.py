@@ -7,6 +7,7 @@ different way of stopping and continuing that must land on the same steps and th
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def test_export_reproduces_validation_loss_in_one_process(baseline, base_dir):
     from pipelines.text import load_text_datasets, read_blocks
 
     model_cfg = ModelConfig(**baseline["model_config"])
-    out = export_checkpoint(baseline["checkpoint"], model_cfg, base_dir / "data", base_dir / "export")
+    out = export_checkpoint(baseline["checkpoint"], base_dir / "data", base_dir / "export")
     assert not dist.is_initialized()  # one process, no process group
     model, meta = load_exported(out)
     assert meta["model"]["num_experts"] == model_cfg.num_experts
@@ -141,11 +142,32 @@ def test_deepspeed_ep_path_equals_dropless_path(ray_session, base_dir):
     assert out["logits"] < 1e-5 and out["aux"] < 1e-6, out
 
 
-def test_resume_from_missing_checkpoint_fails_early(ray_session, base_dir, tmp_path):
+def test_gradient_accumulation_updates_once_per_step(ray_session, base_dir):
+    run = train(job(base_dir, "accum", "train.grad_accum_steps=2", "train.micro_batch_size=2", "train.max_steps=4",
+                    "train.eval_every=4", "train.checkpoint_every=4"), fresh=True)
+    assert run["steps"] == 4 and run["optimizer_steps"] == 4  # DeepSpeed's own count of updates
+    assert run["data_position"]["batch_in_epoch"] == 8  # 2 micro-batches per step
+
+
+def test_resume_from_missing_or_finished_checkpoint_fails_early(ray_session, baseline, base_dir, tmp_path):
     from neuraflex_ray.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.resume_from"):
         train(job(base_dir, "nothing", f"train.resume_from={tmp_path}"))
+    with pytest.raises(ConfigError, match="raise train.max_steps"):
+        train(job(base_dir, "finished", f"train.resume_from={baseline['run_dir']}"))
+
+
+def test_latest_checkpoint_skips_incomplete(baseline, tmp_path):
+    src = latest_checkpoint(baseline["run_dir"])
+    root = tmp_path / "run" / "checkpoints" / "train"
+    good, torn = root / "checkpoint_2000-01-01_00-00-00.000000", root / "checkpoint_2000-01-01_00-00-01.000000"
+    shutil.copytree(src, good)
+    shutil.copytree(src, torn)
+    next((torn / "ds").glob("layer_1_expert_2_*")).unlink()  # as if one rank's upload broke off
+    assert latest_checkpoint(tmp_path / "run") == good
+    (good / "ds" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    assert latest_checkpoint(tmp_path / "run") is None
 
 
 def test_pipeline_blocks_feed_equal_shapes(baseline, base_dir):

@@ -79,9 +79,17 @@ def moe_stats(r: Routing, capacity: int | None = None) -> MoEStats:
     )
 
 
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """One expert: (silu(x w1) * x w3) w2, weights stored [in, out]."""
+    return (F.silu(x @ w1) * (x @ w3)) @ w2
+
+
 def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
-    # torch._grouped_mm needs 16-byte aligned strides (dims a multiple of 4 in fp32).
+    # torch._grouped_mm needs 16-byte aligned strides (dims a multiple of 4 in fp32). Its CUDA
+    # kernels take bf16 (Hopper); fp32 grouped GEMM is a CPU path, so CUDA fp32 falls back.
     if not hasattr(torch, "_grouped_mm"):
+        return False
+    if tensors[0].device.type == "cuda" and tensors[0].dtype != torch.bfloat16:
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
@@ -97,9 +105,7 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: 
         offs = counts.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
         return torch._grouped_mm(h, w2, offs=offs)
-    outs = []
-    for e, xe in enumerate(torch.split(x, counts.tolist())):
-        outs.append((F.silu(xe @ w1[e]) * (xe @ w3[e])) @ w2[e])
+    outs = [swiglu(xe, w1[e], w3[e], w2[e]) for e, xe in enumerate(torch.split(x, counts.tolist()))]
     return torch.cat(outs)
 
 
@@ -161,8 +167,7 @@ def naive_moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         tok, slot = torch.where(r.experts == e)
         if tok.numel() == 0:
             continue
-        xe = x2[tok]
-        h = (F.silu(xe @ moe.w1[e]) * (xe @ moe.w3[e])) @ moe.w2[e]
+        h = swiglu(x2[tok], moe.w1[e], moe.w3[e], moe.w2[e])
         y.index_add_(0, tok, h * r.weights[tok, slot, None])
     if moe.shared is not None:
         y = y + moe.shared(x2)

@@ -91,13 +91,18 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
+def moe_layer_ids(cfg: ModelConfig) -> list[int]:
+    """Layers whose FFN is a routed MoE: every `moe_every`-th, counting from 1."""
+    return [i for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1]
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.is_moe = layer_id % cfg.moe_every == cfg.moe_every - 1
+        self.is_moe = layer_id in moe_layer_ids(cfg)
         if self.is_moe:
             self.ffn: nn.Module = MoE(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, cfg.shared_expert_ffn_dim)
         else:
@@ -260,7 +265,7 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     expert = 3 * d * cfg.expert_ffn_dim
     shared = 3 * d * cfg.shared_expert_ffn_dim
     dense = 3 * d * cfg.dense_ffn_dim
-    n_moe = sum(1 for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1)
+    n_moe = len(moe_layer_ids(cfg))
     n_dense = cfg.n_layers - n_moe
     norms = (2 * cfg.n_layers + 1) * d
     embed = cfg.vocab_size * d

@@ -18,14 +18,12 @@ Name mapping between the two layouts (used by the checkpoint converter):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neuraflex_ray.config import ModelConfig
-from neuraflex_ray.models.moe import MoE, MoEStats, moe_stats, route
+from neuraflex_ray.models.moe import MoE, MoEStats, moe_stats, route, swiglu
 from neuraflex_ray.models.moe_lm import MoELM
 
 DS_GATE = "ds.deepspeed_moe.gate.wg.weight"
@@ -42,7 +40,7 @@ class Expert(nn.Module):
         self.w2 = nn.Parameter(torch.empty(ffn_dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.silu(x @ self.w1) * (x @ self.w3)) @ self.w2
+        return swiglu(x, self.w1, self.w3, self.w2)
 
 
 class DeepSpeedMoE(nn.Module):
@@ -52,11 +50,12 @@ class DeepSpeedMoE(nn.Module):
 
         dim, ffn_dim = moe.w1.shape[1], moe.w1.shape[2]
         self.top_k, self.num_experts = moe.top_k, moe.num_experts
-        self.capacity_factor, self.eval_capacity_factor = cfg.capacity_factor, cfg.eval_capacity_factor
+        self.capacity_factor = cfg.capacity_factor
         self.min_capacity, self.drop_tokens = cfg.min_capacity, cfg.drop_tokens
         self.ds = DSMoE(
             hidden_size=dim, expert=Expert(dim, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
-            k=moe.top_k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.eval_capacity_factor,
+            # Evaluation is dropless (see forward), so the eval capacity factor never applies.
+            k=moe.top_k, capacity_factor=cfg.capacity_factor, eval_capacity_factor=cfg.capacity_factor,
             min_capacity=cfg.min_capacity, drop_tokens=cfg.drop_tokens,
             # Deterministic routing: no random token selection, no sampled second expert.
             use_rts=False, top2_2nd_expert_sampling=False,
@@ -85,9 +84,9 @@ class DeepSpeedMoE(nn.Module):
         gate.drop_tokens = self.drop_tokens and self.training
         y, _, _ = self.ds(x)
         capacity = None
-        if gate.drop_tokens:
-            cf = self.capacity_factor * self.top_k
-            capacity = max(math.ceil(x.shape[0] / self.num_experts * cf), self.min_capacity)
+        if gate.drop_tokens:  # DeepSpeed's _capacity(): ceil(N / E * cf * k) in float32, at least min_capacity
+            per_expert = torch.tensor(x.shape[0] / self.num_experts, dtype=torch.float32)
+            capacity = max(int(torch.ceil(per_expert * (self.capacity_factor * self.top_k))), self.min_capacity)
         if self.shared is not None:
             y = y + self.shared(x)
         return y.reshape(shape), moe_stats(r, capacity)

@@ -17,6 +17,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
 from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, validate
 from neuraflex_ray.train.loop import train_loop_per_worker
 
@@ -46,14 +47,11 @@ def checkpoints_root(run_dir: Path) -> Path:
 def latest_checkpoint(path: str | Path) -> Path | None:
     """The newest complete checkpoint under a run directory (or `path` itself if it is one)."""
     p = Path(path).resolve()
-    if (p / "ds" / "mp_rank_00_model_states.pt").is_file():
+    if is_complete(p):
         return p
-    root = checkpoints_root(p) / RAY_RUN_NAME
-    if not root.is_dir():
-        return None
-    # Ray names checkpoints by time; a directory without DeepSpeed's model file is incomplete.
-    done = [d for d in sorted(root.glob("checkpoint_*")) if (d / "ds" / "mp_rank_00_model_states.pt").is_file()]
-    return done[-1] if done else None
+    # Ray names checkpoint directories by time; skip any a crash left incomplete.
+    candidates = sorted((checkpoints_root(p) / RAY_RUN_NAME).glob("checkpoint_*"), reverse=True)
+    return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
 
 
 def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
@@ -88,10 +86,15 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
         resume = latest_checkpoint(cfg.train.resume_from)
         if resume is None:
             raise ConfigError(f"train.resume_from={cfg.train.resume_from!r} holds no complete checkpoint")
-        print(f"[train] resuming from {resume}", flush=True)
+        done = read_checkpoint_state(resume)["step"]
+        if done >= cfg.train.max_steps:
+            raise ConfigError(f"train.resume_from: {resume} is already at step {done} >= train.max_steps="
+                              f"{cfg.train.max_steps}; raise train.max_steps to train further")
+        print(f"[train] resuming from {resume} (step {done})", flush=True)
     storage = checkpoints_root(run_dir)
-    if fresh and storage.exists():
-        shutil.rmtree(storage)
+    if fresh:  # old checkpoints would be restored, old curves would overlay the new ones
+        for old in (storage, run_dir / "tensorboard"):
+            shutil.rmtree(old, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     t = cfg.train
@@ -101,6 +104,7 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
             "job": cfg.to_dict(),
             "tensorboard_dir": str(run_dir / "tensorboard"),
             "val_bytes_per_token": manifest["val_bytes_per_token"],
+            "train_bytes_per_token": manifest["train_bytes_per_token"],
             # Train V2 has no resume_from_checkpoint: the loop loads this when Train itself
             # holds no checkpoint of this run yet (a restart after a failure takes the run's own).
             "resume_from": str(resume) if resume else None,

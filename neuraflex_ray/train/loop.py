@@ -13,6 +13,7 @@ our own TensorBoard writer (rank 0) and the log.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
 import time
@@ -24,6 +25,7 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from neuraflex_ray.baselines import bits_per_byte
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.models.moe_lm import MoELM, flops_per_token, lm_loss
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
@@ -56,7 +58,7 @@ def rank_batches(it: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -
 def evaluate(strategy: Any, cfg: JobConfig, rank: int, world: int, device: torch.device) -> float:
     """Mean validation cross entropy (nats/token) over eval_batches global batches; all ranks run it."""
     strategy.train(False)
-    total, count = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [ce * tokens, tokens]; NCCL reduces only GPU tensors
     val = ray.train.get_dataset_shard("val")
     with torch.no_grad():
         for i, tokens in enumerate(rank_batches(val, cfg.train.micro_batch_size, rank, world)):
@@ -65,14 +67,13 @@ def evaluate(strategy: Any, cfg: JobConfig, rank: int, world: int, device: torch
             tokens = tokens.to(device)
             logits, stats = strategy.forward(tokens[:, :-1])
             loss = lm_loss(logits, tokens[:, 1:], stats, cfg.model)
-            total += loss.ce.double().cpu() * tokens[:, 1:].numel()
-            count += tokens[:, 1:].numel()
-    stacked = torch.stack([total, count])
-    dist.all_reduce(stacked)
+            sums[0] += loss.ce.double() * tokens[:, 1:].numel()
+            sums[1] += tokens[:, 1:].numel()
+    dist.all_reduce(sums)
     strategy.train(True)
-    if stacked[1] == 0:
+    if sums[1] == 0:
         raise RuntimeError("validation split produced no full batch: lower train.micro_batch_size or add data")
-    return float(stacked[0] / stacked[1])
+    return float(sums[0] / sums[1])
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -88,6 +89,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = strategy.device
 
     step, epoch, batch_in_epoch = 0, 0, 0
+    global_batch = t.micro_batch_size * world  # rows per global micro-batch
     restored_from = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
@@ -95,7 +97,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = strategy.load(d)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        step, epoch = state["step"], state["epoch"]
+        # The position is kept in samples so a resume with another micro_batch_size or world
+        # size lands on the same data, or refuses when it cannot.
+        if state["samples_in_epoch"] % global_batch:
+            raise ValueError(f"checkpoint is {state['samples_in_epoch']} samples into epoch {epoch}, not a multiple of "
+                             f"train.micro_batch_size x workers = {global_batch}: resume with a batch layout that divides it")
+        batch_in_epoch = state["samples_in_epoch"] // global_batch
         restored_from = step
         if rank == 0:
             print(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
@@ -113,7 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     first_batch_ids: list[int] = []  # fingerprints of the data each step saw (tests check resume)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
-    loss_acc = torch.zeros(4)
+    loss_acc = torch.zeros(4, device=device)  # summed on the device: no host sync per micro-batch
 
     def next_micro() -> torch.Tensor:
         nonlocal batches, epoch, batch_in_epoch
@@ -135,13 +143,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
         lr = lr_at(step, cfg)
         for _ in range(t.grad_accum_steps):
-            tokens = next_micro().to(device)
-            if len(first_batch_ids) < t.max_steps:
-                first_batch_ids.append(int(tokens[0, :8].sum()))
+            tokens = next_micro()
+            first_batch_ids.append(int(tokens[0, :8].sum()))  # on the host, before the copy
+            tokens = tokens.to(device, non_blocking=True)
             logits, stats = strategy.forward(tokens[:, :-1])
             loss = lm_loss(logits, tokens[:, 1:], stats, cfg.model)
             strategy.backward(loss.total)
-            loss_acc += torch.stack([loss.total.detach(), loss.ce.detach(), loss.aux.detach(), loss.z.detach()]).cpu()
+            loss_acc += torch.stack([loss.total.detach(), loss.ce.detach(), loss.aux.detach(), loss.z.detach()])
         grad_norm = strategy.step(lr)
         step += 1
         steps_since_log += 1
@@ -158,11 +166,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
             dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
             rec = {"step": step, "loss": avg[0], "ce": avg[1], "aux": avg[2], "z": avg[3], "lr": lr,
+                   "bits_per_byte": bits_per_byte(avg[1], config["train_bytes_per_token"]),
                    "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu, "expert_max_load": max_load,
                    "dropped_fraction": dropped}
             history.append(rec)
             if writer is not None:
-                print(f"[train] step {step}/{t.max_steps} | loss {avg[0]:.4f} | ce {avg[1]:.4f} | aux {avg[2]:.3f} "
+                print(f"[train] step {step}/{t.max_steps} | loss {avg[0]:.4f} | ce {avg[1]:.4f} "
+                      f"({rec['bits_per_byte']:.3f} bpb) | aux {avg[2]:.3f} "
                       f"| max load {max_load:.2f} | drop {100 * dropped:.1f}% "
                       f"| lr {lr:.2e} | gnorm {grad_norm:.3f} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% "
                       f"| eta {format_eta(eta)}", flush=True)
@@ -174,14 +184,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         is_last = step == t.max_steps
         if step % t.eval_every == 0 or is_last:
             val_loss = evaluate(strategy, cfg, rank, world, device)
-            bpb = val_loss / math.log(2) / config["val_bytes_per_token"]
+            bpb = bits_per_byte(val_loss, config["val_bytes_per_token"])
             if writer is not None:
                 print(f"[eval] step {step} | val loss {val_loss:.4f} | val bits/byte {bpb:.4f}", flush=True)
                 writer.scalars("val", {"loss": val_loss, "bits_per_byte": bpb}, step)
         if step % t.checkpoint_every == 0 or is_last:
             metrics = {"step": step, "val_loss": val_loss, "train_loss": history[-1]["ce"] if history else float("nan")}
             with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
-                strategy.save(tmp, {"step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
+                                    "model_config": dataclasses.asdict(cfg.model)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     if writer is not None:
@@ -190,6 +201,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     trained = step - (restored_from or 0)
     return {
         "steps": step,
+        "optimizer_steps": strategy.optimizer_steps,
         "restored_from_step": restored_from,
         "data_position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
         "batch_fingerprints": first_batch_ids,

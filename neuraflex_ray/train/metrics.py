@@ -9,31 +9,28 @@ import torch
 
 from neuraflex_ray.models.moe import MoEStats
 
-# Dense bf16 peak (datasheet, without sparsity) for the GPUs our cluster files name.
-GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+# Dense bf16 peak (datasheet, without sparsity). H100/H200 are the SXM parts; PCIe H100 is lower.
+GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 
 def measure_peak_flops(device: torch.device, threads: int, seconds: float = 0.5) -> float:
     """FLOP/s the denominator of MFU uses.
 
-    GPU: the datasheet dense bf16 figure for known parts. CPU: there is no datasheet figure we
-    can trust, so measure a large fp32 matmul with the worker's thread count, here, in this run.
+    GPU: the datasheet dense bf16 figure for known parts, NaN (MFU unknown) for others. CPU: there
+    is no datasheet figure we can trust, so time a 1024^2 fp32 matmul with the worker's thread
+    count, here, in this run (a measured rate, so below the theoretical peak: MFU reads high).
     """
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAK_BF16.items():
-            if key in name:
-                return peak
+        return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), float("nan"))
     torch.set_num_threads(threads)
-    n = 512
+    n = 1024
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     a @ b  # warm-up
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize()
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 

@@ -85,15 +85,25 @@ class DeepSpeedStrategy:
         self.engine.train(mode)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # scales by 1/grad_accum_steps itself
+        """One micro-batch's backward (DeepSpeed scales by 1/grad_accum_steps itself)."""
+        self.engine.backward(loss)
+        # DeepSpeed counts micro-batches inside engine.step(): it must run after every backward,
+        # and only applies the update at the accumulation boundary (see step()).
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
 
     def step(self, lr: float) -> float:
-        """Apply the update at a gradient-accumulation boundary; returns the global grad norm."""
+        """Apply the update after the last micro-batch's backward; returns the global grad norm."""
+        assert self.engine.is_gradient_accumulation_boundary(), "step() called off the accumulation boundary"
         for g in self.engine.optimizer.param_groups:
             g["lr"] = lr
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
+
+    @property
+    def optimizer_steps(self) -> int:
+        return int(self.engine.global_steps)
 
     def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         """Every rank calls this; DeepSpeed writes per-expert model files and per-rank optimizer shards."""

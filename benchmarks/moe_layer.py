@@ -3,7 +3,10 @@
     python benchmarks/moe_layer.py [--tokens 4096 --dim 512 --ffn 1024 --experts 8 --top-k 2]
 
 - dropless:  our local path (sort by expert, grouped matmul via torch._grouped_mm)
-- deepspeed: deepspeed.moe.layer.MoE with ep_size=1, same weights, drop_tokens=False (capacity = busiest expert)
+- deepspeed: deepspeed.moe.layer.MoE with ep_size=1, same weights, drop_tokens=False: capacity is
+             sized to the busiest expert each forward (an all-reduce per layer under EP), no drops
+- deepspeed_static_capacity: the same layer with a fixed capacity that can never drop
+             (capacity_factor = E/k), as needed when capacity may not depend on the batch
 - naive:     a Python loop over experts with boolean masks
 
 Prints one JSON object. Timings are medians over repeats, interleaved so that machine noise
@@ -73,19 +76,20 @@ def main() -> None:
     torch.manual_seed(0)
     moe = MoE(args.dim, args.ffn, args.experts, args.top_k).to(device)
     moe.init_weights(0.02, 0.02)
-    # DeepSpeed at its own no-drop setting: drop_tokens=False sizes each expert's buffer to the
-    # busiest expert's load (not to E/k times the mean, which would inflate its dispatch tensors).
-    cfg = ModelConfig(dim=args.dim, num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn,
-                      drop_tokens=False)
+    common = dict(dim=args.dim, num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn)
+    dynamic = ModelConfig(**common, drop_tokens=False)
+    static = ModelConfig(**common, drop_tokens=True, capacity_factor=args.experts / args.top_k, min_capacity=0)
     with stdout_to_stderr():
-        ds = DeepSpeedMoE(moe, cfg, ep_size=1, ep_rank=0).to(device)
-        ds.ds.set_deepspeed_parallelism()
+        ds, ds_static = (DeepSpeedMoE(moe, c, ep_size=1, ep_rank=0).to(device) for c in (dynamic, static))
+        for m in (ds, ds_static):
+            m.ds.set_deepspeed_parallelism()
 
     x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
     grad = torch.randn(args.tokens, args.dim, device=device)
     impls = {
         "dropless": lambda: moe(x)[0],
         "deepspeed": lambda: ds(x)[0],
+        "deepspeed_static_capacity": lambda: ds_static(x)[0],
         "naive": lambda: naive_moe_forward(moe, x),
     }
     with torch.no_grad():
@@ -121,6 +125,8 @@ def main() -> None:
         med = statistics.median(ts)
         out[k] = {"tokens_per_s": args.tokens / med, "median_s": med}
     out["speedup_dropless_vs_deepspeed"] = out["dropless"]["tokens_per_s"] / out["deepspeed"]["tokens_per_s"]
+    out["speedup_dropless_vs_deepspeed_static_capacity"] = (
+        out["dropless"]["tokens_per_s"] / out["deepspeed_static_capacity"]["tokens_per_s"])
     out["speedup_dropless_vs_naive"] = out["dropless"]["tokens_per_s"] / out["naive"]["tokens_per_s"]
     print(json.dumps(out, indent=2))
     dist.destroy_process_group()

@@ -182,6 +182,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             steps_since_log, t_log = 0, now
 
         is_last = step == t.max_steps
+        t_pause = time.perf_counter()  # eval and checkpoint time stays out of the tokens/s window
         if step % t.eval_every == 0 or is_last:
             val_loss = evaluate(strategy, cfg, rank, world, device)
             bpb = bits_per_byte(val_loss, config["val_bytes_per_token"])
@@ -194,6 +195,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
                                     "model_config": dataclasses.asdict(cfg.model)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        t_log += time.perf_counter() - t_pause
 
     if writer is not None:
         writer.close()

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_model, save_model
 
+from neuraflex_ray.atomic import atomic_dir
 from neuraflex_ray.config import ModelConfig
 from neuraflex_ray.models.moe_lm import MoELM, moe_layer_ids
 from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT, DS_GATE, to_local_name
@@ -96,30 +95,6 @@ def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.T
     return state, cfg
 
 
-def _atomic_dir(final: Path):
-    """Context manager: yields a temp dir next to `final`, renamed onto it on success."""
-
-    class _Ctx:
-        def __enter__(self) -> Path:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-            return self.tmp
-
-        def __exit__(self, exc_type, exc, tb) -> None:
-            if exc_type is not None:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-                return
-            old = None
-            if final.exists():
-                old = final.with_name(f".{final.name}.old-{os.getpid()}")
-                os.replace(final, old)
-            os.replace(self.tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-
-    return _Ctx()
-
-
 def export(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: str | Path, out_dir: str | Path,
            metadata: dict[str, Any] | None = None) -> Path:
     """Write a consolidated checkpoint that `load_exported()` reads back in one process."""
@@ -129,7 +104,7 @@ def export(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: str
     missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
     if missing or unexpected:
         raise ValueError(f"state does not match the model config: missing={missing[:5]} unexpected={unexpected[:5]}")
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
         meta = {"model": dataclasses.asdict(cfg), **(metadata or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))

@@ -8,8 +8,6 @@ generate: a completion from an export
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.checkpoint import consolidate_deepspeed, export, load_exported
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
@@ -71,13 +70,6 @@ def generate_text(export_dir: str | Path, prompt: str, max_new_tokens: int = 64,
     ids = generate(model, tok.encode(prompt).ids, max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_ids=(eos,) if eos is not None else (), seed=seed)
     return tok.decode(ids)
-
-
-def write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str, Any]:

@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import DataConfig
 
 EOS = "<|endoftext|>"
@@ -468,9 +469,7 @@ def _swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
         shutil.rmtree(out / name, ignore_errors=True)
         os.rename(tmp / name, out / name)
     os.replace(tmp / "tokenizer.json", out / "tokenizer.json")
-    part = out / f".manifest.json.tmp-{os.getpid()}"
-    part.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(part, out / "manifest.json")
+    write_json_atomic(out / "manifest.json", manifest)
 
 
 def _read_manifest(out: Path) -> dict[str, Any] | None:

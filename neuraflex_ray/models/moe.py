@@ -68,7 +68,7 @@ def moe_stats(r: Routing, capacity: int | None = None) -> MoEStats:
     num_experts = r.probs.shape[-1]
     counts = torch.bincount(r.experts.detach().flatten(), minlength=num_experts).float()
     if capacity is None:
-        dropped = torch.zeros(())
+        dropped = torch.zeros((), device=r.probs.device)
     else:
         dropped = (counts - capacity).clamp_min(0).sum() / r.experts.numel()
     return MoEStats(
@@ -77,6 +77,17 @@ def moe_stats(r: Routing, capacity: int | None = None) -> MoEStats:
         expert_fraction=counts / r.experts.numel(),
         dropped_fraction=dropped,
     )
+
+
+def mean_stats(history: list[list[MoEStats]]) -> list[MoEStats]:
+    """Per-layer average over micro-batches, for logging (pass detached stats: see the train loop)."""
+    def avg(values: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([v.float() for v in values]).mean(0)
+
+    return [MoEStats(aux_loss=avg([s.aux_loss for s in layer]), z_loss=avg([s.z_loss for s in layer]),
+                     expert_fraction=avg([s.expert_fraction for s in layer]),
+                     dropped_fraction=avg([s.dropped_fraction for s in layer]))
+            for layer in zip(*history, strict=True)]
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:

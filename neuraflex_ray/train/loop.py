@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from neuraflex_ray.baselines import bits_per_byte
 from neuraflex_ray.config import JobConfig
+from neuraflex_ray.models.moe import mean_stats
 from neuraflex_ray.models.moe_lm import MoELM, flops_per_token, lm_loss
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
 from neuraflex_ray.train.strategy import build_strategy
@@ -122,6 +123,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     loss_acc = torch.zeros(4, device=device)  # summed on the device: no host sync per micro-batch
+    moe_history: list = []  # each micro-batch's per-layer routing stats since the last log line
 
     def next_micro() -> torch.Tensor:
         nonlocal batches, epoch, batch_in_epoch
@@ -149,6 +151,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             logits, stats = strategy.forward(tokens[:, :-1])
             loss = lm_loss(logits, tokens[:, 1:], stats, cfg.model)
             strategy.backward(loss.total)
+            moe_history.append([dataclasses.replace(s, aux_loss=s.aux_loss.detach(), z_loss=s.z_loss.detach())
+                                for s in stats])
             loss_acc += torch.stack([loss.total.detach(), loss.ce.detach(), loss.aux.detach(), loss.z.detach()])
         grad_norm = strategy.step(lr)
         step += 1
@@ -161,8 +165,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             tok_s = tokens_per_step * steps_since_log / dt
             mfu = tok_s / world * model_flops / peak
             eta = (now - t_start) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
-            # Routing health of the last micro-batch: busiest expert's share (1/E is balanced) and
-            # the share of assignments dropped for capacity, worst layer of each.
+            # Routing health over the interval: busiest expert's share (1/E is balanced) and the
+            # share of assignments dropped for capacity, worst layer of each.
+            stats = mean_stats(moe_history)
+            moe_history.clear()
             max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
             dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
             rec = {"step": step, "loss": avg[0], "ce": avg[1], "aux": avg[2], "z": avg[3], "lr": lr,

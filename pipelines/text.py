@@ -183,12 +183,19 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_str(_read_tokenizer_bytes(str(path), "tokenizer path").decode())
 
 
+def block_array(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The `tokens` column of a numpy-format batch as one [rows, seq_len + 1] array.
+
+    Our shards hold a fixed-shape tensor column (already 2-D); a plain list column arrives as an
+    object array of rows and is stacked.
+    """
+    col = batch["tokens"]
+    return np.stack(col) if col.dtype == object else col
+
+
 def read_blocks(ds: ray.data.Dataset) -> np.ndarray:
     """All blocks of a dataset as one int32 array [num_blocks, seq_len + 1] (for evaluation)."""
-    parts = []
-    for batch in ds.iter_batches(batch_size=4096, batch_format="numpy"):
-        col = batch["tokens"]
-        parts.append(np.stack(col) if col.dtype == object else col)
+    parts = [block_array(batch) for batch in ds.iter_batches(batch_size=4096, batch_format="numpy")]
     return np.concatenate(parts).astype(np.int32, copy=False) if parts else np.zeros((0, 0), np.int32)
 
 

@@ -31,6 +31,7 @@ from neuraflex_ray.models.moe import mean_stats
 from neuraflex_ray.models.moe_lm import MoELM, flops_per_token, lm_loss
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
 from neuraflex_ray.train.strategy import build_strategy
+from pipelines.text import block_array
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
@@ -42,17 +43,12 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def _tokens(batch: dict[str, Any]) -> np.ndarray:
-    col = batch["tokens"]
-    return np.stack(col) if col.dtype == object else col
-
-
 def rank_batches(it: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
     """This rank's [micro_bs, seq_len+1] slice of each global batch, after skipping `skip` batches."""
     for i, batch in enumerate(it.iter_batches(batch_size=micro_bs * world, drop_last=True, batch_format="numpy")):
         if i < skip:
             continue
-        rows = _tokens(batch)[rank * micro_bs:(rank + 1) * micro_bs]
+        rows = block_array(batch)[rank * micro_bs:(rank + 1) * micro_bs]
         yield torch.from_numpy(rows.astype(np.int64))
 
 
@@ -119,7 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     batches = rank_batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
     val_loss = float("nan")
     history: list[dict[str, Any]] = []
-    first_batch_ids: list[int] = []  # fingerprints of the data each step saw (tests check resume)
+    first_batch_ids: list[int] = []  # fingerprint of each micro-batch this rank trained on (tests check resume)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
     loss_acc = torch.zeros(4, device=device)  # summed on the device: no host sync per micro-batch

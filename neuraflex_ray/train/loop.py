@@ -1,10 +1,9 @@
-"""The Ray Train worker loop, written once against a strategy (see strategy.py).
+"""The Ray Train worker loop, written once against a task (tasks.py) and a strategy (strategy.py).
 
-Data: every rank iterates the *same* global batches (micro_batch_size x world_size sequences, in
-a fixed order) and keeps its own slice. That makes the data position a single number per epoch,
-so a resumed run continues with exactly the batch it would have seen, and it guarantees the
-equal shapes on every rank that expert parallelism needs. Blocks are small (seq_len+1 int32), so
-reading the full stream on each rank costs little next to the model.
+The task knows the model and its data (tokens or time-series windows); the strategy knows the
+engine (DeepSpeed or FSDP2). Every rank iterates the same global batches and keeps its slice, so
+the data position is one number per epoch and a resumed run continues with exactly the batch it
+would have seen.
 
 Ray Train V2 keeps `Result.metrics` only from checkpointed reports and every rank must call
 `report` the same number of times, so we report only with checkpoints; per-step curves go to
@@ -17,21 +16,16 @@ import dataclasses
 import math
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
 
-from neuraflex_ray.baselines import bits_per_byte
 from neuraflex_ray.config import JobConfig
-from neuraflex_ray.models.moe import mean_stats
-from neuraflex_ray.models.moe_lm import MoELM, flops_per_token, lm_loss
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
 from neuraflex_ray.train.strategy import build_strategy
-from pipelines.text import block_array
+from neuraflex_ray.train.tasks import build_task
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
@@ -43,34 +37,28 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def rank_batches(it: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
-    """This rank's [micro_bs, seq_len+1] slice of each global batch, after skipping `skip` batches."""
-    for i, batch in enumerate(it.iter_batches(batch_size=micro_bs * world, drop_last=True, batch_format="numpy")):
-        if i < skip:
-            continue
-        rows = block_array(batch)[rank * micro_bs:(rank + 1) * micro_bs]
-        yield torch.from_numpy(rows.astype(np.int64))
-
-
-def evaluate(strategy: Any, cfg: JobConfig, rank: int, world: int, device: torch.device) -> float:
-    """Mean validation cross entropy (nats/token) over eval_batches global batches; all ranks run it."""
+def evaluate(task: Any, model: Any, strategy: Any, step: int, rank: int, world: int,
+             device: torch.device) -> tuple[float, dict[str, float]]:
+    """Validation loss (and its parts) over eval_batches global batches, weighted by units; all ranks run it."""
+    t = task.cfg.train
     strategy.train(False)
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # [ce * tokens, tokens]; NCCL reduces only GPU tensors
-    val = ray.train.get_dataset_shard("val")
+    names: list[str] = []
+    sums = None  # [loss * units, part * units..., units]; NCCL reduces only device tensors
     with torch.no_grad():
-        for i, tokens in enumerate(rank_batches(val, cfg.train.micro_batch_size, rank, world)):
-            if i >= cfg.train.eval_batches:
+        for i, batch in enumerate(task.batches(ray.train.get_dataset_shard("val"), t.micro_batch_size, rank, world)):
+            if i >= t.eval_batches:
                 break
-            tokens = tokens.to(device)
-            logits, stats = strategy.forward(tokens[:, :-1])
-            loss = lm_loss(logits, tokens[:, 1:], stats, cfg.model)
-            sums[0] += loss.ce.double() * tokens[:, 1:].numel()
-            sums[1] += tokens[:, 1:].numel()
+            out = task.step(model, batch, step, device, train=False)
+            names = list(out.parts)
+            vals = torch.stack([out.loss.detach().double(), *(p.double() for p in out.parts.values())]) * out.units
+            row = torch.cat([vals, torch.tensor([float(out.units)], dtype=torch.float64, device=device)])
+            sums = row if sums is None else sums + row
+    if sums is None:
+        raise RuntimeError("validation split produced no full batch: lower train.micro_batch_size or add data")
     dist.all_reduce(sums)
     strategy.train(True)
-    if sums[1] == 0:
-        raise RuntimeError("validation split produced no full batch: lower train.micro_batch_size or add data")
-    return float(sums[0] / sums[1])
+    mean = (sums[:-1] / sums[-1]).tolist()
+    return mean[0], dict(zip(names, mean[1:], strict=True))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -81,8 +69,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(t.cpus_per_worker)
     torch.manual_seed(t.seed)  # identical initial weights on every rank
 
+    task = build_task(cfg, config, rank)
     strategy = build_strategy(cfg)
-    strategy.setup(MoELM(cfg.model))
+    model = strategy.setup(task.build_model())
     device = strategy.device
 
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -106,22 +95,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             print(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
 
     writer = MetricsWriter(config["tensorboard_dir"]) if rank == 0 else None
-    seq_len = cfg.data.seq_len
-    tokens_per_step = t.micro_batch_size * t.grad_accum_steps * world * seq_len
     peak = measure_peak_flops(device, t.cpus_per_worker)  # per worker, same run, same threads
-    model_flops = flops_per_token(cfg.model, seq_len)
 
     train_ds = ray.train.get_dataset_shard("train")
-    batches = rank_batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
+    batches = task.batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
     val_loss = float("nan")
     history: list[dict[str, Any]] = []
     first_batch_ids: list[int] = []  # fingerprint of each micro-batch this rank trained on (tests check resume)
     t_start = t_log = time.perf_counter()
     steps_since_log = 0
-    loss_acc = torch.zeros(4, device=device)  # summed on the device: no host sync per micro-batch
-    moe_history: list = []  # each micro-batch's per-layer routing stats since the last log line
+    loss_acc: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per micro-batch
+    units = flops = 0.0  # since the last log line, this rank
+    total_units = total_flops = 0.0
+    pause = 0.0  # eval and checkpoint time, kept out of throughput
 
-    def next_micro() -> torch.Tensor:
+    def next_micro() -> Any:
         nonlocal batches, epoch, batch_in_epoch
         while True:
             try:
@@ -132,7 +120,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 if batch_in_epoch == 0:
                     raise RuntimeError("training split produced no full batch: lower train.micro_batch_size") from None
                 epoch, batch_in_epoch = epoch + 1, 0
-                batches = rank_batches(train_ds, t.micro_batch_size, rank, world)
+                batches = task.batches(train_ds, t.micro_batch_size, rank, world)
 
     strategy.train(True)
     while step < t.max_steps:
@@ -141,79 +129,76 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
         lr = lr_at(step, cfg)
         for _ in range(t.grad_accum_steps):
-            tokens = next_micro()
-            first_batch_ids.append(int(tokens[0, :8].sum()))  # on the host, before the copy
-            tokens = tokens.to(device, non_blocking=True)
-            logits, stats = strategy.forward(tokens[:, :-1])
-            loss = lm_loss(logits, tokens[:, 1:], stats, cfg.model)
-            strategy.backward(loss.total)
-            moe_history.append([dataclasses.replace(s, aux_loss=s.aux_loss.detach(), z_loss=s.z_loss.detach())
-                                for s in stats])
-            loss_acc += torch.stack([loss.total.detach(), loss.ce.detach(), loss.aux.detach(), loss.z.detach()])
+            batch = next_micro()
+            first_batch_ids.append(task.fingerprint(batch))
+            out = task.step(model, batch, step, device)
+            strategy.backward(out.loss)
+            for k, v in {"loss": out.loss.detach(), **out.parts}.items():
+                loss_acc[k] = loss_acc[k] + v if k in loss_acc else v.clone()
+            units += out.units
+            flops += out.flops
         grad_norm = strategy.step(lr)
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"non-finite gradient norm at step {step}: lower train.lr or raise train.warmup_steps")
         step += 1
         steps_since_log += 1
 
         if step % t.log_every == 0 or step == t.max_steps:
             now = time.perf_counter()
             dt = now - t_log
-            avg = (loss_acc / (steps_since_log * t.grad_accum_steps)).tolist()
-            tok_s = tokens_per_step * steps_since_log / dt
-            mfu = tok_s / world * model_flops / peak
-            eta = (now - t_start) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
-            # Routing health over the interval: busiest expert's share (1/E is balanced) and the
-            # share of assignments dropped for capacity, worst layer of each.
-            stats = mean_stats(moe_history)
-            moe_history.clear()
-            max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
-            dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
-            rec = {"step": step, "loss": avg[0], "ce": avg[1], "aux": avg[2], "z": avg[3], "lr": lr,
-                   "bits_per_byte": bits_per_byte(avg[1], config["train_bytes_per_token"]),
-                   "grad_norm": grad_norm, "tokens_per_s": tok_s, "mfu": mfu, "expert_max_load": max_load,
-                   "dropped_fraction": dropped}
+            # Throughput over the whole world: this rank's units x world (ranks do equal work).
+            totals = torch.tensor([units, flops], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            avg = {k: float(v) / (steps_since_log * t.grad_accum_steps) for k, v in loss_acc.items()}
+            rate = float(totals[0]) / dt
+            mfu = float(totals[1]) / dt / world / peak
+            total_units, total_flops = total_units + float(totals[0]), total_flops + float(totals[1])
+            eta = (now - t_start - pause) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
+            extras, text = task.log_extras(avg, writer, step)
+            rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu, **extras}
             history.append(rec)
             if writer is not None:
-                print(f"[train] step {step}/{t.max_steps} | loss {avg[0]:.4f} | ce {avg[1]:.4f} "
-                      f"({rec['bits_per_byte']:.3f} bpb) | aux {avg[2]:.3f} "
-                      f"| max load {max_load:.2f} | drop {100 * dropped:.1f}% "
-                      f"| lr {lr:.2e} | gnorm {grad_norm:.3f} | {tok_s:,.0f} tok/s | mfu {100 * mfu:.2f}% "
+                print(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
+                      f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
                       f"| eta {format_eta(eta)}", flush=True)
                 writer.scalars("train", rec, step)
-                writer.moe_layers(stats, step)
-            loss_acc.zero_()
+            loss_acc.clear()
+            units = flops = 0.0
             steps_since_log, t_log = 0, now
 
         is_last = step == t.max_steps
-        t_pause = time.perf_counter()  # eval and checkpoint time stays out of the tokens/s window
+        t_pause = time.perf_counter()
         if step % t.eval_every == 0 or is_last:
-            val_loss = evaluate(strategy, cfg, rank, world, device)
-            bpb = bits_per_byte(val_loss, config["val_bytes_per_token"])
+            total, parts = evaluate(task, model, strategy, step, rank, world, device)
+            val = task.eval_metrics(total, parts)
+            val_loss = val["loss"]
             if writer is not None:
-                print(f"[eval] step {step} | val loss {val_loss:.4f} | val bits/byte {bpb:.4f}", flush=True)
-                writer.scalars("val", {"loss": val_loss, "bits_per_byte": bpb}, step)
+                print(f"[eval] step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()), flush=True)
+                writer.scalars("val", val, step)
         if step % t.checkpoint_every == 0 or is_last:
-            metrics = {"step": step, "val_loss": val_loss, "train_loss": history[-1]["ce"] if history else float("nan")}
+            metrics = {"step": step, "val_loss": val_loss, "train_loss": history[-1][task.primary] if history else float("nan")}
             with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
                 strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
+                                    "model_type": cfg.model_type, "strategy": strategy.name, "world_size": world,
                                     "model_config": dataclasses.asdict(cfg.model)})
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        t_log += time.perf_counter() - t_pause
+        dt_pause = time.perf_counter() - t_pause
+        t_log += dt_pause
+        pause += dt_pause
 
     if writer is not None:
         writer.close()
-    elapsed = time.perf_counter() - t_start
-    trained = step - (restored_from or 0)
+    elapsed = time.perf_counter() - t_start - pause
     return {
         "steps": step,
         "optimizer_steps": strategy.optimizer_steps,
         "restored_from_step": restored_from,
         "data_position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
         "batch_fingerprints": first_batch_ids,
-        "final_loss": history[-1]["ce"] if history else float("nan"),
+        "final_loss": history[-1][task.primary] if history else float("nan"),
         "val_loss": val_loss,
-        "tokens_per_s": tokens_per_step * trained / elapsed if trained else 0.0,
-        "mfu": (tokens_per_step * trained / elapsed / world * model_flops / peak) if trained else 0.0,
+        f"{task.unit}_per_s": total_units / elapsed if elapsed > 0 else 0.0,
+        "mfu": total_flops / elapsed / world / peak if elapsed > 0 else 0.0,
         "peak_flops_per_worker": peak,
-        "flops_per_token": model_flops,
         "history": history,
     }

@@ -1,11 +1,19 @@
 """Training strategies: how one worker wraps the model, steps the optimizer and checkpoints.
 
-The Ray Train loop (`loop.py`) is written once against this small interface; a strategy owns
-everything engine-specific. `DeepSpeedStrategy` is ZeRO-1/2 + expert parallelism.
+The Ray Train loop (`loop.py`) is written once against this small interface:
+
+    setup(model) -> the callable to run forward with     train(mode)
+    backward(loss) per micro-batch      step(lr) -> grad norm      optimizer_steps
+    save(dir, train_state)      load(dir) -> train_state
+
+`DeepSpeedStrategy` is ZeRO-1/2 + expert parallelism (NeuralFlex-MoE); `FSDPStrategy` is FSDP2
+(`fully_shard` per block and at the root, NeuroFM). Both write `train_state.json` (step, data
+position, model config) beside their own files, so tools read a checkpoint without an engine.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,9 +22,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import JobConfig
 
 CKPT_TAG = "ds"  # DeepSpeed's sub-directory inside each checkpoint
+DCP_DIR = "dcp"  # torch.distributed.checkpoint's sub-directory inside each FSDP checkpoint
+TRAIN_STATE = "train_state.json"
+
+
+def write_train_state(directory: str | Path, state: dict[str, Any]) -> None:
+    """Rank 0 only: the data position and model config, readable without loading any weights."""
+    if dist.get_rank() == 0:
+        write_json_atomic(Path(directory) / TRAIN_STATE, state)
+
+
+def read_train_state(directory: str | Path) -> dict[str, Any]:
+    return json.loads((Path(directory) / TRAIN_STATE).read_text())
+
+
+def _bf16(cfg: JobConfig) -> bool:
+    return cfg.train.use_gpu and cfg.train.precision in ("auto", "bf16")
+
+
+def _device(cfg: JobConfig) -> torch.device:
+    return torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -38,11 +67,11 @@ class DeepSpeedStrategy:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(f"cuda:{torch.cuda.current_device()}") if self.cfg.train.use_gpu else torch.device("cpu")
+        return _device(self.cfg)
 
     @property
     def bf16(self) -> bool:
-        return self.cfg.train.use_gpu and self.cfg.train.precision in ("auto", "bf16")
+        return _bf16(self.cfg)
 
     def setup(self, model: nn.Module) -> nn.Module:
         if not self.cfg.train.use_gpu:
@@ -78,9 +107,6 @@ class DeepSpeedStrategy:
             assert ep_rank == rank % t.ep_size, f"unexpected EP layout: rank {rank} has ep_rank {ep_rank}"
         return self.engine
 
-    def forward(self, tokens: torch.Tensor):
-        return self.engine(tokens)
-
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
@@ -108,6 +134,7 @@ class DeepSpeedStrategy:
     def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
         """Every rank calls this; DeepSpeed writes per-expert model files and per-rank optimizer shards."""
         self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state=client_state)
+        write_train_state(directory, client_state)
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         path, client_state = self.engine.load_checkpoint(str(directory), tag=CKPT_TAG)
@@ -116,7 +143,108 @@ class DeepSpeedStrategy:
         return client_state
 
 
-def build_strategy(cfg: JobConfig) -> DeepSpeedStrategy:
+class FSDPStrategy:
+    """FSDP2: each block in the model's block lists is its own `fully_shard` unit, then the root.
+
+    A unit's parameters are all-gathered just before its forward and freed after (re-gathered for
+    backward), so a rank holds 1/world of every parameter between uses. Gradients are
+    reduce-scattered in fp32; on GPU the parameters compute in bf16 (MixedPrecisionPolicy), on
+    CPU everything stays fp32. Checkpoints are sharded: every rank writes its own shards through
+    `torch.distributed.checkpoint` (DCP), and a load re-shards onto any world size.
+    """
+
+    name = "fsdp"
+    block_lists = ("cross_blocks", "blocks", "layers")  # ModuleList attributes sharded one block per unit
+
+    def __init__(self, cfg: JobConfig):
+        self.cfg = cfg
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._steps = 0
+
+    @property
+    def device(self) -> torch.device:
+        return _device(self.cfg)
+
+    def setup(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        t = self.cfg.train
+        model = model.to(self.device)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if _bf16(self.cfg) else None, reduce_dtype=torch.float32)
+        for attr in self.block_lists:
+            blocks = getattr(model, attr, None)
+            if not isinstance(blocks, nn.ModuleList):
+                continue
+            for i, block in enumerate(blocks):
+                if t.activation_checkpointing:
+                    block = _checkpointed(block)
+                    blocks[i] = block
+                fully_shard(block, mp_policy=mp)
+        # The root unit holds what is left (embeddings, encoders, heads); it is not resharded after
+        # forward because backward needs it first.
+        fully_shard(model, mp_policy=mp)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                           foreach=True)
+        return model
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP2 accumulates gradients across micro-batches in the sharded .grad, so averaging is ours.
+        (loss / self.cfg.train.grad_accum_steps).backward()
+
+    def step(self, lr: float) -> float:
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        # Gradients are DTensor shards: clip_grad_norm_ reduces the norm over all ranks.
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._steps += 1
+        return float(norm)
+
+    @property
+    def optimizer_steps(self) -> int:
+        return self._steps
+
+    def _state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd, "optimizer_steps": torch.tensor(self._steps)}
+
+    def save(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Every rank writes its shards into <directory>/dcp (rank 0 adds DCP's .metadata)."""
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._state(), checkpoint_id=str(Path(directory) / DCP_DIR))
+        write_train_state(directory, client_state)
+
+    def load(self, directory: str | Path) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self._steps = int(state["optimizer_steps"])
+        return read_train_state(directory)
+
+
+def _checkpointed(block: nn.Module) -> nn.Module:
+    """Activation checkpointing: keep only the block's input, recompute its inside in backward."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    return checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def build_strategy(cfg: JobConfig) -> DeepSpeedStrategy | FSDPStrategy:
     if cfg.train.strategy == "deepspeed":
         return DeepSpeedStrategy(cfg)
+    if cfg.train.strategy == "fsdp":
+        return FSDPStrategy(cfg)
     raise ValueError(f"train.strategy={cfg.train.strategy!r} is not known")

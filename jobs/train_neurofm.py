@@ -1,0 +1,14 @@
+"""`ray job submit` entrypoint: train NeuroFM (FSDP2 on Ray Train) on the windowed time-series dataset.
+
+    ray job submit --working-dir . -- python jobs/train_neurofm.py --config jobs/configs/neurofm_debug.yaml train.max_steps=100
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, wherever the job runs
+
+from neuraflex_ray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

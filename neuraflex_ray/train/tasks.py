@@ -1,0 +1,180 @@
+"""What the one Train loop needs to know about each model type (torchtitan calls this a train spec).
+
+A task builds the model, turns a Ray Data shard into this rank's micro-batches, computes the loss
+and counts the work done (units for throughput, model FLOPs for MFU). The loop (`loop.py`) and the
+strategies (`strategy.py`) know nothing of tokens or time series.
+
+Data: every rank iterates the *same* global batches (micro_batch_size x world_size rows, in a
+fixed order) and keeps its own slice, so the data position is one number and every rank agrees
+on batch-level facts (equal shapes for expert parallelism; the modality set for FSDP, see
+`NeuroTask.batches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuraflex_ray.baselines import bits_per_byte
+from neuraflex_ray.config import JobConfig
+
+
+def global_batches(ds: Any, micro_bs: int, world: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    """Global numpy batches of micro_bs * world rows (ragged tail dropped), after skipping `skip`."""
+    for i, batch in enumerate(ds.iter_batches(batch_size=micro_bs * world, drop_last=True, batch_format="numpy")):
+        if i >= skip:
+            yield batch
+
+
+@dataclasses.dataclass
+class StepOutput:
+    loss: torch.Tensor  # what backward runs on
+    parts: dict[str, torch.Tensor]  # detached components for the log (summed over micro-batches)
+    units: int  # tokens / patches this rank processed (throughput)
+    flops: float  # model training FLOPs this rank spent (MFU)
+
+
+class LMTask:
+    """NeuralFlex-MoE on packed token blocks: next-token cross entropy + router losses."""
+
+    unit = "tokens"
+    primary = "ce"  # the training loss reported as final_loss: cross entropy without router terms
+
+    def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], rank: int = 0):
+        from neuraflex_ray.models.moe_lm import flops_per_token
+
+        self.cfg = cfg
+        self.bytes_per_token = {"train": loop_config["train_bytes_per_token"], "val": loop_config["val_bytes_per_token"]}
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self._moe_history: list = []  # each micro-batch's per-layer routing stats since the last log line
+
+    def build_model(self) -> nn.Module:
+        from neuraflex_ray.models.moe_lm import MoELM
+
+        return MoELM(self.cfg.model)
+
+    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
+        from pipelines.text import block_array
+
+        for batch in global_batches(ds, micro_bs, world, skip):
+            rows = block_array(batch)[rank * micro_bs:(rank + 1) * micro_bs]
+            yield torch.from_numpy(rows.astype(np.int64))
+
+    def fingerprint(self, tokens: torch.Tensor) -> int:
+        return int(tokens[0, :8].sum())
+
+    def step(self, model: Callable, tokens: torch.Tensor, step: int, device: torch.device, train: bool = True) -> StepOutput:
+        from neuraflex_ray.models.moe_lm import lm_loss
+
+        tokens = tokens.to(device, non_blocking=True)
+        logits, stats = model(tokens[:, :-1])
+        loss = lm_loss(logits, tokens[:, 1:], stats, self.cfg.model)
+        if train:
+            self._moe_history.append([dataclasses.replace(s, aux_loss=s.aux_loss.detach(), z_loss=s.z_loss.detach())
+                                      for s in stats])
+        n = tokens[:, 1:].numel()
+        parts = {"ce": loss.ce.detach(), "aux": loss.aux.detach(), "z": loss.z.detach()}
+        return StepOutput(loss.total, parts, n, n * self.flops_per_token)
+
+    def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
+        """The LM's validation loss is the cross entropy alone (what bits per byte and the export report)."""
+        return {"loss": parts["ce"], "bits_per_byte": bits_per_byte(parts["ce"], self.bytes_per_token["val"])}
+
+    def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
+        """Routing health over the interval: busiest expert's share (1/E is balanced) and the share of
+        assignments dropped for capacity, worst layer of each; per-layer detail to TensorBoard."""
+        from neuraflex_ray.models.moe import mean_stats
+
+        stats = mean_stats(self._moe_history)
+        self._moe_history.clear()
+        max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
+        dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
+        if writer is not None:
+            writer.moe_layers(stats, step)
+        bpb = bits_per_byte(parts["ce"], self.bytes_per_token["train"])
+        text = (f"ce {parts['ce']:.4f} ({bpb:.3f} bpb) | aux {parts['aux']:.3f} | max load {max_load:.2f} "
+                f"| drop {100 * dropped:.1f}%")
+        return {"bits_per_byte": bpb, "expert_max_load": max_load, "dropped_fraction": dropped}, text
+
+
+class NeuroTask:
+    """NeuroFM on time-series windows: masked reconstruction + forecasting + cross-modal contrastive."""
+
+    unit = "patches"
+    primary = "loss"  # the weighted sum of the objectives
+
+    def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], rank: int = 0):
+        self.cfg = cfg
+        self.manifest = loop_config["manifest"]
+        self.rank = rank
+        self._generator: tuple[int, torch.Generator] | None = None
+
+    def generator(self, step: int) -> torch.Generator:
+        """Masks and curriculum draws, seeded by (seed, step, rank): a run resumed at step s draws
+        exactly what the uninterrupted run drew, without saving generator state."""
+        if self._generator is None or self._generator[0] != step:
+            seed = (self.cfg.train.seed * 1_000_003 + step) * 1009 + self.rank
+            self._generator = (step, torch.Generator().manual_seed(seed))
+        return self._generator[1]
+
+    def build_model(self) -> nn.Module:
+        from neuraflex_ray.models.neurofm import NeuroFM
+
+        return NeuroFM(self.cfg.model)
+
+    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+        """This rank's slice, keeping only modalities present somewhere in the *global* batch.
+
+        FSDP reduce-scatters the gradients of the parameters that got one; every rank must agree on
+        that set, so it is decided from the global batch that all ranks see, never from the slice.
+        """
+        from pipelines.timeseries import series_batch
+
+        from neuraflex_ray.models.neurofm import SeriesInput
+
+        for batch in global_batches(ds, micro_bs, world, skip):
+            arrays = series_batch(batch, self.manifest)
+            sl = slice(rank * micro_bs, (rank + 1) * micro_bs)
+            yield {m: SeriesInput(x=torch.from_numpy(a.x[sl]), chan=torch.from_numpy(a.chan[sl]),
+                                  present=torch.from_numpy(a.present[sl]))
+                   for m, a in arrays.items() if a.present.any()}
+
+    def fingerprint(self, window: dict[str, Any]) -> int:
+        first = next(iter(window.values()))
+        return int(first.x[0].abs().sum() * 1000)
+
+    def tokens(self, window: dict[str, Any]) -> int:
+        """Patch tokens the encoder saw: valid channels of present modalities x context patches."""
+        n = self.cfg.model.context_patches
+        return int(sum(((w.chan > 0) & w.present[:, None]).sum() for w in window.values())) * n
+
+    def step(self, model: Callable, window: dict[str, Any], step: int, device: torch.device, train: bool = True) -> StepOutput:
+        from neuraflex_ray.models.neurofm import neurofm_flops_per_window, neurofm_loss
+
+        window = {m: dataclasses.replace(w, x=w.x.to(device), chan=w.chan.to(device), present=w.present.to(device))
+                  for m, w in window.items()}
+        # Evaluation scores the final curriculum stage with the same masks every time, so values
+        # compare across evaluations (and across Tune trials).
+        gen = self.generator(step) if train else torch.Generator().manual_seed(self.cfg.train.seed + 7 + self.rank)
+        loss = neurofm_loss(model, window, self.cfg.model, step if train else self.cfg.train.max_steps, gen)
+        tokens = self.tokens(window)
+        batch = next(iter(window.values())).x.shape[0]
+        flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch)) * batch
+        parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach()}
+        return StepOutput(loss.total, parts, tokens, flops)
+
+    def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
+        return {"loss": total, **parts}
+
+    def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
+        text = f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f}"
+        return {}, text
+
+
+def build_task(cfg: JobConfig, loop_config: dict[str, Any], rank: int) -> LMTask | NeuroTask:
+    return NeuroTask(cfg, loop_config, rank) if cfg.model_type == "neurofm" else LMTask(cfg, loop_config, rank)

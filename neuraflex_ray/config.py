@@ -112,7 +112,7 @@ class NeuroFMConfig:
     n_layers: int = 4  # backbone transformer blocks over the latents
     ffn_mult: int = 4
     norm_eps: float = 1e-5
-    init_std: float = 0.02
+    init_std: float = 0.2  # embeddings, latents, special tokens (0.02 learned several times slower here)
     mask_ratio: float = 0.25  # share of context patches hidden from the encoder and reconstructed
     recon_weight: float = 1.0
     forecast_weight: float = 1.0

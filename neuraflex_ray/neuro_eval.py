@@ -441,7 +441,11 @@ def _embed(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int
     out = []
     for batch in _chunks(windows, batch_size):
         x = np.asarray(a.x[batch])[:, :, :ctx]
-        out.append(_np(model.embed({m: _make_input(x, np.asarray(a.chan)[batch], np.ones(len(batch), bool), device)})))
+        inputs = {m: _make_input(x, np.asarray(a.chan)[batch], np.ones(len(batch), bool), device)}
+        if hasattr(model, "projection"):  # NeuroFM: the projected space the contrastive loss aligned
+            out.append(_np(model(inputs, decode=False, per_modality=True).modality_embeddings[m]))
+        else:
+            out.append(_np(model.embed(inputs)))
     e = np.concatenate(out).astype(np.float64)
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 

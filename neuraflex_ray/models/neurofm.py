@@ -1,0 +1,475 @@
+"""NeuroFM: a multimodal foundation model for neural and physiological time series.
+
+Every channel of every modality is cut into patches of `P_m` samples (the same `patch_s` seconds
+for all modalities); a patch becomes one token: a per-modality Linear of its samples plus learned
+modality, channel-id and patch-time embeddings. So any channel count works, and a channel is known
+by its id, not its position. `n_latents` learned latents read all tokens through Perceiver
+cross-attention (linear in the number of tokens), a transformer backbone mixes the latents, and
+light cross-attention decoders read the final latents back out:
+
+    tokens [B, S, d] --cross_blocks--> latents [B, L, d] --blocks--> latents --+--> mean -> embedding
+                                                                               +--> decoder(queries) -> recon / forecast
+
+A decoder query knows only where a patch is (modality + channel + time), never its values, so a
+hidden patch can only be reconstructed, and the future only forecast, from what the latents hold.
+
+Objectives (`neurofm_loss`): masked-patch reconstruction, multi-horizon forecasting and a symmetric
+InfoNCE between the embeddings of one window seen through two different modalities.
+
+Nothing here knows about process groups or meshes. The FSDP strategy shards each block of
+`cross_blocks` and `blocks` and then the root; because the root's parameters (encoders, heads,
+latents) are gathered around the root's forward, everything that uses a parameter, including the
+per-modality contrastive views, happens inside one `NeuroFM.forward` call, and each block runs
+exactly once per forward (the contrastive views are extra latent groups, not extra calls).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuraflex_ray.config import CurriculumStage, NeuroFMConfig
+from neuraflex_ray.models.moe import SwiGLU
+from neuraflex_ray.models.moe_lm import RMSNorm
+
+
+@dataclass
+class SeriesInput:
+    """One modality for a batch of windows."""
+
+    x: torch.Tensor  # [B, C, T] float samples, normalised; zeros where absent
+    chan: torch.Tensor  # [B, C] int64 channel ids (1-based, from the manifest), 0 = padding
+    present: torch.Tensor  # [B] bool: the modality has data in this window
+
+
+@dataclass
+class NeuroOutput:
+    latents: torch.Tensor  # [B, L, d] final latents (after the final norm)
+    embedding: torch.Tensor  # [B, d] mean of the final latents
+    recon: dict[str, torch.Tensor]  # m -> [B, C, N, P_m] every context patch, reconstructed
+    forecast: dict[str, torch.Tensor]  # m -> [B, C, K, P_m]; [..., j, :] is horizon cfg.horizon_patches[j]
+    # m -> [B, d] projected embedding of the window seen through modality m alone; filled only
+    # when forward(per_modality=True) (the contrastive objective), else empty.
+    modality_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class NeuroLoss:
+    total: torch.Tensor  # what backward() sees
+    recon: torch.Tensor  # MSE per sample on hidden patches (mean over modalities with targets)
+    forecast: torch.Tensor  # MSE per sample on the K horizon patches (mean over modalities with targets)
+    contrastive: torch.Tensor  # symmetric InfoNCE, mean over modality pairs (0 when off or no pair)
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `ctx` is None, cross-attention otherwise."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, Q, d]; ctx: [B, S, d]; mask: bool [B, 1, 1, S], True = key visible."""
+        ctx = x if ctx is None else ctx
+        b, q, _ = x.shape
+        s = ctx.shape[1]
+        xq = self.wq(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
+        xk = self.wk(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        xv = self.wv(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, q, -1))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention from queries into a context, then a SwiGLU FFN on the queries."""
+
+    def __init__(self, cfg: NeuroFMConfig, ffn_dim: int | None = None):
+        super().__init__()
+        self.q_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, ffn_dim or cfg.ffn_mult * cfg.dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention block over the latents (no positions: latents are learned slots)."""
+
+    def __init__(self, cfg: NeuroFMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_mult * cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+
+
+class NeuroFM(nn.Module):
+    def __init__(self, cfg: NeuroFMConfig):
+        super().__init__()
+        if not cfg.modalities or len(cfg.patch_lens) != len(cfg.modalities):
+            raise ValueError("model.modalities and model.patch_lens must be set, one patch length per modality "
+                             "(the driver fills them from the dataset manifest)")
+        if cfg.context_patches <= 0 or not cfg.horizon_patches or min(cfg.horizon_patches) <= 0:
+            raise ValueError("model.context_patches and model.horizon_patches must be set (from the dataset manifest)")
+        if cfg.n_channel_ids <= 1:
+            raise ValueError("model.n_channel_ids must be set (the manifest's n_channel_ids: channel count + 1)")
+        if cfg.dim % cfg.n_heads:
+            raise ValueError(f"model.dim={cfg.dim} must be divisible by model.n_heads={cfg.n_heads}")
+        self.cfg = cfg
+        self.modality_index = {m: i for i, m in enumerate(cfg.modalities)}
+        self.patch_len = dict(zip(cfg.modalities, cfg.patch_lens, strict=True))
+        d, k = cfg.dim, len(cfg.horizon_patches)
+        # Token embedding: patch samples -> d (per modality, since P_m and units differ), plus where it is.
+        self.patch_embed = nn.ModuleDict({m: nn.Linear(p, d) for m, p in self.patch_len.items()})
+        self.modality_emb = nn.Embedding(len(cfg.modalities), d)
+        self.channel_emb = nn.Embedding(cfg.n_channel_ids, d, padding_idx=0)
+        self.time_emb = nn.Embedding(cfg.context_patches, d)  # learned, one per context patch
+        self.mask_token = nn.Parameter(torch.empty(d))  # replaces a hidden patch's content
+        # An always-visible key: a window whose tokens are all masked out (absent modality, all
+        # channels padded) attends to it instead of to nothing, so softmax never sees an empty row.
+        self.null_token = nn.Parameter(torch.empty(d))
+        self.latents = nn.Parameter(torch.empty(cfg.n_latents, d))
+        self.cross_blocks = nn.ModuleList(CrossBlock(cfg) for _ in range(cfg.n_cross_layers))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(d, cfg.norm_eps)
+        # Decoder: token queries read the final latents; one shared block for both heads. It runs on
+        # every token (about 30x more rows than the latents), so its FFN is narrow (d, not ffn_mult*d).
+        self.forecast_query = nn.Parameter(torch.empty(d))  # marks a query as "the future of this channel"
+        self.decoder = CrossBlock(cfg, ffn_dim=d)
+        self.decoder_norm = RMSNorm(d, cfg.norm_eps)
+        self.recon_head = nn.ModuleDict({m: nn.Linear(d, p) for m, p in self.patch_len.items()})
+        self.forecast_head = nn.ModuleDict({m: nn.Linear(d, k * p) for m, p in self.patch_len.items()})
+        # Contrastive projection (SimCLR): the loss acts on z, the embedding stays more general.
+        self.projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Initialise every parameter (also after `to_empty()` from the meta device).
+
+        Linear weights are fan-in scaled (std 1/sqrt(fan_in)): inputs arrive normalised (RMSNorm,
+        or per-channel normalised samples), so every projection starts with unit-scale outputs at
+        any width and any patch length P_m. A fixed small std (0.02) made a patch's content and
+        its position embeddings start orders of magnitude apart, and the tiny and debug models
+        learned nothing general for the first hundred steps. Residual-branch outputs (wo, w2)
+        are scaled down by 1/sqrt(2 * blocks), as GPT-2 does. Learned vectors (modality,
+        channel and time embeddings, latents, mask/null/forecast tokens) take std `init_std`.
+        """
+        std = self.cfg.init_std
+        for mod in self.modules():
+            if isinstance(mod, nn.Linear):
+                nn.init.normal_(mod.weight, std=mod.in_features ** -0.5)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.normal_(mod.weight, std=std)
+            elif isinstance(mod, RMSNorm):
+                nn.init.ones_(mod.weight)
+        for p in (self.mask_token, self.null_token, self.latents, self.forecast_query):
+            nn.init.normal_(p, std=std)
+        scale = 1 / math.sqrt(2 * (self.cfg.n_layers + self.cfg.n_cross_layers))
+        with torch.no_grad():
+            self.channel_emb.weight[0].zero_()  # padding id
+            for blk in [*self.cross_blocks, *self.blocks, self.decoder]:
+                blk.attn.wo.weight.mul_(scale)
+                blk.ffn.w2.weight.mul_(scale)
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def _where(self, m: str, chan: torch.Tensor) -> torch.Tensor:
+        """Modality + channel embedding: [B, C, d]."""
+        idx = torch.full_like(chan, self.modality_index[m])
+        return self.modality_emb(idx) + self.channel_emb(chan)
+
+    def tokenize(self, m: str, inp: SeriesInput, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context samples of modality m -> tokens [B, C*N, d] and key visibility [B, C*N]."""
+        p, n = self.patch_len[m], self.cfg.context_patches
+        b, c, t = inp.x.shape
+        if t != n * p:
+            raise ValueError(f"{m}: expected {n} context patches x {p} samples = {n * p} samples, got {t}")
+        w = self.patch_embed[m].weight
+        h = self.patch_embed[m](inp.x.reshape(b, c, n, p).to(w.dtype))  # [B, C, N, d]
+        if hidden is not None:
+            # torch.where, not arithmetic: a hidden patch's values (even NaN) cannot leak into h.
+            h = torch.where(hidden[..., None], self.mask_token.to(h.dtype), h)
+        h = h + self._where(m, inp.chan)[:, :, None] + self.time_emb.weight[None, None]
+        visible = (inp.chan > 0) & inp.present[:, None]
+        return h.flatten(1, 2), visible[:, :, None].expand(b, c, n).flatten(1)
+
+    # -- encoder ----------------------------------------------------------------------------------
+
+    def encode(self, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """tokens [B, S, d]; visible [B, G, S] -> latents [B, G, L, d] (before the final norm).
+
+        G groups of latents encode the same tokens, group g seeing only the tokens where
+        visible[:, g] is True: the fused view and the per-modality views of the contrastive loss
+        in ONE call of each block. The tokens' keys and values are projected once for all groups,
+        the backbone runs on [B*G, L, d], and FSDP sees each block called once per forward.
+        """
+        b, g, s = visible.shape
+        lat = self.cfg.n_latents
+        ctx = torch.cat([self.null_token.to(tokens.dtype).expand(b, 1, -1), tokens], dim=1)
+        mask = torch.cat([visible.new_ones(b, g, 1), visible], dim=2)  # [B, G, 1+S]
+        # One mask row per latent query: [B, 1, G*L, 1+S] (a broadcast row when G = 1).
+        mask = mask[:, None] if g == 1 else mask[:, None, :, None].expand(b, 1, g, lat, s + 1).reshape(b, 1, g * lat, s + 1)
+        x = self.latents.to(tokens.dtype).repeat(g, 1).expand(b, -1, -1)
+        for blk in self.cross_blocks:
+            x = blk(x, ctx, mask)
+        x = x.reshape(b * g, lat, -1)
+        for blk in self.blocks:
+            x = blk(x)
+        return x.view(b, g, lat, -1)
+
+    def forward(self, inputs: dict[str, SeriesInput], patch_mask: dict[str, torch.Tensor] | None = None, *,
+                decode: bool = True, per_modality: bool = False) -> NeuroOutput:
+        """inputs: context samples (T = N * P_m) of any subset of cfg.modalities.
+
+        patch_mask[m]: bool [B, C, N], True = hide that patch from the encoder.
+        decode=False skips the recon/forecast decoder (embedding only).
+        per_modality=True also encodes each modality alone (cross-attention + backbone over the
+        tokens already made) and returns their projected embeddings for the contrastive loss.
+        """
+        unknown = sorted(set(inputs) - set(self.modality_index))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; the model knows {self.cfg.modalities}")
+        mods = [m for m in self.cfg.modalities if m in inputs]  # cfg order, whatever the dict order
+        if not mods:
+            raise ValueError("inputs hold no modality")
+        b = inputs[mods[0]].x.shape[0]
+        for m in mods:
+            x, chan, present = inputs[m].x, inputs[m].chan, inputs[m].present
+            if x.dim() != 3 or x.shape[0] != b or chan.shape != x.shape[:2] or present.shape != (b,):
+                raise ValueError(f"{m}: x {tuple(x.shape)}, chan {tuple(chan.shape)}, present {tuple(present.shape)} "
+                                 f"do not fit [B, C, T], [B, C], [B] with one B={b} for every modality")
+        patch_mask = patch_mask or {}
+        toks, vis = zip(*(self.tokenize(m, inputs[m], patch_mask.get(m)) for m in mods), strict=True)
+        visible = torch.cat(vis, 1)
+        groups = [visible]
+        if per_modality:  # group 1 + j sees modality j's tokens only
+            for j in range(len(mods)):
+                groups.append(torch.cat([v if i == j else torch.zeros_like(v) for i, v in enumerate(vis)], 1))
+        latents = self.encode(torch.cat(toks, 1), torch.stack(groups, 1))
+        # Outputs are fresh tensors, not views: FSDP's pre-backward hook on a returned view would be
+        # lost to an in-place op (FSDP2 warns about it).
+        fused = self.norm(latents[:, 0])
+        out = NeuroOutput(latents=fused, embedding=fused.mean(1), recon={}, forecast={})
+        if decode:
+            out.recon, out.forecast = self._decode(inputs, mods, fused)
+        if per_modality:
+            pooled = self.norm(latents[:, 1:]).mean(2)  # [B, M, d]
+            out.modality_embeddings = {m: self.projection(pooled[:, j]) for j, m in enumerate(mods)}
+        return out
+
+    def _decode(self, inputs: dict[str, SeriesInput], mods: list[str],
+                latents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One query per context patch (recon) and one per channel (forecast), all modalities in
+        one decoder call: queries attend only to the latents, so concatenating them is exact."""
+        n, k = self.cfg.context_patches, len(self.cfg.horizon_patches)
+        queries, shapes = [], []
+        for m in mods:
+            where = self._where(m, inputs[m].chan).to(latents.dtype)  # [B, C, d]
+            q_recon = where[:, :, None] + self.time_emb.weight.to(latents.dtype)[None, None]  # [B, C, N, d]
+            q_future = (where + self.forecast_query.to(latents.dtype))[:, :, None]  # [B, C, 1, d]
+            q = torch.cat([q_recon, q_future], dim=2)
+            shapes.append(q.shape[:3])
+            queries.append(q.flatten(1, 2))
+        h = self.decoder_norm(self.decoder(torch.cat(queries, 1), latents))
+        recon, forecast = {}, {}
+        for m, part, (b, c, _) in zip(mods, h.split([s[1] * s[2] for s in shapes], 1), shapes, strict=True):
+            part = part.view(b, c, n + 1, -1)
+            recon[m] = self.recon_head[m](part[:, :, :n])
+            head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
+            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, c, k, -1) + head.bias.view(k, -1)
+        return recon, forecast
+
+    @torch.no_grad()
+    def embed(self, inputs: dict[str, SeriesInput]) -> torch.Tensor:
+        """[B, d] embedding of whatever modalities are given (no masking; the model has no dropout,
+        so train and eval mode agree). Goes through __call__ so that FSDP hooks run."""
+        return self(inputs, decode=False).embedding
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives
+# ---------------------------------------------------------------------------------------------
+
+
+def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
+    """The last curriculum stage with start_step <= step; multimodal when none applies."""
+    stage = CurriculumStage(start_step=0, multimodal=True)
+    for s in cfg.curriculum:
+        if s.start_step <= step:
+            stage = s
+    return stage
+
+
+def keep_one_modality(present: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per window, keep one of its present modalities (uniformly at random), mark the others absent."""
+    mods = list(present)
+    pres = torch.stack([present[m] for m in mods], 1)  # [B, M]
+    scores = torch.rand(pres.shape, generator=generator, device=generator.device).to(pres.device)
+    pick = scores.masked_fill(~pres, -1.0).argmax(1)
+    return {m: present[m] & (pick == j) for j, m in enumerate(mods)}
+
+
+def _masked_mean(err: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of err; weights (not boolean indexing) keep every head in the graph even when
+    nothing is selected, so the set of parameters with gradients never depends on the data."""
+    count = weight.sum()
+    return (err * weight).sum() / count.clamp_min(1), count
+
+
+def _mean_over_modalities(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each modality weighs the same (64 EEG channels do not drown one ECG lead)."""
+    values = torch.stack([v for v, _ in parts])
+    has = torch.stack([c > 0 for _, c in parts]).to(values.dtype)
+    return (values * has).sum() / has.sum().clamp_min(1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE between rows of a and b [B, d] over the windows where `both` is True.
+
+    Masked instead of indexed: no host sync and no data-dependent shapes. Returns (loss, usable),
+    usable = at least 2 windows (one alone has no negatives)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = (a @ b.T) / temperature
+    # A large finite negative, not -inf: rows of windows outside `both` stay finite (weighted 0).
+    pair = both[:, None] & both[None, :]
+    logits = logits.masked_fill(~pair, -1e4)
+    w = both.float()
+    n = w.sum()
+    row = -(logits.log_softmax(1).diagonal() * w).sum() / n.clamp_min(1)
+    col = -(logits.log_softmax(0).diagonal() * w).sum() / n.clamp_min(1)
+    return (row + col) / 2, n >= 2
+
+
+def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMConfig, step: int,
+                 generator: torch.Generator) -> NeuroLoss:
+    """Loss on FULL windows (context + future). Random choices (masks, curriculum) come from `generator`.
+
+    The set of parameters that get a gradient depends only on the keys of `window` and on `step`
+    (FSDP needs the same set on every rank): every given modality is encoded and decoded even where
+    `present` is all False, and the contrastive passes run or not by curriculum stage.
+    """
+    mods = [m for m in cfg.modalities if m in window]
+    if not mods:
+        raise ValueError("window holds no modality")
+    n, horizons = cfg.context_patches, cfg.horizon_patches
+    h_max = max(horizons)
+    stage = active_stage(cfg, step)
+    present = {m: window[m].present for m in mods}
+    if not stage.multimodal and len(mods) > 1:
+        present = keep_one_modality(present, generator)
+    n_hide = min(n - 1, max(1, round(cfg.mask_ratio * n)))
+
+    inputs, masks, ctx_patches, future, valid = {}, {}, {}, {}, {}
+    for m in mods:
+        p = cfg.patch_lens[cfg.modalities.index(m)]
+        w = window[m]
+        b, c, t = w.x.shape
+        if t != (n + h_max) * p:
+            raise ValueError(f"{m}: a window holds ({n} + {h_max}) patches x {p} samples = {(n + h_max) * p}, got {t}")
+        patches = w.x.reshape(b, c, n + h_max, p)
+        ctx_patches[m] = patches[:, :, :n]
+        future[m] = patches[:, :, [k - 1 for k in horizons]]  # horizon k = k-th patch after the context
+        # Exactly n_hide hidden patches per channel: the rank of a uniform draw.
+        r = torch.rand((b, c, n), generator=generator, device=generator.device).to(w.x.device)
+        masks[m] = r.argsort(-1).argsort(-1) < n_hide
+        valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
+        inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
+
+    contrastive_on = stage.multimodal and len(mods) >= 2 and cfg.contrastive_weight > 0
+    out = model(inputs, masks, per_modality=contrastive_on)
+
+    recon_parts, forecast_parts = [], []
+    for m in mods:
+        err = (out.recon[m].float() - ctx_patches[m].float()).pow(2).mean(-1)  # [B, C, N]
+        recon_parts.append(_masked_mean(err, (masks[m] & valid[m][:, :, None]).float()))
+        err = (out.forecast[m].float() - future[m].float()).pow(2).mean(-1)  # [B, C, K]
+        forecast_parts.append(_masked_mean(err, valid[m][:, :, None].float().expand_as(err)))
+    recon = _mean_over_modalities(recon_parts)
+    forecast = _mean_over_modalities(forecast_parts)
+
+    contrastive = recon.new_zeros(())
+    if contrastive_on:
+        z = out.modality_embeddings
+        losses, usable = [], []
+        for i, m1 in enumerate(mods):
+            for m2 in mods[i + 1:]:
+                loss, ok = info_nce(z[m1], z[m2], present[m1] & present[m2], cfg.contrastive_temperature)
+                losses.append(loss)
+                usable.append(ok)
+        ok = torch.stack(usable).float()
+        # 0 * sum keeps every projection in the graph when no pair is usable (grads of zero, not None).
+        contrastive = (torch.stack(losses) * ok).sum() / ok.sum().clamp_min(1) + 0.0 * sum(v.sum() for v in z.values())
+
+    total = cfg.recon_weight * recon + cfg.forecast_weight * forecast + cfg.contrastive_weight * contrastive
+    return NeuroLoss(total=total, recon=recon, forecast=forecast, contrastive=contrastive)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter and FLOP accounting (for MFU)
+# ---------------------------------------------------------------------------------------------
+
+
+def param_count(model: nn.Module) -> int:
+    """Total parameters (each shared tensor once; a DTensor counts its global size)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int | None = None,
+                             contrastive_modalities: int | None = None) -> float:
+    """Training FLOPs (forward + backward) for one window of `tokens` patch tokens.
+
+    Convention: forward FLOPs = 2 x multiply-adds of every matmul (Linear layers and the two
+    attention matmuls QK^T and AV), counted on the tokens given (callers pass the valid ones);
+    training = 3 x forward (backward costs twice the forward). Norms, softmax, embeddings
+    lookups and the loss are left out. `channels` (default tokens / context_patches) sets the
+    number of forecast queries; the patch embedding and heads use the mean patch length.
+    `contrastive_modalities` = how many per-modality views the contrastive loss encodes (default:
+    all modalities of cfg when there are at least 2; pass 0 for the unimodal curriculum stage):
+    each adds a group of latents to the cross-attention and one backbone pass.
+    """
+    d, lat, h = cfg.dim, cfg.n_latents, cfg.ffn_mult * cfg.dim
+    n, k = cfg.context_patches, len(cfg.horizon_patches)
+    p = sum(cfg.patch_lens) / max(1, len(cfg.patch_lens))
+    ch = tokens / max(1, n) if channels is None else channels
+    if contrastive_modalities is None:
+        contrastive_modalities = len(cfg.modalities) if len(cfg.modalities) >= 2 else 0
+    ffn = 3 * d * h  # SwiGLU multiply-adds per row
+    g = 1 + contrastive_modalities  # latent groups: the fused view + one per modality
+    keys = tokens + 1  # + the null key
+    # Cross-attention: Q/out projections + FFN on G*L latents, K/V projections of the keys once,
+    # QK^T and AV of every latent against every key (the group mask does not skip work).
+    cross = g * lat * (2 * d * d + ffn) + keys * 2 * d * d + 2 * g * lat * keys * d
+    backbone = g * cfg.n_layers * (lat * (4 * d * d + ffn) + 2 * lat * lat * d)
+    queries = tokens + ch  # decoder: one query per context patch + one forecast query per channel
+    decoder = queries * (2 * d * d + 3 * d * d) + lat * 2 * d * d + 2 * queries * lat * d
+    heads = tokens * d * p + ch * d * k * p + contrastive_modalities * 2 * d * d  # recon, forecast, projection
+    macs = tokens * p * d + cfg.n_cross_layers * cross + backbone + decoder + heads
+    return 3 * 2 * macs

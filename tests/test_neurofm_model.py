@@ -1,0 +1,258 @@
+"""NeuroFM model and objectives on CPU with a tiny config (no Ray, no process group)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from neuraflex_ray.config import CurriculumStage, load_config
+from neuraflex_ray.models.neurofm import (
+    NeuroFM,
+    SeriesInput,
+    active_stage,
+    keep_one_modality,
+    neurofm_flops_per_window,
+    neurofm_loss,
+    param_count,
+)
+
+MODS = {"eeg": 8, "ecg": 8, "resp": 2}  # modality -> samples per patch
+N, HORIZONS = 4, [1, 2]
+FIRST_ID = {"eeg": 1, "ecg": 70, "resp": 80}  # channel ids of each modality start here
+
+
+def tiny_cfg(**kw):
+    # init_std 0.2: embeddings on the scale of the (fan-in initialised) patch content; see NeuroFM.init_weights.
+    cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]).model
+    return dataclasses.replace(cfg, modalities=list(MODS), patch_lens=list(MODS.values()), context_patches=N,
+                               horizon_patches=HORIZONS, n_channel_ids=100, **{"init_std": 0.2, **kw})
+
+
+def make_window(b=4, chans=None, full=True, seed=0):
+    """Random window; `full` adds the future patches (what neurofm_loss takes)."""
+    chans = chans or {"eeg": 3, "ecg": 1, "resp": 1}
+    g = torch.Generator().manual_seed(seed)
+    n = N + max(HORIZONS) if full else N
+    return {m: SeriesInput(x=torch.randn(b, c, n * MODS[m], generator=g),
+                           chan=torch.arange(FIRST_ID[m], FIRST_ID[m] + c).expand(b, c).clone(),
+                           present=torch.ones(b, dtype=torch.bool))
+            for m, c in chans.items()}
+
+
+def context(window):
+    return {m: dataclasses.replace(w, x=w.x[..., : N * MODS[m]]) for m, w in window.items()}
+
+
+def new_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return NeuroFM(tiny_cfg(**kw))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return new_model().eval()
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_output_shapes(model):
+    cfg = model.cfg
+    out = model(context(make_window(b=2)))
+    assert out.latents.shape == (2, cfg.n_latents, cfg.dim)
+    assert out.embedding.shape == (2, cfg.dim)
+    for m, c in {"eeg": 3, "ecg": 1, "resp": 1}.items():
+        assert out.recon[m].shape == (2, c, N, MODS[m])
+        assert out.forecast[m].shape == (2, c, len(HORIZONS), MODS[m])
+    assert out.modality_embeddings == {}
+    assert model.embed(context(make_window(b=2))).shape == (2, cfg.dim)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 64])
+def test_any_channel_count(model, channels):
+    out = model(context(make_window(b=2, chans={"eeg": channels, "ecg": 1})))
+    assert out.recon["eeg"].shape == (2, channels, N, MODS["eeg"])
+    assert out.forecast["eeg"].shape == (2, channels, len(HORIZONS), MODS["eeg"])
+    assert torch.isfinite(out.embedding).all()
+
+
+def test_hidden_patch_is_hidden(model):
+    inputs = context(make_window(b=2))
+    mask = {m: torch.zeros(w.x.shape[0], w.x.shape[1], N, dtype=torch.bool) for m, w in inputs.items()}
+    mask["eeg"][0, 1, 2] = True
+    changed = context(make_window(b=2))
+    changed["eeg"] = dataclasses.replace(inputs["eeg"], x=inputs["eeg"].x.clone())
+    p = MODS["eeg"]
+    changed["eeg"].x[0, 1, 2 * p:3 * p] = torch.tensor(float("nan"))  # even NaN must not leak
+    changed = {**inputs, "eeg": changed["eeg"]}
+    with torch.no_grad():
+        a, b = model(inputs, mask), model(changed, mask)
+    assert torch.equal(a.latents, b.latents)
+    assert all(torch.equal(a.recon[m], b.recon[m]) and torch.equal(a.forecast[m], b.forecast[m]) for m in inputs)
+    # Control: the same change on a visible patch does move the output.
+    changed["eeg"].x[0, 1, 2 * p:3 * p] = 5.0
+    with torch.no_grad():
+        c = model(changed)
+    assert not torch.allclose(a.latents[0], c.latents[0])
+
+
+def test_padded_channels_and_absent_modality_do_not_matter(model):
+    inputs = context(make_window(b=2, chans={"eeg": 3, "ecg": 1}))
+    padded = dict(inputs)
+    e = inputs["eeg"]
+    padded["eeg"] = SeriesInput(x=torch.cat([e.x, 7 * torch.randn(2, 2, e.x.shape[2])], 1),
+                                chan=torch.cat([e.chan, torch.zeros(2, 2, dtype=torch.long)], 1), present=e.present)
+    # An absent modality (present False) carries garbage: it must be ignored like a missing key.
+    absent = dict(inputs, resp=SeriesInput(x=100 * torch.randn(2, 1, N * MODS["resp"]), chan=torch.full((2, 1), 80),
+                                           present=torch.zeros(2, dtype=torch.bool)))
+    with torch.no_grad():
+        ref = model(inputs).embedding
+        assert torch.allclose(model(padded).embedding, ref, atol=1e-5)
+        assert torch.allclose(model(absent).embedding, ref, atol=1e-5)
+
+
+def test_per_modality_views_equal_encoding_each_modality_alone(model):
+    inputs = context(make_window(b=3))
+    inputs["ecg"].present[1] = False
+    calls = []
+    hooks = [blk.register_forward_hook(lambda *_: calls.append(1)) for blk in [*model.cross_blocks, *model.blocks]]
+    with torch.no_grad():
+        out = model(inputs, per_modality=True)
+    for h in hooks:
+        h.remove()
+    # One call per block per forward, whatever the modality count (FSDP gathers each unit once).
+    assert len(calls) == len(model.cross_blocks) + len(model.blocks)
+    with torch.no_grad():
+        assert torch.allclose(out.embedding, model.embed(inputs), atol=1e-5)
+        for m in inputs:
+            alone = model.projection(model.embed({m: inputs[m]}))
+            assert torch.allclose(out.modality_embeddings[m], alone, atol=1e-5), m
+
+
+def test_absent_and_missing_modalities_give_finite_loss_and_grads():
+    model = new_model()
+    cfg = model.cfg
+    window = make_window()
+    window["ecg"].present[1:3] = False
+    window["resp"].present[:] = False  # absent in every window of this rank's batch
+    names = {}
+    for case, win in [("absent", window), ("missing", {m: window[m] for m in ("eeg", "resp")}),
+                      ("nothing present", {m: dataclasses.replace(w, present=torch.zeros(4, dtype=torch.bool))
+                                           for m, w in window.items()})]:
+        model.zero_grad(set_to_none=True)
+        loss = neurofm_loss(model, win, cfg, 0, torch.Generator().manual_seed(0))
+        loss.total.backward()
+        assert all(torch.isfinite(v) for v in (loss.total, loss.recon, loss.forecast, loss.contrastive)), case
+        g = grads(model)
+        assert all(torch.isfinite(v).all() for v in g.values()), case
+        names[case] = set(g)
+    # FSDP: the parameters that get a gradient depend only on the modality keys, not on the data.
+    assert names["absent"] == names["nothing present"]
+    missing = names["absent"] - names["missing"]
+    assert missing and all("ecg" in n for n in missing)
+
+
+def test_grad_set_depends_only_on_keys_and_step():
+    model = new_model(curriculum=[CurriculumStage(0, True), CurriculumStage(5, False)])
+    cfg = model.cfg
+    sets = []
+    for seed, step in [(0, 0), (1, 3), (2, 0), (0, 5), (1, 9)]:
+        win = make_window(seed=seed)
+        if seed == 1:
+            win["ecg"].present[:] = False
+        if seed == 2:
+            win["eeg"].present[:2] = False
+            win["eeg"].chan[2:, 1:] = 0
+        model.zero_grad(set_to_none=True)
+        neurofm_loss(model, win, cfg, step, torch.Generator().manual_seed(seed)).total.backward()
+        sets.append(set(grads(model)))
+    assert sets[0] == sets[1] == sets[2]  # multimodal stage
+    assert sets[3] == sets[4]  # unimodal stage
+    assert sets[0] - sets[3] == {n for n in sets[0] if n.startswith("projection.")}  # no contrastive views
+
+
+def test_curriculum_switches_at_configured_step():
+    model = new_model(curriculum=[CurriculumStage(0, True), CurriculumStage(5, False)])
+    cfg = model.cfg
+    assert active_stage(cfg, 4).multimodal and not active_stage(cfg, 5).multimodal
+    assert active_stage(dataclasses.replace(cfg, curriculum=[]), 10**6).multimodal
+    late = dataclasses.replace(cfg, curriculum=[CurriculumStage(3, False)])
+    assert active_stage(late, 2).multimodal and not active_stage(late, 3).multimodal  # before any stage: multimodal
+    window = make_window(b=8)
+    before = neurofm_loss(model, window, cfg, 4, torch.Generator().manual_seed(0))
+    after = neurofm_loss(model, window, cfg, 5, torch.Generator().manual_seed(0))
+    assert before.contrastive > 0 and after.contrastive == 0
+    present = {m: w.present.clone() for m, w in window.items()}
+    present["ecg"][0] = False
+    kept = keep_one_modality(present, torch.Generator().manual_seed(0))
+    count = torch.stack(list(kept.values())).sum(0)
+    assert torch.equal(count, torch.ones(8, dtype=torch.long))
+    assert not kept["ecg"][0] and all((kept[m] <= present[m]).all() for m in kept)
+
+
+def test_deterministic_with_fixed_seed_and_generator():
+    runs = []
+    for _ in range(2):
+        model = new_model(seed=3)
+        loss = neurofm_loss(model, make_window(), model.cfg, 0, torch.Generator().manual_seed(11))
+        loss.total.backward()
+        runs.append((loss, grads(model)))
+    (a, ga), (b, gb) = runs
+    assert torch.equal(a.total, b.total) and torch.equal(a.contrastive, b.contrastive)
+    assert ga.keys() == gb.keys() and all(torch.equal(ga[k], gb[k]) for k in ga)
+    model = new_model(seed=3)
+    other = neurofm_loss(model, make_window(), model.cfg, 0, torch.Generator().manual_seed(12))
+    assert not torch.equal(a.recon, other.recon)  # another generator hides other patches
+
+
+def sine_window(b, chans, g):
+    """Each channel a sine whose frequency is fixed by its channel id; one random phase and
+    amplitude per window, shared by every channel and modality (so modalities can be matched)."""
+    phase = 2 * math.pi * torch.rand(b, 1, 1, generator=g)
+    amp = 0.5 + torch.rand(b, 1, 1, generator=g)
+    win = {}
+    for m, c in chans.items():
+        t = torch.arange((N + max(HORIZONS)) * MODS[m]) / MODS[m]  # in patches
+        k = torch.arange(FIRST_ID[m], FIRST_ID[m] + c)[None, :, None]
+        x = amp * torch.sin(2 * math.pi * (0.15 + 0.01 * (k % 10)) * t + phase + k)
+        win[m] = SeriesInput(x=x, chan=k[..., 0].expand(b, c).clone(), present=torch.ones(b, dtype=torch.bool))
+    return win
+
+
+def test_learns_sines():
+    torch.set_num_threads(1)
+    model = new_model(seed=0)
+    cfg = model.cfg
+    chans = {"eeg": 2, "ecg": 1}
+    data, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    for step in range(100):
+        loss = neurofm_loss(model, sine_window(8, chans, data), cfg, step, gen)
+        opt.zero_grad()
+        loss.total.backward()
+        opt.step()
+    # Held-out windows: every objective beats its trivial baseline (predicting zero; chance for InfoNCE).
+    test = sine_window(16, chans, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = neurofm_loss(model, test, cfg, 0, torch.Generator().manual_seed(5))
+    zero = sum(float(w.x.pow(2).mean()) for w in test.values()) / len(test)
+    assert out.recon < 0.8 * zero and out.forecast < 0.5 * zero, (out, zero)
+    assert out.contrastive < math.log(16) - 0.5, out
+
+
+def test_meta_init_and_accounting():
+    cfg = tiny_cfg()
+    with torch.device("meta"):
+        meta = NeuroFM(cfg)
+    meta.to_empty(device="cpu")
+    meta.init_weights()
+    assert all(torch.isfinite(p).all() for p in meta.parameters())
+    assert torch.equal(meta.channel_emb.weight[0], torch.zeros(cfg.dim))
+    assert param_count(meta) == sum(p.numel() for p in new_model().parameters())
+    f1, f2 = neurofm_flops_per_window(cfg, 100), neurofm_flops_per_window(cfg, 200)
+    assert 0 < f1 < f2 < 2.2 * f1
+    assert neurofm_flops_per_window(cfg, 100, contrastive_modalities=0) < f1

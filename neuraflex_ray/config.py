@@ -152,6 +152,10 @@ class RecordingSpec:
     channels: list[str] = field(default_factory=list)  # empty: from the file
     session: str = ""  # files of one session are aligned onto one clock and windowed together
     start_s: float = 0.0  # this stream's start on the session clock
+    # Devices without a shared clock: path of another recording of the session that saw the same
+    # signal; this one is placed on its clock by cross-correlation (searching +-max_lag_s, 0: any).
+    align_to: str = ""
+    max_lag_s: float = 0.0
 
 
 def _default_modalities() -> dict[str, ModalitySpec]:
@@ -481,6 +485,11 @@ def _validate_neurofm(cfg: JobConfig) -> None:
         need(r.modality in d.modalities,
              f"data.recordings[{i}].modality={r.modality!r} is not one of data.modalities {sorted(d.modalities)}")
         need(r.rate >= 0, f"data.recordings[{i}].rate must be >= 0 (0: from the file), got {r.rate}")
+        if r.align_to:
+            same = [o for o in d.recordings if o.path == r.align_to and o.session == r.session and o is not r]
+            need(bool(same), f"data.recordings[{i}].align_to={r.align_to!r} is not the path of another recording "
+                             f"with session {r.session!r}; name a file listed in the same session")
+    need(_whole(d.hop_s / d.patch_s), f"data.hop_s={d.hop_s} is not a whole number of patches of data.patch_s={d.patch_s}")
 
 
 def _whole(x: float) -> bool:

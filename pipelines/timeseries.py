@@ -1,0 +1,607 @@
+"""Time-series pipeline on Ray Data: recordings -> one clock per session -> normalised windows in Parquet.
+
+    sample sets + data.recordings --> Sources, grouped by session (driver; samples downloaded once)
+    sessions --map(prepare)--> per session: read every file (BadRecording -> skipped), resample each
+        stream to its modality's rate (resample_poly), place streams on one clock (start_s, or
+        cross-correlation for `align_to`), keep the common overlap, split by time (early = train,
+        late = held out), per-channel mean/std from the train part, normalise, plan window starts
+    driver: on_bad_input=error raises here, before anything is written; channel ids over all sessions;
+        window list per split (train: seeded permutation, val: in time order) cut into shards
+    shards --map_batches(cut windows from the session arrays, shared via the object store)--> rows
+        --> train/*.parquet, val/*.parquet
+    manifest.json, written last: modalities, layout, channel ids, recordings, skipped files, norm stats
+
+A window is `context_s + max(horizons_s)` seconds and starts on the patch grid, so every modality's
+window starts on a whole sample; a window lies wholly on one side of its session's split. The build is
+deterministic (sorted sessions, ordered execution, seeded shuffle) and cached by a fingerprint of the
+inputs and config. The caller owns Ray: call `ray.init(...)` first. The row layout is the contract in
+the NeuroFM notes: x_<m> list<float32> [C_m * T_m], chan_<m> list<int32> [C_m], present_<m> bool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import time
+import uuid
+from datetime import UTC, datetime
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from scipy import signal
+
+from neuraflex_ray.atomic import write_json_atomic
+from neuraflex_ray.config import ModalitySpec, SeriesDataConfig
+from pipelines.neuro_sources import BadRecording, Source, Stream, read_source, recording_source, sample_sources
+
+FORMAT_VERSION = 1  # bump when the output or the build logic changes: it invalidates old caches
+MAX_DENOMINATOR = 1000  # resample_poly up/down at most this: rates within ~1e-6 of the target
+SHARD_BYTES = 32 << 20  # windows per Parquet shard (one Ray task, one block): about this many bytes uncompressed
+EPS = 1e-9
+
+
+def _log(msg: str) -> None:
+    print(f"[data] {msg}", flush=True)
+
+
+@dataclasses.dataclass
+class SeriesArrays:
+    """One modality of a batch of windows."""
+
+    x: np.ndarray  # float32 [B, C_m, T_m]: context then future samples, normalised, zeros where absent
+    chan: np.ndarray  # int64 [B, C_m]: channel ids (manifest["channel_ids"]), 0 = padding
+    present: np.ndarray  # bool [B]: the modality has data in this window
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[str, Any]:
+    """Build (or reuse) train/val Parquet shards of windows; return the manifest.
+
+    Reuses the existing output when its manifest's fingerprint (inputs + config) matches; `force=True`
+    rebuilds. A bad input file raises BadRecording before anything is written (on_bad_input=error), or
+    is left out and listed in manifest["skipped"] (on_bad_input=skip).
+    """
+    t0 = time.perf_counter()
+    out = Path(cfg.output_dir).expanduser().resolve()
+    plan = _plan(cfg)
+    sources, skipped = _sources(cfg)
+    fingerprint = _fingerprint(cfg, sources)
+    if not force and (old := _reusable(out, fingerprint)) is not None:
+        _log(f"reusing {out} (inputs and config unchanged; force=True rebuilds)")
+        return old
+
+    # Ordered execution keeps sessions, windows and shards in the same order run to run.
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    sessions = _by_session(sources)
+    prepared = (
+        ray.data.from_items([{"session": s, "sources": json.dumps([dataclasses.asdict(x) for x in srcs])}
+                             for s, srcs in sessions.items()], override_num_blocks=max(1, len(sessions)))
+        .map(_prepare_session, fn_kwargs={"plan": plan})
+        .take_all()  # small: a session's normalised arrays are a few MB; the windows are cut later
+    )
+    metas = [json.loads(r["meta"]) for r in prepared]
+    skipped += [s for m in metas for s in m["skipped"]]
+    if skipped and cfg.on_bad_input == "error":
+        raise BadRecording("\n".join(s["reason"] for s in skipped)
+                           + "\n(data.on_bad_input=skip builds without these files and lists them in the manifest)")
+    short = [{"name": m["session"], "duration_s": m["short_s"]} for m in metas if "short_s" in m]
+    if short:
+        _log(f"{len(short)} sessions shorter than one window of {plan['window_s']:g} s left out: "
+             f"{', '.join(s['name'] for s in short)}")
+    metas = [m for m in metas if m["modalities"]]
+    modalities = [m for m in plan["modalities"] if any(m in s["modalities"] for s in metas)]
+    if not modalities:
+        reasons = [s["reason"] for s in skipped] + [f"session {s['name']!r}: {s['duration_s']:.2f} s, shorter than one "
+                                                    f"window" for s in short]
+        raise ValueError("no usable recording in data.samples / data.recordings:\n" + "\n".join(reasons))
+    channel_ids = _channel_ids(metas)
+    layout = {m: plan["modalities"][m] for m in modalities}
+    counts = {split: sum(len(m[f"{split}_starts"]) for m in metas) for split in ("train", "val")}
+    for split, n in counts.items():
+        if n == 0:
+            raise ValueError(
+                f"the {split} split has no window of {plan['window_s']:g} s (context_s + max(horizons_s)); "
+                f"use longer recordings, a smaller data.context_s or data.horizons_s, or a "
+                f"{'smaller' if split == 'train' else 'larger'} data.val_fraction")
+    _log(f"prepared in {time.perf_counter() - t0:.1f}s: {len(metas)} sessions, modalities {modalities}, "
+         f"{len(channel_ids)} channels, "
+         f"{counts['train']} train / {counts['val']} val windows, {len(skipped)} files skipped")
+
+    # One copy of every session's arrays in the object store, shared by the window tasks.
+    arrays = ray.put({r["session"]: pickle.loads(r["payload"]) for r in prepared if r["payload"]})
+    sessions_info = {m["session"]: {"start_s": m["start_s"],
+                                    "ids": {k: [channel_ids[f"{k}:{c}"] for c in mod["channels"]]
+                                            for k, mod in m["modalities"].items()}} for m in metas}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-build-{uuid.uuid4().hex[:8]}"
+    try:
+        shards: dict[str, list[str]] = {}
+        for split in ("train", "val"):
+            windows = [(m["session"], t) for m in metas for t in m[f"{split}_starts"]]
+            if split == "train":  # shuffled once, seeded, so a batch read in file order mixes sessions
+                windows = [windows[i] for i in np.random.default_rng(cfg.seed).permutation(len(windows))]
+            shards[split] = _write_split(windows, tmp, split, arrays, sessions_info, layout)
+        manifest = {
+            "version": FORMAT_VERSION,
+            "fingerprint": fingerprint,
+            "modalities": layout,
+            "context_s": cfg.context_s,
+            "patch_s": cfg.patch_s,
+            "horizons_s": list(cfg.horizons_s),
+            "hop_s": cfg.hop_s,
+            "window_s": plan["window_s"],
+            "context_patches": plan["context_patches"],
+            "horizon_patches": plan["horizon_patches"],
+            "channel_ids": channel_ids,
+            "n_channel_ids": len(channel_ids) + 1,
+            "recordings": [_recording_entry(m) for m in metas],
+            "train_windows": counts["train"],
+            "val_windows": counts["val"],
+            "skipped": skipped,
+            "short_sessions": short,
+            "norm_stats": {m["session"]: m["norm_stats"] for m in metas},
+            "train_shards": shards["train"],
+            "val_shards": shards["val"],
+            "samples": list(cfg.samples),
+            "data_config": dataclasses.asdict(cfg),
+            "output_dir": str(out),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "build_seconds": round(time.perf_counter() - t0, 2),
+        }
+        _swap_into_place(tmp, out, manifest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _log(f"wrote {counts['train']} train / {counts['val']} val windows to {out} in {time.perf_counter() - t0:.1f}s")
+    return manifest
+
+
+def load_series_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
+    """(train, val, manifest) from a built output_dir; turn numpy batches into arrays with series_batch."""
+    out = Path(output_dir).expanduser().resolve()
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with "
+                                f"build_series_dataset or `neuraflex-ray data --model neurofm`")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
+    val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])
+    return train, val, manifest
+
+
+def series_batch(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str, SeriesArrays]:
+    """A Ray Data numpy batch of window rows -> {modality: SeriesArrays}, in manifest order."""
+    out = {}
+    for m, spec in manifest["modalities"].items():
+        x = _stack(batch[f"x_{m}"], np.float32)
+        b = x.shape[0]
+        out[m] = SeriesArrays(
+            x=x.reshape(b, spec["max_channels"], spec["context_samples"] + spec["future_samples"]),
+            chan=_stack(batch[f"chan_{m}"], np.int64).reshape(b, spec["max_channels"]),
+            present=np.asarray(batch[f"present_{m}"], dtype=bool),
+        )
+    return out
+
+
+def read_series(output_dir: str, split: str) -> tuple[dict[str, SeriesArrays], np.ndarray, np.ndarray]:
+    """Every row of a split, in stored order, without Ray: ({modality: SeriesArrays}, recordings, start_s)."""
+    out = Path(output_dir).expanduser().resolve()
+    manifest = _read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first")
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r}: use 'train' or 'val'")
+    tables = [pq.read_table(out / s) for s in manifest[f"{split}_shards"]]
+    table = pa.concat_tables(tables) if tables else None
+    arrays = {}
+    for m, spec in manifest["modalities"].items():
+        c, t = spec["max_channels"], spec["context_samples"] + spec["future_samples"]
+        if table is None:
+            arrays[m] = SeriesArrays(np.zeros((0, c, t), np.float32), np.zeros((0, c), np.int64), np.zeros(0, bool))
+            continue
+        arrays[m] = SeriesArrays(
+            x=_flat(table.column(f"x_{m}")).astype(np.float32, copy=False).reshape(-1, c, t),
+            chan=_flat(table.column(f"chan_{m}")).astype(np.int64).reshape(-1, c),
+            present=table.column(f"present_{m}").to_numpy().astype(bool),
+        )
+    if table is None:
+        return arrays, np.zeros(0, dtype=object), np.zeros(0, np.float64)
+    return (arrays, np.asarray(table.column("recording").to_pylist(), dtype=object),
+            table.column("start_s").to_numpy().astype(np.float64))
+
+
+def estimate_offset(ref: np.ndarray, other: np.ndarray, rate: float, max_lag_s: float = 0.0) -> float:
+    """Seconds after ref's first sample at which other's first sample was taken (other[k] ~ ref[k + offset*rate]).
+
+    Both at `rate`, 1-D or [C, N]: channel i of one is matched with channel i of the other (z-scored, so
+    offsets and gains do not matter) and their cross-correlations are summed. Only lags within
+    ±max_lag_s are considered (0: any lag with some overlap). The peak is refined to a fraction of a
+    sample by a parabola through it and its two neighbours.
+    """
+    a, b = np.atleast_2d(ref), np.atleast_2d(other)
+    lags = signal.correlation_lags(a.shape[1], b.shape[1], mode="full")
+    xc = sum(signal.correlate(_zscore(a[i]), _zscore(b[i]), mode="full", method="fft")
+             for i in range(min(len(a), len(b))))
+    if max_lag_s > 0:
+        xc = np.where(np.abs(lags) <= max_lag_s * rate, xc, -np.inf)
+    k = int(np.argmax(xc))
+    frac = 0.0
+    if 0 < k < len(xc) - 1 and np.isfinite(xc[k - 1]) and np.isfinite(xc[k + 1]):
+        y0, y1, y2 = xc[k - 1], xc[k], xc[k + 1]
+        curvature = y0 - 2 * y1 + y2
+        frac = 0.5 * (y0 - y2) / curvature if curvature < 0 else 0.0
+    return float((lags[k] + frac) / rate)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side: plan, inputs, fingerprint
+# --------------------------------------------------------------------------------------------
+
+
+def _plan(cfg: SeriesDataConfig) -> dict[str, Any]:
+    """Window layout in samples per modality, as plain data for the Ray tasks."""
+    if not cfg.horizons_s or cfg.patch_s <= 0 or cfg.context_s <= 0 or cfg.hop_s <= 0:
+        raise ValueError("data.context_s, data.patch_s, data.hop_s and data.horizons_s must be positive")
+    n_ctx = round(cfg.context_s / cfg.patch_s)
+    horizons = [round(h / cfg.patch_s) for h in cfg.horizons_s]
+    modalities = {}
+    for name, spec in cfg.modalities.items():
+        p = round(spec.rate * cfg.patch_s)
+        if p < 1 or abs(p - spec.rate * cfg.patch_s) > 1e-6:
+            raise ValueError(f"data.modalities.{name}.rate={spec.rate} x data.patch_s={cfg.patch_s} is not a whole "
+                             f"number of samples; pick a rate that is a multiple of {1 / cfg.patch_s:g} Hz")
+        modalities[name] = {"rate": spec.rate, "max_channels": spec.max_channels, "patch_len": p,
+                            "context_samples": n_ctx * p, "future_samples": max(horizons) * p}
+    return {"modalities": modalities, "patch_s": cfg.patch_s, "hop_s": cfg.hop_s,
+            "window_s": (n_ctx + max(horizons)) * cfg.patch_s, "context_patches": n_ctx,
+            "horizon_patches": horizons, "val_fraction": cfg.val_fraction}
+
+
+def _sources(cfg: SeriesDataConfig) -> tuple[list[Source], list[dict[str, str]]]:
+    """Sample sets then data.recordings; a recording whose type is unknown is a skipped file."""
+    sources: list[Source] = []
+    skipped: list[dict[str, str]] = []
+    for name in cfg.samples:
+        sources += sample_sources(name, cfg.cache_dir)
+    for i, spec in enumerate(cfg.recordings):
+        if spec.modality not in cfg.modalities:
+            raise ValueError(f"data.recordings[{i}].modality={spec.modality!r} is not one of data.modalities "
+                             f"{sorted(cfg.modalities)}")
+        try:
+            sources.append(recording_source(spec, i))
+        except BadRecording as e:
+            skipped.append({"file": spec.path, "reason": str(e)})
+    return sources, skipped
+
+
+def _by_session(sources: list[Source]) -> dict[str, list[Source]]:
+    """Sources grouped by session (sessions sorted, files in given order), stream names made unique."""
+    groups: dict[str, list[Source]] = {}
+    for src in sources:
+        group = groups.setdefault(src.session, [])
+        taken = {s.name for s in group}
+        name, k = src.name, 2
+        while name in taken:
+            name, k = f"{src.name}_{k}", k + 1
+        group.append(dataclasses.replace(src, name=name))
+    return dict(sorted(groups.items()))
+
+
+def _fingerprint(cfg: SeriesDataConfig, sources: list[Source]) -> str:
+    """Hash of everything that changes the output: the sources (and their files' size, mtime) and config."""
+    files = []
+    for src in sources:
+        st = os.stat(src.path) if os.path.isfile(src.path) else None
+        files.append([dataclasses.asdict(src), st.st_size if st else None, st.st_mtime_ns if st else None])
+    state = {
+        "format_version": FORMAT_VERSION,
+        "sources": files,
+        "recordings": [dataclasses.asdict(r) for r in cfg.recordings],
+        "modalities": {k: dataclasses.asdict(v) for k, v in cfg.modalities.items()},
+        **{k: getattr(cfg, k) for k in ("context_s", "horizons_s", "hop_s", "patch_s", "val_fraction",
+                                        "on_bad_input", "seed")},
+    }
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _channel_ids(metas: list[dict[str, Any]]) -> dict[str, int]:
+    keys = sorted({f"{m}:{c}" for meta in metas for m, mod in meta["modalities"].items() for c in mod["channels"]})
+    return {k: i + 1 for i, k in enumerate(keys)}
+
+
+def _recording_entry(meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": meta["session"],
+        "modalities": list(meta["modalities"]),
+        "channels": {m: mod["channels"] for m, mod in meta["modalities"].items()},
+        "start_s": meta["start_s"],
+        "duration_s": meta["duration_s"],
+        "split_s": meta["split_s"],
+        "train_windows": len(meta["train_starts"]),
+        "val_windows": len(meta["val_starts"]),
+        "streams": meta["streams"],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Ray task 1: one session -> resampled, aligned, split, normalised arrays + window plan
+# --------------------------------------------------------------------------------------------
+
+
+def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """Ray task: read a session's files and make them one normalised multi-modal recording.
+
+    Never raises for a bad file: its reason goes to `skipped`, so the driver decides (error or skip)
+    after every session has been looked at, and before anything is written.
+    """
+    session = row["session"]
+    skipped: list[dict[str, str]] = []
+    streams: list[Stream] = []
+    for d in json.loads(row["sources"]):
+        src = Source(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        try:
+            streams.append(read_source(src, ModalitySpec(**{k: plan["modalities"][src.modality][k]
+                                                           for k in ("rate", "max_channels")})))
+        except BadRecording as e:
+            skipped.append({"file": src.path, "reason": str(e)})
+    streams, more = _usable_streams(session, streams, plan)
+    skipped += more
+    meta: dict[str, Any] = {"session": session, "skipped": skipped, "modalities": {}, "train_starts": [],
+                            "val_starts": []}
+    if not streams:
+        return {"session": session, "meta": json.dumps(meta), "payload": b""}
+
+    source_rates = [s.rate for s in streams]
+    for s in streams:  # every stream at its modality's rate from here on
+        target = plan["modalities"][s.modality]["rate"]
+        s.data, s.rate = _resample(s.data, s.rate, target), target
+    offsets = _align(streams)
+    t_begin = max(s.start_s for s in streams)
+    t_end = min(s.start_s + s.duration_s for s in streams)
+    if t_end <= t_begin:  # a clock problem, not a short recording: name every file of the session
+        spans = ", ".join(f"{s.name} {s.start_s:g}-{s.start_s + s.duration_s:g} s" for s in streams)
+        reason = f"session {session!r}: its streams do not overlap in time ({spans}); fix: check their start_s and session"
+        meta["skipped"] += [{"file": s.source, "reason": reason} for s in streams]
+        return {"session": session, "meta": json.dumps(meta), "payload": b""}
+    if t_end - t_begin < plan["window_s"]:  # usable files, just too short for one window: noted, not skipped
+        meta["short_s"] = t_end - t_begin
+        return {"session": session, "meta": json.dumps(meta), "payload": b""}
+
+    duration = t_end - t_begin
+    patch = plan["patch_s"]
+    split = math.floor(duration * (1 - plan["val_fraction"]) / patch + EPS) * patch  # on the patch grid
+    arrays, norm_stats, channels = {}, {}, {}
+    for m in plan["modalities"]:
+        group = [s for s in streams if s.modality == m]
+        if not group:
+            continue
+        rate = plan["modalities"][m]["rate"]
+        n = math.floor(duration * rate + 1e-6)
+        x = np.concatenate([_on_grid(s.data, s.start_s, rate, t_begin, n) for s in group])
+        train = x[:, : max(round(split * rate), 1)]  # (a train part shorter than a sample: its first sample)
+        mean, std = train.mean(axis=1), train.std(axis=1)
+        std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # a flat channel stays at zero
+        arrays[m] = ((x - mean[:, None]) / std[:, None]).astype(np.float32)
+        channels[m] = [c for s in group for c in s.channels]
+        norm_stats[m] = {"channels": channels[m], "mean": mean.tolist(), "std": std.tolist()}
+
+    window = plan["window_s"]
+    meta.update(
+        modalities={m: {"channels": channels[m], "samples": int(a.shape[1])} for m, a in arrays.items()},
+        start_s=t_begin, duration_s=duration, split_s=t_begin + split, norm_stats=norm_stats,
+        train_starts=_window_starts(0.0, split, window, plan["hop_s"], patch),
+        val_starts=_window_starts(split, duration, window, plan["hop_s"], patch),
+        streams=[{"name": s.name, "file": s.source, "modality": s.modality, "channels": s.channels,
+                  "source_rate": rate_in, "start_s": s.start_s,
+                  "placed_by": "cross-correlation" if s.name in offsets else "start_s"}
+                 for s, rate_in in zip(streams, source_rates, strict=True)],
+    )
+    return {"session": session, "meta": json.dumps(meta), "payload": pickle.dumps(arrays)}
+
+
+def _usable_streams(session: str, streams: list[Stream], plan: dict[str, Any]) -> tuple[list[Stream], list[dict]]:
+    """Leave out streams that cannot share the session: too many channels or repeated channel names in
+    one modality, or aligned to a stream that was left out."""
+    skipped = []
+    for m in sorted({s.modality for s in streams}):
+        group = [s for s in streams if s.modality == m]
+        names = [c for s in group for c in s.channels]
+        cap = plan["modalities"][m]["max_channels"]
+        problem = (f"its {m} files have {len(names)} channels together, more than data.modalities.{m}.max_channels="
+                   f"{cap}" if len(names) > cap else
+                   f"its {m} files repeat channel names {sorted({c for c in names if names.count(c) > 1})}"
+                   if len(set(names)) < len(names) else "")
+        if problem:
+            reason = (f"session {session!r} ({', '.join(s.source for s in group)}): {problem}; fix: raise "
+                      f"max_channels, give the files distinct channel names, or put them in different sessions")
+            skipped += [{"file": s.source, "reason": reason} for s in group]
+            streams = [s for s in streams if s.modality != m]
+    for _ in range(len(streams)):  # a stream aligned to one that was left out goes too (and so on)
+        names = {s.name for s in streams}
+        lost = [s for s in streams if s.align_to and s.align_to not in names]
+        skipped += [{"file": s.source, "reason": f"{s.source}: it is aligned to {s.align_to!r} of session {session!r}, "
+                                                 f"which was left out; fix that file first"} for s in lost]
+        streams = [s for s in streams if s not in lost]
+    return streams, skipped
+
+
+def _resample(x: np.ndarray, rate: float, target: float) -> np.ndarray:
+    """x [C, N] at `rate` -> at `target` Hz with a polyphase anti-aliasing filter (resample_poly)."""
+    ratio = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+    if ratio == 1:
+        return x.astype(np.float64, copy=False)
+    # padtype="line": the filter sees the signal's own trend past its ends, not zeros (which would put a
+    # step from 0 to the DC level, e.g. an accelerometer's gravity, at both ends of every stream).
+    return signal.resample_poly(x.astype(np.float64, copy=False), ratio.numerator, ratio.denominator, axis=1,
+                                padtype="line")
+
+
+def _align(streams: list[Stream]) -> dict[str, float]:
+    """Place each stream that has `align_to` on its reference's clock by cross-correlation.
+
+    Both are of one modality, so both are at its rate by now; the reference keeps its own start_s.
+    """
+    by_name = {s.name: s for s in streams}
+    offsets: dict[str, float] = {}
+    for s in streams:
+        if s.align_to:
+            ref = by_name[s.align_to]
+            if ref.modality != s.modality or ref.align_to:
+                raise ValueError(f"{s.source}: align_to must name a stream of the same modality that is not "
+                                 f"itself aligned (got {ref.name!r}, {ref.modality})")
+            offsets[s.name] = estimate_offset(ref.data, s.data, s.rate, s.max_lag_s)
+            s.start_s = ref.start_s + offsets[s.name]
+    return offsets
+
+
+def _on_grid(x: np.ndarray, start_s: float, rate: float, t_begin: float, n: int) -> np.ndarray:
+    """n samples of x (first sample at start_s) at times t_begin + k / rate: a slice when the clocks
+    line up on a sample, else linear interpolation between neighbours (a sub-sample shift)."""
+    pos = (t_begin - start_s) * rate
+    i0 = math.floor(pos + 1e-6)
+    frac = pos - i0
+    if frac < 1e-6:
+        out = x[:, i0: i0 + n]
+        assert out.shape[1] == n, (out.shape, n, pos)  # t_begin/n come from the streams' overlap
+        return out
+    k = i0 + np.arange(n)
+    return x[:, k] * (1 - frac) + x[:, np.minimum(k + 1, x.shape[1] - 1)] * frac
+
+
+def _window_starts(begin: float, end: float, window_s: float, hop_s: float, patch_s: float) -> list[float]:
+    """Window starts (seconds from the session start) every hop_s from `begin`, on the patch grid, such
+    that [start, start + window_s) lies inside [begin, end)."""
+    if end - begin < window_s - EPS:
+        return []
+    t = begin + np.arange(math.floor((end - begin - window_s) / hop_s + EPS) + 1) * hop_s
+    t = np.unique(np.round(t / patch_s) * patch_s)
+    t = t[(t >= begin - EPS) & (t + window_s <= end + EPS)]
+    return [round(float(v), 9) for v in t]
+
+
+def _zscore(v: np.ndarray) -> np.ndarray:
+    v = v - v.mean()
+    sd = v.std()
+    return v / sd if sd > 0 else v
+
+
+# --------------------------------------------------------------------------------------------
+# Ray task 2: planned windows -> rows of one Parquet shard
+# --------------------------------------------------------------------------------------------
+
+
+def _write_split(windows: list[tuple[str, float]], tmp: Path, split: str, arrays: ray.ObjectRef,
+                 sessions: dict[str, Any], layout: dict[str, dict[str, Any]]) -> list[str]:
+    """Write one split's windows, in the given order, as tmp/<split>/<split>-00000.parquet ...
+
+    Each shard is one item of a Ray dataset, cut by one task into one block, written as one file.
+    """
+    row_bytes = sum(4 * spec["max_channels"] * (spec["context_samples"] + spec["future_samples"])
+                    for spec in layout.values())
+    per_shard = max(1, SHARD_BYTES // row_bytes)
+    chunks = [windows[i: i + per_shard] for i in range(0, len(windows), per_shard)]
+    (
+        ray.data.from_items([{"windows": json.dumps(c)} for c in chunks], override_num_blocks=len(chunks))
+        .map_batches(_window_rows, batch_size=1, batch_format="pyarrow",
+                     fn_kwargs={"arrays": arrays, "sessions": sessions, "layout": layout})
+        .write_parquet(str(tmp / split))
+    )
+    names = []
+    for i, f in enumerate(sorted((tmp / split).glob("*.parquet"))):  # Ray's names sort in task order
+        target = f.with_name(f"{split}-{i:05d}.parquet")
+        f.rename(target)
+        names.append(f"{split}/{target.name}")
+    return names
+
+
+def _window_rows(batch: pa.Table, arrays: ray.ObjectRef, sessions: dict[str, Any],
+                 layout: dict[str, dict[str, Any]]) -> pa.Table:
+    """Ray task: one shard's windows [(session, start from the session start), ...] -> Arrow rows."""
+    windows = json.loads(batch.column("windows")[0].as_py())
+    data = ray.get(arrays)
+    names = np.array([w[0] for w in windows], dtype=object)
+    starts = np.array([w[1] for w in windows], dtype=np.float64)
+    b = len(windows)
+    cols: dict[str, pa.Array] = {
+        "recording": pa.array(names.tolist(), pa.string()),
+        "start_s": pa.array([sessions[n]["start_s"] + t for n, t in windows], pa.float64()),
+    }
+    for m, spec in layout.items():
+        c, t = spec["max_channels"], spec["context_samples"] + spec["future_samples"]
+        x = np.zeros((b, c, t), np.float32)
+        chan = np.zeros((b, c), np.int32)
+        present = np.zeros(b, bool)
+        for name in dict.fromkeys(names):
+            if m not in data[name]:
+                continue
+            rows = np.flatnonzero(names == name)
+            a = data[name][m]
+            first = np.round(starts[rows] * spec["rate"]).astype(np.int64)  # whole samples: starts are on the patch grid
+            x[rows, : len(a)] = a[:, first[:, None] + np.arange(t)].transpose(1, 0, 2)
+            chan[rows, : len(a)] = sessions[name]["ids"][m]
+            present[rows] = True
+        cols[f"x_{m}"] = _list_array(x.reshape(b, c * t))
+        cols[f"chan_{m}"] = _list_array(chan)
+        cols[f"present_{m}"] = pa.array(present)
+    return pa.table(cols)
+
+
+def _list_array(a: np.ndarray) -> pa.ListArray:
+    """[B, L] -> list<...> with B rows of L values (the contract's list<float32> / list<int32>)."""
+    b, n = a.shape
+    return pa.ListArray.from_arrays(pa.array(np.arange(0, (b + 1) * n, n, dtype=np.int32)), pa.array(a.ravel()))
+
+
+# --------------------------------------------------------------------------------------------
+# Output: manifest, atomic replacement (as in pipelines/text.py)
+# --------------------------------------------------------------------------------------------
+
+
+def _swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
+    """Replace out/{train,val} with the new build, then write the manifest last: a crash at any point
+    leaves either no manifest (rebuild) or a manifest that matches the files."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in ("train", "val"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.rename(tmp / name, out / name)
+    write_json_atomic(out / "manifest.json", manifest)
+
+
+def _read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The existing manifest if it was built from the same inputs and config and its shards exist."""
+    m = _read_manifest(out)
+    if m is None or m.get("fingerprint") != fingerprint:
+        return None
+    if not all((out / s).is_file() for s in m["train_shards"] + m["val_shards"]):
+        return None
+    return m
+
+
+def _stack(col: np.ndarray, dtype: type) -> np.ndarray:
+    """A list column of a numpy batch: an object array of rows (stacked), or already 2-D."""
+    return (np.stack(col) if col.dtype == object else np.asarray(col)).astype(dtype, copy=False)
+
+
+def _flat(col: pa.ChunkedArray) -> np.ndarray:
+    """All values of a list column, row after row."""
+    return col.combine_chunks().flatten().to_numpy(zero_copy_only=False) if len(col) else np.zeros(0)

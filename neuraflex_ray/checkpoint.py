@@ -86,9 +86,14 @@ def _dcp_complete(root: Path) -> bool:
     """DCP's .metadata (written last, by rank 0) names every shard file; all must exist."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    meta = FileSystemReader(str(root)).read_metadata()
-    files = {info.relative_path for info in (meta.storage_data or {}).values()}
-    return bool(files) and all((root / f).is_file() for f in files)
+    try:
+        meta = FileSystemReader(str(root)).read_metadata()
+    except Exception:  # missing or truncated .metadata: not a checkpoint we can load
+        return False
+    need: dict[str, int] = {}  # each shard file must reach the end of the last item stored in it
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    return bool(need) and all((root / f).is_file() and (root / f).stat().st_size >= n for f, n in need.items())
 
 
 def consolidate_fsdp(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], NeuroFMConfig]:

@@ -486,9 +486,11 @@ def _validate_neurofm(cfg: JobConfig) -> None:
              f"data.recordings[{i}].modality={r.modality!r} is not one of data.modalities {sorted(d.modalities)}")
         need(r.rate >= 0, f"data.recordings[{i}].rate must be >= 0 (0: from the file), got {r.rate}")
         if r.align_to:
-            same = [o for o in d.recordings if o.path == r.align_to and o.session == r.session and o is not r]
-            need(bool(same), f"data.recordings[{i}].align_to={r.align_to!r} is not the path of another recording "
-                             f"with session {r.session!r}; name a file listed in the same session")
+            same = [o for o in d.recordings if o.path == r.align_to and o.session == r.session and o is not r
+                    and o.modality == r.modality]
+            need(bool(same), f"data.recordings[{i}].align_to={r.align_to!r} is not the path of another "
+                             f"{r.modality!r} recording with session {r.session!r}; cross-correlation needs the same "
+                             f"signal seen by both devices: name such a file of the same session")
     need(_whole(d.hop_s / d.patch_s), f"data.hop_s={d.hop_s} is not a whole number of patches of data.patch_s={d.patch_s}")
 
 

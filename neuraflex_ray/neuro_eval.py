@@ -319,13 +319,18 @@ def _by_id(a: Any, idx: np.ndarray, ids: np.ndarray, t_end: int, stride: int = 1
     return z
 
 
+# The masked-channel task is scored on multi-channel montages (the 64-channel PhysioNet EEG in the
+# samples): a 1-2 electrode headband has no neighbours to predict a channel from.
+MIN_MONTAGE_CHANNELS = 16
+
+
 def _eligible(a: Any, idx: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(valid-by-id [W, D], windows with >= 2 valid channels [W]) over `idx`, without touching samples."""
+    """(valid-by-id [W, D], windows with a full montage [W]) over `idx`, without touching samples."""
     valid = _valid(a, idx)
     v = np.zeros((len(idx), len(ids)), dtype=bool)
     b, c = np.nonzero(valid)
     v[b, np.searchsorted(ids, np.asarray(a.chan)[idx][b, c])] = True
-    return v, valid.sum(1) >= 2
+    return v, valid.sum(1) >= MIN_MONTAGE_CHANNELS
 
 
 def fit_spatial_ridges(train: Any, targets: np.ndarray, ids: np.ndarray, ctx: int,
@@ -333,7 +338,7 @@ def fit_spatial_ridges(train: Any, targets: np.ndarray, ids: np.ndarray, ctx: in
     """For each target channel id: a ridge predicting its sample from every other channel's sample at the same instant.
 
     Rows: every SPATIAL_STRIDE-th context sample of each train window (in `idx`) where the target is valid and
-    the window has >= 2 valid channels; absent channels enter as 0, as they do in the data. The sums over all
+    the window has a full montage (>= MIN_MONTAGE_CHANNELS valid); absent channels enter as 0, as in the data. The sums over all
     D ids are taken once per set of windows and each target's X'X, X'y are blocks of them.
     """
     idx = np.arange(len(train.present)) if idx is None else idx
@@ -376,7 +381,8 @@ def _masked_channel(model, train, val, manifest, idx_val, idx_train, batch_size,
     usable = (v_va & ok_va[:, None]).any(0) & (v_tr & ok_tr[:, None]).any(0)
     targets = ids[usable][::every]
     if len(targets) == 0:
-        return {**none, "reason": f"no {modality!r} channel valid in windows with >= 2 channels in both train and val"}
+        return {**none, "reason": f"no {modality!r} channel valid in windows with >= "
+                                 f"{MIN_MONTAGE_CHANNELS} channels in both train and val"}
     ridges = {t: r for t, r in fit_spatial_ridges(a_tr, targets, ids, ctx, idx_train).items() if r is not None}
     # ridge weights over all D ids with 0 on the target itself, so one row layout serves every target
     weights = {t: (np.insert(r.w[:, 0], int(np.searchsorted(ids, t)), 0.0), float(r.b[0])) for t, r in ridges.items()}

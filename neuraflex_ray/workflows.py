@@ -10,6 +10,7 @@ generate: a completion from an LM export
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.checkpoint import consolidate_deepspeed, consolidate_fsdp, export, load_exported, read_checkpoint_state
-from neuraflex_ray.config import JobConfig
+from neuraflex_ray.config import ConfigError, JobConfig
 from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
 
 
@@ -85,13 +86,21 @@ def generate_text(export_dir: str | Path, prompt: str, max_new_tokens: int = 64,
 
 
 def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    from neuraflex_ray.neuro_eval import evaluate_neurofm, format_table
     from pipelines.timeseries import read_series
 
-    from neuraflex_ray.neuro_eval import evaluate_neurofm, format_table
-
-    model, _ = load_exported(export_dir)
+    model, meta = load_exported(export_dir)
     manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-    train_arrays, _, _ = read_series(str(data_dir), "train")
+    for key in ("modalities", "channel_ids"):  # the model's channel embeddings index these ids
+        if meta["data"][key] != manifest[key]:
+            raise ConfigError(f"data.output_dir={data_dir}: the dataset's {key} differ from those {export_dir} was "
+                              f"trained on; evaluate on the dataset the model was trained with")
+    train_arrays, recordings, starts = read_series(str(data_dir), "train")
+    # Train rows are stored shuffled; in time order per recording, the slice the baselines hold out
+    # to choose their ridge penalty is whole late recordings, not windows overlapping the fitted ones.
+    order = np.lexsort((starts, recordings))
+    train_arrays = {m: dataclasses.replace(a, x=a.x[order], chan=a.chan[order], present=a.present[order])
+                    for m, a in train_arrays.items()}
     val_arrays, _, _ = read_series(str(data_dir), "val")
     with torch.no_grad():
         result = evaluate_neurofm(model, train_arrays, val_arrays, manifest)

@@ -44,7 +44,7 @@ from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ModalitySpec, SeriesDataConfig
 from pipelines.neuro_sources import BadRecording, Source, Stream, read_source, recording_source, sample_sources
 
-FORMAT_VERSION = 1  # bump when the output or the build logic changes: it invalidates old caches
+FORMAT_VERSION = 2  # bump when the output or the build logic changes: it invalidates old caches
 MAX_DENOMINATOR = 1000  # resample_poly up/down at most this: rates within ~1e-6 of the target
 SHARD_BYTES = 32 << 20  # windows per Parquet shard (one Ray task, one block): about this many bytes uncompressed
 EPS = 1e-9
@@ -330,6 +330,7 @@ def _recording_entry(meta: dict[str, Any]) -> dict[str, Any]:
         "start_s": meta["start_s"],
         "duration_s": meta["duration_s"],
         "split_s": meta["split_s"],
+        "split_guard_s": meta["split_guard_s"],  # no window within this of the split on either side
         "train_windows": len(meta["train_starts"]),
         "val_windows": len(meta["val_starts"]),
         "streams": meta["streams"],
@@ -365,6 +366,10 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
         return {"session": session, "meta": json.dumps(meta), "payload": b""}
 
     source_rates = [s.rate for s in streams]
+    # Resampling filters the whole stream, so samples near the split mix both sides: keep windows
+    # (and normalisation statistics) this far from the split, on the patch grid.
+    guard = max(_filter_reach_s(s.rate, plan["modalities"][s.modality]["rate"]) for s in streams)
+    guard = math.ceil(guard / plan["patch_s"] - EPS) * plan["patch_s"]
     for s in streams:  # every stream at its modality's rate from here on
         target = plan["modalities"][s.modality]["rate"]
         s.data, s.rate = _resample(s.data, s.rate, target), target
@@ -391,7 +396,7 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
         rate = plan["modalities"][m]["rate"]
         n = math.floor(duration * rate + 1e-6)
         x = np.concatenate([_on_grid(s.data, s.start_s, rate, t_begin, n) for s in group])
-        train = x[:, : max(round(split * rate), 1)]  # (a train part shorter than a sample: its first sample)
+        train = x[:, : max(round((split - guard) * rate), 1)]  # (a train part shorter than a sample: its first sample)
         mean, std = train.mean(axis=1), train.std(axis=1)
         std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # a flat channel stays at zero
         arrays[m] = ((x - mean[:, None]) / std[:, None]).astype(np.float32)
@@ -402,8 +407,8 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
     meta.update(
         modalities={m: {"channels": channels[m], "samples": int(a.shape[1])} for m, a in arrays.items()},
         start_s=t_begin, duration_s=duration, split_s=t_begin + split, norm_stats=norm_stats,
-        train_starts=_window_starts(0.0, split, window, plan["hop_s"], patch),
-        val_starts=_window_starts(split, duration, window, plan["hop_s"], patch),
+        train_starts=_window_starts(0.0, split - guard, window, plan["hop_s"], patch),
+        val_starts=_window_starts(split + guard, duration, window, plan["hop_s"], patch), split_guard_s=guard,
         streams=[{"name": s.name, "file": s.source, "modality": s.modality, "channels": s.channels,
                   "source_rate": rate_in, "start_s": s.start_s,
                   "placed_by": "cross-correlation" if s.name in offsets else "start_s"}
@@ -436,6 +441,14 @@ def _usable_streams(session: str, streams: list[Stream], plan: dict[str, Any]) -
                                                  f"which was left out; fix that file first"} for s in lost]
         streams = [s for s in streams if s not in lost]
     return streams, skipped
+
+
+def _filter_reach_s(rate: float, target: float) -> float:
+    """How far (s) resample_poly's filter reaches: its default Kaiser window has 10 * max(up, down)
+    taps on each side at the upsampled rate; plus one output sample for the grid interpolation."""
+    ratio = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+    reach = 0.0 if ratio == 1 else 10 * max(ratio.numerator, ratio.denominator) / (rate * ratio.numerator)
+    return reach + 1 / target
 
 
 def _resample(x: np.ndarray, rate: float, target: float) -> np.ndarray:

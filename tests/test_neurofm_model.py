@@ -230,7 +230,7 @@ def test_learns_sines():
     chans = {"eeg": 2, "ecg": 1}
     data, gen = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    for step in range(100):
+    for step in range(150):  # half the windows train reconstruction, half forecasting
         loss = neurofm_loss(model, sine_window(8, chans, data), cfg, step, gen)
         opt.zero_grad()
         loss.total.backward()
@@ -256,3 +256,19 @@ def test_meta_init_and_accounting():
     f1, f2 = neurofm_flops_per_window(cfg, 100), neurofm_flops_per_window(cfg, 200)
     assert 0 < f1 < f2 < 2.2 * f1
     assert neurofm_flops_per_window(cfg, 100, contrastive_modalities=0) < f1
+
+
+def test_forecast_targets_are_the_patches_after_the_context():
+    """Context all 0, future all 10, forecast head zeroed: the forecast loss must be 10^2 (it would
+    be 0 if the targets were taken from the context), and reconstruction scores the context."""
+    model = new_model()
+    for m in MODS:
+        torch.nn.init.zeros_(model.forecast_head[m].weight)
+        torch.nn.init.zeros_(model.forecast_head[m].bias)
+    window = make_window(b=8)
+    for m, w in window.items():
+        w.x.zero_()
+        w.x[..., N * MODS[m]:] = 10.0
+    loss = neurofm_loss(model, window, model.cfg, 0, torch.Generator().manual_seed(0))
+    assert float(loss.forecast) == pytest.approx(100.0)
+    assert float(loss.recon) < 10.0  # targets 0: whatever the head predicts, nowhere near 100

@@ -386,6 +386,10 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
     if not stage.multimodal and len(mods) > 1:
         present = keep_one_modality(present, generator)
     n_hide = min(n - 1, max(1, round(cfg.mask_ratio * n)))
+    # Half the windows (at random) are masked and train reconstruction; the other half see their
+    # whole context and train forecasting, the way forecasts are made and evaluated.
+    batch = window[mods[0]].x.shape[0]
+    forecast_rows = (torch.rand(batch, generator=generator, device=generator.device) < 0.5).to(window[mods[0]].x.device)
 
     inputs, masks, ctx_patches, future, valid = {}, {}, {}, {}, {}
     for m in mods:
@@ -396,10 +400,10 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
             raise ValueError(f"{m}: a window holds ({n} + {h_max}) patches x {p} samples = {(n + h_max) * p}, got {t}")
         patches = w.x.reshape(b, c, n + h_max, p)
         ctx_patches[m] = patches[:, :, :n]
-        future[m] = patches[:, :, [k - 1 for k in horizons]]  # horizon k = k-th patch after the context
+        future[m] = patches[:, :, [n + k - 1 for k in horizons]]  # horizon k = k-th patch after the context
         # Exactly n_hide hidden patches per channel: the rank of a uniform draw.
         r = torch.rand((b, c, n), generator=generator, device=generator.device).to(w.x.device)
-        masks[m] = r.argsort(-1).argsort(-1) < n_hide
+        masks[m] = (r.argsort(-1).argsort(-1) < n_hide) & ~forecast_rows[:, None, None]
         valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
         inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
 
@@ -411,7 +415,7 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         err = (out.recon[m].float() - ctx_patches[m].float()).pow(2).mean(-1)  # [B, C, N]
         recon_parts.append(_masked_mean(err, (masks[m] & valid[m][:, :, None]).float()))
         err = (out.forecast[m].float() - future[m].float()).pow(2).mean(-1)  # [B, C, K]
-        forecast_parts.append(_masked_mean(err, valid[m][:, :, None].float().expand_as(err)))
+        forecast_parts.append(_masked_mean(err, (valid[m] & forecast_rows[:, None])[:, :, None].float().expand_as(err)))
     recon = _mean_over_modalities(recon_parts)
     forecast = _mean_over_modalities(forecast_parts)
 

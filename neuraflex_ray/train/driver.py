@@ -96,6 +96,19 @@ def prepare_data(cfg: JobConfig) -> tuple[JobConfig, Any, Any, dict[str, Any], d
     return cfg, train_ds, val_ds, manifest, {k: manifest[k] for k in ("val_bytes_per_token", "train_bytes_per_token")}
 
 
+def _check_resumable(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
+    """The checkpoint must hold this model: same type, strategy and architecture (data-derived fields included)."""
+    for key, want in (("model_type", cfg.model_type), ("strategy", cfg.train.strategy)):
+        if saved.get(key, want) != want:
+            raise ConfigError(f"train.resume_from: {path} holds a {key}={saved[key]!r} checkpoint, this config has {want!r}")
+    now = dataclasses.asdict(cfg.model)
+    diff = sorted(k for k in now if k != "flavour" and saved["model_config"].get(k) != now[k])
+    if diff:
+        raise ConfigError(f"train.resume_from: {path} was trained with a different model: model.{diff[0]} is "
+                          f"{saved['model_config'].get(diff[0])!r} there and {now[diff[0]]!r} here (differs: {diff}); "
+                          f"resume with the same model config and dataset, or start a new run")
+
+
 def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
     """Build (or reuse) the dataset, run distributed training, return a summary dict."""
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dir=str(Path(cfg.data.output_dir).resolve())))
@@ -109,7 +122,9 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
         resume = latest_checkpoint(cfg.train.resume_from)
         if resume is None:
             raise ConfigError(f"train.resume_from={cfg.train.resume_from!r} holds no complete checkpoint")
-        done = read_checkpoint_state(resume)["step"]
+        saved = read_checkpoint_state(resume)
+        _check_resumable(saved, cfg, resume)
+        done = saved["step"]
         if done >= cfg.train.max_steps:
             raise ConfigError(f"train.resume_from: {resume} is already at step {done} >= train.max_steps="
                               f"{cfg.train.max_steps}; raise train.max_steps to train further")

@@ -161,6 +161,7 @@ class FSDPStrategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self._steps = 0
+        self._micro = 0  # micro-batches since the start of this process
 
     @property
     def device(self) -> torch.device:
@@ -193,8 +194,12 @@ class FSDPStrategy:
         self.model.train(mode)
 
     def backward(self, loss: torch.Tensor) -> None:
-        # FSDP2 accumulates gradients across micro-batches in the sharded .grad, so averaging is ours.
-        (loss / self.cfg.train.grad_accum_steps).backward()
+        # Accumulate unsharded gradients locally and reduce-scatter once, after the step's last
+        # micro-batch; averaging over micro-batches is ours.
+        accum = self.cfg.train.grad_accum_steps
+        self._micro += 1
+        self.model.set_requires_gradient_sync(self._micro % accum == 0)
+        (loss / accum).backward()
 
     def step(self, lr: float) -> float:
         for g in self.optimizer.param_groups:
@@ -221,16 +226,31 @@ class FSDPStrategy:
         """Every rank writes its shards into <directory>/dcp (rank 0 adds DCP's .metadata)."""
         import torch.distributed.checkpoint as dcp
 
-        dcp.save(self._state(), checkpoint_id=str(Path(directory) / DCP_DIR))
-        write_train_state(directory, client_state)
+        state = self._state()
+        dcp.save(state, checkpoint_id=str(Path(directory) / DCP_DIR))
+        # How many parameters had optimizer state: load() checks it finds exactly these.
+        write_train_state(directory, {**client_state, "optimizer_state_params": len(state["optim"]["state"])})
 
     def load(self, directory: str | Path) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint import FileSystemReader
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        root = str(Path(directory) / DCP_DIR)
         state = self._state()
-        dcp.load(state, checkpoint_id=str(Path(directory) / DCP_DIR))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # get_state_dict creates optimizer state for every parameter, but a parameter that had no
+        # gradient yet when the checkpoint was written (a head that a curriculum turns on later)
+        # has none in it: load only what was saved, so the optimizer resumes exactly as it was.
+        saved = FileSystemReader(root).read_metadata().state_dict_metadata
+        state["optim"]["state"] = {fqn: s for fqn, s in state["optim"]["state"].items()
+                                   if all(f"optim.state.{fqn}.{k}" in saved for k in s)}
+        expected = read_train_state(directory).get("optimizer_state_params", len(state["optim"]["state"]))
+        if len(state["optim"]["state"]) != expected:
+            raise RuntimeError(f"{root}: optimizer state for {len(state['optim']['state'])} parameters found, "
+                               f"{expected} were saved: the checkpoint is damaged or from another model")
+        dcp.load(state, checkpoint_id=root)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=StateDictOptions(strict=False))
         self._steps = int(state["optimizer_steps"])
         return read_train_state(directory)
 

@@ -133,9 +133,8 @@ class NeuroTask:
         FSDP reduce-scatters the gradients of the parameters that got one; every rank must agree on
         that set, so it is decided from the global batch that all ranks see, never from the slice.
         """
-        from pipelines.timeseries import series_batch
-
         from neuraflex_ray.models.neurofm import SeriesInput
+        from pipelines.timeseries import series_batch
 
         for batch in global_batches(ds, micro_bs, world, skip):
             arrays = series_batch(batch, self.manifest)
@@ -154,7 +153,7 @@ class NeuroTask:
         return int(sum(((w.chan > 0) & w.present[:, None]).sum() for w in window.values())) * n
 
     def step(self, model: Callable, window: dict[str, Any], step: int, device: torch.device, train: bool = True) -> StepOutput:
-        from neuraflex_ray.models.neurofm import neurofm_flops_per_window, neurofm_loss
+        from neuraflex_ray.models.neurofm import active_stage, neurofm_flops_per_window, neurofm_loss
 
         window = {m: dataclasses.replace(w, x=w.x.to(device), chan=w.chan.to(device), present=w.present.to(device))
                   for m, w in window.items()}
@@ -164,7 +163,10 @@ class NeuroTask:
         loss = neurofm_loss(model, window, self.cfg.model, step if train else self.cfg.train.max_steps, gen)
         tokens = self.tokens(window)
         batch = next(iter(window.values())).x.shape[0]
-        flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch)) * batch
+        # The contrastive views (one encoder pass per modality) run only in multimodal stages.
+        multimodal = active_stage(self.cfg.model, step if train else self.cfg.train.max_steps).multimodal
+        views = len(window) if multimodal and len(window) >= 2 else 0
+        flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach()}
         return StepOutput(loss.total, parts, tokens, flops)
 

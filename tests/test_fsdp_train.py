@@ -1,0 +1,202 @@
+"""NeuroFM on real Ray Train workers with real FSDP2 on gloo (tiny model, synthetic recordings in real files).
+
+One module-scoped dataset and one uninterrupted run serve several tests: sharding, resume after a
+worker failure, explicit resume, and the consolidated export against the sharded model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import ray.cloudpickle
+import torch
+
+from neuraflex_ray.checkpoint import is_complete, load_exported
+from neuraflex_ray.config import JobConfig, load_config
+from neuraflex_ray.train.driver import latest_checkpoint, train
+from neuraflex_ray.workflows import export_checkpoint
+
+# Worker functions defined here must travel by value: the workers cannot import this module.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEPS = 8
+
+
+def write_recordings(root: Path) -> list[str]:
+    """Two sessions as NPY files: s1 has EEG (3 ch, 160 Hz) and ECG (250 Hz); s2 has EEG only, so
+    its windows miss a modality. Both rates differ from the targets, so both get resampled."""
+    rng = np.random.default_rng(0)
+    seconds = 60
+    t_eeg = np.arange(seconds * 160) / 160
+    t_ecg = np.arange(seconds * 250) / 250
+    specs = []
+    for session, with_ecg in (("s1", True), ("s2", False)):
+        eeg = np.stack([np.sin(2 * np.pi * f * t_eeg) + 0.3 * rng.standard_normal(t_eeg.size) for f in (3.0, 7.0, 11.0)])
+        np.save(root / f"{session}_eeg.npy", eeg.astype(np.float32))
+        specs.append(f"{{path: {root / f'{session}_eeg.npy'}, modality: eeg, rate: 160, channels: [C3, Cz, C4], "
+                     f"session: {session}}}")
+        if with_ecg:
+            ecg = np.sin(2 * np.pi * 1.2 * t_ecg) ** 15 + 0.05 * rng.standard_normal(t_ecg.size)
+            np.save(root / f"{session}_ecg.npy", ecg[None].astype(np.float32))
+            specs.append(f"{{path: {root / f'{session}_ecg.npy'}, modality: ecg, rate: 250, channels: [II], "
+                         f"session: {session}}}")
+    return specs
+
+
+def job(tmp: Path, name: str, *extra: str) -> JobConfig:
+    return load_config("jobs/configs/neurofm_debug.yaml", [
+        f"name={name}", f"output_dir={tmp / 'runs'}", "model.flavour=tiny",
+        "model.curriculum=[{start_step: 0, multimodal: false}, {start_step: 4, multimodal: true}]",
+        "data.samples=[]", f"data.recordings=[{', '.join(write_recordings(tmp))}]",
+        "data.modalities.eeg.max_channels=4", "data.context_s=2.0", "data.hop_s=1.0", "data.on_bad_input=error",
+        f"data.output_dir={tmp / 'data'}",
+        "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.log_every=2",
+        "train.eval_every=4", "train.eval_batches=2", "train.checkpoint_every=4", "train.lr=3e-3",
+        *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fsdp")
+
+
+@pytest.fixture(scope="module")
+def baseline(ray_session, base_dir):
+    """One uninterrupted 2-worker FSDP2 run."""
+    return train(job(base_dir, "baseline"), fresh=True)
+
+
+def test_two_worker_fsdp_run_trains_on_windows_with_missing_modalities(baseline):
+    assert (baseline["strategy"], baseline["workers"], baseline["steps"]) == ("fsdp", 2, STEPS)
+    manifest = baseline["manifest"]
+    assert list(manifest["modalities"]) == ["eeg", "ecg"]
+    s2 = next(r for r in manifest["recordings"] if r["name"] == "s2")
+    assert s2["modalities"] == ["eeg"] and s2["train_windows"] > 0  # trained with ECG absent
+    losses = [h["loss"] for h in baseline["history"]]
+    assert all(math.isfinite(v) for v in losses) and math.isfinite(baseline["val_loss"])
+    assert losses[-1] < losses[0], losses
+    assert baseline["mfu"] > 0 and baseline["patches_per_s"] > 0
+    ckpt = latest_checkpoint(baseline["run_dir"])
+    assert ckpt is not None and is_complete(ckpt)
+    assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert list((Path(baseline["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def _shard_rows(config: dict) -> dict:
+    """Inside a Ray Train worker: wrap NeuroFM with the FSDP strategy; per parameter, the rows
+    (dim 0) each rank holds and whether it is a DTensor sharded on dim 0."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+
+    from neuraflex_ray.models.neurofm import NeuroFM
+    from neuraflex_ray.train.strategy import FSDPStrategy
+
+    cfg = JobConfig.from_dict(config["job"])
+    model = FSDPStrategy(cfg).setup(NeuroFM(cfg.model))
+    params = dict(model.named_parameters())
+    local = torch.tensor([p.to_local().shape[0] for p in params.values()])
+    rows = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, local)
+    return {name: {"sharded": isinstance(p, DTensor) and p.placements == (Shard(0),), "full": p.shape[0],
+                   "bytes_per_row": p[0].numel() * p.element_size(), "rows": [int(r[i]) for r in rows]}
+            for i, (name, p) in enumerate(params.items())}
+
+
+def _run_workers(fn, cfg: JobConfig, **extra) -> list:
+    """Run `fn` on 2 Ray Train workers; returns rank 0's return value."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    result = TorchTrainer(fn, train_loop_config={"job": cfg.to_dict(), **extra},
+                          scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+    return result.return_value
+
+
+def trained_job(baseline: dict, base_dir: Path) -> JobConfig:
+    """The baseline's config with the data-derived model fields, as the workers saw it."""
+    from neuraflex_ray.config import NeuroFMConfig
+
+    cfg = job(base_dir, "baseline")
+    return dataclasses.replace(cfg, model=NeuroFMConfig(**baseline["model_config"]))
+
+
+def test_each_parameter_is_sharded_across_the_two_workers(baseline, base_dir):
+    out = _run_workers(_shard_rows, trained_job(baseline, base_dir))
+    assert len(out) > 10
+    for name, p in out.items():
+        # Shard(0): the ranks split every parameter's rows, ceil(rows/2) and the rest.
+        assert p["sharded"], name
+        assert sum(p["rows"]) == p["full"] and max(p["rows"]) == -(-p["full"] // 2), (name, p)
+    local = [sum(p["rows"][r] * p["bytes_per_row"] for p in out.values()) for r in (0, 1)]
+    full = sum(p["full"] * p["bytes_per_row"] for p in out.values())
+    assert all(0.45 < b / full < 0.55 for b in local), (local, full)  # each rank holds about half the bytes
+
+
+def test_worker_failure_resumes_at_the_checkpointed_step_on_the_same_data(baseline, base_dir):
+    run = train(job(base_dir, "failed", "train.inject_failure_at_step=6", "train.max_failures=1"), fresh=True)
+    assert run["restored_from_step"] == 4  # the last checkpoint before the failure
+    assert run["steps"] == STEPS
+    # After the restart the workers see exactly the micro-batches the uninterrupted run saw.
+    assert run["batch_fingerprints"] == baseline["batch_fingerprints"][4:]
+    assert run["final_loss"] == pytest.approx(baseline["final_loss"], rel=1e-4)
+
+
+def test_explicit_resume_continues_at_the_same_step(baseline, base_dir):
+    more = STEPS + 4
+    run = train(job(base_dir, "resumed", f"train.resume_from={baseline['run_dir']}", f"train.max_steps={more}"),
+                fresh=True)
+    assert run["restored_from_step"] == STEPS and run["steps"] == more
+    assert run["optimizer_steps"] == more  # the optimizer's own count came back with the checkpoint
+
+
+def _sharded_outputs(config: dict) -> dict:
+    """Inside a Ray Train worker: load the checkpoint into the FSDP-sharded model, run one batch."""
+    from neuraflex_ray.models.neurofm import NeuroFM
+    from neuraflex_ray.train.strategy import FSDPStrategy
+
+    cfg = JobConfig.from_dict(config["job"])
+    strategy = FSDPStrategy(cfg)
+    model = strategy.setup(NeuroFM(cfg.model))
+    strategy.load(config["checkpoint"])
+    strategy.train(False)
+    with torch.no_grad():
+        return _outputs(model(fixed_inputs(cfg), per_modality=True))
+
+
+def _outputs(out) -> dict:
+    kinds = ("recon", "forecast", "modality_embeddings")
+    return {"embedding": out.embedding.numpy(), **{f"{k}.{m}": v.numpy() for k in kinds for m, v in getattr(out, k).items()}}
+
+
+def fixed_inputs(cfg: JobConfig) -> dict:
+    from neuraflex_ray.models.neurofm import SeriesInput
+
+    gen = torch.Generator().manual_seed(7)
+    n = cfg.model.context_patches
+    inputs = {}
+    for m, p in zip(cfg.model.modalities, cfg.model.patch_lens, strict=True):
+        c = 3 if m == "eeg" else 1
+        inputs[m] = SeriesInput(x=torch.randn(2, c, n * p, generator=gen), chan=torch.arange(1, c + 1).repeat(2, 1),
+                                present=torch.tensor([True, m == "eeg"]))
+    return inputs
+
+
+def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
+    cfg = trained_job(baseline, base_dir)
+    ckpt = latest_checkpoint(baseline["run_dir"])
+    sharded = _run_workers(_sharded_outputs, cfg, checkpoint=str(ckpt))
+    export_dir = export_checkpoint(ckpt, cfg.data.output_dir, base_dir / "export")
+    model, meta = load_exported(export_dir)
+    assert meta["model_type"] == "neurofm" and list(meta["data"]["modalities"]) == ["eeg", "ecg"]
+    with torch.no_grad():
+        local = _outputs(model(fixed_inputs(cfg), per_modality=True))
+    assert local.keys() == sharded.keys() and len(local) == 1 + 3 * 2  # embedding + recon, forecast, view per modality
+    for key, v in local.items():
+        np.testing.assert_allclose(v, sharded[key], rtol=1e-5, atol=1e-6, err_msg=key)

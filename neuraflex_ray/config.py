@@ -185,6 +185,9 @@ class SeriesDataConfig:
     hop_s: float = 2.0  # window start every hop_s seconds
     patch_s: float = 0.25  # seconds per patch (the encoder's token), same for every modality
     val_fraction: float = 0.2  # the last part of every recording is held out
+    # Artifact rejection, one fixed rule on both sides of the split: drop windows where a normalised
+    # sample exceeds this many training standard deviations (0: keep everything).
+    reject_abs_z: float = 20.0
     on_bad_input: str = "error"  # error: stop naming the file; skip: leave the file out, count it in the manifest
     cache_dir: str = ""  # downloaded sample packages; empty: $XDG_CACHE_HOME/neuraflex-ray or ~/.cache/neuraflex-ray
     output_dir: str = "data/neuro"  # Parquet shards + manifest.json go here
@@ -479,6 +482,7 @@ def _validate_neurofm(cfg: JobConfig) -> None:
              f"data.modalities.{name}.rate={mod.rate} Hz x data.patch_s={d.patch_s} s is not a whole number of "
              f"samples per patch; pick a rate that is a multiple of {1 / d.patch_s:g} Hz")
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.reject_abs_z >= 0, f"data.reject_abs_z must be >= 0 (0: no artifact rejection), got {d.reject_abs_z}")
     need(d.on_bad_input in ("error", "skip"), f"data.on_bad_input={d.on_bad_input!r}: use error or skip")
     for i, r in enumerate(d.recordings):
         need(bool(r.path), f"data.recordings[{i}].path is empty: give the file's path")

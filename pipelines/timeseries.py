@@ -6,7 +6,7 @@
         cross-correlation for `align_to`), keep the common overlap, split by time (early = train,
         late = held out), per-channel mean/std from the train part, normalise, plan window starts
     driver: on_bad_input=error raises here, before anything is written; channel ids over all sessions;
-        window list per split (train: seeded permutation, val: in time order) cut into shards
+        window list per split (each split in a seeded permutation) cut into shards
     shards --map_batches(cut windows from the session arrays, shared via the object store)--> rows
         --> train/*.parquet, val/*.parquet
     manifest.json, written last: modalities, layout, channel ids, recordings, skipped files, norm stats
@@ -44,7 +44,7 @@ from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ModalitySpec, SeriesDataConfig
 from pipelines.neuro_sources import BadRecording, Source, Stream, read_source, recording_source, sample_sources
 
-FORMAT_VERSION = 2  # bump when the output or the build logic changes: it invalidates old caches
+FORMAT_VERSION = 4  # bump when the output or the build logic changes: it invalidates old caches
 MAX_DENOMINATOR = 1000  # resample_poly up/down at most this: rates within ~1e-6 of the target
 SHARD_BYTES = 32 << 20  # windows per Parquet shard (one Ray task, one block): about this many bytes uncompressed
 EPS = 1e-9
@@ -132,8 +132,10 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
         shards: dict[str, list[str]] = {}
         for split in ("train", "val"):
             windows = [(m["session"], t) for m in metas for t in m[f"{split}_starts"]]
-            if split == "train":  # shuffled once, seeded, so a batch read in file order mixes sessions
-                windows = [windows[i] for i in np.random.default_rng(cfg.seed).permutation(len(windows))]
+            # Shuffled once, seeded, so a batch read in file order mixes sessions: training batches, and
+            # the first eval_batches of the held-out split that training evaluates on.
+            rng = np.random.default_rng(cfg.seed + (split == "val"))
+            windows = [windows[i] for i in rng.permutation(len(windows))]
             shards[split] = _write_split(windows, tmp, split, arrays, sessions_info, layout)
         manifest = {
             "version": FORMAT_VERSION,
@@ -153,6 +155,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
             "val_windows": counts["val"],
             "skipped": skipped,
             "short_sessions": short,
+            "rejected_windows": {p: sum(m.get("rejected_windows", {}).get(p, 0) for m in metas) for p in ("train", "val")},
             "norm_stats": {m["session"]: m["norm_stats"] for m in metas},
             "train_shards": shards["train"],
             "val_shards": shards["val"],
@@ -267,7 +270,7 @@ def _plan(cfg: SeriesDataConfig) -> dict[str, Any]:
                             "context_samples": n_ctx * p, "future_samples": max(horizons) * p}
     return {"modalities": modalities, "patch_s": cfg.patch_s, "hop_s": cfg.hop_s,
             "window_s": (n_ctx + max(horizons)) * cfg.patch_s, "context_patches": n_ctx,
-            "horizon_patches": horizons, "val_fraction": cfg.val_fraction}
+            "horizon_patches": horizons, "val_fraction": cfg.val_fraction, "reject_abs_z": cfg.reject_abs_z}
 
 
 def _sources(cfg: SeriesDataConfig) -> tuple[list[Source], list[dict[str, str]]]:
@@ -312,7 +315,7 @@ def _fingerprint(cfg: SeriesDataConfig, sources: list[Source]) -> str:
         "recordings": [dataclasses.asdict(r) for r in cfg.recordings],
         "modalities": {k: dataclasses.asdict(v) for k, v in cfg.modalities.items()},
         **{k: getattr(cfg, k) for k in ("context_s", "horizons_s", "hop_s", "patch_s", "val_fraction",
-                                        "on_bad_input", "seed")},
+                                        "on_bad_input", "reject_abs_z", "seed")},
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -333,6 +336,7 @@ def _recording_entry(meta: dict[str, Any]) -> dict[str, Any]:
         "split_guard_s": meta["split_guard_s"],  # no window within this of the split on either side
         "train_windows": len(meta["train_starts"]),
         "val_windows": len(meta["val_starts"]),
+        "rejected_windows": meta.get("rejected_windows", {"train": 0, "val": 0}),
         "streams": meta["streams"],
     }
 
@@ -404,11 +408,14 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
         norm_stats[m] = {"channels": channels[m], "mean": mean.tolist(), "std": std.tolist()}
 
     window = plan["window_s"]
+    starts, rejected = {}, {}
+    for part, (begin, end) in (("train", (0.0, split - guard)), ("val", (split + guard, duration))):
+        starts[part], rejected[part] = _reject_artifacts(_window_starts(begin, end, window, plan["hop_s"], patch),
+                                                         arrays, plan)
     meta.update(
         modalities={m: {"channels": channels[m], "samples": int(a.shape[1])} for m, a in arrays.items()},
         start_s=t_begin, duration_s=duration, split_s=t_begin + split, norm_stats=norm_stats,
-        train_starts=_window_starts(0.0, split - guard, window, plan["hop_s"], patch),
-        val_starts=_window_starts(split + guard, duration, window, plan["hop_s"], patch), split_guard_s=guard,
+        train_starts=starts["train"], val_starts=starts["val"], rejected_windows=rejected, split_guard_s=guard,
         streams=[{"name": s.name, "file": s.source, "modality": s.modality, "channels": s.channels,
                   "source_rate": rate_in, "start_s": s.start_s,
                   "placed_by": "cross-correlation" if s.name in offsets else "start_s"}
@@ -492,6 +499,22 @@ def _on_grid(x: np.ndarray, start_s: float, rate: float, t_begin: float, n: int)
         return out
     k = i0 + np.arange(n)
     return x[:, k] * (1 - frac) + x[:, np.minimum(k + 1, x.shape[1] - 1)] * frac
+
+
+def _reject_artifacts(starts: list[float], arrays: dict[str, np.ndarray], plan: dict[str, Any]) -> tuple[list[float], int]:
+    """Amplitude-based artifact rejection, the same fixed rule on both sides of the split: drop a window
+    where any normalised sample exceeds reject_abs_z (an electrode popping off, a saturated amplifier).
+    Returns the kept starts and how many were dropped."""
+    limit = plan["reject_abs_z"]
+    if not limit:
+        return starts, 0
+    keep = []
+    for t in starts:
+        peak = max(float(np.abs(a[:, round(t * r):round((t + plan["window_s"]) * r)]).max(initial=0.0))
+                   for a, r in ((a, plan["modalities"][m]["rate"]) for m, a in arrays.items()))
+        if peak <= limit:
+            keep.append(t)
+    return keep, len(starts) - len(keep)
 
 
 def _window_starts(begin: float, end: float, window_s: float, hop_s: float, patch_s: float) -> list[float]:

@@ -387,3 +387,16 @@ def test_build_from_the_real_samples(tmp_path, ray_session):
     again = build_series_dataset(cfg)
     assert again["fingerprint"] == manifest["fingerprint"] and time.perf_counter() - t < 5
     assert json.loads((tmp_path / "neuro" / "manifest.json").read_text())["created_at"] == manifest["created_at"]
+
+
+def test_artifact_rejection_drops_only_windows_that_hold_the_artifact():
+    from pipelines.timeseries import _reject_artifacts
+
+    rate = 16.0
+    arrays = {"resp": np.zeros((1, int(60 * rate)), np.float32), "eeg": np.zeros((2, int(60 * 128)), np.float32)}
+    arrays["eeg"][1, int(30.5 * 128)] = 500.0  # an electrode popping off at 30.5 s
+    plan = {"reject_abs_z": 20.0, "window_s": 5.0, "modalities": {"resp": {"rate": rate}, "eeg": {"rate": 128.0}}}
+    starts = [float(t) for t in range(0, 55, 2)]
+    kept, dropped = _reject_artifacts(starts, arrays, plan)
+    assert [t for t in starts if t not in kept] == [26.0, 28.0, 30.0] and dropped == 3
+    assert _reject_artifacts(starts, arrays, {**plan, "reject_abs_z": 0.0}) == (starts, 0)  # 0: off

@@ -139,9 +139,16 @@ class NeuroTask:
         for batch in global_batches(ds, micro_bs, world, skip):
             arrays = series_batch(batch, self.manifest)
             sl = slice(rank * micro_bs, (rank + 1) * micro_bs)
-            yield {m: SeriesInput(x=torch.from_numpy(a.x[sl]), chan=torch.from_numpy(a.chan[sl]),
-                                  present=torch.from_numpy(a.present[sl]))
-                   for m, a in arrays.items() if a.present.any()}
+            window = {}
+            for m, a in arrays.items():
+                if not a.present.any():
+                    continue
+                # Channels are stored padded to the modality's max_channels (64 for EEG); keep only
+                # as many as the global batch uses, so a batch of 2-electrode headbands costs 2, not 64.
+                used = int(np.flatnonzero((a.chan > 0).any(0)).max()) + 1
+                window[m] = SeriesInput(x=torch.from_numpy(a.x[sl, :used]), chan=torch.from_numpy(a.chan[sl, :used]),
+                                        present=torch.from_numpy(a.present[sl]))
+            yield window
 
     def fingerprint(self, window: dict[str, Any]) -> int:
         first = next(iter(window.values()))

@@ -114,6 +114,7 @@ class NeuroFMConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.2  # embeddings, latents, special tokens (0.02 learned several times slower here)
     mask_ratio: float = 0.25  # share of context patches hidden from the encoder and reconstructed
+    channel_mask_prob: float = 0.5  # per masked window: also hide one whole channel (spatial reconstruction)
     recon_weight: float = 1.0
     forecast_weight: float = 1.0
     contrastive_weight: float = 0.1
@@ -457,6 +458,7 @@ def _validate_neurofm(cfg: JobConfig) -> None:
         need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
     need(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
     need(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
+    need(0.0 <= m.channel_mask_prob <= 1.0, f"model.channel_mask_prob must be in [0, 1], got {m.channel_mask_prob}")
     for name in ("recon_weight", "forecast_weight", "contrastive_weight"):
         need(getattr(m, name) >= 0, f"model.{name} must be >= 0 (got {getattr(m, name)})")
     need(m.recon_weight + m.forecast_weight + m.contrastive_weight > 0,

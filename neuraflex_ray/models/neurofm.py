@@ -36,6 +36,8 @@ from neuraflex_ray.config import CurriculumStage, NeuroFMConfig
 from neuraflex_ray.models.moe import SwiGLU
 from neuraflex_ray.models.moe_lm import RMSNorm
 
+PERSISTENCE_GAIN = 25.0  # see NeuroFM.persistence
+
 
 @dataclass
 class SeriesInput:
@@ -165,6 +167,11 @@ class NeuroFM(nn.Module):
         self.decoder_norm = RMSNorm(d, cfg.norm_eps)
         self.recon_head = nn.ModuleDict({m: nn.Linear(d, p) for m, p in self.patch_len.items()})
         self.forecast_head = nn.ModuleDict({m: nn.Linear(d, k * p) for m, p in self.patch_len.items()})
+        # Per modality and horizon, how much of the last context sample carries into the forecast:
+        # a learned AR(1) skip (near 1 for EDA or BOLD, near 0 for EMG), starting at 0. It is used
+        # times PERSISTENCE_GAIN: Adam moves a parameter by about lr per step, and at lr 1e-3 an
+        # ungained scalar had moved 0.06 of the way to 1 after the 300 debug steps.
+        self.persistence = nn.ParameterDict({m: nn.Parameter(torch.zeros(k)) for m in self.patch_len})
         # Contrastive projection (SimCLR): the loss acts on z, the embedding stays more general.
         self.projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.init_weights()
@@ -192,6 +199,8 @@ class NeuroFM(nn.Module):
                 nn.init.ones_(mod.weight)
         for p in (self.mask_token, self.null_token, self.latents, self.forecast_query):
             nn.init.normal_(p, std=std)
+        for p in self.persistence.values():
+            nn.init.zeros_(p)
         scale = 1 / math.sqrt(2 * (self.cfg.n_layers + self.cfg.n_cross_layers))
         with torch.no_grad():
             self.channel_emb.weight[0].zero_()  # padding id
@@ -279,16 +288,20 @@ class NeuroFM(nn.Module):
         fused = self.norm(latents[:, 0])
         out = NeuroOutput(latents=fused, embedding=fused.mean(1), recon={}, forecast={})
         if decode:
-            out.recon, out.forecast = self._decode(inputs, mods, fused)
+            out.recon, out.forecast = self._decode(inputs, mods, fused, patch_mask)
         if per_modality:
             pooled = self.norm(latents[:, 1:]).mean(2)  # [B, M, d]
             out.modality_embeddings = {m: self.projection(pooled[:, j]) for j, m in enumerate(mods)}
         return out
 
-    def _decode(self, inputs: dict[str, SeriesInput], mods: list[str],
-                latents: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    def _decode(self, inputs: dict[str, SeriesInput], mods: list[str], latents: torch.Tensor,
+                patch_mask: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """One query per context patch (recon) and one per channel (forecast), all modalities in
-        one decoder call: queries attend only to the latents, so concatenating them is exact."""
+        one decoder call: queries attend only to the latents, so concatenating them is exact.
+
+        Forecasts add a learned share of the last context sample (`persistence`): slow signals such
+        as EDA or BOLD barely move in a second, and a decoder reading pooled latents cannot copy a
+        single sample exactly."""
         n, k = self.cfg.context_patches, len(self.cfg.horizon_patches)
         queries, shapes = [], []
         for m in mods:
@@ -304,7 +317,12 @@ class NeuroFM(nn.Module):
             part = part.view(b, c, n + 1, -1)
             recon[m] = self.recon_head[m](part[:, :, :n])
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
-            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, c, k, -1) + head.bias.view(k, -1)
+            last = inputs[m].x[..., -1]  # [B, C]; hidden from the model when its patch is masked
+            if patch_mask.get(m) is not None:
+                last = last.masked_fill(patch_mask[m][..., -1], 0.0)
+            alpha = PERSISTENCE_GAIN * self.persistence[m].to(part.dtype)[:, None]  # [K, 1]
+            skip = alpha * last.to(part.dtype)[:, :, None, None]  # [B, C, K, 1]
+            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, c, k, -1) + head.bias.view(k, -1) + skip
         return recon, forecast
 
     @torch.no_grad()
@@ -403,7 +421,12 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         future[m] = patches[:, :, [n + k - 1 for k in horizons]]  # horizon k = k-th patch after the context
         # Exactly n_hide hidden patches per channel: the rank of a uniform draw.
         r = torch.rand((b, c, n), generator=generator, device=generator.device).to(w.x.device)
-        masks[m] = (r.argsort(-1).argsort(-1) < n_hide) & ~forecast_rows[:, None, None]
+        hidden = r.argsort(-1).argsort(-1) < n_hide
+        if c > 1:  # and, in half the windows, one whole channel: predicting it from its neighbours
+            pick = torch.randint(c, (b,), generator=generator, device=generator.device).to(w.x.device)
+            coin = (torch.rand(b, generator=generator, device=generator.device) < cfg.channel_mask_prob).to(w.x.device)
+            hidden = hidden | ((torch.arange(c, device=w.x.device) == pick[:, None]) & coin[:, None])[:, :, None]
+        masks[m] = hidden & ~forecast_rows[:, None, None]
         valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
         inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
 

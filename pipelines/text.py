@@ -36,8 +36,8 @@ import pyarrow.parquet as pq
 import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import DataConfig
+from pipelines.shards import read_manifest, reusable, swap_into_place
 
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the output or the build logic changes: it invalidates old caches
@@ -153,7 +153,7 @@ def build_text_dataset(cfg: DataConfig, *, force: bool = False) -> dict[str, Any
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
-        _swap_into_place(tmp, out, manifest)
+        swap_into_place(tmp, out, manifest, files=("tokenizer.json",))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"wrote {blocks['train']} train / {blocks['val']} val blocks of {block_len} tokens to {out} "
@@ -168,7 +168,7 @@ def load_text_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Data
     rank) sees the same, already shuffled, sequence of blocks.
     """
     out = Path(output_dir).expanduser().resolve()
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with "
                                 f"build_text_dataset or `neuraflex-ray data`")
@@ -468,33 +468,11 @@ def _write_split(packed: ray.data.Dataset, tmp: Path, split: str, est_blocks: in
     return names, rows
 
 
-def _swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
-    """Replace out/{train,val,tokenizer.json} with the new build, then write the manifest last:
-    a crash at any point leaves either no manifest (rebuild) or a manifest that matches the files."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for name in ("train", "val"):
-        shutil.rmtree(out / name, ignore_errors=True)
-        os.rename(tmp / name, out / name)
-    os.replace(tmp / "tokenizer.json", out / "tokenizer.json")
-    write_json_atomic(out / "manifest.json", manifest)
-
-
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
     """The existing manifest if it was built from the same inputs and config and is intact."""
-    m = _read_manifest(out)
-    if m is None or m.get("source_fingerprint") != fingerprint:
-        return None
+    m = reusable(out, fingerprint, key="source_fingerprint")
     tok = out / "tokenizer.json"
-    if not all((out / s).is_file() for s in m["train_shards"] + m["val_shards"]) or not tok.is_file():
-        return None
-    if hashlib.sha256(tok.read_bytes()).hexdigest() != m["tokenizer_sha256"]:
+    if m is None or not tok.is_file() or hashlib.sha256(tok.read_bytes()).hexdigest() != m["tokenizer_sha256"]:
         return None
     return m
 

@@ -40,9 +40,9 @@ import pyarrow.parquet as pq
 import ray
 from scipy import signal
 
-from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ModalitySpec, SeriesDataConfig
 from pipelines.neuro_sources import BadRecording, Source, Stream, read_source, recording_source, sample_sources
+from pipelines.shards import read_manifest, reusable, swap_into_place
 
 FORMAT_VERSION = 4  # bump when the output or the build logic changes: it invalidates old caches
 MAX_DENOMINATOR = 1000  # resample_poly up/down at most this: rates within ~1e-6 of the target
@@ -80,7 +80,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
     plan = _plan(cfg)
     sources, skipped = _sources(cfg)
     fingerprint = _fingerprint(cfg, sources)
-    if not force and (old := _reusable(out, fingerprint)) is not None:
+    if not force and (old := reusable(out, fingerprint)) is not None:
         _log(f"reusing {out} (inputs and config unchanged; force=True rebuilds)")
         return old
 
@@ -165,7 +165,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
-        _swap_into_place(tmp, out, manifest)
+        swap_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _log(f"wrote {counts['train']} train / {counts['val']} val windows to {out} in {time.perf_counter() - t0:.1f}s")
@@ -175,7 +175,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
 def load_series_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
     """(train, val, manifest) from a built output_dir; turn numpy batches into arrays with series_batch."""
     out = Path(output_dir).expanduser().resolve()
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with "
                                 f"build_series_dataset or `neuraflex-ray data --model neurofm`")
@@ -202,7 +202,7 @@ def series_batch(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict
 def read_series(output_dir: str, split: str) -> tuple[dict[str, SeriesArrays], np.ndarray, np.ndarray]:
     """Every row of a split, in stored order, without Ray: ({modality: SeriesArrays}, recordings, start_s)."""
     out = Path(output_dir).expanduser().resolve()
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     if manifest is None:
         raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first")
     if split not in ("train", "val"):
@@ -602,35 +602,8 @@ def _list_array(a: np.ndarray) -> pa.ListArray:
 
 
 # --------------------------------------------------------------------------------------------
-# Output: manifest, atomic replacement (as in pipelines/text.py)
+# Reading rows back
 # --------------------------------------------------------------------------------------------
-
-
-def _swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any]) -> None:
-    """Replace out/{train,val} with the new build, then write the manifest last: a crash at any point
-    leaves either no manifest (rebuild) or a manifest that matches the files."""
-    (out / "manifest.json").unlink(missing_ok=True)
-    for name in ("train", "val"):
-        shutil.rmtree(out / name, ignore_errors=True)
-        os.rename(tmp / name, out / name)
-    write_json_atomic(out / "manifest.json", manifest)
-
-
-def _read_manifest(out: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((out / "manifest.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The existing manifest if it was built from the same inputs and config and its shards exist."""
-    m = _read_manifest(out)
-    if m is None or m.get("fingerprint") != fingerprint:
-        return None
-    if not all((out / s).is_file() for s in m["train_shards"] + m["val_shards"]):
-        return None
-    return m
 
 
 def _stack(col: np.ndarray, dtype: type) -> np.ndarray:

@@ -1,0 +1,41 @@
+"""What both pipelines do with their output folder: swap a finished build into place, manifest last,
+and decide whether an existing build can be reused."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from neuraflex_ray.atomic import write_json_atomic
+
+
+def swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any], files: tuple[str, ...] = ()) -> None:
+    """Replace out/{train,val} (and `files`) with the new build in tmp, then write the manifest last: a
+    crash at any point leaves either no manifest (rebuild) or a manifest that matches the files."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for name in ("train", "val"):
+        shutil.rmtree(out / name, ignore_errors=True)
+        os.rename(tmp / name, out / name)
+    for name in files:
+        os.replace(tmp / name, out / name)
+    write_json_atomic(out / "manifest.json", manifest)
+
+
+def read_manifest(out: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((out / "manifest.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def reusable(out: Path, fingerprint: str, key: str = "fingerprint") -> dict[str, Any] | None:
+    """The existing manifest if it was built from the same inputs and config and its shards exist."""
+    m = read_manifest(out)
+    if m is None or m.get(key) != fingerprint:
+        return None
+    if not all((out / s).is_file() for s in m["train_shards"] + m["val_shards"]):
+        return None
+    return m

@@ -108,17 +108,23 @@ def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dic
     return result
 
 
-def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
-    """data -> train (Ray Train, FSDP2) -> export -> held-out eval against baselines -> summary.json"""
+def _train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:
+    """Distributed training from scratch, then the consolidated export of its last checkpoint."""
     from neuraflex_ray.train.driver import train
 
-    t0 = time.perf_counter()
     result = train(cfg, fresh=True)
-    manifest = result["manifest"]
     run_dir = Path(result["run_dir"])
     export_dir = export_checkpoint(result["checkpoint"], cfg.data.output_dir, run_dir / "export",
                                    {"run_dir": str(run_dir), "steps": result["steps"]})
     print(f"[export] consolidated checkpoint -> {export_dir}", flush=True)
+    return result, run_dir, export_dir
+
+
+def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
+    """data -> train (Ray Train, FSDP2) -> export -> held-out eval against baselines -> summary.json"""
+    t0 = time.perf_counter()
+    result, run_dir, export_dir = _train_and_export(cfg)
+    manifest = result["manifest"]
     ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir)
     summary = {
         "pipeline": {"recordings": len(manifest["recordings"]), "modalities": list(manifest["modalities"]),
@@ -141,17 +147,11 @@ def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
 
 def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str, Any]:
     """data -> train (Ray Train, DeepSpeed EP) -> export -> eval -> generate -> summary.json"""
-    from neuraflex_ray.train.driver import train
-
     if cfg.model_type == "neurofm":
         return quickstart_neurofm(cfg)
     t0 = time.perf_counter()
-    result = train(cfg, fresh=True)
+    result, run_dir, export_dir = _train_and_export(cfg)
     manifest = result["manifest"]
-    run_dir = Path(result["run_dir"])
-    export_dir = export_checkpoint(result["checkpoint"], cfg.data.output_dir, run_dir / "export",
-                                   {"run_dir": str(run_dir), "steps": result["steps"]})
-    print(f"[export] consolidated checkpoint -> {export_dir}", flush=True)
     ev = evaluate_export(export_dir, cfg.data.output_dir)
     print(f"[eval] held-out bits/byte {ev['val_bits_per_byte']:.4f} vs bigram {ev['bigram_bits_per_byte']:.4f}",
           flush=True)

@@ -59,12 +59,10 @@ def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
 
 
 def checkpoint_model_config(checkpoint_dir: str | Path) -> ModelConfig | NeuroFMConfig:
-    from neuraflex_ray.config import MODEL_TYPES, JobConfig
+    from neuraflex_ray.config import JobConfig
 
     state = read_checkpoint_state(checkpoint_dir)
-    raw = {"model_type": state["model_type"], "model": state["model_config"]}
-    assert state["model_type"] in MODEL_TYPES
-    return JobConfig.from_dict(raw).model
+    return JobConfig.from_dict({"model_type": state["model_type"], "model": state["model_config"]}).model
 
 
 def is_complete(checkpoint_dir: str | Path) -> bool:

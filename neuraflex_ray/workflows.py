@@ -120,6 +120,14 @@ def _train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:
     return result, run_dir, export_dir
 
 
+def _write_summary(run_dir: Path, summary: dict[str, Any], flops_convention: str) -> dict[str, Any]:
+    summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "
+                                    f"worker in the same run; {flops_convention}")
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"[quickstart] summary -> {run_dir / 'summary.json'}", flush=True)
+    return summary
+
+
 def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
     """data -> train (Ray Train, FSDP2) -> export -> held-out eval against baselines -> summary.json"""
     t0 = time.perf_counter()
@@ -138,11 +146,7 @@ def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
         "export": {"path": str(export_dir)},
         "wall_s": time.perf_counter() - t0,
     }
-    summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "
-                                    "worker in the same run; model FLOPs = 3 x forward matmul FLOPs per window")
-    write_json_atomic(run_dir / "summary.json", summary)
-    print(f"[quickstart] summary -> {run_dir / 'summary.json'}", flush=True)
-    return summary
+    return _write_summary(run_dir, summary, "model FLOPs = 3 x forward matmul FLOPs per window")
 
 
 def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str, Any]:
@@ -169,8 +173,4 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
                      "seed": cfg.train.seed},
         "wall_s": time.perf_counter() - t0,
     }
-    summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "
-                                    "worker in the same run; FLOPs/token = 6*N_active + 12*L*H*head_dim*T")
-    write_json_atomic(run_dir / "summary.json", summary)
-    print(f"[quickstart] summary -> {run_dir / 'summary.json'}", flush=True)
-    return summary
+    return _write_summary(run_dir, summary, "FLOPs/token = 6*N_active + 12*L*H*head_dim*T")

@@ -1,5 +1,5 @@
 """What both pipelines do with their output folder: swap a finished build into place, manifest last,
-and decide whether an existing build can be reused."""
+decide whether an existing build can be reused, and read it back."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+import ray
 
 from neuraflex_ray.atomic import write_json_atomic
 
@@ -39,3 +41,21 @@ def reusable(out: Path, fingerprint: str, key: str = "fingerprint") -> dict[str,
     if not all((out / s).is_file() for s in m["train_shards"] + m["val_shards"]):
         return None
     return m
+
+
+def require_manifest(out: Path, build_hint: str) -> dict[str, Any]:
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with {build_hint}")
+    return manifest
+
+
+def load_splits(output_dir: str, build_hint: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
+    """(train, val, manifest) of a built output_dir. Shards are read in manifest order with ordered
+    execution, so every reader (e.g. every Ray Train rank) sees the same sequence of rows."""
+    out = Path(output_dir).expanduser().resolve()
+    manifest = require_manifest(out, build_hint)
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
+    val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])
+    return train, val, manifest

@@ -37,7 +37,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from neuraflex_ray.config import DataConfig
-from pipelines.shards import read_manifest, reusable, swap_into_place
+from pipelines.shards import load_splits, reusable, swap_into_place
 
 EOS = "<|endoftext|>"
 FORMAT_VERSION = 1  # bump when the output or the build logic changes: it invalidates old caches
@@ -167,15 +167,7 @@ def load_text_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Data
     Shards are read in manifest order with ordered execution, so every reader (e.g. every Ray Train
     rank) sees the same, already shuffled, sequence of blocks.
     """
-    out = Path(output_dir).expanduser().resolve()
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with "
-                                f"build_text_dataset or `neuraflex-ray data`")
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
-    val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])
-    return train, val, manifest
+    return load_splits(output_dir, "build_text_dataset or `neuraflex-ray data`")
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

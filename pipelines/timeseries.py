@@ -42,9 +42,10 @@ from scipy import signal
 
 from neuraflex_ray.config import ModalitySpec, SeriesDataConfig
 from pipelines.neuro_sources import BadRecording, Source, Stream, read_source, recording_source, sample_sources
-from pipelines.shards import read_manifest, reusable, swap_into_place
+from pipelines.shards import load_splits, require_manifest, reusable, swap_into_place
 
 FORMAT_VERSION = 4  # bump when the output or the build logic changes: it invalidates old caches
+BUILD_HINT = "build_series_dataset or `neuraflex-ray data --model neurofm`"
 MAX_DENOMINATOR = 1000  # resample_poly up/down at most this: rates within ~1e-6 of the target
 SHARD_BYTES = 32 << 20  # windows per Parquet shard (one Ray task, one block): about this many bytes uncompressed
 EPS = 1e-9
@@ -174,15 +175,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
 
 def load_series_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
     """(train, val, manifest) from a built output_dir; turn numpy batches into arrays with series_batch."""
-    out = Path(output_dir).expanduser().resolve()
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first with "
-                                f"build_series_dataset or `neuraflex-ray data --model neurofm`")
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
-    train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
-    val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])
-    return train, val, manifest
+    return load_splits(output_dir, BUILD_HINT)
 
 
 def series_batch(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict[str, SeriesArrays]:
@@ -202,9 +195,7 @@ def series_batch(batch: dict[str, np.ndarray], manifest: dict[str, Any]) -> dict
 def read_series(output_dir: str, split: str) -> tuple[dict[str, SeriesArrays], np.ndarray, np.ndarray]:
     """Every row of a split, in stored order, without Ray: ({modality: SeriesArrays}, recordings, start_s)."""
     out = Path(output_dir).expanduser().resolve()
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise FileNotFoundError(f"no dataset in {out} (manifest.json missing); build it first")
+    manifest = require_manifest(out, BUILD_HINT)
     if split not in ("train", "val"):
         raise ValueError(f"split={split!r}: use 'train' or 'val'")
     tables = [pq.read_table(out / s) for s in manifest[f"{split}_shards"]]

@@ -346,6 +346,13 @@ def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
     return stage
 
 
+def contrastive_views(cfg: NeuroFMConfig, step: int, n_modalities: int) -> int:
+    """How many per-modality views the contrastive loss encodes at `step` (0: the term is off). Decided
+    by step, config and the batch's modality count only, never by data, so every FSDP rank agrees."""
+    on = active_stage(cfg, step).multimodal and n_modalities >= 2 and cfg.contrastive_weight > 0
+    return n_modalities if on else 0
+
+
 def keep_one_modality(present: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Per window, keep one of its present modalities (uniformly at random), mark the others absent."""
     mods = list(present)
@@ -430,7 +437,7 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
         inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
 
-    contrastive_on = stage.multimodal and len(mods) >= 2 and cfg.contrastive_weight > 0
+    contrastive_on = contrastive_views(cfg, step, len(mods)) > 0
     out = model(inputs, masks, per_modality=contrastive_on)
 
     recon_parts, forecast_parts = [], []

@@ -146,7 +146,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         if step % t.log_every == 0 or step == t.max_steps:
             now = time.perf_counter()
             dt = now - t_log
-            # Throughput over the whole world: this rank's units x world (ranks do equal work).
+            # Throughput and FLOPs summed over every rank (ranks see different modalities and channels).
             totals = torch.tensor([units, flops], dtype=torch.float64, device=device)
             dist.all_reduce(totals)
             avg = {k: float(v) / (steps_since_log * t.grad_accum_steps) for k, v in loss_acc.items()}

@@ -154,7 +154,7 @@ class FSDPStrategy:
     """
 
     name = "fsdp"
-    block_lists = ("cross_blocks", "blocks", "layers")  # ModuleList attributes sharded one block per unit
+    block_lists = ("cross_blocks", "blocks")  # NeuroFM's ModuleLists, sharded one block per unit
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -244,7 +244,8 @@ class FSDPStrategy:
         saved = FileSystemReader(root).read_metadata().state_dict_metadata
         state["optim"]["state"] = {fqn: s for fqn, s in state["optim"]["state"].items()
                                    if all(f"optim.state.{fqn}.{k}" in saved for k in s)}
-        expected = read_train_state(directory).get("optimizer_state_params", len(state["optim"]["state"]))
+        train_state = read_train_state(directory)
+        expected = train_state.get("optimizer_state_params", len(state["optim"]["state"]))
         if len(state["optim"]["state"]) != expected:
             raise RuntimeError(f"{root}: optimizer state for {len(state['optim']['state'])} parameters found, "
                                f"{expected} were saved: the checkpoint is damaged or from another model")
@@ -252,7 +253,7 @@ class FSDPStrategy:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=StateDictOptions(strict=False))
         self._steps = int(state["optimizer_steps"])
-        return read_train_state(directory)
+        return train_state
 
 
 def _checkpointed(block: nn.Module) -> nn.Module:

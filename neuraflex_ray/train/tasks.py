@@ -160,19 +160,18 @@ class NeuroTask:
         return int(sum(((w.chan > 0) & w.present[:, None]).sum() for w in window.values())) * n
 
     def step(self, model: Callable, window: dict[str, Any], step: int, device: torch.device, train: bool = True) -> StepOutput:
-        from neuraflex_ray.models.neurofm import active_stage, neurofm_flops_per_window, neurofm_loss
+        from neuraflex_ray.models.neurofm import contrastive_views, neurofm_flops_per_window, neurofm_loss
 
+        tokens = self.tokens(window)  # counted on the host copy: no device sync per micro-batch
+        batch = next(iter(window.values())).x.shape[0]
         window = {m: dataclasses.replace(w, x=w.x.to(device), chan=w.chan.to(device), present=w.present.to(device))
                   for m, w in window.items()}
         # Evaluation scores the final curriculum stage with the same masks every time, so values
         # compare across evaluations (and across Tune trials).
+        stage_step = step if train else self.cfg.train.max_steps
         gen = self.generator(step) if train else torch.Generator().manual_seed(self.cfg.train.seed + 7 + self.rank)
-        loss = neurofm_loss(model, window, self.cfg.model, step if train else self.cfg.train.max_steps, gen)
-        tokens = self.tokens(window)
-        batch = next(iter(window.values())).x.shape[0]
-        # The contrastive views (one encoder pass per modality) run only in multimodal stages.
-        multimodal = active_stage(self.cfg.model, step if train else self.cfg.train.max_steps).multimodal
-        views = len(window) if multimodal and len(window) >= 2 else 0
+        loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen)
+        views = contrastive_views(self.cfg.model, stage_step, len(window))
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach()}
         return StepOutput(loss.total, parts, tokens, flops)

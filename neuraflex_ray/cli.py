@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | generate | quickstart.
+"""`neuraflex-ray` command line: data | train | export | eval | generate | tune | quickstart.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -17,6 +17,7 @@ from neuraflex_ray.config import ConfigError, JobConfig, load_config
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 DEFAULT_CONFIGS = {"moe": CONFIGS / "moe_debug.yaml", "neurofm": CONFIGS / "neurofm_debug.yaml"}
 DEFAULT_CONFIG = DEFAULT_CONFIGS["moe"]
+DEFAULT_SWEEP = CONFIGS / "tune_moe_debug.yaml"
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
@@ -84,6 +85,14 @@ def cmd_quickstart(args: argparse.Namespace) -> dict:
     return quickstart(cfg)
 
 
+def cmd_tune(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.sweep import load_sweep, run_sweep
+
+    if args.resume and args.fresh:
+        raise ConfigError("--resume and --fresh contradict each other: --resume continues a sweep, --fresh deletes it")
+    return run_sweep(load_sweep(args.config or DEFAULT_SWEEP, args.overrides), resume=args.resume, fresh=args.fresh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraflex-ray", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -121,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--top-p", type=float, default=1.0)
     sp.add_argument("--seed", type=int, default=0)
     sp.set_defaults(fn=cmd_generate)
+    sp = sub.add_parser("tune", help="Hyperparameter sweep: Ray Tune (OptunaSearch + ASHA) over real training runs.",
+                        description="Hyperparameter sweep: Ray Tune (OptunaSearch + ASHA by default) over real Ray "
+                                    "Train runs; writes results.csv/.parquet, best.yaml and summary.json.")
+    sp.add_argument("--config", help="sweep YAML (default: jobs/configs/tune_moe_debug.yaml)")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted sweep; finished trials are kept")
+    sp.add_argument("--fresh", action="store_true", help="delete this sweep's directory and Optuna study first")
+    sp.add_argument("overrides", nargs="*", help="dotted overrides of the sweep YAML, e.g. num_trials=4 "
+                                                 "overrides.train.max_steps=50")
+    sp.set_defaults(fn=cmd_tune)
     sp = with_config("quickstart", "Data -> train (2 workers) -> export -> eval (-> generate) -> summary.json; "
                                    "--model neurofm for NeuroFM.")
     sp.set_defaults(fn=cmd_quickstart)

@@ -219,6 +219,9 @@ class TrainConfig:
     eval_batches: int = 16  # validation micro-batches per rank per evaluation
     log_every: int = 10
     checkpoint_every: int = 100
+    # A training split smaller than this on disk is read once into Ray's object store, so epochs,
+    # restarts and sweep trials skip the seconds a streaming read takes to start; larger ones stream.
+    materialize_train_mb: int = 256
     num_to_keep: int = 2
     max_failures: int = 1  # automatic restarts from the last checkpoint after a worker failure
     seed: int = 0
@@ -343,9 +346,21 @@ def _build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tr
     return cls(**kwargs)
 
 
+def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `raw` with `a.b.c` set to `value`, creating sections on the way."""
+    raw = dict(raw)
+    node = raw
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        node[p] = dict(child) if isinstance(child, dict) else {}
+        node = node[p]
+    node[parts[-1]] = value
+    return raw
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `a.b.c=value` overrides to a raw (YAML-loaded) dict; values parse as YAML scalars."""
-    raw = dict(raw)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
@@ -353,13 +368,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         value = yaml.safe_load(text) if text != "" else ""
         if isinstance(value, str) and _looks_float(value):
             value = float(value)  # YAML 1.1 reads "1e-3" as a string
-        node = raw
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = value
+        raw = set_dotted(raw, key, value)
     return raw
 
 
@@ -371,20 +380,29 @@ def _looks_float(s: str) -> bool:
     return True
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a job config from YAML (or defaults), apply overrides, validate."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"--config: no such file {str(p)!r}; pass a YAML file such as jobs/configs/moe_debug.yaml")
-        raw = yaml.safe_load(p.read_text()) or {}
-        # Floats written like 1e-3 are strings in YAML 1.1; accept them where a float is expected.
-        raw = _coerce_float_strings(raw)
-    raw = apply_overrides(raw, overrides or [])
+def load_raw(path: str | Path, field: str = "--config") -> dict[str, Any]:
+    """A YAML config file as a plain dict (floats written like 1e-3 made floats)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{field}: no such file {str(p)!r}; pass a YAML file such as jobs/configs/moe_debug.yaml")
+    raw = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{field}: {str(p)!r} must hold a YAML mapping of sections, got {type(raw).__name__}")
+    # Floats written like 1e-3 are strings in YAML 1.1; accept them where a float is expected.
+    return _coerce_float_strings(raw)
+
+
+def config_from_raw(raw: dict[str, Any]) -> JobConfig:
+    """Build and validate a job config from a raw dict (a loaded YAML file with overrides applied)."""
     cfg = _build(JobConfig, raw, "")
     validate(cfg)
     return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a job config from YAML (or defaults), apply overrides, validate."""
+    raw = load_raw(path) if path is not None else {}
+    return config_from_raw(apply_overrides(raw, overrides or []))
 
 
 def _coerce_float_strings(node: Any) -> Any:
@@ -514,6 +532,7 @@ def _validate_train(t: TrainConfig) -> None:
     for name in ("micro_batch_size", "grad_accum_steps", "max_steps", "eval_every", "eval_batches",
                  "log_every", "checkpoint_every", "num_to_keep", "cpus_per_worker"):
         need(getattr(t, name) > 0, f"train.{name} must be > 0 (got {getattr(t, name)})")
+    need(t.materialize_train_mb >= 0, f"train.materialize_train_mb must be >= 0 (0: always stream), got {t.materialize_train_mb}")
     need(t.max_failures >= 0, f"train.max_failures must be >= 0 (got {t.max_failures})")
     need(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
     need(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1] (got {t.min_lr_ratio})")

@@ -96,6 +96,36 @@ def prepare_data(cfg: JobConfig) -> tuple[JobConfig, Any, Any, dict[str, Any], d
     return cfg, train_ds, val_ds, manifest, {k: manifest[k] for k in ("val_bytes_per_token", "train_bytes_per_token")}
 
 
+def _hold_in_memory(cfg: JobConfig, train_ds: Any, val_ds: Any, manifest: dict[str, Any]) -> tuple[Any, Any]:
+    """Read once, into Ray's object store, what every epoch or evaluation would otherwise re-read.
+
+    Each streaming pass over Parquet spends seconds starting its read tasks. Evaluation only ever
+    scores the first eval_batches global batches, so exactly those rows are held; the training
+    split is held when it is small (train.materialize_train_mb) and streams otherwise. Rows keep
+    their order, so every rank still sees the same sequence.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = cfg.train
+    out = Path(cfg.data.output_dir)
+    need = t.eval_batches * t.micro_batch_size * t.num_workers
+    parts, have = [], 0
+    for shard in manifest["val_shards"]:
+        for batch in pq.ParquetFile(out / shard).iter_batches(batch_size=max(need, 1)):
+            parts.append(batch.slice(0, need - have))
+            have += len(parts[-1])
+            if have >= need:
+                break
+        if have >= need:
+            break
+    val_ds = ray.data.from_arrow(pa.Table.from_batches(parts)) if parts else val_ds
+    train_files = [out / s for s in manifest["train_shards"]]
+    if sum(f.stat().st_size for f in train_files) < t.materialize_train_mb * 2**20:
+        train_ds = ray.data.from_arrow(pa.concat_tables([pq.read_table(f) for f in train_files]))
+    return train_ds, val_ds
+
+
 def _check_resumable(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
     """The checkpoint must hold this model: same type, strategy and architecture (data-derived fields included)."""
     for key, want in (("model_type", cfg.model_type), ("strategy", cfg.train.strategy)):
@@ -109,13 +139,24 @@ def _check_resumable(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
                           f"resume with the same model config and dataset, or start a new run")
 
 
-def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
-    """Build (or reuse) the dataset, run distributed training, return a summary dict."""
+class TrainingDiverged(FloatingPointError):
+    """The gradient norm became NaN or infinite; restarting from a checkpoint would diverge again."""
+
+
+def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = None,
+          tensorboard_dir: str | Path | None = None) -> dict[str, Any]:
+    """Build (or reuse) the dataset, run distributed training, return a summary dict.
+
+    `callbacks` are Ray Train `UserCallback`s (a Tune trial forwards reports with one);
+    `tensorboard_dir` defaults to <run dir>/tensorboard.
+    """
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, output_dir=str(Path(cfg.data.output_dir).resolve())))
     validate(cfg)
     run_dir = cfg.run_dir
     ensure_ray(cfg)
     cfg, train_ds, val_ds, manifest, loop_data = prepare_data(cfg)
+
+    train_ds, val_ds = _hold_in_memory(cfg, train_ds, val_ds, manifest)
 
     resume = None
     if cfg.train.resume_from:
@@ -140,7 +181,7 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
         train_loop_per_worker,
         train_loop_config={
             "job": cfg.to_dict(),
-            "tensorboard_dir": str(run_dir / "tensorboard"),
+            "tensorboard_dir": str(Path(tensorboard_dir).resolve() if tensorboard_dir else run_dir / "tensorboard"),
             **loop_data,
             # Train V2 has no resume_from_checkpoint: the loop loads this when Train itself
             # holds no checkpoint of this run yet (a restart after a failure takes the run's own).
@@ -157,12 +198,16 @@ def train(cfg: JobConfig, *, fresh: bool = False) -> dict[str, Any]:
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep, checkpoint_score_attribute="step",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures),
+            callbacks=callbacks or None,
         ),
     )
     result = trainer.fit()
     if result.error:
         raise result.error
     out = dict(result.return_value or {})
+    if out.get("diverged_at_step") is not None:
+        raise TrainingDiverged(f"training diverged: non-finite gradient norm at step {out['diverged_at_step']}; "
+                               f"lower train.lr or raise train.warmup_steps")
     if cfg.model_type == "moe_lm":
         from neuraflex_ray.models.moe_lm import flops_per_token
 

@@ -13,6 +13,7 @@ our own TensorBoard writer (rank 0) and the log.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import tempfile
 import time
@@ -37,24 +38,22 @@ def lr_at(step: int, cfg: JobConfig) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def evaluate(task: Any, model: Any, strategy: Any, step: int, rank: int, world: int,
+def evaluate(task: Any, model: Any, strategy: Any, batches: list[Any], step: int,
              device: torch.device) -> tuple[float, dict[str, float]]:
-    """Validation loss (and its parts) over eval_batches global batches, weighted by units; all ranks run it."""
-    t = task.cfg.train
+    """Validation loss (and its parts) over this rank's share of the eval batches, weighted by units
+    and reduced over ranks; all ranks run it."""
+    if not batches:
+        raise RuntimeError("validation split produced no full batch: lower train.micro_batch_size or add data")
     strategy.train(False)
     names: list[str] = []
     sums = None  # [loss * units, part * units..., units]; NCCL reduces only device tensors
     with torch.no_grad():
-        for i, batch in enumerate(task.batches(ray.train.get_dataset_shard("val"), t.micro_batch_size, rank, world)):
-            if i >= t.eval_batches:
-                break
+        for batch in batches:
             out = task.step(model, batch, step, device, train=False)
             names = list(out.parts)
             vals = torch.stack([out.loss.detach().double(), *(p.double() for p in out.parts.values())]) * out.units
             row = torch.cat([vals, torch.tensor([float(out.units)], dtype=torch.float64, device=device)])
             sums = row if sums is None else sums + row
-    if sums is None:
-        raise RuntimeError("validation split produced no full batch: lower train.micro_batch_size or add data")
     dist.all_reduce(sums)
     strategy.train(True)
     mean = (sums[:-1] / sums[-1]).tolist()
@@ -100,6 +99,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     train_ds = ray.train.get_dataset_shard("train")
     batches = task.batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
     val_loss = float("nan")
+    val: dict[str, float] = {"loss": val_loss}  # the latest evaluation, and the step it ran at
+    val_step = 0
+    diverged_at = None
+    val_batches: list[Any] | None = None
     history: list[dict[str, Any]] = []
     first_batch_ids: list[int] = []  # fingerprint of each micro-batch this rank trained on (tests check resume)
     t_start = t_log = time.perf_counter()
@@ -139,7 +142,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             flops += out.flops
         grad_norm = strategy.step(lr)
         if not math.isfinite(grad_norm):
-            raise FloatingPointError(f"non-finite gradient norm at step {step}: lower train.lr or raise train.warmup_steps")
+            # The norm is global, so every rank stops here together. Returning (instead of raising)
+            # keeps Ray Train from restarting a run that would diverge again from its last checkpoint;
+            # the driver turns this into an error (a Tune trial is then marked failed).
+            diverged_at = step
+            if rank == 0:
+                print(f"[train] non-finite gradient norm at step {step}: stopping", flush=True)
+            break
         step += 1
         steps_since_log += 1
 
@@ -168,20 +177,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
         is_last = step == t.max_steps
         t_pause = time.perf_counter()
-        if step % t.eval_every == 0 or is_last:
-            total, parts = evaluate(task, model, strategy, step, rank, world, device)
+        evaluated = step % t.eval_every == 0 or is_last
+        if evaluated:
+            if val_batches is None:
+                # Every evaluation scores the same first eval_batches global batches: read them once
+                # (a fresh pass over the validation dataset costs seconds of pipeline start-up).
+                val_batches = list(itertools.islice(
+                    task.batches(ray.train.get_dataset_shard("val"), t.micro_batch_size, rank, world), t.eval_batches))
+            total, parts = evaluate(task, model, strategy, val_batches, step, device)
             val = task.eval_metrics(total, parts)
-            val_loss = val["loss"]
+            val_loss, val_step = val["loss"], step
             if writer is not None:
                 print(f"[eval] step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()), flush=True)
                 writer.scalars("val", val, step)
-        if step % t.checkpoint_every == 0 or is_last:
-            metrics = {"step": step, "val_loss": val_loss, "train_loss": history[-1][task.primary] if history else float("nan")}
-            with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
-                strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
-                                    "model_type": cfg.model_type, "strategy": strategy.name, "world_size": world,
-                                    "model_config": dataclasses.asdict(cfg.model)})
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        # Every evaluation is reported (Tune's schedulers decide on these); checkpoints ride along.
+        # `report` is a barrier, and every rank reaches it at the same steps.
+        if evaluated or step % t.checkpoint_every == 0:
+            metrics = {"step": step, "val_step": val_step, **{f"val_{k}": v for k, v in val.items()},
+                       "train_loss": history[-1][task.primary] if history else float("nan")}
+            if step % t.checkpoint_every == 0 or is_last:
+                with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
+                    strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
+                                        "model_type": cfg.model_type, "strategy": strategy.name, "world_size": world,
+                                        "model_config": dataclasses.asdict(cfg.model)})
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report(metrics)
         dt_pause = time.perf_counter() - t_pause
         t_log += dt_pause
         pause += dt_pause
@@ -191,6 +212,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start - pause
     return {
         "steps": step,
+        "diverged_at_step": diverged_at,
         "optimizer_steps": strategy.optimizer_steps,
         "restored_from_step": restored_from,
         "data_position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},

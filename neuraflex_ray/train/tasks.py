@@ -43,6 +43,7 @@ class LMTask:
     """NeuralFlex-MoE on packed token blocks: next-token cross entropy + router losses."""
 
     unit = "tokens"
+    val_metrics = ("loss", "bits_per_byte")  # what eval_metrics returns (reported as val_<name>)
     primary = "ce"  # the training loss reported as final_loss: cross entropy without router terms
 
     def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], rank: int = 0):
@@ -106,6 +107,7 @@ class NeuroTask:
     """NeuroFM on time-series windows: masked reconstruction + forecasting + cross-modal contrastive."""
 
     unit = "patches"
+    val_metrics = ("loss", "recon", "forecast", "contrastive")
     primary = "loss"  # the weighted sum of the objectives
 
     def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], rank: int = 0):
@@ -182,6 +184,12 @@ class NeuroTask:
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         text = f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f}"
         return {}, text
+
+
+def reported_metrics(model_type: str) -> list[str]:
+    """The metric names each evaluation reports to Ray Train (and so to Tune) for a model type."""
+    task = NeuroTask if model_type == "neurofm" else LMTask
+    return ["train_loss", *(f"val_{m}" for m in task.val_metrics)]
 
 
 def build_task(cfg: JobConfig, loop_config: dict[str, Any], rank: int) -> LMTask | NeuroTask:

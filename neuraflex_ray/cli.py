@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -88,6 +90,9 @@ def cmd_quickstart(args: argparse.Namespace) -> dict:
 def cmd_tune(args: argparse.Namespace) -> dict:
     from neuraflex_ray.sweep import load_sweep, run_sweep
 
+    # `ray job stop` sends SIGTERM: stop the way Ctrl-C does (Tune saves its state on SIGUSR1 too),
+    # so --resume continues from the latest state.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGUSR1))
     if args.resume and args.fresh:
         raise ConfigError("--resume and --fresh contradict each other: --resume continues a sweep, --fresh deletes it")
     return run_sweep(load_sweep(args.config or DEFAULT_SWEEP, args.overrides), resume=args.resume, fresh=args.fresh)
@@ -153,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2, default=str))
-    return 0
+    return 130 if out.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import queue as queue_lib
 import shutil
 import tempfile
 import threading
@@ -81,7 +80,8 @@ class SweepConfig:
     name: str = "sweep"
     output_dir: str = "runs/sweeps"  # sweep directory = output_dir/name
     base: str = ""  # the base job YAML, relative to this file (or absolute)
-    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the base for every trial, e.g. {train: {max_steps: 100}}
+    # Merged into the base for every trial, e.g. {train: {max_steps: 100}}.
+    overrides: dict[str, Any] = field(default_factory=dict)
     resources: dict[str, Any] = field(default_factory=dict)  # per trial: num_workers, cpus_per_worker, use_gpu
     space: dict[str, ParamSpec] = field(default_factory=dict)  # dotted config key -> range
     metric: str = "val_loss"
@@ -478,7 +478,43 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     print(f"[tune] TensorBoard: tensorboard --logdir {sweep.dir / 'tensorboard'} | "
           f"Optuna: optuna-dashboard {sweep.storage_url}", flush=True)
     grid = _tuner(sweep, resume).fit()
+    _release_leaked_placement_groups()
+    finished = grid.num_terminated + grid.num_errors
+    if finished < c.num_trials:  # Ctrl-C / SIGTERM: Tune saved its state and returned early
+        print(f"[tune] interrupted with {finished} of {c.num_trials} trials finished; continue with --resume "
+              f"(finished trials are kept)", flush=True)
+        return {"sweep": c.name, "dir": str(sweep.dir), "interrupted": True, "finished_trials": finished}
     return summarize(sweep, grid)
+
+
+def _release_leaked_placement_groups(grace_s: float = 15.0) -> None:
+    """Remove the worker placement groups this sweep's Train runs left behind.
+
+    When Tune stops trials because the sweep was interrupted, the placement group of a Train run
+    that was starting can outlive its controller and keep its CPUs/GPUs reserved on the cluster
+    (seen on Ray 2.60). Once Tune has returned no trial of ours is running, so whatever this job
+    still holds after a grace period for Ray's own clean-up is a leak. Placement group ids end
+    with the id of the job that created them.
+    """
+    import time
+
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup, PlacementGroupID
+
+    job = ray.get_runtime_context().get_job_id()
+
+    def ours() -> list[str]:
+        return [pg for pg, info in placement_group_table().items()
+                if pg.endswith(job) and info["state"] in ("CREATED", "PENDING", "RESCHEDULING", "PREPARED")]
+
+    deadline = time.monotonic() + grace_s
+    while ours() and time.monotonic() < deadline:
+        time.sleep(1.0)
+    leaked = ours()
+    for pg in leaked:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    if leaked:
+        print(f"[tune] released {len(leaked)} placement group(s) that stopped trials left behind", flush=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,9 +539,14 @@ def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
     """One row per trial: its searched values, metrics, status and the compute it used."""
     c, t = sweep.cfg, sweep.base.train
     better = min if c.mode == "min" else max
+    from ray.tune import ExperimentAnalysis
+
+    # A trial restored from disk by --resume may come back without its config: take it from the state.
+    configs = {t.trial_id: t.config for t in ExperimentAnalysis(str(sweep.dir / "tune")).trials}
     rows = []
     for r in grid:
         m = r.metrics or {}
+        config = r.config or configs.get(Path(r.path).name, {})
         hist = r.metrics_dataframe
         values = [] if hist is None or c.metric not in hist else [v for v in hist[c.metric].tolist() if math.isfinite(v)]
         step = int(m.get("step", 0) or 0)
@@ -514,7 +555,7 @@ def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
         row = {
             "trial_id": Path(r.path).name,
             "status": status,
-            **{f"config/{k}": r.config.get(k) for k in c.space},
+            **{f"config/{k}": config.get(k) for k in c.space},
             c.metric: m.get(c.metric, math.nan),
             f"best_{c.metric}": better(values) if values else math.nan,
             "val_loss": m.get("val_loss", math.nan),
@@ -562,9 +603,10 @@ def _write_hparams(sweep: Sweep, rows: list[dict[str, Any]]) -> None:
     for r in rows:
         hp = {k.removeprefix("config/"): v for k, v in r.items() if k.startswith("config/") and v is not None}
         hp = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hp.items()}
-        with SummaryWriter(log_dir=str(sweep.dir / "tensorboard" / r["trial_id"])) as w:
+        # Its own directory under the trial's, so the trial's training curves stay as they were.
+        with SummaryWriter(log_dir=str(sweep.dir / "tensorboard" / r["trial_id"] / "hparams")) as w:
             w.add_hparams(hp, {f"hparam/{sweep.cfg.metric}": r[sweep.cfg.metric], "hparam/steps": r["steps"]},
-                          run_name="hparams")
+                          run_name=".")
 
 
 def summarize(sweep: Sweep, grid: Any) -> dict[str, Any]:

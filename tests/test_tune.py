@@ -1,0 +1,170 @@
+"""Real Ray Tune + real Optuna over real Ray Train runs (tiny MoE, 1 worker per trial, 2 at a time).
+
+One sweep serves every test. It is started by the command line in a separate driver process,
+interrupted with SIGINT once two trials have finished, then resumed here with --resume semantics.
+Its first trial is a point that diverges (lr = 1e30), so one trial always fails.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import ray
+import yaml
+from ray.tune import ExperimentAnalysis
+
+from neuraflex_ray.config import load_config
+from neuraflex_ray.sweep import load_sweep, run_sweep
+from neuraflex_ray.train.driver import train
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+TRIALS = 5
+
+
+def write_sweep(tmp: Path) -> Path:
+    raw = {
+        "name": "t", "output_dir": str(tmp / "sweeps"), "base": str(REPO / "jobs" / "configs" / "moe_debug.yaml"),
+        "overrides": {
+            "model": {"flavour": "tiny", "max_seq_len": 64},
+            "data": {"output_dir": str(tmp / "data"), "max_bytes": 400000, "vocab_size": 512, "seq_len": 32},
+            "train": {"ep_size": 1, "micro_batch_size": 4, "max_steps": STEPS, "warmup_steps": 2, "log_every": 4,
+                      "eval_every": 4, "eval_batches": 2, "checkpoint_every": 8, "max_failures": 0},
+        },
+        "resources": {"num_workers": 1, "cpus_per_worker": 1},
+        "space": {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
+        "metric": "val_loss", "mode": "min", "num_trials": TRIALS, "max_concurrent_trials": 2, "seed": 0,
+        "search": {"algorithm": "optuna", "n_startup_trials": 2, "points_to_evaluate": [{"train.lr": 1e30}]},
+        "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
+    }
+    path = tmp / "sweep.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def finished_in_optuna(storage: str) -> int:
+    if not Path(storage.removeprefix("sqlite:///")).is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name="t", storage=storage)
+    except KeyError:  # not created yet
+        return 0
+    return sum(t.state.is_finished() for t in study.trials)
+
+
+def trial_files(sweep_dir: Path) -> dict[str, list[str]]:
+    """Per trial: its Train run directories and TensorBoard event files (a rerun would add to both)."""
+    out = {}
+    for d in sorted((sweep_dir / "trials").glob("*")):
+        runs = [p.name for p in sorted(d.glob("start-*"))]
+        events = [p.name for p in sorted((sweep_dir / "tensorboard" / d.name).glob("events.out.tfevents.*"))]
+        out[d.name] = runs + events
+    return out
+
+
+@pytest.fixture(scope="module")
+def sweep(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tune")
+    path = write_sweep(tmp)
+    loaded = load_sweep(path)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    log = open(tmp / "phase1.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "neuraflex_ray.cli", "tune", "--config", str(path)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    deadline = time.monotonic() + 600
+    while finished_in_optuna(loaded.storage_url) < 2:
+        assert proc.poll() is None, (tmp / "phase1.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "no trial finished in 10 minutes"
+        time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    rc = proc.wait(timeout=300)
+    log.close()
+    analysis = ExperimentAnalysis(str(loaded.dir / "tune"))
+    finished = {t.trial_id for t in analysis.trials if t.status in ("TERMINATED", "ERROR")}
+    before = trial_files(loaded.dir)
+
+    summary = run_sweep(load_sweep(path), resume=True)
+    return {"path": path, "sweep": loaded, "rc": rc, "finished_before": finished, "files_before": before,
+            "summary": summary, "log": (tmp / "phase1.log").read_text(), "tmp": tmp}
+
+
+def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
+    assert sweep["rc"] == 130, sweep["log"][-3000:]  # the CLI says "interrupted", not success
+    assert "continue with --resume" in sweep["log"]
+    assert len(sweep["finished_before"]) >= 2
+    after = trial_files(sweep["sweep"].dir)
+    for trial_id in sweep["finished_before"]:
+        assert after.get(trial_id, []) == sweep["files_before"].get(trial_id, []), trial_id
+    assert sweep["summary"]["trials"] == TRIALS
+    assert not sweep["summary"].get("interrupted")
+
+
+def test_sweep_completes_with_asha_stopping_a_trial_and_a_diverged_trial_failed(sweep):
+    s = sweep["summary"]
+    assert s["failed"] == 1 and s["stopped_early"] >= 1 and s["completed"] >= 1, s
+    table = pd.read_csv(Path(s["dir"]) / "results.csv")
+    failed = table[table.status == "failed"].iloc[0]
+    assert failed["config/train.lr"] == 1e30 and "diverged" in failed["error"]
+    stopped = table[table.status == "stopped_early"]
+    assert (stopped.steps < STEPS).all()
+    done = table[table.status == "completed"]
+    assert (done.steps == STEPS).all() and done.val_loss.map(math.isfinite).all()
+    # Compute used: a stopped trial trained fewer steps and reported fewer evaluations.
+    assert stopped.reports.max() < done.reports.min()
+    assert s["steps"] == int(table.steps.sum())
+
+
+def test_results_table_in_csv_and_parquet(sweep):
+    d = Path(sweep["summary"]["dir"])
+    csv, parquet = pd.read_csv(d / "results.csv"), pd.read_parquet(d / "results.parquet")
+    assert len(csv) == len(parquet) == TRIALS
+    for col in ("trial_id", "status", "config/train.lr", "val_loss", "best_val_loss", "steps", "time_s", "cpu_s",
+                "checkpoint", "error"):
+        assert col in parquet.columns, col
+    assert list(csv.trial_id) == list(parquet.trial_id)
+    assert csv.steps.tolist() == parquet.steps.tolist()
+
+
+def test_optuna_storage_holds_every_trial(sweep):
+    study = optuna.load_study(study_name="t", storage=sweep["sweep"].storage_url)
+    states = [t.state for t in study.trials]
+    assert len(states) == TRIALS
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
+    assert study.trials[0].params == {"train.lr": 1e30}  # the point to evaluate came first
+    best = study.best_trial
+    assert best.value == pytest.approx(sweep["summary"]["best"]["val_loss"])
+
+
+def test_tensorboard_has_every_trial_under_one_directory(sweep):
+    tb = Path(sweep["summary"]["tensorboard"])
+    table = pd.read_csv(Path(sweep["summary"]["dir"]) / "results.csv")
+    for trial_id in table.trial_id:
+        assert list((tb / trial_id).glob("events.out.tfevents.*")), trial_id
+        assert list((tb / trial_id / "hparams").glob("events.out.tfevents.*")), trial_id
+
+
+def test_resources_are_free_after_the_sweep(sweep):
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, f"placement groups left behind: {ray.available_resources()}"
+        time.sleep(1)
+
+
+def test_best_yaml_loads_and_trains(sweep):
+    best = sweep["summary"]["best"]
+    assert Path(best["checkpoint"]).is_dir()
+    cfg = load_config(best["best_yaml"], [f"output_dir={sweep['tmp'] / 'best'}", "train.max_steps=4",
+                                          "train.eval_every=4", "train.checkpoint_every=4"])
+    assert cfg.train.lr == pytest.approx(best["config"]["train.lr"])
+    out = train(cfg, fresh=True)
+    assert out["steps"] == 4 and math.isfinite(out["val_loss"])

@@ -103,7 +103,10 @@ class Sweep:
     dir: Path
 
     @property
-    def storage_url(self) -> str:
+    def storage_url(self) -> str | None:
+        """Where the Optuna study lives (None under PBT, which samples with Tune's own generator)."""
+        if self.cfg.scheduler.type == "pbt":
+            return None
         return self.cfg.search.storage or f"sqlite:///{self.dir / 'optuna.db'}"
 
     def trial_raw(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -248,6 +251,9 @@ def check_sweep(sweep: Sweep) -> None:
               f"scheduler.perturbation_interval={interval} is not a multiple of train.checkpoint_every="
               f"{t.checkpoint_every}: PBT clones checkpoints, so it can only act where one was written")
         _need(0 < s.quantile_fraction <= 0.5, f"scheduler.quantile_fraction must be in (0, 0.5] (got {s.quantile_fraction})")
+        _need(cfg.search.algorithm == "random",
+              "search.algorithm: Ray Tune refuses a search algorithm beside PBT; with scheduler.type=pbt set "
+              "search.algorithm=random (the initial population is sampled at random, and is not an Optuna study)")
         structural = [k for k in cfg.space if not k.startswith("train.")]
         _need(not structural, f"space.{structural[0] if structural else ''}: PBT continues a trial from another "
                               f"trial's checkpoint, so it can only mutate train.* keys (the model must stay the same)")
@@ -291,7 +297,11 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     resume = tune.get_checkpoint()
     if resume is not None:
         with resume.as_directory() as d:
-            raw = set_dotted(raw, "train.resume_from", json.loads((Path(d) / POINTER).read_text())["path"])
+            target = json.loads((Path(d) / POINTER).read_text())["path"]
+        if not Path(target).is_dir():
+            raise FileNotFoundError(f"Tune restored trial {trial_id} from Train checkpoint {target}, which its run has "
+                                    f"since deleted; raise train.num_to_keep in the sweep's overrides")
+        raw = set_dotted(raw, "train.resume_from", target)
     cfg = config_from_raw(raw)
 
     reports: Any = Queue(maxsize=1, actor_options={"num_cpus": 0})  # lockstep: Tune stops a trial promptly
@@ -427,18 +437,26 @@ def _tuner(sweep: Sweep, resume: bool) -> Any:
         # Finished trials stay finished; interrupted ones continue from their last checkpoint.
         return tune.Tuner.restore(str(path), trainable=_trainable(sweep), resume_unfinished=True,
                                   resume_errored=False, restart_errored=False)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     c = sweep.cfg
+    if c.scheduler.type == "pbt":  # PBT mutates configs itself and accepts only Tune's own sampler
+        search, space = BasicVariantGenerator(random_state=c.seed), _tune_domains(c.space)
+    else:
+        search, space = _search(sweep), {}
     return tune.Tuner(
         _trainable(sweep),
+        param_space=space,
         tune_config=tune.TuneConfig(
             metric=c.metric, mode=c.mode, num_samples=c.num_trials, max_concurrent_trials=_max_concurrent(sweep),
-            search_alg=_search(sweep), scheduler=_scheduler(sweep), trial_name_creator=_trial_dirname,
+            search_alg=search, scheduler=_scheduler(sweep), trial_name_creator=_trial_dirname,
             trial_dirname_creator=_trial_dirname),
         run_config=tune.RunConfig(
             name="tune", storage_path=str(sweep.dir),
             # A failed trial is recorded and the sweep goes on; Train already restarts failed workers.
             failure_config=tune.FailureConfig(max_failures=0),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+            # Tune's checkpoints are pointer files: keep them all, since PBT may clone an older one.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None)),
     )
 
 
@@ -448,7 +466,7 @@ def _prepare(sweep: Sweep, resume: bool, fresh: bool) -> None:
     state = sweep.dir / "tune"
     if fresh:
         shutil.rmtree(sweep.dir, ignore_errors=True)
-        if sweep.cfg.search.storage:  # the study lives outside the sweep directory
+        if sweep.cfg.search.storage and sweep.storage_url:  # the study lives outside the sweep directory
             try:
                 optuna.delete_study(study_name=sweep.cfg.name, storage=sweep.storage_url)
             except KeyError:
@@ -475,8 +493,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     c = sweep.cfg
     print(f"[tune] sweep {c.name}: {c.num_trials} trials, {c.search.algorithm} search, {c.scheduler.type} scheduler, "
           f"{c.metric} ({c.mode}); {sweep.dir}", flush=True)
-    print(f"[tune] TensorBoard: tensorboard --logdir {sweep.dir / 'tensorboard'} | "
-          f"Optuna: optuna-dashboard {sweep.storage_url}", flush=True)
+    print(f"[tune] TensorBoard: tensorboard --logdir {sweep.dir / 'tensorboard'}" +
+          (f" | Optuna: optuna-dashboard {sweep.storage_url}" if sweep.storage_url else ""), flush=True)
     grid = _tuner(sweep, resume).fit()
     _release_leaked_placement_groups()
     finished = grid.num_terminated + grid.num_errors

@@ -70,8 +70,9 @@ def test_invalid_space_fails_before_any_trial_naming_the_key(tmp_path, space, ne
     ({"base": "missing.yaml"}, "base: no such file"),
     ({"overrides": {"train": {"ep_size": 1, "checkpoint_every": 30, "eval_every": 20}}},
      "train.checkpoint_every=30 is not a multiple"),
-    ({"scheduler": {"type": "pbt"}, "space": {"model.aux_loss_weight": {"type": "uniform", "low": 0, "high": 1}}},
-     "PBT continues a trial"),
+    ({"scheduler": {"type": "pbt"}, "search": {"algorithm": "random"},
+      "space": {"model.aux_loss_weight": {"type": "uniform", "low": 0, "high": 1}}}, "PBT continues a trial"),
+    ({"scheduler": {"type": "pbt"}}, "search.algorithm: Ray Tune refuses a search algorithm beside PBT"),
     ({"sapce": {}}, "unknown config key 'sapce'"),
 ])
 def test_invalid_sweep_settings_name_the_field(tmp_path, changes, needle):

@@ -301,6 +301,13 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
         if not Path(target).is_dir():
             raise FileNotFoundError(f"Tune restored trial {trial_id} from Train checkpoint {target}, which its run has "
                                     f"since deleted; raise train.num_to_keep in the sweep's overrides")
+        from neuraflex_ray.checkpoint import read_checkpoint_state
+
+        if read_checkpoint_state(Path(target))["step"] >= sweep.base.train.max_steps:
+            # PBT may perturb at the final report and restart the trial from a finished checkpoint:
+            # there is nothing left to train, and the trial's last report stands.
+            print(f"[tune] trial {trial_id}: {target} is already at train.max_steps; nothing to train", flush=True)
+            return
         raw = set_dotted(raw, "train.resume_from", target)
     cfg = config_from_raw(raw)
 

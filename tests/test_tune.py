@@ -168,3 +168,22 @@ def test_best_yaml_loads_and_trains(sweep):
     assert cfg.train.lr == pytest.approx(best["config"]["train.lr"])
     out = train(cfg, fresh=True)
     assert out["steps"] == 4 and math.isfinite(out["val_loss"])
+
+
+def test_pbt_trials_continue_from_each_others_checkpoints(sweep, tmp_path):
+    """PBT (with Tune's own sampler): the trial that falls behind restarts from the leader's checkpoint."""
+    path = write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw.update(name="pbt", num_trials=2, search={"algorithm": "random"},
+               space={"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+                      "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.2}},
+               scheduler={"type": "pbt", "perturbation_interval": 8, "quantile_fraction": 0.5})
+    raw["overrides"]["data"]["output_dir"] = str(sweep["tmp"] / "data")  # the dataset the sweep above built
+    path.write_text(yaml.safe_dump(raw))
+    summary = run_sweep(load_sweep(path))
+    assert summary["completed"] == 2 and summary["optuna_storage"] is None
+    sweep_dir = Path(summary["dir"])
+    restarts = {d.name: len(list(d.glob("start-*"))) for d in (sweep_dir / "trials").iterdir()}
+    # Nothing was interrupted: a trial has more than one Train run only when PBT restarted it from a checkpoint.
+    assert max(restarts.values()) > 1, restarts
+    assert (sweep_dir / "best.yaml").is_file()

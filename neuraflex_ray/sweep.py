@@ -303,7 +303,13 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
                                     f"since deleted; raise train.num_to_keep in the sweep's overrides")
         from neuraflex_ray.checkpoint import read_checkpoint_state
 
-        if read_checkpoint_state(Path(target))["step"] >= sweep.base.train.max_steps:
+        step = read_checkpoint_state(Path(target))["step"]
+        # Where each start came from: under PBT a trial continues from another trial's checkpoint, and
+        # this file is the trial's lineage (which checkpoint, at which step, with which new params).
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        with open(trial_dir / "lineage.jsonl", "a") as f:
+            f.write(json.dumps({"start": start, "restored_from": target, "step": step, "params": params}) + "\n")
+        if step >= sweep.base.train.max_steps:
             # PBT may perturb at the final report and restart the trial from a finished checkpoint:
             # there is nothing left to train, and the trial's last report stands.
             print(f"[tune] trial {trial_id}: {target} is already at train.max_steps; nothing to train", flush=True)

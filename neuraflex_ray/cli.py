@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | generate | tune | quickstart.
+"""`neuraflex-ray` command line: data | train | export | eval | generate | tune | serve | quickstart.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -98,6 +98,37 @@ def cmd_tune(args: argparse.Namespace) -> dict:
     return run_sweep(load_sweep(args.config or DEFAULT_SWEEP, args.overrides), resume=args.resume, fresh=args.fresh)
 
 
+def cmd_serve(args: argparse.Namespace) -> dict:
+    import time
+
+    from ray import serve
+
+    from neuraflex_ray.serving.deploy import deploy, parse_checkpoints
+    from neuraflex_ray.train.driver import ensure_ray
+
+    try:
+        models = parse_checkpoints(args.checkpoint)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    ensure_ray()
+    url = deploy(models, host=args.host, port=args.port, name=args.name, max_batch_size=args.max_batch_size,
+                 kv_cache=not args.no_kv_cache, num_replicas=args.replicas, num_cpus=args.num_cpus,
+                 num_gpus=args.num_gpus, batch_invariant=not args.no_batch_invariant)
+    print(f"[serve] {args.name} is up at {url}: GET {url}/v1/models, POST {url}/v1/completions "
+          f"(OpenAI client: base_url={url}/v1)", flush=True)
+    if args.no_block:
+        return {"url": url, "app": args.name}
+    # `ray job stop` sends SIGTERM: leave the same way as Ctrl-C, taking the app down with us.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.delete(args.name)
+        print(f"[serve] {args.name} deleted", flush=True)
+    return {"url": url, "app": args.name, "stopped": True}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="neuraflex-ray", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +175,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("overrides", nargs="*", help="dotted overrides of the sweep YAML, e.g. num_trials=4 "
                                                  "overrides.train.max_steps=50")
     sp.set_defaults(fn=cmd_tune)
+    sp = sub.add_parser("serve", help="Serve exports on Ray Serve: OpenAI-compatible LM API, NeuroFM embed/forecast.",
+                        description="Serve exports on Ray Serve (routes in neuraflex_ray/serving/app.py). Runs until "
+                                    "Ctrl-C / `ray job stop`, then deletes the app; --no-block leaves it running.")
+    sp.add_argument("--checkpoint", action="append", required=True, metavar="[NAME=]DIR",
+                    help="an export directory (or a run directory holding export/); repeat for several models")
+    sp.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 on a cluster head)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--name", default="neuraflex", help="Serve application name")
+    sp.add_argument("--max-batch-size", type=int, default=16, help="LM decode slots per replica (1: no batching)")
+    sp.add_argument("--no-batch-invariant", action="store_true",
+                    help="decode only the live rows: faster at low load, text equal up to float rounding")
+    sp.add_argument("--no-kv-cache", action="store_true", help="recompute every token (a baseline, not for use)")
+    sp.add_argument("--replicas", type=int, default=1)
+    sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
+    sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")
+    sp.add_argument("--no-block", action="store_true", help="return once the app answers (on a running cluster)")
+    sp.set_defaults(fn=cmd_serve)
     sp = with_config("quickstart", "Data -> train (2 workers) -> export -> eval (-> generate) -> summary.json; "
                                    "--model neurofm for NeuroFM.")
     sp.set_defaults(fn=cmd_quickstart)

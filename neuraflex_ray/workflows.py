@@ -6,6 +6,7 @@ evaluate: in one process on held-out data, each metric beside a baseline fitted 
           split only. LM: bits per byte vs a bigram. NeuroFM: forecasting skill vs persistence and
           ridge autoregression, masked-channel R^2 vs ridge, cross-modal retrieval vs chance.
 generate: a completion from an LM export
+serve:    the LM export on Ray Serve, called once over HTTP (the OpenAI completions API)
 """
 
 from __future__ import annotations
@@ -85,6 +86,24 @@ def generate_text(export_dir: str | Path, prompt: str, max_new_tokens: int = 64,
     return tok.decode(ids)
 
 
+def serve_and_call(export_dir: str | Path, prompt: str, max_tokens: int, seed: int, port: int = 8000) -> dict[str, Any]:
+    """Deploy the export on Ray Serve, send it one OpenAI completions request over HTTP, take it down."""
+    from ray import serve
+
+    from neuraflex_ray.serving.deploy import deploy, free_port, post_json
+
+    url = deploy([str(export_dir)], port=free_port(port))
+    request = {"model": "neuraflex-moe", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7, "top_k": 50,
+               "seed": seed}
+    t0 = time.perf_counter()
+    reply = post_json(f"{url}/v1/completions", request)
+    latency = time.perf_counter() - t0
+    serve.shutdown()
+    print(f"[serve] POST {url}/v1/completions -> {reply['choices'][0]['text']!r} ({latency * 1e3:.0f} ms)", flush=True)
+    return {"url": f"{url}/v1/completions", "request": request, "completion": reply["choices"][0]["text"],
+            "usage": reply["usage"], "latency_ms": latency * 1e3}
+
+
 def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
     from neuraflex_ray.neuro_eval import evaluate_neurofm, format_table
     from pipelines.timeseries import read_series
@@ -150,7 +169,7 @@ def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
 
 
 def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str, Any]:
-    """data -> train (Ray Train, DeepSpeed EP) -> export -> eval -> generate -> summary.json"""
+    """data -> train (Ray Train, DeepSpeed EP) -> export -> eval -> generate -> serve -> summary.json"""
     if cfg.model_type == "neurofm":
         return quickstart_neurofm(cfg)
     t0 = time.perf_counter()
@@ -171,6 +190,7 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
         "export": {"path": str(export_dir)},
         "generate": {"prompt": prompt, "completion": completion, "temperature": 0.7, "top_k": 50,
                      "seed": cfg.train.seed},
+        "serve": serve_and_call(export_dir, prompt, max_tokens=48, seed=cfg.train.seed),
         "wall_s": time.perf_counter() - t0,
     }
     return _write_summary(run_dir, summary, "FLOPs/token = 6*N_active + 12*L*H*head_dim*T")

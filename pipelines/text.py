@@ -390,12 +390,12 @@ def _tokenizer(cfg: DataConfig, user_tokenizer: bytes | None,
         _log(f"using tokenizer {cfg.tokenizer} plus {EOS} (vocab {tok.get_vocab_size()})")
         return tok, tok.to_str(pretty=True).encode()
     t = time.perf_counter()
-    tok = _train_bpe(_text_batches(train_docs), cfg.vocab_size)
+    tok = train_bpe(_text_batches(train_docs), cfg.vocab_size)
     _log(f"trained byte-level BPE, vocab {tok.get_vocab_size()}, on the train split in {time.perf_counter() - t:.1f}s")
     return tok, tok.to_str(pretty=True).encode()
 
 
-def _train_bpe(batches: Iterator[list[str]], vocab_size: int) -> Tokenizer:
+def train_bpe(batches: Iterator[list[str]], vocab_size: int) -> Tokenizer:
     """GPT-2 style byte-level BPE: any input round-trips, no unknown tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -17,3 +17,17 @@ def test_moe_layer_benchmark_prints_json():
     assert result["config"]["experts"] == 4
     # Same weights, nothing dropped: the three executions agree.
     assert max(result["max_abs_diff_vs_dropless"].values()) < 1e-5
+
+
+def test_serve_load_benchmark_prints_json():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/serve_load.py", "--flavour", "tiny", "--kv-flavours", "tiny", "--max-tokens", "4",
+         "--requests-per-client", "1", "--concurrency", "1", "2", "--kv-tokens", "16"],
+        capture_output=True, text=True, timeout=600, check=True,
+    )
+    result = json.loads(out.stdout)
+    assert {(r["batching"], r["batch_invariant"], r["concurrency"]) for r in result["runs"]} == {
+        (b, i, c) for b, i in ((True, True), (True, False), (False, False)) for c in (1, 2)}
+    assert all(r["tokens"] == 4 * r["requests"] and r["p99_ms"] >= r["p50_ms"] > 0 for r in result["runs"])
+    kv = result["kv_cache"]
+    assert kv["tokens"] == 16 and kv["with_cache_s"] > 0 and kv["recompute_s"] > 0

@@ -137,6 +137,11 @@ class MoE(nn.Module):
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, shared_ffn_dim: int = 0):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        # Serving sets this for batched decode steps: every expert runs on every token, so the shapes a
+        # token's arithmetic sees are fixed, whatever the other rows route to (a grouped GEMM's result
+        # for a row changes with its group's size). E/k times the expert FLOPs; a decode step reads
+        # every expert's weights anyway.
+        self.batch_invariant = False
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
@@ -159,6 +164,8 @@ class MoE(nn.Module):
         return y.reshape(shape), moe_stats(r)
 
     def experts_forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        if self.batch_invariant:
+            return self._all_experts_forward(x, r)
         n, k = r.experts.shape
         flat = r.experts.flatten()
         order = flat.argsort(stable=True)  # assignments grouped by expert
@@ -167,6 +174,15 @@ class MoE(nn.Module):
         out = grouped_swiglu(x[token_of], counts, self.w1, self.w3, self.w2)
         out = out * r.weights.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def _all_experts_forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        h = F.silu(torch.matmul(x, self.w1)) * torch.matmul(x, self.w3)  # [E, N, f]
+        every = torch.matmul(h, self.w2)  # [E, N, d]: expert e's output for every token
+        rows = torch.arange(x.shape[0], device=x.device)
+        y = torch.zeros_like(x)
+        for j in range(self.top_k):  # the k picks in rank order, the same sum order for every token
+            y = y + every[r.experts[:, j], rows] * r.weights[:, j, None].to(x.dtype)
+        return y
 
 
 def naive_moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,10 @@ def rope_tables(max_len: int, head_dim: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, T, H, D]; cos/sin: [T, D/2]. Rotates (even, odd) pairs."""
+    """x: [B, T, H, D]; cos/sin: [T, D/2], or [B, T, D/2] when rows sit at different positions.
+    Rotates (even, odd) pairs."""
     x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = (cos[None, :, None, :], sin[None, :, None, :]) if cos.dim() == 2 else (cos[:, :, None], sin[:, :, None])
     out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     return out.type_as(x)
 
@@ -57,6 +58,10 @@ class KVCache:
         shape = (batch, n_kv_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    def slot(self, i: int) -> KVCache:
+        """Row i as a batch of one (views: writes land in this cache)."""
+        return KVCache(self.k[i:i + 1], self.v[i:i + 1])
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -69,14 +74,25 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0) -> torch.Tensor:
         b, t, _ = x.shape
         q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
         mask, causal = None, True
-        if cache is not None:
+        if isinstance(start_pos, torch.Tensor):
+            # Batched decode, one new token per row at its own position (continuous batching).
+            # Every row attends over the whole cache length under its own mask: the shapes never
+            # depend on where the other rows are, so neither does this row's arithmetic.
+            assert cache is not None and t == 1, "per-row positions are for one-token decode steps"
+            rows = torch.arange(b, device=x.device)
+            cache.k[rows, :, start_pos] = k[:, :, 0]
+            cache.v[rows, :, start_pos] = v[:, :, 0]
+            k, v = cache.k[:b], cache.v[:b]
+            keys = torch.arange(k.shape[2], device=x.device)
+            mask, causal = (keys[None, :] <= start_pos[:, None])[:, None, None, :], False  # [B, 1, 1, L]
+        elif cache is not None:
             end = start_pos + t
             cache.k[:b, :, start_pos:end] = k
             cache.v[:b, :, start_pos:end] = v
@@ -109,7 +125,7 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                start_pos: int) -> tuple[torch.Tensor, MoEStats | None]:
+                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
         h = self.ffn(self.ffn_norm(x))
         stats = None
@@ -155,11 +171,17 @@ class MoELM(nn.Module):
                 nn.init.normal_(ffn.w2.weight, std=out_std)
 
     def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+                start_pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+        """tokens [B, T] -> logits [B, T, V]. With caches, the tokens continue at `start_pos`: an int
+        for the whole batch, or a [B] tensor of per-row positions for a one-token decode step."""
         t = tokens.shape[1]
-        if start_pos + t > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + t} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
+        end = int(start_pos.max()) + t if isinstance(start_pos, torch.Tensor) else start_pos + t
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        if isinstance(start_pos, torch.Tensor):
+            cos, sin = self.rope_cos[start_pos][:, None], self.rope_sin[start_pos][:, None]  # [B, 1, D/2]
+        else:
+            cos, sin = self.rope_cos[start_pos:start_pos + t], self.rope_sin[start_pos:start_pos + t]
         h = self.tok_embeddings(tokens)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):

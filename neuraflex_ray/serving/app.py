@@ -1,0 +1,441 @@
+"""The Ray Serve application: exported models behind HTTP.
+
+One deployment, `NeuraFlexServer` (FastAPI ingress), holds every model it was given (each replica
+loads them all; scale with replicas or autoscaling). Routes:
+
+    GET  /health                     liveness and each LM engine's load
+    GET  /v1/models                  OpenAI model list
+    GET  /v1/models/{id}             model card: config, training run, parameter counts
+    POST /v1/completions             OpenAI completions (NeuralFlex-MoE), streaming with SSE
+    POST /v1/chat/completions        OpenAI chat completions (template in openai_api.py)
+    POST /v1/neuro/embed             NeuroFM window embedding (JSON, Arrow IPC or .npy body)
+    POST /v1/neuro/forecast          NeuroFM forecasts per channel and horizon
+
+Every bad request is a 4xx with an OpenAI-style error body naming the field (errors.py); nothing
+a request sends can take the replica down. LM requests go through the replica's continuous-
+batching engine (engine.py).
+
+Deploy with `neuraflex-ray serve --checkpoint <export>`, or `serve run`/`serve deploy` with a Serve
+config whose import path is `neuraflex_ray.serving.app:build_app` (jobs/configs/serve_*.yaml).
+"""
+
+# No `from __future__ import annotations`: FastAPI (through serve.ingress) reads the handlers' annotations.
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.models.moe_lm import param_counts
+from neuraflex_ray.serving import openai_api as oai
+from neuraflex_ray.serving.engine import LMEngine, SamplingParams
+from neuraflex_ray.serving.errors import RequestError
+
+DEFAULT_NAMES = {"moe_lm": "neuraflex-moe", "neurofm": "neurofm"}
+EOS = "<|endoftext|>"
+
+app = FastAPI(title="NeuraFlex-Ray", description=__doc__)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(_: Request, e: RequestError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    # Unknown routes and wrong methods, in the same error shape as everything else.
+    return JSONResponse(RequestError(str(e.detail), None, status=e.status_code).body(), status_code=e.status_code)
+
+
+@app.exception_handler(Exception)
+async def _server_error(_: Request, e: Exception) -> JSONResponse:
+    body = RequestError(f"internal error: {type(e).__name__}: {e}", None, type="server_error").body()
+    return JSONResponse(body, status_code=500)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loaded models
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LMModel:
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    engine: LMEngine
+    tokenizer: Any
+    eos: int | None
+
+    @property
+    def context(self) -> int:
+        return self.engine.max_len
+
+    def encode(self, prompt: str | list[int], field: str) -> list[int]:
+        vocab = self.engine.model.cfg.vocab_size
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt).ids
+        else:
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise RequestError(f"{field}: token ids must be in [0, {vocab}), got {bad[:5]}", field)
+            ids = list(prompt)
+        ids = ids or ([self.eos] if self.eos is not None else [])  # an empty prompt starts a new document
+        if not ids:
+            raise RequestError(f"{field} must not be empty", field)
+        if len(ids) >= self.context:
+            raise RequestError(f"{field} is {len(ids)} tokens; this model's context window is {self.context} tokens "
+                               f"and generation needs at least one more: shorten it", field,
+                               code="context_length_exceeded")
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def card(self) -> dict[str, Any]:
+        cfg = self.engine.model.cfg
+        return {"model_type": "moe_lm", "config": self.meta["model"], "context_length": cfg.max_seq_len,
+                "parameters": param_counts(cfg), "tokenizer": {"vocab_size": self.tokenizer.get_vocab_size(),
+                                                               "eos": EOS if self.eos is not None else None},
+                "chat_template": oai.apply_chat_template([{"role": "user", "content": "{content}"}]),
+                "serving": {"max_batch_size": self.engine.max_batch_size, "kv_cache": self.engine.kv_cache,
+                            "batch_invariant": self.engine.batch_invariant,
+                            "device": str(self.engine.device), "dtype": str(self.engine.model.output.weight.dtype)}}
+
+
+@dataclass
+class NeuroModel:
+    name: str
+    path: Path
+    meta: dict[str, Any]
+    predictor: Any  # neuro.NeuroPredictor
+
+    def card(self) -> dict[str, Any]:
+        from neuraflex_ray.serving.neuro import card
+
+        return {"model_type": "neurofm", **card(self.meta)}
+
+
+def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
+    """{name: export dir}; a bare path (or list of them) is named after its model type."""
+    if isinstance(models, str):
+        models = [models]
+    if isinstance(models, list):
+        named: dict[str, str] = {}
+        for p in models:
+            name = DEFAULT_NAMES.get(_model_type(Path(p)), "model")
+            if name in named:
+                raise ValueError(f"models: two {name} exports; give them names ({{name: path}})")
+            named[name] = p
+        models = named
+    if not models:
+        raise ValueError("models: give at least one export directory")
+    out = {}
+    for name, p in models.items():
+        path = Path(p).expanduser().resolve()
+        _model_type(path)
+        out[name] = path
+    return out
+
+
+def _model_type(path: Path) -> str:
+    cfg = path / "config.json"
+    if not (path / "model.safetensors").is_file() or not cfg.is_file():
+        raise FileNotFoundError(f"{path} is not a model export (model.safetensors + config.json): pass the directory "
+                                f"`neuraflex-ray export` or `quickstart` wrote (<run dir>/export)")
+    return json.loads(cfg.read_text()).get("model_type", "moe_lm")
+
+
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def load_model(name: str, path: Path, max_batch_size: int = 16, kv_cache: bool = True, device: str = "auto",
+               batch_invariant: bool = True) -> LMModel | NeuroModel:
+    dev = _device(device)
+    model, meta = load_exported(path, device=dev)
+    if meta.get("model_type") == "neurofm":
+        from neuraflex_ray.serving.neuro import NeuroPredictor
+
+        return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
+    from pipelines.text import load_tokenizer
+
+    if dev.startswith("cuda"):
+        model = model.to(torch.bfloat16)  # decode is memory-bound: half the bytes per step
+    tok = load_tokenizer(path / "tokenizer.json")
+    engine = LMEngine(model, max_batch_size, kv_cache, batch_invariant)
+    return LMModel(name, path, meta, engine, tok, tok.token_to_id(EOS))
+
+
+# Helpers sit above the deployment class: serve.ingress captures the class when it is defined.
+
+async def _deltas(lm: LMModel, ids: list[int], params: SamplingParams,
+                  stops: list[str]) -> AsyncIterator[tuple[str, str | None, int]]:
+    """(text delta, finish reason or None, tokens so far) for one choice; the last has a reason."""
+    text = oai.TextStream(lm.decode, stops)
+    seq = lm.engine.submit(ids, params)
+    n = 0
+    try:
+        async for tok in seq.stream():
+            n += 1
+            delta = text.push(tok)
+            if text.stopped:
+                yield delta, "stop", n
+                return
+            if delta:
+                yield delta, None, n
+        yield text.finish(), seq.finish_reason, n
+    finally:
+        seq.cancel()  # a stop string, an error or a cancelled task: the slot frees at the next step
+
+
+async def _collect(lm: LMModel, ids: list[int], params: SamplingParams, stops: list[str]) -> tuple[str, str, int]:
+    parts, finish, count = [], "length", 0
+    async for delta, reason, n in _deltas(lm, ids, params, stops):
+        parts.append(delta)
+        finish, count = reason or finish, n
+    return "".join(parts), finish, count
+
+
+async def _json(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}", None) from None
+
+
+async def _neuro_request(request: Request) -> Any:
+    """A NeuroFM body: JSON, an Arrow IPC stream (one row per stream) or one .npy array [C, T] whose
+    modality, sampling_rate (and channels, comma-separated) come as query parameters."""
+    from neuraflex_ray.serving import neuro
+
+    kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
+    query = request.query_params
+    if kind == "application/json":
+        body = await _json(request)
+        if not isinstance(body, dict):
+            raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}", None)
+        try:
+            return neuro.NeuroRequest.model_validate(body)
+        except ValidationError as e:
+            raise oai.validation_error(e) from None
+    if kind in ("application/vnd.apache.arrow.stream", "application/x-npy"):
+        raw = await request.body()
+        if kind == "application/x-npy":
+            missing = [q for q in ("modality", "sampling_rate") if q not in query]
+            if missing:
+                raise RequestError(f"a .npy body needs the query parameters {missing} "
+                                   f"(?modality=eeg&sampling_rate=160[&channels=C3,C4])", missing[0])
+            try:
+                rate = float(query["sampling_rate"])
+            except ValueError:
+                raise RequestError(f"sampling_rate must be a number, got {query['sampling_rate']!r}",
+                                   "sampling_rate") from None
+            channels = query["channels"].split(",") if query.get("channels") else None
+            req = neuro.parse_npy(raw, query["modality"], rate, channels)
+        else:
+            req = neuro.parse_arrow(raw)
+        return req.model_copy(update={"model": query.get("model")})
+    raise RequestError(f"unsupported Content-Type {kind!r}: send application/json, application/vnd.apache.arrow.stream "
+                       f"or application/x-npy", "Content-Type", status=415)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment
+# ---------------------------------------------------------------------------------------------
+
+
+@serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
+                  ray_actor_options={"num_cpus": 1})
+@serve.ingress(app)
+class NeuraFlexServer:
+    def __init__(self, models: dict[str, str], max_batch_size: int = 16, kv_cache: bool = True,
+                 device: str = "auto", batch_invariant: bool = True):
+        self.models = {name: load_model(name, Path(p), max_batch_size, kv_cache, device, batch_invariant)
+                       for name, p in resolve_models(models).items()}
+        self.created = int(time.time())
+
+    def check_health(self) -> None:  # Serve restarts a replica whose engine thread died
+        for m in self.models.values():
+            if isinstance(m, LMModel):
+                m.engine.check_alive()
+
+    # ---- metadata ------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self) -> dict[str, Any]:
+        self.check_health()
+        return {"status": "ok", "models": {n: (m.engine.load() if isinstance(m, LMModel) else {"model_type": "neurofm"})
+                                           for n, m in self.models.items()}}
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [self._model_object(n) for n in self.models]}
+
+    @app.get("/v1/models/{model_id}")
+    async def model_card(self, model_id: str) -> dict[str, Any]:
+        m = self._get(model_id)
+        training = {k: m.meta.get(k) for k in ("source_checkpoint", "run_dir", "steps") if k in m.meta}
+        return {**self._model_object(model_id), **m.card(), "export": str(m.path), "training": training}
+
+    def _model_object(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "neuraflex-ray"}
+
+    def _get(self, name: str, kind: type | None = None) -> LMModel | NeuroModel:
+        if name not in self.models:
+            raise RequestError(f"model {name!r} does not exist; this server has {sorted(self.models)}", "model",
+                               status=404, code="model_not_found")
+        m = self.models[name]
+        if kind is not None and not isinstance(m, kind):
+            route = "/v1/completions or /v1/chat/completions" if isinstance(m, LMModel) else "/v1/neuro/embed or /forecast"
+            raise RequestError(f"model {name!r} is a {m.card()['model_type']} model: use {route}", "model")
+        return m
+
+    # ---- LM ------------------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        req = oai.parse(oai.CompletionRequest, await _json(request))
+        lm = self._get(req.model, LMModel)
+        prompts = req.prompts()
+        ids = [lm.encode(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
+        return await self._generate("text", lm, req, ids, req.max_tokens)
+
+    @app.post("/v1/chat/completions")
+    async def chat(self, request: Request) -> Any:
+        req = oai.parse(oai.ChatRequest, await _json(request))
+        lm = self._get(req.model, LMModel)
+        text = oai.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
+        return await self._generate("chat", lm, req, [lm.encode(text, "messages")], req.limit())
+
+    async def _generate(self, kind: Literal["text", "chat"], lm: LMModel, req: Any, prompts: list[list[int]],
+                        max_tokens: int | None) -> Any:
+        longest = max(len(p) for p in prompts)
+        if max_tokens is not None and longest + max_tokens > lm.context:
+            field = "max_tokens" if req.max_tokens else "max_completion_tokens"
+            raise RequestError(f"{field}={max_tokens} plus the prompt's {longest} tokens exceed this model's "
+                               f"{lm.context}-token context window: lower {field}", field,
+                               code="context_length_exceeded")
+        stops = req.stop + (list(oai.CHAT_STOP) if kind == "chat" else [])
+        # Choice i*n + j is prompt i's j-th sample; with a seed, sample j uses seed + j so that
+        # the n choices differ from each other yet each is reproducible.
+        jobs = [(i * req.n + j, ids, SamplingParams(
+            max_tokens=max_tokens or lm.context - len(ids), temperature=req.temperature, top_p=req.top_p,
+            top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,
+            stop_ids=(lm.eos,) if lm.eos is not None and not req.ignore_eos else ()))
+            for i, ids in enumerate(prompts) for j in range(req.n)]
+        rid = oai.new_id("cmpl" if kind == "text" else "chatcmpl")
+        prompt_tokens = sum(len(p) for p in prompts)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            events = self._stream(kind, lm, req.model, rid, jobs, stops, prompt_tokens, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        results = await asyncio.gather(*(_collect(lm, ids, params, stops) for _, ids, params in jobs))
+        choices = [oai.choice(kind, index, text, finish) for (index, _, _), (text, finish, _) in zip(jobs, results, strict=True)]
+        return oai.response(kind, rid, req.model, choices, oai.usage(prompt_tokens, sum(r[2] for r in results)))
+
+    async def _stream(self, kind: Literal["text", "chat"], lm: LMModel, model: str, rid: str, jobs: list[tuple],
+                      stops: list[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+        """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`. Choices stream
+        side by side; if the client goes away the tasks are cancelled and the slots freed."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
+            try:
+                async for delta, finish, n in _deltas(lm, ids, params, stops):
+                    await queue.put((index, delta, finish, n))
+            except Exception as e:  # noqa: BLE001 - reported to the client in the stream
+                await queue.put((index, e, "error", 0))
+
+        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
+        started: set[int] = set()
+        open_, completion_tokens = len(jobs), 0
+        try:
+            while open_:
+                index, delta, finish, n = await queue.get()
+                if finish == "error":
+                    yield _sse({"error": {"message": f"generation failed: {delta}", "type": "server_error",
+                                          "param": None, "code": None}})
+                    return
+                first = index not in started
+                started.add(index)
+                if finish is not None:
+                    open_ -= 1
+                    completion_tokens += n
+                if delta or first or finish:
+                    choice = oai.choice(kind, index, delta, finish, chunk=True, first=first)
+                    yield _sse(oai.response(kind, rid, model, [choice], None, chunk=True))
+            if include_usage:  # OpenAI's final usage chunk: no choices
+                yield _sse(oai.response(kind, rid, model, [], oai.usage(prompt_tokens, completion_tokens), chunk=True))
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    # ---- NeuroFM -------------------------------------------------------------------------------
+
+    @app.post("/v1/neuro/embed")
+    async def neuro_embed(self, request: Request) -> dict[str, Any]:
+        return await self._neuro(request, "embed")
+
+    @app.post("/v1/neuro/forecast")
+    async def neuro_forecast(self, request: Request) -> dict[str, Any]:
+        return await self._neuro(request, "forecast")
+
+    async def _neuro(self, request: Request, task: Literal["embed", "forecast"]) -> dict[str, Any]:
+        req = await _neuro_request(request)
+        name = req.model or self._default_neuro()
+        if name is None:
+            raise RequestError("model is required: this server has several NeuroFM models or none "
+                               f"({sorted(self.models)})", "model")
+        m = self._get(name, NeuroModel)
+        # Model compute off the event loop: health checks and LM streams go on meanwhile.
+        out = await asyncio.to_thread(getattr(m.predictor, task), req)
+        return {"object": f"neuro.{task}", "model": name, **out}
+
+    def _default_neuro(self) -> str | None:
+        names = [n for n, m in self.models.items() if isinstance(m, NeuroModel)]
+        return names[0] if len(names) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the application
+# ---------------------------------------------------------------------------------------------
+
+
+def build_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+    """Serve config entry point (`import_path: neuraflex_ray.serving.app:build_app`).
+
+    args: models ({name: export dir}, or a path / list of paths), max_batch_size (16; 1 turns
+    batching off), kv_cache (true), device (auto: the replica's GPU if it has one), batch_invariant
+    (true: a request's text never depends on its batch-mates; false: faster at low load). `options` are
+    deployment options (num_replicas, ray_actor_options...) for callers in Python; a Serve config
+    sets them under `deployments:` instead.
+    """
+    known = {"models", "max_batch_size", "kv_cache", "device", "batch_invariant"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"serve config args: unknown keys {unknown}; known: {sorted(known)}")
+    if "models" not in args:
+        raise ValueError("serve config args: `models` is required ({name: export dir})")
+    models = {n: str(p) for n, p in resolve_models(args["models"]).items()}  # absolute, checked, before replicas start
+    return NeuraFlexServer.options(**(options or {})).bind(
+        models, int(args.get("max_batch_size", 16)), bool(args.get("kv_cache", True)), str(args.get("device", "auto")),
+        bool(args.get("batch_invariant", True)))

@@ -1,0 +1,62 @@
+"""An untrained NeuralFlex-MoE export, for API tests and load benchmarks where only the wire format
+and the speed matter, not what the model says. Its tokenizer is a real byte-level BPE trained in
+a second on a slice of the running Python's standard library."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuraflex_ray.checkpoint import export
+from neuraflex_ray.config import ModelConfig
+from neuraflex_ray.models.moe_lm import MoELM
+
+
+def scratch_lm_export(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, **model: Any) -> Path:
+    """Write an export of a randomly initialised model (`model` overrides ModelConfig fields)."""
+    from pipelines.text import train_bpe
+
+    files = sorted(Path(os.__file__).parent.glob("*.py"))[:40]
+    tok = train_bpe(iter([[f.read_text(errors="replace") for f in files]]), vocab_size)
+    cfg = ModelConfig(**{"vocab_size": -(-tok.get_vocab_size() // 64) * 64, **model})
+    torch.manual_seed(seed)
+    net = MoELM(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        tok.save(str(Path(tmp) / "tokenizer.json"))
+        return export(net.state_dict(), cfg, Path(tmp) / "tokenizer.json", out_dir,
+                      {"source_checkpoint": None, "note": "untrained (scratch_lm_export)"})
+
+
+_PATCH_S, _CONTEXT_S, _HORIZONS_S = 0.25, 2.0, [0.25, 0.5]
+_RATES, _CHANNELS = {"eeg": 32.0, "ecg": 16.0}, {"eeg": ["Fp1", "C3", "Cz"], "ecg": ["II"]}
+# The manifest keys `export_checkpoint` keeps, as `build_series_dataset` writes them for one session.
+SCRATCH_NEURO_MANIFEST: dict[str, Any] = {
+    "modalities": {m: {"rate": r, "max_channels": len(_CHANNELS[m]), "patch_len": int(r * _PATCH_S),
+                       "context_samples": int(r * _CONTEXT_S), "future_samples": int(r * max(_HORIZONS_S))}
+                   for m, r in _RATES.items()},
+    "channel_ids": {"ecg:II": 1, "eeg:C3": 2, "eeg:Cz": 3, "eeg:Fp1": 4},  # sorted "modality:channel" keys
+    "n_channel_ids": 5,
+    "context_s": _CONTEXT_S, "patch_s": _PATCH_S, "horizons_s": _HORIZONS_S, "hop_s": 1.0,
+    "context_patches": int(_CONTEXT_S / _PATCH_S), "horizon_patches": [int(h / _PATCH_S) for h in _HORIZONS_S],
+    "norm_stats": {"s1": {m: {"channels": c, "mean": [0.0] * len(c), "std": [1.0] * len(c)} for m, c in _CHANNELS.items()}},
+}
+
+
+def scratch_neurofm_export(out_dir: str | Path, seed: int = 0) -> Path:
+    """An untrained tiny NeuroFM export for SCRATCH_NEURO_MANIFEST (EEG at 32 Hz x 3, ECG at 16 Hz x 1)."""
+    from neuraflex_ray.config import load_config
+    from neuraflex_ray.models.neurofm import NeuroFM
+    from neuraflex_ray.train.driver import neurofm_for_data
+
+    overrides = ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]
+    cfg = neurofm_for_data(load_config(None, overrides).model, SCRATCH_NEURO_MANIFEST)
+    torch.manual_seed(seed)
+    model = NeuroFM(cfg)
+    with torch.no_grad():  # untrained persistence is 0; make forecasts depend on the last sample too
+        for p in model.persistence.values():
+            p.fill_(0.02)
+    return export(model.state_dict(), cfg, None, out_dir, {"data": SCRATCH_NEURO_MANIFEST})

@@ -199,8 +199,15 @@ class SeriesDataConfig:
 class TrainConfig:
     strategy: str = "deepspeed"  # deepspeed (ZeRO + expert parallel, moe_lm) or fsdp (FSDP2 fully_shard)
     num_workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: int = 1
+    # Where workers land on a cluster. Custom resources per worker (e.g. {"gpu_node": 1}, a resource
+    # the cluster YAML gives GPU node types) keep workers off the head node; an accelerator type
+    # ("H100", "A100", "L4"...) picks GPU nodes by model; the placement strategy is Ray's:
+    # PACK (fewest nodes), SPREAD, STRICT_PACK (one node: NVLink for expert all-to-all), STRICT_SPREAD.
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    accelerator_type: str = ""
+    placement_strategy: str = "PACK"
     ep_size: int = 2
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
@@ -526,6 +533,16 @@ def _validate_train(t: TrainConfig) -> None:
     need = _need
     need(t.strategy in ("deepspeed", "fsdp"), f"train.strategy={t.strategy!r} is not known; use 'deepspeed' or 'fsdp'")
     need(t.num_workers >= 1, f"train.num_workers must be >= 1 (got {t.num_workers})")
+    strategies = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    need(t.placement_strategy in strategies,
+         f"train.placement_strategy={t.placement_strategy!r} is not a Ray placement strategy; use one of {list(strategies)}")
+    reserved = sorted({"CPU", "GPU", "cpu", "gpu"} & set(t.resources_per_worker))
+    need(not reserved, f"train.resources_per_worker.{reserved[0] if reserved else ''}: set CPUs with train.cpus_per_worker "
+                       f"and GPUs with train.use_gpu; this map is for custom resources such as gpu_node")
+    bad = sorted(k for k, v in t.resources_per_worker.items() if v < 0)
+    need(not bad, f"train.resources_per_worker.{bad[0] if bad else ''} must be >= 0")
+    need(not t.accelerator_type or t.use_gpu,
+         f"train.accelerator_type={t.accelerator_type!r} needs train.use_gpu=true")
     need(t.precision in ("auto", "fp32", "bf16"), f"train.precision={t.precision!r}: use auto, fp32 or bf16")
     need(not (t.precision == "bf16" and not t.use_gpu),
          "train.precision=bf16 needs train.use_gpu=true; CPU training runs in fp32 (use precision=auto)")

@@ -18,7 +18,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
-from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, NeuroFMConfig, validate
+from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, NeuroFMConfig, TrainConfig, validate
 from neuraflex_ray.train.loop import train_loop_per_worker
 
 RAY_RUN_NAME = "train"
@@ -40,6 +40,13 @@ def ensure_ray(cfg: JobConfig | None = None) -> None:
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def scaling_config(t: TrainConfig) -> ScalingConfig:
+    """Workers, their resources and where they go: all from train.* (see TrainConfig)."""
+    resources = {"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {}), **t.resources_per_worker}
+    return ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources,
+                         placement_strategy=t.placement_strategy, accelerator_type=t.accelerator_type or None)
+
+
 def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
@@ -52,6 +59,23 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     # Ray names checkpoint directories by time; skip any a crash left incomplete.
     candidates = sorted((checkpoints_root(p) / RAY_RUN_NAME).glob("checkpoint_*"), reverse=True)
     return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
+
+
+def remove_incomplete_checkpoints(run_dir: Path) -> list[Path]:
+    """Delete checkpoint directories a killed worker left half-uploaded.
+
+    Each rank uploads its own shards into the checkpoint directory, so a rank that dies mid-upload
+    leaves a partial one. Train registers a checkpoint only after every rank reported it, so its
+    restarts never load such a directory, and latest_checkpoint() skips them; removing them after
+    the run means no half-written checkpoint outlives it.
+    """
+    removed = []
+    for d in sorted((checkpoints_root(run_dir) / RAY_RUN_NAME).glob("checkpoint_*")):
+        if d.is_dir() and not is_complete(d):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+            print(f"[train] removed incomplete checkpoint {d} (a worker died while writing it)", flush=True)
+    return removed
 
 
 def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
@@ -187,8 +211,7 @@ def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = 
             # holds no checkpoint of this run yet (a restart after a failure takes the run's own).
             "resume_from": str(resume) if resume else None,
         },
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker, **({"GPU": 1} if t.use_gpu else {})}),
+        scaling_config=scaling_config(t),
         datasets={"train": train_ds, "val": val_ds},
         # Unsplit: each rank reads the same global batches and keeps its slice (see loop.py).
         dataset_config=DataConfig(datasets_to_split=[]),
@@ -202,6 +225,7 @@ def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = 
         ),
     )
     result = trainer.fit()
+    remove_incomplete_checkpoints(run_dir)
     if result.error:
         raise result.error
     out = dict(result.return_value or {})

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import socket
 import tempfile
 import time
 from typing import Any
@@ -72,6 +73,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     strategy = build_strategy(cfg)
     model = strategy.setup(task.build_model())
     device = strategy.device
+    # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
+    node = ray.get_runtime_context().get_node_id()
+    print(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}", flush=True)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     global_batch = t.micro_batch_size * world  # rows per global micro-batch

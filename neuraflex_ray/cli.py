@@ -113,7 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     ensure_ray()
     url = deploy(models, host=args.host, port=args.port, name=args.name, max_batch_size=args.max_batch_size,
                  kv_cache=not args.no_kv_cache, num_replicas=args.replicas, num_cpus=args.num_cpus,
-                 num_gpus=args.num_gpus, batch_invariant=not args.no_batch_invariant)
+                 num_gpus=args.num_gpus, batch_invariant=not args.no_batch_invariant,
+                 proxy_location=args.proxy_location)
     print(f"[serve] {args.name} is up at {url}: GET {url}/v1/models, POST {url}/v1/completions "
           f"(OpenAI client: base_url={url}/v1)", flush=True)
     if args.no_block:
@@ -190,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--replicas", type=int, default=1)
     sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")
+    sp.add_argument("--proxy-location", choices=["EveryNode", "HeadOnly"], default="EveryNode",
+                    help="where Serve runs HTTP proxies (HeadOnly when several nodes share one machine)")
     sp.add_argument("--no-block", action="store_true", help="return once the app answers (on a running cluster)")
     sp.set_defaults(fn=cmd_serve)
     sp = with_config("quickstart", "Data -> train (2 workers) -> export -> eval (-> generate) -> summary.json; "

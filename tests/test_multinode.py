@@ -3,6 +3,7 @@
 - `ray job submit --working-dir . -- python jobs/train_moe.py ...` trains the debug MoE with its 2
   workers on the 2 nodes, reaches SUCCEEDED, writes checkpoints and TensorBoard files to the shared
   storage, and `ray job logs` shows the progress lines;
+- `ray job submit ... jobs/serve.py` serves that model's export on the cluster, over HTTP;
 - a training worker process killed with SIGKILL mid-run: Ray Train restarts the workers from the
   last checkpoint and the job still ends at train.max_steps, its loss curve going on from there.
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
+from neuraflex_ray.serving.deploy import free_port, post_json
 from neuraflex_ray.train.driver import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,24 @@ def test_job_submit_trains_across_both_nodes(cluster):
     ckpt = latest_checkpoint(run)
     assert ckpt is not None and read_checkpoint_state(ckpt)["step"] == 16
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_job_submit_serves_the_trained_model(cluster):
+    run = cluster["storage"] / "runs" / "e2e"  # trained by the test above
+    subprocess.run([sys.executable, "-m", "neuraflex_ray.cli", "export", "--config", "jobs/configs/moe_debug.yaml",
+                    "name=e2e", *cluster["common"]], cwd=REPO, check=True, capture_output=True, timeout=300)
+    port = free_port(8123)
+    out = ray_cli(cluster, "job", "submit", "--submission-id", "nfr-serve", "--working-dir", str(REPO), "--",
+                  "python", "jobs/serve.py", "--checkpoint", str(run / "export"), "--port", str(port),
+                  "--proxy-location", "HeadOnly", "--no-block", timeout=600)
+    assert job_status(cluster, "nfr-serve") == "SUCCEEDED", out[-3000:]
+    assert f"is up at http://127.0.0.1:{port}" in out
+    # The job has ended; the app lives on in the cluster's Serve.
+    reply = post_json(f"http://127.0.0.1:{port}/v1/completions",
+                      {"model": "neuraflex-moe", "prompt": "def main():", "max_tokens": 8, "seed": 0})
+    assert reply["usage"]["completion_tokens"] >= 1 and reply["choices"][0]["text"] is not None
+    subprocess.run([str(Path(sys.executable).parent / "serve"), "shutdown", "-y", "-a", cluster["env"]["RAY_ADDRESS"]],
+                   env=cluster["env"], check=True, capture_output=True, timeout=120)  # its CPU back for the next test
 
 
 def tensorboard_losses(run: Path) -> list[tuple[int, float, float]]:

@@ -40,14 +40,15 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str] | list[str]:
 def deploy(models: dict[str, str] | list[str], *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
            route_prefix: str = "/", max_batch_size: int = 16, kv_cache: bool = True, num_replicas: int = 1,
            num_cpus: float = 1, num_gpus: float = 0, device: str = "auto", batch_invariant: bool = True,
-           timeout_s: float = 300) -> str:
-    """Start Serve's HTTP proxy on host:port (if it is not up yet), run the app, wait until it answers;
-    returns the base URL. Replaces an app of the same name."""
+           proxy_location: str = "EveryNode", timeout_s: float = 300) -> str:
+    """Start Serve's HTTP proxies on host:port (if Serve is not up yet), run the app, wait until it
+    answers; returns the base URL. Replaces an app of the same name. `proxy_location`: EveryNode
+    (Serve's default), or HeadOnly when several nodes share one machine and so one port."""
     from ray import serve
 
     from neuraflex_ray.serving.app import build_app
 
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     args = {"models": models, "max_batch_size": max_batch_size, "kv_cache": kv_cache, "device": device,
             "batch_invariant": batch_invariant}
     app = build_app(args,

@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import math
 import socket
+import sys
 import tempfile
 import time
 from typing import Any
@@ -61,6 +62,16 @@ def evaluate(task: Any, model: Any, strategy: Any, batches: list[Any], step: int
     return mean[0], dict(zip(names, mean[1:], strict=True))
 
 
+def log(line: str) -> None:
+    """One progress line on the worker's stdout, which Ray forwards to the driver and `ray job logs`.
+
+    Not print(): Train V2 reroutes print() on its workers through the logging module, and the
+    line then reaches the driver twice.
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cfg = JobConfig.from_dict(config["job"])
     t = cfg.train
@@ -75,7 +86,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     device = strategy.device
     # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
     node = ray.get_runtime_context().get_node_id()
-    print(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}", flush=True)
+    log(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}")
 
     step, epoch, batch_in_epoch = 0, 0, 0
     global_batch = t.micro_batch_size * world  # rows per global micro-batch
@@ -95,7 +106,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         batch_in_epoch = state["samples_in_epoch"] // global_batch
         restored_from = step
         if rank == 0:
-            print(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})", flush=True)
+            log(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     writer = MetricsWriter(config["tensorboard_dir"]) if rank == 0 else None
     peak = measure_peak_flops(device, t.cpus_per_worker)  # per worker, same run, same threads
@@ -151,7 +162,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # the driver turns this into an error (a Tune trial is then marked failed).
             diverged_at = step
             if rank == 0:
-                print(f"[train] non-finite gradient norm at step {step}: stopping", flush=True)
+                log(f"[train] non-finite gradient norm at step {step}: stopping")
             break
         step += 1
         steps_since_log += 1
@@ -171,9 +182,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu, **extras}
             history.append(rec)
             if writer is not None:
-                print(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
-                      f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
-                      f"| eta {format_eta(eta)}", flush=True)
+                log(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
+                    f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
+                    f"| eta {format_eta(eta)}")
                 writer.scalars("train", rec, step)
             loss_acc.clear()
             units = flops = 0.0
@@ -192,7 +203,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             val = task.eval_metrics(total, parts)
             val_loss, val_step = val["loss"], step
             if writer is not None:
-                print(f"[eval] step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()), flush=True)
+                log(f"[eval] step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()))
                 writer.scalars("val", val, step)
         # Every evaluation is reported (Tune's schedulers decide on these); checkpoints ride along.
         # `report` is a barrier, and every rank reaches it at the same steps.

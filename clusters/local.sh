@@ -56,11 +56,13 @@ EOF
 
 case "${1:-}" in
   up)
-    if [ -f "$STATE/head.pid" ] && kill -0 "$(cat "$STATE/head.pid")" 2>/dev/null; then
+    if [ -f "$STATE/head.pid" ] && grep -q "ray" "/proc/$(cat "$STATE/head.pid")/cmdline" 2>/dev/null; then
       echo "local.sh: already up (head pid $(cat "$STATE/head.pid")); 'down' first" >&2
       exit 1
     fi
     mkdir -p "$STATE/storage"
+    rm -f "$STATE"/*.pid
+    ray get-auth-token --generate >/dev/null  # token auth: `ray start` needs ~/.ray/auth_token to exist
     start_node head --head --port="$PORT" --num-cpus="$HEAD_CPUS" --resources='{"nfr_head_node": 1}' \
       --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --dashboard-agent-listen-port=52375 \
       --ray-client-server-port=23001 --include-dashboard=true
@@ -82,13 +84,16 @@ EOF
     ;;
   down)
     for name in worker head; do
-      if [ -f "$STATE/$name.pid" ]; then
-        kill -INT "$(cat "$STATE/$name.pid")" 2>/dev/null || true  # `ray start --block` stops its node
-        rm -f "$STATE/$name.pid"
+      pid=$(cat "$STATE/$name.pid" 2>/dev/null || true)
+      # `ray start --block` stops its node's processes on SIGTERM (a background job ignores SIGINT).
+      if [ -n "$pid" ] && grep -q "ray" "/proc/$pid/cmdline" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
       fi
+      rm -f "$STATE/$name.pid"
     done
-    sleep 3
-    pkill -9 -f -- "$STATE/ray-" 2>/dev/null || true  # whatever is left of these two nodes only
+    # Whatever outlived that: processes of these two nodes only (their command lines name $STATE/ray-*).
+    pkill -9 -f -- "--temp-dir=$STATE/ray-|$STATE/ray-(head|worker)/session" 2>/dev/null || true
     echo "local.sh: down"
     ;;
   *)

@@ -162,6 +162,8 @@ BAD_LM = [
     ({"model": LM, "prompt": "x", "n": 99}, 400, "n"),
     ({"model": LM, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"model": LM, "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": LM, "prompt": "x", "seed": 2**64}, 400, "seed"),
+    ({"model": LM, "prompt": ["x"] * 10, "n": 8}, 400, "prompt"),
     ({"model": LM, "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
     ({"model": LM}, 400, "prompt"),
     ({"model": LM, "prompt": 42}, 400, "prompt"),
@@ -189,6 +191,8 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_replica_keeps_serving(s
             assert err["error"]["message"] and err["error"]["type"] == "invalid_request_error"
     got, err = post(url + "/v1/completions", b'{"model": "neuraflex-moe", "prompt": ')  # malformed JSON
     assert got == 400 and "not valid JSON" in err["error"]["message"]
+    got, err = post(url + "/v1/completions", b'{"model": "neuraflex-moe", "prompt": "x", "temperature": NaN}')
+    assert (got, err["error"]["param"]) == (400, "temperature")
     got, err = post(url + "/v1/completions", b"[1, 2]")
     assert got == 400 and "JSON object" in err["error"]["message"]
     assert get(url + "/v1/nowhere")[0] == 404

@@ -114,6 +114,34 @@ def test_leaving_a_stream_frees_its_slot(model):
     assert len(asyncio.run(run(engine, [(prompts(1)[0], SamplingParams(max_tokens=4, temperature=0.0))]))[0]) == 4
 
 
+def test_a_request_that_fails_fails_alone(model):
+    engine = LMEngine(model, max_batch_size=4)
+    jobs = [(p, SamplingParams(max_tokens=10, temperature=0.0)) for p in prompts(3)]
+
+    async def collect(p: list[int], sp: SamplingParams) -> list[int]:
+        return [t async for t in engine.submit(p, sp).stream()]
+
+    async def go() -> list:
+        bad = collect([10**6], SamplingParams(max_tokens=10))  # no such token: its prefill raises
+        return await asyncio.gather(bad, *(collect(p, sp) for p, sp in jobs), return_exceptions=True)
+
+    bad, *good = asyncio.run(go())
+    assert isinstance(bad, IndexError)
+    assert good == asyncio.run(run(LMEngine(model, 4), jobs))  # the others ran as if it had not been there
+    load = engine.load()
+    assert load["failed"] == 1 and load["active"] == 0
+    engine.check_alive()
+
+
+def test_huge_seeds_and_tiny_temperatures_are_served():
+    torch.manual_seed(1)
+    m = MoELM(ModelConfig(dim=64, n_layers=2, num_experts=4, vocab_size=256, max_seq_len=32)).eval()
+    engine = LMEngine(m, max_batch_size=2)
+    out = asyncio.run(run(engine, [([1, 2, 3], SamplingParams(max_tokens=4, seed=2**64 - 1, temperature=0.7)),
+                                   ([1, 2, 3], SamplingParams(max_tokens=4, temperature=1e-40))]))
+    assert len(out[0]) == 4 and out[1] == generate(m, [1, 2, 3], 4)  # a tiny temperature is greedy
+
+
 def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
     # A stand-in for byte-level BPE: each token is one byte; a cut multi-byte character decodes to U+FFFD.
     def decode(ids: list[int]) -> str:
@@ -125,3 +153,7 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
     assert text.push(ord("D")) == "" and text.stopped
     text = TextStream(decode, stop=["END"])
     assert "".join(text.push(b) for b in b"xEN") + text.finish() == "xEN"  # not a stop after all
+    # One token completes a stop string and also starts a multi-byte character: still a stop.
+    pieces = {1: b"ab", 2: b"EN", 3: b"D\xc3"}
+    text = TextStream(lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace"), stop=["END"])
+    assert [text.push(i) for i in (1, 2, 3)] == ["ab", "", ""] and text.stopped and text.finish() == ""

@@ -221,7 +221,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, stats: list[MoEStats], 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """logits: [B, V] -> next ids [B]. temperature 0 means greedy."""
-    if temperature <= 0:
+    if temperature < 1e-5:  # greedy; a tinier temperature would overflow logits / temperature
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
     if top_k > 0:

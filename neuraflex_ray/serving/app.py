@@ -173,7 +173,10 @@ def load_model(name: str, path: Path, max_batch_size: int = 16, kv_cache: bool =
     from pipelines.text import load_tokenizer
 
     if dev.startswith("cuda"):
-        model = model.to(torch.bfloat16)  # decode is memory-bound: half the bytes per step
+        # Decode is memory-bound: bf16 weights, half the bytes per step. Parameters only: the rotary
+        # tables stay fp32 (in bf16 an angle at position 2000 keeps ~3 digits).
+        for param in model.parameters():
+            param.data = param.data.to(torch.bfloat16)
     tok = load_tokenizer(path / "tokenizer.json")
     engine = LMEngine(model, max_batch_size, kv_cache, batch_invariant)
     return LMModel(name, path, meta, engine, tok, tok.token_to_id(EOS))
@@ -329,7 +332,7 @@ class NeuraFlexServer:
                         max_tokens: int | None) -> Any:
         longest = max(len(p) for p in prompts)
         if max_tokens is not None and longest + max_tokens > lm.context:
-            field = "max_tokens" if req.max_tokens else "max_completion_tokens"
+            field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
             raise RequestError(f"{field}={max_tokens} plus the prompt's {longest} tokens exceed this model's "
                                f"{lm.context}-token context window: lower {field}", field,
                                code="context_length_exceeded")
@@ -338,7 +341,7 @@ class NeuraFlexServer:
         # the n choices differ from each other yet each is reproducible.
         jobs = [(i * req.n + j, ids, SamplingParams(
             max_tokens=max_tokens or lm.context - len(ids), temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,
+            top_k=max(req.top_k, 0), seed=None if req.seed is None else (req.seed + j) % 2**64,
             stop_ids=(lm.eos,) if lm.eos is not None and not req.ignore_eos else ()))
             for i, ids in enumerate(prompts) for j in range(req.n)]
         rid = oai.new_id("cmpl" if kind == "text" else "chatcmpl")

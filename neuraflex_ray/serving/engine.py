@@ -64,7 +64,10 @@ class Sequence:
     generator: torch.Generator | None = None
 
     def emit(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # the caller's event loop is gone (replica shutting down): nobody listens
+            self.cancelled = True
 
     async def stream(self) -> AsyncIterator[int]:
         """Token ids as they are sampled. Leaving the loop early (client gone, stop string found)
@@ -127,7 +130,8 @@ class LMEngine:
     def load(self) -> dict[str, int]:
         with self.cond:
             active = sum(s is not None for s in self.slots)
-            return {"active": active, "waiting": len(self.waiting), "slots": self.max_batch_size, **self.stats}
+            waiting = sum(not s.cancelled for s in self.waiting)
+            return {"active": active, "waiting": waiting, "slots": self.max_batch_size, **self.stats}
 
     def check_alive(self) -> None:
         if self.error is not None or not self._thread.is_alive():
@@ -163,15 +167,18 @@ class LMEngine:
                     continue
                 seq.slot = free[0]
                 self.slots[seq.slot] = seq
-            seq.generator = torch.Generator(device=self.device)
-            seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            seq.generator.manual_seed(seed)
-            ids = torch.tensor([seq.prompt], device=self.device)
-            if self.caches is not None:  # prefill alone, into this slot's rows of the cache
-                logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
-            else:
-                logits, _ = self.model(ids)
-            self._take(seq, logits[0, -1])
+            try:  # a request that fails here (its seed, its prefill) fails alone
+                seq.generator = torch.Generator(device=self.device)
+                seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little")
+                seq.generator.manual_seed(seed % 2**64)
+                ids = torch.tensor([seq.prompt], device=self.device)
+                if self.caches is not None:  # prefill alone, into this slot's rows of the cache
+                    logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
+                else:
+                    logits, _ = self.model(ids)
+                self._take(seq, logits[0, -1])
+            except Exception as e:  # noqa: BLE001 - reported to that request's stream
+                self._fail(seq, e)
 
     def _step(self) -> None:
         live = [s for s in self.slots if s is not None]
@@ -195,7 +202,10 @@ class LMEngine:
             logits, _ = self.model(tokens, self.caches, positions)
         self.stats["steps"] += 1
         for seq in live:
-            self._take(seq, logits[seq.slot, -1])
+            try:
+                self._take(seq, logits[seq.slot, -1])
+            except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
+                self._fail(seq, e)
 
     def _compact(self) -> list[Sequence]:
         """Move live sequences (and their cache rows) down into free slots, keeping their order."""
@@ -213,6 +223,8 @@ class LMEngine:
         if seq.cancelled:
             return self._retire(seq, None)
         p = seq.params
+        if not torch.isfinite(logits).all():
+            raise FloatingPointError("the model produced non-finite logits")
         tok = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator)[0])
         if tok in p.stop_ids:
             return self._retire(seq, "stop")
@@ -230,13 +242,17 @@ class LMEngine:
         if reason is not None:
             seq.emit("done", reason)
 
-    def _fail_all(self, error: Exception) -> None:
+    def _fail(self, seq: Sequence, error: Exception) -> None:
         with self.cond:
-            failed = [s for s in self.slots if s is not None]
-            self.slots = [None] * self.max_batch_size
-        for seq in failed:
-            self.stats["failed"] += 1
-            seq.emit("error", error)
+            if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
+                self.slots[seq.slot] = None
+        self.stats["failed"] += 1
+        seq.emit("error", error)
+
+    def _fail_all(self, error: Exception) -> None:
+        """A batched step failed: every live request gets the error; the engine goes on."""
+        for seq in [s for s in self.slots if s is not None]:
+            self._fail(seq, error)
 
 
 class batch_invariant_experts:  # noqa: N801 - used as a context manager, reads like a function

@@ -29,6 +29,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 CHAT_STOP = ("\n<|user|>", "\n<|system|>", "\n<|assistant|>")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n in one request: one client cannot queue thousands of sequences
 
 
 def apply_chat_template(messages: list[dict[str, str]]) -> str:
@@ -46,7 +47,7 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # JSON's NaN/Infinity: a 400, not a NaN
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
@@ -54,7 +55,7 @@ class _Sampling(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1)  # 0 or -1 (vLLM's spelling): no top-k cut
     stop: str | list[str] | None = Field(None, validate_default=True)  # always a list once validated
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # what torch.Generator.manual_seed takes
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -111,6 +112,9 @@ class CompletionRequest(_Sampling):
             return [p]
         if not p:
             raise RequestError("prompt must not be empty", "prompt")
+        if len(p) * self.n > MAX_CHOICES:
+            raise RequestError(f"{len(p)} prompts x n={self.n} is {len(p) * self.n} completions; one request may ask for "
+                               f"at most {MAX_CHOICES}: split it", "prompt")
         return list(p)
 
 
@@ -203,17 +207,26 @@ class TextStream:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        cut = min((i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped = True
-            return self._take(text, cut)
-        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if text.endswith(s[:n])), default=0)
-        return self._take(text, len(text) - hold)
+        whole = text.rstrip("\ufffd")  # a trailing partial character waits for its next bytes
+        cut = self._cut(whole)
+        if cut is not None:
+            return self._take(whole, cut)
+        hold = max((n for s in self.stop for n in range(len(s) - 1, 0, -1) if whole.endswith(s[:n])), default=0)
+        return self._take(whole, len(whole) - hold)
 
     def finish(self) -> str:
-        return "" if self.stopped else self._take(self.decode(self.ids), None)
+        if self.stopped:
+            return ""
+        text = self.decode(self.ids)
+        return self._take(text, self._cut(text))
+
+    def _cut(self, text: str) -> int | None:
+        """Where the first stop sequence starts (and mark the stream stopped), or None."""
+        found = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stop) if i >= 0]
+        if not found:
+            return None
+        self.stopped = True
+        return min(found)
 
     def _take(self, text: str, end: int | None) -> str:
         out = text[self.sent:end]

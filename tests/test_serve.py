@@ -303,9 +303,14 @@ def test_serve_configs_pass_serves_own_schema_and_build(tmp_path):
         assert set(app.args) <= {"models", "max_batch_size", "kv_cache", "device", "batch_invariant"}, path
         deployment = app.deployments[0]
         assert deployment.name == "NeuraFlexServer" and deployment.autoscaling_config["max_replicas"] >= 1
-    # The builder checks its arguments before any replica starts.
+    # Serve calls the builder the way it calls any app builder (one dict argument), and the builder
+    # checks its arguments before any replica starts.
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+
     export = scratch_lm_export(tmp_path / "lm")
-    assert build_app({"models": {LM: str(export)}, "max_batch_size": 4}) is not None
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"models": {LM: str(export)}, "max_batch_size": 4})
+    assert isinstance(app, Application)
     with pytest.raises(FileNotFoundError, match="not a model export"):
         build_app({"models": {LM: str(tmp_path)}})
     with pytest.raises(ValueError, match="unknown keys"):

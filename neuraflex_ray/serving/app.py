@@ -423,22 +423,28 @@ class NeuraFlexServer:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve config entry point (`import_path: neuraflex_ray.serving.app:build_app`).
 
     args: models ({name: export dir}, or a path / list of paths), max_batch_size (16; 1 turns
     batching off), kv_cache (true), device (auto: the replica's GPU if it has one), batch_invariant
-    (true: a request's text never depends on its batch-mates; false: faster at low load). `options` are
-    deployment options (num_replicas, ray_actor_options...) for callers in Python; a Serve config
-    sets them under `deployments:` instead.
+    (true: a request's text never depends on its batch-mates; false: faster at low load).
+    Serve calls an app builder with exactly this one argument; deployment options (replicas,
+    ray_actor_options, autoscaling) come from the config's `deployments:` section.
     """
+    return bind_app(args)
+
+
+def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
+    """build_app's arguments checked (paths made absolute, before any replica starts) and bound,
+    with `options` for the deployment when called from Python (deploy.py)."""
     known = {"models", "max_batch_size", "kv_cache", "device", "batch_invariant"}
     unknown = sorted(set(args) - known)
     if unknown:
         raise ValueError(f"serve config args: unknown keys {unknown}; known: {sorted(known)}")
     if "models" not in args:
         raise ValueError("serve config args: `models` is required ({name: export dir})")
-    models = {n: str(p) for n, p in resolve_models(args["models"]).items()}  # absolute, checked, before replicas start
+    models = {n: str(p) for n, p in resolve_models(args["models"]).items()}
     return NeuraFlexServer.options(**(options or {})).bind(
         models, int(args.get("max_batch_size", 16)), bool(args.get("kv_cache", True)), str(args.get("device", "auto")),
         bool(args.get("batch_invariant", True)))

@@ -46,12 +46,12 @@ def deploy(models: dict[str, str] | list[str], *, host: str = "127.0.0.1", port:
     (Serve's default), or HeadOnly when several nodes share one machine and so one port."""
     from ray import serve
 
-    from neuraflex_ray.serving.app import build_app
+    from neuraflex_ray.serving.app import bind_app
 
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     args = {"models": models, "max_batch_size": max_batch_size, "kv_cache": kv_cache, "device": device,
             "batch_invariant": batch_invariant}
-    app = build_app(args,
+    app = bind_app(args,
                     {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{route_prefix.rstrip('/')}"

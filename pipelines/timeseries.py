@@ -363,11 +363,11 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
     source_rates = [s.rate for s in streams]
     # Resampling filters the whole stream, so samples near the split mix both sides: keep windows
     # (and normalisation statistics) this far from the split, on the patch grid.
-    guard = max(_filter_reach_s(s.rate, plan["modalities"][s.modality]["rate"]) for s in streams)
+    guard = max(filter_reach_s(s.rate, plan["modalities"][s.modality]["rate"]) for s in streams)
     guard = math.ceil(guard / plan["patch_s"] - EPS) * plan["patch_s"]
     for s in streams:  # every stream at its modality's rate from here on
         target = plan["modalities"][s.modality]["rate"]
-        s.data, s.rate = _resample(s.data, s.rate, target), target
+        s.data, s.rate = resample(s.data, s.rate, target), target
     offsets = _align(streams)
     t_begin = max(s.start_s for s in streams)
     t_end = min(s.start_s + s.duration_s for s in streams)
@@ -392,8 +392,7 @@ def _prepare_session(row: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any
         n = math.floor(duration * rate + 1e-6)
         x = np.concatenate([_on_grid(s.data, s.start_s, rate, t_begin, n) for s in group])
         train = x[:, : max(round((split - guard) * rate), 1)]  # (a train part shorter than a sample: its first sample)
-        mean, std = train.mean(axis=1), train.std(axis=1)
-        std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)  # a flat channel stays at zero
+        mean, std = channel_stats(train)
         arrays[m] = ((x - mean[:, None]) / std[:, None]).astype(np.float32)
         channels[m] = [c for s in group for c in s.channels]
         norm_stats[m] = {"channels": channels[m], "mean": mean.tolist(), "std": std.tolist()}
@@ -441,17 +440,28 @@ def _usable_streams(session: str, streams: list[Stream], plan: dict[str, Any]) -
     return streams, skipped
 
 
-def _filter_reach_s(rate: float, target: float) -> float:
+def resample_ratio(rate: float, target: float) -> Fraction:
+    """up/down of the polyphase resampling from `rate` to `target` Hz."""
+    return Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+
+
+def channel_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std of x [C, N] for normalising; a flat channel gets std 1 and stays at zero."""
+    mean, std = x.mean(axis=1), x.std(axis=1)
+    return mean, np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+
+
+def filter_reach_s(rate: float, target: float) -> float:
     """How far (s) resample_poly's filter reaches: its default Kaiser window has 10 * max(up, down)
     taps on each side at the upsampled rate; plus one output sample for the grid interpolation."""
-    ratio = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+    ratio = resample_ratio(rate, target)
     reach = 0.0 if ratio == 1 else 10 * max(ratio.numerator, ratio.denominator) / (rate * ratio.numerator)
     return reach + 1 / target
 
 
-def _resample(x: np.ndarray, rate: float, target: float) -> np.ndarray:
+def resample(x: np.ndarray, rate: float, target: float) -> np.ndarray:
     """x [C, N] at `rate` -> at `target` Hz with a polyphase anti-aliasing filter (resample_poly)."""
-    ratio = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+    ratio = resample_ratio(rate, target)
     if ratio == 1:
         return x.astype(np.float64, copy=False)
     # padtype="line": the filter sees the signal's own trend past its ends, not zeros (which would put a

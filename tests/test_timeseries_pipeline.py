@@ -30,11 +30,11 @@ from pipelines.neuro_sources import (
     sample_sources,
 )
 from pipelines.timeseries import (
-    _resample,
     build_series_dataset,
     estimate_offset,
     load_series_datasets,
     read_series,
+    resample,
     series_batch,
 )
 
@@ -104,7 +104,7 @@ def synthetic(tmp_path_factory, ray_session) -> tuple[dict, Path, SeriesDataConf
 def test_resampling_keeps_a_sines_frequency(rate, target, freq):
     n = int(rate * 200)
     x = np.sin(2 * np.pi * freq * np.arange(n) / rate)[None, :]
-    y = _resample(x, rate, target)[0]
+    y = resample(x, rate, target)[0]
     assert abs(len(y) - n * target / rate) <= 1
     spectrum = np.abs(np.fft.rfft(y * np.hanning(len(y))))
     peak = np.fft.rfftfreq(len(y), 1 / target)[np.argmax(spectrum)]
@@ -128,7 +128,7 @@ def test_estimate_offset_on_the_real_two_hub_recording():
     17.605 s (the headers' wall clocks say 22.014 s). At the pipeline's 32 Hz it must find the same."""
     a, b = [read_source(s, ModalitySpec(32.0, 6)) for s in sample_sources("plux") if s.session == "plux_acc_two_hubs"]
     assert estimate_offset(a.data, b.data, 1000.0, 30.0) == pytest.approx(17.605, abs=0.002)
-    assert estimate_offset(_resample(a.data, 1000.0, 32.0), _resample(b.data, 1000.0, 32.0), 32.0,
+    assert estimate_offset(resample(a.data, 1000.0, 32.0), resample(b.data, 1000.0, 32.0), 32.0,
                            30.0) == pytest.approx(17.605, abs=0.01)
 
 
@@ -217,7 +217,7 @@ def test_normalisation_uses_training_statistics_only(synthetic):
     rec = next(r for r in manifest["recordings"] if r["name"] == "shift")
     stats = manifest["norm_stats"]["shift"]["resp"]
     raw = np.load(Path(rec["streams"][0]["file"]))
-    x16 = _resample(raw, 50.0, 16.0)[0]
+    x16 = resample(raw, 50.0, 16.0)[0]
     train = x16[: round((rec["split_s"] - rec["split_guard_s"]) * 16)]  # resampling smears the last samples of the train part
     assert 0 < rec["split_guard_s"] < 2
     assert stats["channels"] == ["airflow"]

@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -28,9 +27,9 @@ from pydantic import BaseModel, ConfigDict
 
 from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput, param_count
 from neuraflex_ray.serving.errors import RequestError
-from pipelines.timeseries import MAX_DENOMINATOR, _filter_reach_s, _resample
+from pipelines.timeseries import MAX_DENOMINATOR, channel_stats, filter_reach_s, resample, resample_ratio
 
-# The pipeline resamples by up/down = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR). A
+# The pipeline resamples by up/down = resample_ratio(rate, target), a fraction with terms <= MAX_DENOMINATOR. A
 # rate whose ratio that approximates worse than this (e.g. 1500 Hz -> 1 Hz becomes 1/1000) would
 # stretch the window in time, so it is refused instead of silently served.
 RATE_TOLERANCE = 1e-3
@@ -293,12 +292,10 @@ class NeuroPredictor:
                                f"({self.data['context_s']:g} s at its {target:g} Hz)", f"streams[{i}].data")
         # Resample only the tail, plus the filter's reach so that the window's start is not a filter edge:
         # an hour of 1 kHz data costs what a minute does.
-        reach = math.ceil(_filter_reach_s(s.sampling_rate, target) * s.sampling_rate / down)
+        reach = math.ceil(filter_reach_s(s.sampling_rate, target) * s.sampling_rate / down)
         k = min((x.shape[1] - 1) // down, k_min + reach)
-        x = _resample(x[:, x.shape[1] - 1 - k * down:], s.sampling_rate, target)[:, k * up - n_ctx + 1: k * up + 1]
-        # Per-channel statistics of this window, with the pipeline's floor: a flat channel stays at zero.
-        mean, std = x.mean(axis=1), x.std(axis=1)
-        std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+        x = resample(x[:, x.shape[1] - 1 - k * down:], s.sampling_rate, target)[:, k * up - n_ctx + 1: k * up + 1]
+        mean, std = channel_stats(x)  # this window's own, with the pipeline's floor for flat channels
         xn = ((x - mean[:, None]) / std[:, None]).astype(np.float32)
         ids = [self.channel_ids[f"{m}:{c}"] for c in names]
         inp = SeriesInput(x=torch.from_numpy(xn)[None], chan=torch.tensor([ids], dtype=torch.int64),
@@ -310,7 +307,7 @@ class NeuroPredictor:
         """up/down of the pipeline's resampling from `rate` to `target`, or RequestError."""
         if not (isinstance(rate, int | float) and math.isfinite(rate) and rate > 0):
             raise RequestError(f"sampling_rate={rate}; it must be a positive number of Hz", f"streams[{i}].sampling_rate")
-        ratio = Fraction(target / rate).limit_denominator(MAX_DENOMINATOR)
+        ratio = resample_ratio(rate, target)
         if ratio == 0 or ratio.numerator > MAX_DENOMINATOR or abs(float(ratio) * rate / target - 1) > RATE_TOLERANCE:
             raise RequestError(f"sampling_rate={rate:g} Hz cannot be resampled to the model's {target:g} Hz (ratio "
                                f"{target / rate:g} is not close to p/q with p, q <= {MAX_DENOMINATOR})",

@@ -76,11 +76,11 @@ def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, A
 
 def generate_text(export_dir: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
-    from pipelines.text import load_tokenizer
+    from pipelines.text import EOS, load_tokenizer
 
     model, _ = load_exported(export_dir)
     tok = load_tokenizer(str(Path(export_dir) / "tokenizer.json"))
-    eos = tok.token_to_id("<|endoftext|>")
+    eos = tok.token_to_id(EOS)
     ids = generate(model, tok.encode(prompt).ids, max_new_tokens, temperature=temperature, top_k=top_k,
                    top_p=top_p, stop_ids=(eos,) if eos is not None else (), seed=seed)
     return tok.decode(ids)

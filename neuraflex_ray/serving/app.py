@@ -32,7 +32,6 @@ from typing import Any, Literal
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -41,9 +40,9 @@ from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving.engine import LMEngine, SamplingParams
 from neuraflex_ray.serving.errors import RequestError
+from pipelines.text import EOS, load_tokenizer
 
 DEFAULT_NAMES = {"moe_lm": "neuraflex-moe", "neurofm": "neurofm"}
-EOS = "<|endoftext|>"
 
 app = FastAPI(title="NeuraFlex-Ray", description=__doc__)
 
@@ -132,21 +131,20 @@ def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
     """{name: export dir}; a bare path (or list of them) is named after its model type."""
     if isinstance(models, str):
         models = [models]
-    if isinstance(models, list):
-        named: dict[str, str] = {}
+    if isinstance(models, dict):
+        out = {name: Path(p).expanduser().resolve() for name, p in models.items()}
+        for path in out.values():
+            _model_type(path)  # checks it is an export
+    else:
+        out = {}
         for p in models:
-            name = DEFAULT_NAMES.get(_model_type(Path(p)), "model")
-            if name in named:
+            path = Path(p).expanduser().resolve()
+            name = DEFAULT_NAMES.get(_model_type(path), "model")
+            if name in out:
                 raise ValueError(f"models: two {name} exports; give them names ({{name: path}})")
-            named[name] = p
-        models = named
-    if not models:
+            out[name] = path
+    if not out:
         raise ValueError("models: give at least one export directory")
-    out = {}
-    for name, p in models.items():
-        path = Path(p).expanduser().resolve()
-        _model_type(path)
-        out[name] = path
     return out
 
 
@@ -170,8 +168,6 @@ def load_model(name: str, path: Path, max_batch_size: int = 16, kv_cache: bool =
         from neuraflex_ray.serving.neuro import NeuroPredictor
 
         return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
-    from pipelines.text import load_tokenizer
-
     if dev.startswith("cuda"):
         # Decode is memory-bound: bf16 weights, half the bytes per step. Parameters only: the rotary
         # tables stay fp32 (in bf16 an angle at position 2000 keeps ~3 digits).
@@ -228,13 +224,7 @@ async def _neuro_request(request: Request) -> Any:
     kind = request.headers.get("content-type", "application/json").split(";")[0].strip()
     query = request.query_params
     if kind == "application/json":
-        body = await _json(request)
-        if not isinstance(body, dict):
-            raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}", None)
-        try:
-            return neuro.NeuroRequest.model_validate(body)
-        except ValidationError as e:
-            raise oai.validation_error(e) from None
+        return oai.parse(neuro.NeuroRequest, await _json(request))
     if kind in ("application/vnd.apache.arrow.stream", "application/x-npy"):
         raw = await request.body()
         if kind == "application/x-npy":
@@ -308,7 +298,7 @@ class NeuraFlexServer:
         m = self.models[name]
         if kind is not None and not isinstance(m, kind):
             route = "/v1/completions or /v1/chat/completions" if isinstance(m, LMModel) else "/v1/neuro/embed or /forecast"
-            raise RequestError(f"model {name!r} is a {m.card()['model_type']} model: use {route}", "model")
+            raise RequestError(f"model {name!r} is a {m.meta.get('model_type', 'moe_lm')} model: use {route}", "model")
         return m
 
     # ---- LM ------------------------------------------------------------------------------------
@@ -341,7 +331,7 @@ class NeuraFlexServer:
         # the n choices differ from each other yet each is reproducible.
         jobs = [(i * req.n + j, ids, SamplingParams(
             max_tokens=max_tokens or lm.context - len(ids), temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k, 0), seed=None if req.seed is None else (req.seed + j) % 2**64,
+            top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,  # the engine wraps it
             stop_ids=(lm.eos,) if lm.eos is not None and not req.ignore_eos else ()))
             for i, ids in enumerate(prompts) for j in range(req.n)]
         rid = oai.new_id("cmpl" if kind == "text" else "chatcmpl")

@@ -51,8 +51,8 @@ def deploy(models: dict[str, str] | list[str], *, host: str = "127.0.0.1", port:
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     args = {"models": models, "max_batch_size": max_batch_size, "kv_cache": kv_cache, "device": device,
             "batch_invariant": batch_invariant}
-    app = bind_app(args,
-                    {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}})
+    options = {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
+    app = bind_app(args, options)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{route_prefix.rstrip('/')}"
     wait_ready(url, timeout_s)

@@ -234,18 +234,19 @@ class LMEngine:
         if len(seq.out) >= p.max_tokens or len(seq.prompt) + len(seq.out) >= self.max_len:
             self._retire(seq, "length")
 
-    def _retire(self, seq: Sequence, reason: str | None) -> None:
+    def _free(self, seq: Sequence) -> None:
         with self.cond:
-            if self.slots[seq.slot] is seq:
+            if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
                 self.slots[seq.slot] = None
+
+    def _retire(self, seq: Sequence, reason: str | None) -> None:
+        self._free(seq)
         self.stats["cancelled" if reason is None else "finished"] += 1
         if reason is not None:
             seq.emit("done", reason)
 
     def _fail(self, seq: Sequence, error: Exception) -> None:
-        with self.cond:
-            if 0 <= seq.slot < len(self.slots) and self.slots[seq.slot] is seq:
-                self.slots[seq.slot] = None
+        self._free(seq)
         self.stats["failed"] += 1
         seq.emit("error", error)
 

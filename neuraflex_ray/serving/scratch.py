@@ -18,11 +18,12 @@ from neuraflex_ray.models.moe_lm import MoELM
 
 def scratch_lm_export(out_dir: str | Path, vocab_size: int = 512, seed: int = 0, **model: Any) -> Path:
     """Write an export of a randomly initialised model (`model` overrides ModelConfig fields)."""
+    from neuraflex_ray.train.driver import model_for_data
     from pipelines.text import train_bpe
 
     files = sorted(Path(os.__file__).parent.glob("*.py"))[:40]
     tok = train_bpe(iter([[f.read_text(errors="replace") for f in files]]), vocab_size)
-    cfg = ModelConfig(**{"vocab_size": -(-tok.get_vocab_size() // 64) * 64, **model})
+    cfg = model_for_data(ModelConfig(**model), {"vocab_size": tok.get_vocab_size()})
     torch.manual_seed(seed)
     net = MoELM(cfg)
     with tempfile.TemporaryDirectory() as tmp:

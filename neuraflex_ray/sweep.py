@@ -37,8 +37,8 @@ from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import (
     ConfigError,
     JobConfig,
-    _build,
     apply_overrides,
+    build,
     config_from_raw,
     load_raw,
     set_dotted,
@@ -134,7 +134,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     """Load a sweep YAML (plus dotted overrides of its own keys) and check everything before any trial."""
     path = Path(path)
     raw = apply_overrides(load_raw(path), overrides or [])
-    cfg: SweepConfig = _build(SweepConfig, raw, "")
+    cfg: SweepConfig = build(SweepConfig, raw, "")
     if not cfg.base:
         raise ConfigError("base: empty; name the job YAML every trial starts from, e.g. base: moe_debug.yaml")
     base_path = Path(cfg.base) if Path(cfg.base).is_absolute() else path.resolve().parent / cfg.base

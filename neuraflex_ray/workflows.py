@@ -58,7 +58,7 @@ def heldout_loss(model: MoELM, blocks: np.ndarray, batch_size: int = 32) -> floa
 def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
     if json.loads((Path(export_dir) / "config.json").read_text()).get("model_type") == "neurofm":
         return evaluate_neurofm_export(export_dir, data_dir)
-    from neuraflex_ray.baselines import bigram_bits_per_byte, bits_per_byte
+    from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte
     from pipelines.text import load_text_datasets, read_blocks
 
     model, _ = load_exported(export_dir)
@@ -105,7 +105,7 @@ def serve_and_call(export_dir: str | Path, prompt: str, max_tokens: int, seed: i
 
 
 def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
-    from neuraflex_ray.neuro_eval import evaluate_neurofm, format_table
+    from neuraflex_ray.eval.neuro import evaluate_neurofm, format_table
     from pipelines.timeseries import read_series
 
     model, meta = load_exported(export_dir)

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuraflex_ray.neuro_eval import RidgeStats, evaluate_neurofm, fit_ridge, format_table
+from neuraflex_ray.eval.neuro import evaluate_neurofm, format_table
+from neuraflex_ray.eval.ridge import RidgeStats, fit_ridge
 
 N, H, P = 8, 2, 8  # context patches, future patches, samples per patch
 HORIZONS = [1, 2]

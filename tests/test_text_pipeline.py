@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from neuraflex_ray.baselines import bigram_bits_per_byte, bits_per_byte
 from neuraflex_ray.config import DataConfig
+from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte
 from pipelines import text
 from pipelines.text import build_text_dataset, load_text_datasets, load_tokenizer, read_blocks
 

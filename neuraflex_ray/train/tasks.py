@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from neuraflex_ray.baselines import bits_per_byte
 from neuraflex_ray.config import JobConfig
+from neuraflex_ray.eval.lm import bits_per_byte
 
 
 def global_batches(ds: Any, micro_bs: int, world: int, skip: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -205,7 +205,8 @@ def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
 def _one_step(config: dict) -> dict:
     """Inside a Ray Train worker: one FSDP2 training step on a fixed window, with and without
     activation checkpointing (recomputing a block in backward must not change the step)."""
-    from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput, neurofm_loss
+    from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput
+    from neuraflex_ray.models.neurofm_objectives import neurofm_loss
     from neuraflex_ray.train.strategy import FSDPStrategy
 
     out = {}

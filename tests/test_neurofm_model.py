@@ -9,15 +9,8 @@ import pytest
 import torch
 
 from neuraflex_ray.config import CurriculumStage, load_config
-from neuraflex_ray.models.neurofm import (
-    NeuroFM,
-    SeriesInput,
-    active_stage,
-    keep_one_modality,
-    neurofm_flops_per_window,
-    neurofm_loss,
-    param_count,
-)
+from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput, neurofm_flops_per_window, param_count
+from neuraflex_ray.models.neurofm_objectives import active_stage, keep_one_modality, neurofm_loss
 
 MODS = {"eeg": 8, "ecg": 8, "resp": 2}  # modality -> samples per patch
 N, HORIZONS = 4, [1, 2]

@@ -5,7 +5,7 @@ for all modalities); a patch becomes one token: a per-modality Linear of its sam
 modality, channel-id and patch-time embeddings. So any channel count works, and a channel is known
 by its id, not its position. `n_latents` learned latents read all tokens through Perceiver
 cross-attention (linear in the number of tokens), a transformer backbone mixes the latents, and
-light cross-attention decoders read the final latents back out:
+light cross-attention decoders read the final latents back out (blocks in `neurofm_blocks.py`):
 
     tokens [B, S, d] --cross_blocks--> latents [B, L, d] --blocks--> latents --+--> mean -> embedding
                                                                                +--> decoder(queries) -> recon / forecast
@@ -13,7 +13,7 @@ light cross-attention decoders read the final latents back out:
 A decoder query knows only where a patch is (modality + channel + time), never its values, so a
 hidden patch can only be reconstructed, and the future only forecast, from what the latents hold.
 
-Objectives (`neurofm_loss`): masked-patch reconstruction, multi-horizon forecasting and a symmetric
+Objectives (`neurofm_objectives.py`): masked-patch reconstruction, multi-horizon forecasting and a symmetric
 InfoNCE between the embeddings of one window seen through two different modalities.
 
 Nothing here knows about process groups or meshes. The FSDP strategy shards each block of
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from neuraflex_ray.config import CurriculumStage, NeuroFMConfig
-from neuraflex_ray.models.moe import SwiGLU
+from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe_lm import RMSNorm
+from neuraflex_ray.models.neurofm_blocks import Block, CrossBlock
 
 PERSISTENCE_GAIN = 25.0  # see NeuroFM.persistence
 
@@ -57,73 +57,6 @@ class NeuroOutput:
     # m -> [B, d] projected embedding of the window seen through modality m alone; filled only
     # when forward(per_modality=True) (the contrastive objective), else empty.
     modality_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class NeuroLoss:
-    total: torch.Tensor  # what backward() sees
-    recon: torch.Tensor  # MSE per sample on hidden patches (mean over modalities with targets)
-    forecast: torch.Tensor  # MSE per sample on the K horizon patches (mean over modalities with targets)
-    contrastive: torch.Tensor  # symmetric InfoNCE, mean over modality pairs (0 when off or no pair)
-
-
-# ---------------------------------------------------------------------------------------------
-# Blocks
-# ---------------------------------------------------------------------------------------------
-
-
-class Attention(nn.Module):
-    """Multi-head attention; self-attention when `ctx` is None, cross-attention otherwise."""
-
-    def __init__(self, dim: int, n_heads: int):
-        super().__init__()
-        self.n_heads, self.head_dim = n_heads, dim // n_heads
-        self.wq = nn.Linear(dim, dim, bias=False)
-        self.wk = nn.Linear(dim, dim, bias=False)
-        self.wv = nn.Linear(dim, dim, bias=False)
-        self.wo = nn.Linear(dim, dim, bias=False)
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, Q, d]; ctx: [B, S, d]; mask: bool [B, 1, 1, S], True = key visible."""
-        ctx = x if ctx is None else ctx
-        b, q, _ = x.shape
-        s = ctx.shape[1]
-        xq = self.wq(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
-        xk = self.wk(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        xv = self.wv(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, q, -1))
-
-
-class CrossBlock(nn.Module):
-    """Pre-norm cross-attention from queries into a context, then a SwiGLU FFN on the queries."""
-
-    def __init__(self, cfg: NeuroFMConfig, ffn_dim: int | None = None):
-        super().__init__()
-        self.q_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.kv_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, ffn_dim or cfg.ffn_mult * cfg.dim)
-
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask)
-        return x + self.ffn(self.ffn_norm(x))
-
-
-class Block(nn.Module):
-    """Pre-norm self-attention block over the latents (no positions: latents are learned slots)."""
-
-    def __init__(self, cfg: NeuroFMConfig):
-        super().__init__()
-        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg.dim, cfg.n_heads)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = SwiGLU(cfg.dim, cfg.ffn_mult * cfg.dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.ffn(self.ffn_norm(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -330,140 +263,6 @@ class NeuroFM(nn.Module):
         """[B, d] embedding of whatever modalities are given (no masking; the model has no dropout,
         so train and eval mode agree). Goes through __call__ so that FSDP hooks run."""
         return self(inputs, decode=False).embedding
-
-
-# ---------------------------------------------------------------------------------------------
-# Objectives
-# ---------------------------------------------------------------------------------------------
-
-
-def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
-    """The last curriculum stage with start_step <= step; multimodal when none applies."""
-    stage = CurriculumStage(start_step=0, multimodal=True)
-    for s in cfg.curriculum:
-        if s.start_step <= step:
-            stage = s
-    return stage
-
-
-def contrastive_views(cfg: NeuroFMConfig, step: int, n_modalities: int) -> int:
-    """How many per-modality views the contrastive loss encodes at `step` (0: the term is off). Decided
-    by step, config and the batch's modality count only, never by data, so every FSDP rank agrees."""
-    on = active_stage(cfg, step).multimodal and n_modalities >= 2 and cfg.contrastive_weight > 0
-    return n_modalities if on else 0
-
-
-def keep_one_modality(present: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per window, keep one of its present modalities (uniformly at random), mark the others absent."""
-    mods = list(present)
-    pres = torch.stack([present[m] for m in mods], 1)  # [B, M]
-    scores = torch.rand(pres.shape, generator=generator, device=generator.device).to(pres.device)
-    pick = scores.masked_fill(~pres, -1.0).argmax(1)
-    return {m: present[m] & (pick == j) for j, m in enumerate(mods)}
-
-
-def _masked_mean(err: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted mean of err; weights (not boolean indexing) keep every head in the graph even when
-    nothing is selected, so the set of parameters with gradients never depends on the data."""
-    count = weight.sum()
-    return (err * weight).sum() / count.clamp_min(1), count
-
-
-def _mean_over_modalities(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Each modality weighs the same (64 EEG channels do not drown one ECG lead)."""
-    values = torch.stack([v for v, _ in parts])
-    has = torch.stack([c > 0 for _, c in parts]).to(values.dtype)
-    return (values * has).sum() / has.sum().clamp_min(1)
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric InfoNCE between rows of a and b [B, d] over the windows where `both` is True.
-
-    Masked instead of indexed: no host sync and no data-dependent shapes. Returns (loss, usable),
-    usable = at least 2 windows (one alone has no negatives)."""
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = (a @ b.T) / temperature
-    # A large finite negative, not -inf: rows of windows outside `both` stay finite (weighted 0).
-    pair = both[:, None] & both[None, :]
-    logits = logits.masked_fill(~pair, -1e4)
-    w = both.float()
-    n = w.sum()
-    row = -(logits.log_softmax(1).diagonal() * w).sum() / n.clamp_min(1)
-    col = -(logits.log_softmax(0).diagonal() * w).sum() / n.clamp_min(1)
-    return (row + col) / 2, n >= 2
-
-
-def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMConfig, step: int,
-                 generator: torch.Generator) -> NeuroLoss:
-    """Loss on FULL windows (context + future). Random choices (masks, curriculum) come from `generator`.
-
-    The set of parameters that get a gradient depends only on the keys of `window` and on `step`
-    (FSDP needs the same set on every rank): every given modality is encoded and decoded even where
-    `present` is all False, and the contrastive passes run or not by curriculum stage.
-    """
-    mods = [m for m in cfg.modalities if m in window]
-    if not mods:
-        raise ValueError("window holds no modality")
-    n, horizons = cfg.context_patches, cfg.horizon_patches
-    h_max = max(horizons)
-    stage = active_stage(cfg, step)
-    present = {m: window[m].present for m in mods}
-    if not stage.multimodal and len(mods) > 1:
-        present = keep_one_modality(present, generator)
-    n_hide = min(n - 1, max(1, round(cfg.mask_ratio * n)))
-    # Half the windows (at random) are masked and train reconstruction; the other half see their
-    # whole context and train forecasting, the way forecasts are made and evaluated.
-    batch = window[mods[0]].x.shape[0]
-    forecast_rows = (torch.rand(batch, generator=generator, device=generator.device) < 0.5).to(window[mods[0]].x.device)
-
-    inputs, masks, ctx_patches, future, valid = {}, {}, {}, {}, {}
-    for m in mods:
-        p = cfg.patch_lens[cfg.modalities.index(m)]
-        w = window[m]
-        b, c, t = w.x.shape
-        if t != (n + h_max) * p:
-            raise ValueError(f"{m}: a window holds ({n} + {h_max}) patches x {p} samples = {(n + h_max) * p}, got {t}")
-        patches = w.x.reshape(b, c, n + h_max, p)
-        ctx_patches[m] = patches[:, :, :n]
-        future[m] = patches[:, :, [n + k - 1 for k in horizons]]  # horizon k = k-th patch after the context
-        # Exactly n_hide hidden patches per channel: the rank of a uniform draw.
-        r = torch.rand((b, c, n), generator=generator, device=generator.device).to(w.x.device)
-        hidden = r.argsort(-1).argsort(-1) < n_hide
-        if c > 1:  # and, in half the windows, one whole channel: predicting it from its neighbours
-            pick = torch.randint(c, (b,), generator=generator, device=generator.device).to(w.x.device)
-            coin = (torch.rand(b, generator=generator, device=generator.device) < cfg.channel_mask_prob).to(w.x.device)
-            hidden = hidden | ((torch.arange(c, device=w.x.device) == pick[:, None]) & coin[:, None])[:, :, None]
-        masks[m] = hidden & ~forecast_rows[:, None, None]
-        valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
-        inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
-
-    contrastive_on = contrastive_views(cfg, step, len(mods)) > 0
-    out = model(inputs, masks, per_modality=contrastive_on)
-
-    recon_parts, forecast_parts = [], []
-    for m in mods:
-        err = (out.recon[m].float() - ctx_patches[m].float()).pow(2).mean(-1)  # [B, C, N]
-        recon_parts.append(_masked_mean(err, (masks[m] & valid[m][:, :, None]).float()))
-        err = (out.forecast[m].float() - future[m].float()).pow(2).mean(-1)  # [B, C, K]
-        forecast_parts.append(_masked_mean(err, (valid[m] & forecast_rows[:, None])[:, :, None].float().expand_as(err)))
-    recon = _mean_over_modalities(recon_parts)
-    forecast = _mean_over_modalities(forecast_parts)
-
-    contrastive = recon.new_zeros(())
-    if contrastive_on:
-        z = out.modality_embeddings
-        losses, usable = [], []
-        for i, m1 in enumerate(mods):
-            for m2 in mods[i + 1:]:
-                loss, ok = info_nce(z[m1], z[m2], present[m1] & present[m2], cfg.contrastive_temperature)
-                losses.append(loss)
-                usable.append(ok)
-        ok = torch.stack(usable).float()
-        # 0 * sum keeps every projection in the graph when no pair is usable (grads of zero, not None).
-        contrastive = (torch.stack(losses) * ok).sum() / ok.sum().clamp_min(1) + 0.0 * sum(v.sum() for v in z.values())
-
-    total = cfg.recon_weight * recon + cfg.forecast_weight * forecast + cfg.contrastive_weight * contrastive
-    return NeuroLoss(total=total, recon=recon, forecast=forecast, contrastive=contrastive)
 
 
 # ---------------------------------------------------------------------------------------------

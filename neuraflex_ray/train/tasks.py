@@ -162,7 +162,8 @@ class NeuroTask:
         return int(sum(((w.chan > 0) & w.present[:, None]).sum() for w in window.values())) * n
 
     def step(self, model: Callable, window: dict[str, Any], step: int, device: torch.device, train: bool = True) -> StepOutput:
-        from neuraflex_ray.models.neurofm import contrastive_views, neurofm_flops_per_window, neurofm_loss
+        from neuraflex_ray.models.neurofm import neurofm_flops_per_window
+        from neuraflex_ray.models.neurofm_objectives import contrastive_views, neurofm_loss
 
         tokens = self.tokens(window)  # counted on the host copy: no device sync per micro-batch
         batch = next(iter(window.values())).x.shape[0]

@@ -1,0 +1,68 @@
+"""NeuroFM's building blocks: attention (self or cross), the Perceiver cross block and the latent block.
+
+Pre-norm residual blocks over RMSNorm and SwiGLU, shared with the LM (`moe_lm.py`, `moe.py`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuraflex_ray.config import NeuroFMConfig
+from neuraflex_ray.models.moe import SwiGLU
+from neuraflex_ray.models.moe_lm import RMSNorm
+
+
+class Attention(nn.Module):
+    """Multi-head attention; self-attention when `ctx` is None, cross-attention otherwise."""
+
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.wq = nn.Linear(dim, dim, bias=False)
+        self.wk = nn.Linear(dim, dim, bias=False)
+        self.wv = nn.Linear(dim, dim, bias=False)
+        self.wo = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, Q, d]; ctx: [B, S, d]; mask: bool [B, 1, 1, S], True = key visible."""
+        ctx = x if ctx is None else ctx
+        b, q, _ = x.shape
+        s = ctx.shape[1]
+        xq = self.wq(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
+        xk = self.wk(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        xv = self.wv(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
+        return self.wo(y.transpose(1, 2).reshape(b, q, -1))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention from queries into a context, then a SwiGLU FFN on the queries."""
+
+    def __init__(self, cfg: NeuroFMConfig, ffn_dim: int | None = None):
+        super().__init__()
+        self.q_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, ffn_dim or cfg.ffn_mult * cfg.dim)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Block(nn.Module):
+    """Pre-norm self-attention block over the latents (no positions: latents are learned slots)."""
+
+    def __init__(self, cfg: NeuroFMConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg.dim, cfg.n_heads)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = SwiGLU(cfg.dim, cfg.ffn_mult * cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.ffn(self.ffn_norm(x))

@@ -1,0 +1,154 @@
+"""NeuroFM's self-supervised objectives and curriculum: masked reconstruction, multi-horizon
+forecasting and a symmetric InfoNCE between the views of one window through two modalities.
+
+`neurofm_loss` takes FULL windows (context + future) and draws every random choice (masks, the
+curriculum's modality picks) from a generator, so a resumed run draws what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from neuraflex_ray.config import CurriculumStage, NeuroFMConfig
+from neuraflex_ray.models.neurofm import SeriesInput
+
+
+@dataclass
+class NeuroLoss:
+    total: torch.Tensor  # what backward() sees
+    recon: torch.Tensor  # MSE per sample on hidden patches (mean over modalities with targets)
+    forecast: torch.Tensor  # MSE per sample on the K horizon patches (mean over modalities with targets)
+    contrastive: torch.Tensor  # symmetric InfoNCE, mean over modality pairs (0 when off or no pair)
+
+
+def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
+    """The last curriculum stage with start_step <= step; multimodal when none applies."""
+    stage = CurriculumStage(start_step=0, multimodal=True)
+    for s in cfg.curriculum:
+        if s.start_step <= step:
+            stage = s
+    return stage
+
+
+def contrastive_views(cfg: NeuroFMConfig, step: int, n_modalities: int) -> int:
+    """How many per-modality views the contrastive loss encodes at `step` (0: the term is off). Decided
+    by step, config and the batch's modality count only, never by data, so every FSDP rank agrees."""
+    on = active_stage(cfg, step).multimodal and n_modalities >= 2 and cfg.contrastive_weight > 0
+    return n_modalities if on else 0
+
+
+def keep_one_modality(present: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per window, keep one of its present modalities (uniformly at random), mark the others absent."""
+    mods = list(present)
+    pres = torch.stack([present[m] for m in mods], 1)  # [B, M]
+    scores = torch.rand(pres.shape, generator=generator, device=generator.device).to(pres.device)
+    pick = scores.masked_fill(~pres, -1.0).argmax(1)
+    return {m: present[m] & (pick == j) for j, m in enumerate(mods)}
+
+
+def _masked_mean(err: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean of err; weights (not boolean indexing) keep every head in the graph even when
+    nothing is selected, so the set of parameters with gradients never depends on the data."""
+    count = weight.sum()
+    return (err * weight).sum() / count.clamp_min(1), count
+
+
+def _mean_over_modalities(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Each modality weighs the same (64 EEG channels do not drown one ECG lead)."""
+    values = torch.stack([v for v, _ in parts])
+    has = torch.stack([c > 0 for _, c in parts]).to(values.dtype)
+    return (values * has).sum() / has.sum().clamp_min(1)
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric InfoNCE between rows of a and b [B, d] over the windows where `both` is True.
+
+    Masked instead of indexed: no host sync and no data-dependent shapes. Returns (loss, usable),
+    usable = at least 2 windows (one alone has no negatives)."""
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    logits = (a @ b.T) / temperature
+    # A large finite negative, not -inf: rows of windows outside `both` stay finite (weighted 0).
+    pair = both[:, None] & both[None, :]
+    logits = logits.masked_fill(~pair, -1e4)
+    w = both.float()
+    n = w.sum()
+    row = -(logits.log_softmax(1).diagonal() * w).sum() / n.clamp_min(1)
+    col = -(logits.log_softmax(0).diagonal() * w).sum() / n.clamp_min(1)
+    return (row + col) / 2, n >= 2
+
+
+def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMConfig, step: int,
+                 generator: torch.Generator) -> NeuroLoss:
+    """Loss on FULL windows (context + future). Random choices (masks, curriculum) come from `generator`.
+
+    The set of parameters that get a gradient depends only on the keys of `window` and on `step`
+    (FSDP needs the same set on every rank): every given modality is encoded and decoded even where
+    `present` is all False, and the contrastive passes run or not by curriculum stage.
+    """
+    mods = [m for m in cfg.modalities if m in window]
+    if not mods:
+        raise ValueError("window holds no modality")
+    n, horizons = cfg.context_patches, cfg.horizon_patches
+    h_max = max(horizons)
+    stage = active_stage(cfg, step)
+    present = {m: window[m].present for m in mods}
+    if not stage.multimodal and len(mods) > 1:
+        present = keep_one_modality(present, generator)
+    n_hide = min(n - 1, max(1, round(cfg.mask_ratio * n)))
+    # Half the windows (at random) are masked and train reconstruction; the other half see their
+    # whole context and train forecasting, the way forecasts are made and evaluated.
+    batch = window[mods[0]].x.shape[0]
+    forecast_rows = (torch.rand(batch, generator=generator, device=generator.device) < 0.5).to(window[mods[0]].x.device)
+
+    inputs, masks, ctx_patches, future, valid = {}, {}, {}, {}, {}
+    for m in mods:
+        p = cfg.patch_lens[cfg.modalities.index(m)]
+        w = window[m]
+        b, c, t = w.x.shape
+        if t != (n + h_max) * p:
+            raise ValueError(f"{m}: a window holds ({n} + {h_max}) patches x {p} samples = {(n + h_max) * p}, got {t}")
+        patches = w.x.reshape(b, c, n + h_max, p)
+        ctx_patches[m] = patches[:, :, :n]
+        future[m] = patches[:, :, [n + k - 1 for k in horizons]]  # horizon k = k-th patch after the context
+        # Exactly n_hide hidden patches per channel: the rank of a uniform draw.
+        r = torch.rand((b, c, n), generator=generator, device=generator.device).to(w.x.device)
+        hidden = r.argsort(-1).argsort(-1) < n_hide
+        if c > 1:  # and, in half the windows, one whole channel: predicting it from its neighbours
+            pick = torch.randint(c, (b,), generator=generator, device=generator.device).to(w.x.device)
+            coin = (torch.rand(b, generator=generator, device=generator.device) < cfg.channel_mask_prob).to(w.x.device)
+            hidden = hidden | ((torch.arange(c, device=w.x.device) == pick[:, None]) & coin[:, None])[:, :, None]
+        masks[m] = hidden & ~forecast_rows[:, None, None]
+        valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
+        inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
+
+    contrastive_on = contrastive_views(cfg, step, len(mods)) > 0
+    out = model(inputs, masks, per_modality=contrastive_on)
+
+    recon_parts, forecast_parts = [], []
+    for m in mods:
+        err = (out.recon[m].float() - ctx_patches[m].float()).pow(2).mean(-1)  # [B, C, N]
+        recon_parts.append(_masked_mean(err, (masks[m] & valid[m][:, :, None]).float()))
+        err = (out.forecast[m].float() - future[m].float()).pow(2).mean(-1)  # [B, C, K]
+        forecast_parts.append(_masked_mean(err, (valid[m] & forecast_rows[:, None])[:, :, None].float().expand_as(err)))
+    recon = _mean_over_modalities(recon_parts)
+    forecast = _mean_over_modalities(forecast_parts)
+
+    contrastive = recon.new_zeros(())
+    if contrastive_on:
+        z = out.modality_embeddings
+        losses, usable = [], []
+        for i, m1 in enumerate(mods):
+            for m2 in mods[i + 1:]:
+                loss, ok = info_nce(z[m1], z[m2], present[m1] & present[m2], cfg.contrastive_temperature)
+                losses.append(loss)
+                usable.append(ok)
+        ok = torch.stack(usable).float()
+        # 0 * sum keeps every projection in the graph when no pair is usable (grads of zero, not None).
+        contrastive = (torch.stack(losses) * ok).sum() / ok.sum().clamp_min(1) + 0.0 * sum(v.sum() for v in z.values())
+
+    total = cfg.recon_weight * recon + cfg.forecast_weight * forecast + cfg.contrastive_weight * contrastive
+    return NeuroLoss(total=total, recon=recon, forecast=forecast, contrastive=contrastive)

@@ -29,14 +29,8 @@ from pipelines.neuro_sources import (
     recording_source,
     sample_sources,
 )
-from pipelines.timeseries import (
-    build_series_dataset,
-    estimate_offset,
-    load_series_datasets,
-    read_series,
-    resample,
-    series_batch,
-)
+from pipelines.series_prep import estimate_offset, resample
+from pipelines.timeseries import build_series_dataset, load_series_datasets, read_series, series_batch
 
 ALIGN_OFFSET_S = 3.0  # the HDF5 stream starts this long after the EDF stream
 SHIFT = (2.0, 10.0)  # the NPY stream's mean before and after 80 s
@@ -390,7 +384,7 @@ def test_build_from_the_real_samples(tmp_path, ray_session):
 
 
 def test_artifact_rejection_drops_only_windows_that_hold_the_artifact():
-    from pipelines.timeseries import _reject_artifacts
+    from pipelines.series_prep import _reject_artifacts
 
     rate = 16.0
     arrays = {"resp": np.zeros((1, int(60 * rate)), np.float32), "eeg": np.zeros((2, int(60 * 128)), np.float32)}

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput, param_count
 from neuraflex_ray.serving.errors import RequestError
-from pipelines.timeseries import MAX_DENOMINATOR, channel_stats, filter_reach_s, resample, resample_ratio
+from pipelines.series_prep import MAX_DENOMINATOR, channel_stats, filter_reach_s, resample, resample_ratio
 
 # The pipeline resamples by up/down = resample_ratio(rate, target), a fraction with terms <= MAX_DENOMINATOR. A
 # rate whose ratio that approximates worse than this (e.g. 1500 Hz -> 1 Hz becomes 1/1000) would

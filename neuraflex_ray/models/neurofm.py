@@ -34,7 +34,7 @@ from torch import nn
 
 from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe_lm import RMSNorm
-from neuraflex_ray.models.neurofm_blocks import Block, CrossBlock
+from neuraflex_ray.models.neurofm_blocks import CrossBlock, backbone_block, backbone_block_macs
 
 PERSISTENCE_GAIN = 25.0  # see NeuroFM.persistence
 
@@ -46,6 +46,9 @@ class SeriesInput:
     x: torch.Tensor  # [B, C, T] float samples, normalised; zeros where absent
     chan: torch.Tensor  # [B, C] int64 channel ids (1-based, from the manifest), 0 = padding
     present: torch.Tensor  # [B] bool: the modality has data in this window
+    # [B, C, T] bool, optional: samples the objectives zero in the encoder's input only, while the
+    # targets keep them (the time masking augmentation). The model itself ignores it.
+    hide: torch.Tensor | None = None
 
 
 @dataclass
@@ -91,7 +94,7 @@ class NeuroFM(nn.Module):
         self.null_token = nn.Parameter(torch.empty(d))
         self.latents = nn.Parameter(torch.empty(cfg.n_latents, d))
         self.cross_blocks = nn.ModuleList(CrossBlock(cfg) for _ in range(cfg.n_cross_layers))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(backbone_block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(d, cfg.norm_eps)
         # Decoder: token queries read the final latents; one shared block for both heads. It runs on
         # every token (about 30x more rows than the latents), so its FFN is narrow (d, not ffn_mult*d).
@@ -138,8 +141,8 @@ class NeuroFM(nn.Module):
         with torch.no_grad():
             self.channel_emb.weight[0].zero_()  # padding id
             for blk in [*self.cross_blocks, *self.blocks, self.decoder]:
-                blk.attn.wo.weight.mul_(scale)
-                blk.ffn.w2.weight.mul_(scale)
+                for out in blk.residual_outputs():
+                    out.weight.mul_(scale)
 
     # -- tokens ---------------------------------------------------------------------------------
 
@@ -300,7 +303,7 @@ def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int |
     # Cross-attention: Q/out projections + FFN on G*L latents, K/V projections of the keys once,
     # QK^T and AV of every latent against every key (the group mask does not skip work).
     cross = g * lat * (2 * d * d + ffn) + keys * 2 * d * d + 2 * g * lat * keys * d
-    backbone = g * cfg.n_layers * (lat * (4 * d * d + ffn) + 2 * lat * lat * d)
+    backbone = g * cfg.n_layers * backbone_block_macs(cfg)
     queries = tokens + ch  # decoder: one query per context patch + one forecast query per channel
     decoder = queries * (2 * d * d + 3 * d * d) + lat * 2 * d * d + 2 * queries * lat * d
     heads = tokens * d * p + ch * d * k * p + contrastive_modalities * 2 * d * d  # recon, forecast, projection

@@ -52,6 +52,10 @@ class CrossBlock(nn.Module):
         x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask)
         return x + self.ffn(self.ffn_norm(x))
 
+    def residual_outputs(self) -> list[nn.Linear]:
+        """The projections that write into the residual stream (scaled down at init)."""
+        return [self.attn.wo, self.ffn.w2]
+
 
 class Block(nn.Module):
     """Pre-norm self-attention block over the latents (no positions: latents are learned slots)."""
@@ -66,3 +70,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x))
         return x + self.ffn(self.ffn_norm(x))
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        return [self.attn.wo, self.ffn.w2]
+
+
+def backbone_block(cfg: NeuroFMConfig) -> nn.Module:
+    """One block of the backbone over the latents [B, L, d] -> [B, L, d]."""
+    return Block(cfg)
+
+
+def backbone_block_macs(cfg: NeuroFMConfig) -> float:
+    """Multiply-adds of one backbone block over one window's L latents (forward)."""
+    d, lat = cfg.dim, cfg.n_latents
+    return lat * (4 * d * d + 3 * d * cfg.ffn_mult * d) + 2 * lat * lat * d

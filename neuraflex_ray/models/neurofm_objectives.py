@@ -123,7 +123,10 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
             hidden = hidden | ((torch.arange(c, device=w.x.device) == pick[:, None]) & coin[:, None])[:, :, None]
         masks[m] = hidden & ~forecast_rows[:, None, None]
         valid[m] = (w.chan > 0) & present[m][:, None]  # [B, C]
-        inputs[m] = SeriesInput(x=w.x[..., : n * p], chan=w.chan, present=present[m])
+        x_in = w.x[..., : n * p]
+        if w.hide is not None:
+            x_in = x_in.masked_fill(w.hide[..., : n * p], 0.0)
+        inputs[m] = SeriesInput(x=x_in, chan=w.chan, present=present[m])
 
     contrastive_on = contrastive_views(cfg, step, len(mods)) > 0
     out = model(inputs, masks, per_modality=contrastive_on)

@@ -10,8 +10,10 @@ light cross-attention decoders read the final latents back out (blocks in `neuro
     tokens [B, S, d] --cross_blocks--> latents [B, L, d] --blocks--> latents --+--> mean -> embedding
                                                                                +--> decoder(queries) -> recon / forecast
 
-A decoder query knows only where a patch is (modality + channel + time), never its values, so a
-hidden patch can only be reconstructed, and the future only forecast, from what the latents hold.
+A decoder query knows only where a patch is (modality + channel + time), never its values. It reads
+the latents, then (`local_decoder`, `neurofm_local.py`) the visible tokens at its own patch in every
+channel and in its own channel at every patch: a hidden patch is rebuilt from the latents and its
+neighbours, never from itself, and the future only from the context.
 
 Objectives (`neurofm_objectives.py`): masked-patch reconstruction, multi-horizon forecasting and a symmetric
 InfoNCE between the embeddings of one window seen through two different modalities.
@@ -35,6 +37,7 @@ from torch import nn
 from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe_lm import RMSNorm
 from neuraflex_ray.models.neurofm_blocks import CrossBlock, backbone_block, backbone_block_macs
+from neuraflex_ray.models.neurofm_local import LocalBlock, local_block_macs
 
 PERSISTENCE_GAIN = 25.0  # see NeuroFM.persistence
 
@@ -100,13 +103,17 @@ class NeuroFM(nn.Module):
         # every token (about 30x more rows than the latents), so its FFN is narrow (d, not ffn_mult*d).
         self.forecast_query = nn.Parameter(torch.empty(d))  # marks a query as "the future of this channel"
         self.decoder = CrossBlock(cfg, ffn_dim=d)
+        self.local = LocalBlock(cfg) if cfg.local_decoder else None
         self.decoder_norm = RMSNorm(d, cfg.norm_eps)
         self.recon_head = nn.ModuleDict({m: nn.Linear(d, p) for m, p in self.patch_len.items()})
         self.forecast_head = nn.ModuleDict({m: nn.Linear(d, k * p) for m, p in self.patch_len.items()})
         # Per modality and horizon, how much of the last context sample carries into the forecast:
-        # a learned AR(1) skip (near 1 for EDA or BOLD, near 0 for EMG), starting at 0. It is used
-        # times PERSISTENCE_GAIN: Adam moves a parameter by about lr per step, and at lr 1e-3 an
-        # ungained scalar had moved 0.06 of the way to 1 after the 300 debug steps.
+        # a learned AR(1) skip (near 1 for EDA or BOLD, near 0 for EMG). It starts at 1 with the
+        # forecast head at zero, so an untrained model forecasts persistence and training can only
+        # move it where the data pays: started at 0, the debug run still lost to persistence on
+        # EDA, respiration, acceleration and BOLD after 300 steps. It is used times
+        # PERSISTENCE_GAIN: Adam moves a parameter by about lr per step, and at lr 1e-3 an ungained
+        # scalar moves 0.06 after 300 steps.
         self.persistence = nn.ParameterDict({m: nn.Parameter(torch.zeros(k)) for m in self.patch_len})
         # Contrastive projection (SimCLR): the loss acts on z, the embedding stays more general.
         self.projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
@@ -133,14 +140,17 @@ class NeuroFM(nn.Module):
                 nn.init.normal_(mod.weight, std=std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
-        for p in (self.mask_token, self.null_token, self.latents, self.forecast_query):
+        for p in (self.mask_token, self.null_token, self.latents, self.forecast_query,
+                  *([self.local.null_key] if self.local else [])):
             nn.init.normal_(p, std=std)
         for p in self.persistence.values():
-            nn.init.zeros_(p)
+            nn.init.constant_(p, 1.0 / PERSISTENCE_GAIN)
+        for head in self.forecast_head.values():
+            nn.init.zeros_(head.weight)
         scale = 1 / math.sqrt(2 * (self.cfg.n_layers + self.cfg.n_cross_layers))
         with torch.no_grad():
             self.channel_emb.weight[0].zero_()  # padding id
-            for blk in [*self.cross_blocks, *self.blocks, self.decoder]:
+            for blk in [*self.cross_blocks, *self.blocks, self.decoder, *([self.local] if self.local else [])]:
                 for out in blk.residual_outputs():
                     out.weight.mul_(scale)
 
@@ -152,7 +162,8 @@ class NeuroFM(nn.Module):
         return self.modality_emb(idx) + self.channel_emb(chan)
 
     def tokenize(self, m: str, inp: SeriesInput, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context samples of modality m -> tokens [B, C*N, d] and key visibility [B, C*N]."""
+        """Context samples of modality m -> tokens [B, C, N, d] and their visibility [B, C, N] to the
+        encoder (real channel of a present modality; a hidden patch is visible as the mask token)."""
         p, n = self.patch_len[m], self.cfg.context_patches
         b, c, t = inp.x.shape
         if t != n * p:
@@ -164,7 +175,7 @@ class NeuroFM(nn.Module):
             h = torch.where(hidden[..., None], self.mask_token.to(h.dtype), h)
         h = h + self._where(m, inp.chan)[:, :, None] + self.time_emb.weight[None, None]
         visible = (inp.chan > 0) & inp.present[:, None]
-        return h.flatten(1, 2), visible[:, :, None].expand(b, c, n).flatten(1)
+        return h, visible[:, :, None].expand(b, c, n)
 
     # -- encoder ----------------------------------------------------------------------------------
 
@@ -212,7 +223,9 @@ class NeuroFM(nn.Module):
                 raise ValueError(f"{m}: x {tuple(x.shape)}, chan {tuple(chan.shape)}, present {tuple(present.shape)} "
                                  f"do not fit [B, C, T], [B, C], [B] with one B={b} for every modality")
         patch_mask = patch_mask or {}
-        toks, vis = zip(*(self.tokenize(m, inputs[m], patch_mask.get(m)) for m in mods), strict=True)
+        grids, grid_vis = zip(*(self.tokenize(m, inputs[m], patch_mask.get(m)) for m in mods), strict=True)
+        toks = [t.flatten(1, 2) for t in grids]
+        vis = [v.flatten(1) for v in grid_vis]
         visible = torch.cat(vis, 1)
         groups = [visible]
         if per_modality:  # group 1 + j sees modality j's tokens only
@@ -224,33 +237,40 @@ class NeuroFM(nn.Module):
         fused = self.norm(latents[:, 0])
         out = NeuroOutput(latents=fused, embedding=fused.mean(1), recon={}, forecast={})
         if decode:
-            out.recon, out.forecast = self._decode(inputs, mods, fused, patch_mask)
+            # The local read sees real, unhidden patches only.
+            seen = [v & ~patch_mask[m] if patch_mask.get(m) is not None else v for m, v in zip(mods, grid_vis, strict=True)]
+            out.recon, out.forecast = self._decode(inputs, mods, fused, patch_mask, torch.cat(grids, 1), torch.cat(seen, 1))
         if per_modality:
             pooled = self.norm(latents[:, 1:]).mean(2)  # [B, M, d]
             out.modality_embeddings = {m: self.projection(pooled[:, j]) for j, m in enumerate(mods)}
         return out
 
     def _decode(self, inputs: dict[str, SeriesInput], mods: list[str], latents: torch.Tensor,
-                patch_mask: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One query per context patch (recon) and one per channel (forecast), all modalities in
-        one decoder call: queries attend only to the latents, so concatenating them is exact.
+                patch_mask: dict[str, torch.Tensor], tokens: torch.Tensor,
+                seen: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """One query per context patch (recon) and one per channel (forecast), all modalities at
+        once on one (channel, patch) grid: tokens [B, C, N, d] and seen [B, C, N] hold every
+        modality's channels side by side (they share the patch grid), for the local read.
 
         Forecasts add a learned share of the last context sample (`persistence`): slow signals such
-        as EDA or BOLD barely move in a second, and a decoder reading pooled latents cannot copy a
-        single sample exactly."""
+        as EDA or BOLD barely move in a second, and a decoder cannot copy a single sample exactly."""
         n, k = self.cfg.context_patches, len(self.cfg.horizon_patches)
-        queries, shapes = [], []
+        queries, widths = [], []
         for m in mods:
             where = self._where(m, inputs[m].chan).to(latents.dtype)  # [B, C, d]
             q_recon = where[:, :, None] + self.time_emb.weight.to(latents.dtype)[None, None]  # [B, C, N, d]
             q_future = (where + self.forecast_query.to(latents.dtype))[:, :, None]  # [B, C, 1, d]
-            q = torch.cat([q_recon, q_future], dim=2)
-            shapes.append(q.shape[:3])
-            queries.append(q.flatten(1, 2))
-        h = self.decoder_norm(self.decoder(torch.cat(queries, 1), latents))
+            queries.append(torch.cat([q_recon, q_future], dim=2))
+            widths.append(queries[-1].shape[1])
+        q = torch.cat(queries, 1)  # [B, C, N+1, d]
+        b, c = q.shape[:2]
+        # Queries attend to the latents only here, so one flat call over all of them is exact.
+        q = self.decoder(q.flatten(1, 2), latents).view(b, c, n + 1, -1)
+        if self.local is not None:
+            q = self.local(q, tokens.to(q.dtype), seen)
+        h = self.decoder_norm(q)
         recon, forecast = {}, {}
-        for m, part, (b, c, _) in zip(mods, h.split([s[1] * s[2] for s in shapes], 1), shapes, strict=True):
-            part = part.view(b, c, n + 1, -1)
+        for m, part, cm in zip(mods, h.split(widths, 1), widths, strict=True):
             recon[m] = self.recon_head[m](part[:, :, :n])
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
             last = inputs[m].x[..., -1]  # [B, C]; hidden from the model when its patch is masked
@@ -258,7 +278,7 @@ class NeuroFM(nn.Module):
                 last = last.masked_fill(patch_mask[m][..., -1], 0.0)
             alpha = PERSISTENCE_GAIN * self.persistence[m].to(part.dtype)[:, None]  # [K, 1]
             skip = alpha * last.to(part.dtype)[:, :, None, None]  # [B, C, K, 1]
-            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, c, k, -1) + head.bias.view(k, -1) + skip
+            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, cm, k, -1) + head.bias.view(k, -1) + skip
         return recon, forecast
 
     @torch.no_grad()
@@ -306,6 +326,8 @@ def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int |
     backbone = g * cfg.n_layers * backbone_block_macs(cfg)
     queries = tokens + ch  # decoder: one query per context patch + one forecast query per channel
     decoder = queries * (2 * d * d + 3 * d * d) + lat * 2 * d * d + 2 * queries * lat * d
+    if cfg.local_decoder:
+        decoder += local_block_macs(cfg, queries, tokens, ch)
     heads = tokens * d * p + ch * d * k * p + contrastive_modalities * 2 * d * d  # recon, forecast, projection
     macs = tokens * p * d + cfg.n_cross_layers * cross + backbone + decoder + heads
     return 3 * 2 * macs

@@ -1,0 +1,82 @@
+"""The decoder's local read: each query looks at the visible tokens next to it.
+
+The latents are a bottleneck (32 slots of d for thousands of patch tokens), good for an embedding
+but lossy for sample-level outputs: a 64-channel EEG window cannot pass through them intact, and a
+model that reconstructs a hidden channel only from the latents loses to a ridge over the other
+channels at the same instant. So, after reading the latents, every decoder query also attends to
+the tokens around its own place on the (channel, patch) grid, in two axial steps:
+
+    spatial:  query (c, n) <- tokens (c', n) of every channel c' of every modality at patch n
+              (the forecast query of channel c reads patch N-1: the latest state of every channel)
+    temporal: query (c, n) <- tokens (c, n') of its own channel at every context patch n'
+
+Hidden, padded and absent tokens are never keys: a hidden patch is rebuilt from its neighbours in
+space and time, never from itself. Axial attention costs (C + N) keys per query instead of C * N.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuraflex_ray.config import NeuroFMConfig
+from neuraflex_ray.models.moe import SwiGLU
+from neuraflex_ray.models.moe_lm import RMSNorm
+from neuraflex_ray.models.neurofm_blocks import Attention
+
+
+class LocalBlock(nn.Module):
+    """Spatial then temporal cross-attention from a query grid into the token grid, then a narrow FFN."""
+
+    def __init__(self, cfg: NeuroFMConfig):
+        super().__init__()
+        d = cfg.dim
+        self.kv_norm = RMSNorm(d, cfg.norm_eps)
+        self.spatial_norm = RMSNorm(d, cfg.norm_eps)
+        self.spatial = Attention(d, cfg.n_heads)
+        self.temporal_norm = RMSNorm(d, cfg.norm_eps)
+        self.temporal = Attention(d, cfg.n_heads)
+        self.ffn_norm = RMSNorm(d, cfg.norm_eps)
+        self.ffn = SwiGLU(d, d)  # runs on every query, like the latent decoder block: narrow
+        # The key a query with no visible neighbour attends to (a whole hidden channel has no
+        # temporal neighbour; a lone channel has no spatial one), so softmax never sees an empty row.
+        self.null_key = nn.Parameter(torch.empty(d))
+        nn.init.normal_(self.null_key, std=cfg.init_std)  # NeuroFM.init_weights sets it again
+
+    def residual_outputs(self) -> list[nn.Linear]:
+        return [self.spatial.wo, self.temporal.wo, self.ffn.w2]
+
+    @staticmethod
+    def _read(attn: Attention, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor,
+              null: torch.Tensor) -> torch.Tensor:
+        """q [R, Q, d] attends to kv [R, K, d] where visible [R, K], plus the always-visible null key."""
+        r = q.shape[0]
+        kv = torch.cat([null.to(kv.dtype).expand(r, 1, -1), kv], dim=1)
+        mask = torch.cat([visible.new_ones(r, 1), visible], dim=1)[:, None, None, :]
+        return attn(q, kv, mask)
+
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """q [B, C, N+1, d] (N patch queries + 1 forecast query per channel), tokens [B, C, N, d],
+        visible [B, C, N] (True = a real, unhidden patch) -> q updated, same shape."""
+        b, c, n1, d = q.shape
+        kv = self.kv_norm(tokens)
+        # Spatial: the forecast slot reads the last context patch of every channel.
+        kv_s = torch.cat([kv, kv[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c, d)
+        vis_s = torch.cat([visible, visible[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c)
+        qs = self.spatial_norm(q).transpose(1, 2).reshape(b * n1, c, d)
+        q = q + self._read(self.spatial, qs, kv_s, vis_s, self.null_key).view(b, n1, c, d).transpose(1, 2)
+        # Temporal: every query of a channel reads that channel's context patches.
+        qt = self.temporal_norm(q).reshape(b * c, n1, d)
+        q = q + self._read(self.temporal, qt, kv.reshape(b * c, -1, d), visible.reshape(b * c, -1),
+                           self.null_key).view(b, c, n1, d)
+        return q + self.ffn(self.ffn_norm(q))
+
+
+def local_block_macs(cfg: NeuroFMConfig, queries: float, tokens: float, channels: float) -> float:
+    """Forward multiply-adds of LocalBlock for one window: Q/O projections of both attentions on
+    every query, K/V projections of every token for both, scores and weighted sums against C
+    (spatial) and N (temporal) keys per query, and the FFN on every query."""
+    d, n = cfg.dim, cfg.context_patches
+    projections = 2 * (2 * d * d * queries + 2 * d * d * tokens)
+    attention = 2 * queries * d * (channels + 1) + 2 * queries * d * (n + 1)
+    return projections + attention + 3 * d * d * queries

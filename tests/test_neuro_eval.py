@@ -151,7 +151,7 @@ def test_ridge_closed_form_matches_lstsq():
 def test_oracle_is_perfect_and_ridge_beats_persistence(data):
     manifest, train, val = data
     model = Oracle(val).train()
-    res = evaluate_neurofm(model, train, val, manifest, batch_size=7)
+    res = evaluate_neurofm(model, train, val, manifest, batch_size=7, adapt_steps=0)
     assert model.training and model.calls_in_train_mode == 0  # scored in eval mode, mode restored after
     assert [r["horizon_s"] for r in res["forecast"]] == [0.25, 0.5]
     for row in res["forecast"]:
@@ -166,23 +166,26 @@ def test_oracle_is_perfect_and_ridge_beats_persistence(data):
         pers = ((x[:, :, CTX - 1:CTX] - x[:, :, CTX + (k - 1) * P:CTX + k * P]) ** 2).mean()
         assert row["per_modality"]["eeg"]["mse_persistence"] == pytest.approx(pers)
     r2 = res["masked_channel_r2"]
-    assert r2["model"] == pytest.approx(1) and r2["ridge"] > 0.99
+    assert r2["zero_shot"] == pytest.approx(1) and r2["ridge"] > 0.99 and r2["adapted"] is None
     assert [c["id"] for c in r2["channels"]] == [1, 9]  # every 8th eeg channel id
     rt = res["retrieval_top1"]
     assert rt["model"] == 1.0 and rt["pairs"] == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.1}]
+    assert res["retrieval_top5"]["pairs"] == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.5}]
     assert rt["chance"] == pytest.approx(0.1)
     assert "Masked-channel" in format_table(res)
 
 
 def test_zero_model_loses_to_ridge_and_retrieves_at_chance(data):
     manifest, train, val = data
-    res = evaluate_neurofm(Zero(), train, val, manifest, max_windows=12)
+    res = evaluate_neurofm(Zero(), train, val, manifest, max_windows=12, adapt_steps=0)
     assert res["n_val_windows"] == 12
     for row in res["forecast"]:
         assert row["skill_vs_ridge"] < 0
-    assert res["masked_channel_r2"]["model"] < 0.01
-    rt = res["retrieval_top1"]  # a constant embedding ties everywhere: expected top-1 is exactly chance
+    assert res["masked_channel_r2"]["zero_shot"] < 0.01
+    rt = res["retrieval_top1"]  # a constant embedding ties everywhere: expected top-k is exactly chance
     assert rt["model"] == pytest.approx(rt["chance"]) and rt["chance"] == pytest.approx(1 / rt["pairs"][0]["n"])
+    top5 = res["retrieval_top5"]
+    assert top5["model"] == pytest.approx(top5["chance"]) and top5["chance"] == pytest.approx(5 / top5["pairs"][0]["n"])
 
 
 def test_baselines_are_fitted_on_train_only():
@@ -194,9 +197,9 @@ def test_baselines_are_fitted_on_train_only():
     flipped_chan = make_split(manifest, 48, seed=1)
     flipped_chan["eeg"].x[:, 0] *= -1  # train says: channel id 1 is the negated mixture
 
-    control = evaluate_neurofm(Zero(), same, val, manifest)
-    future = evaluate_neurofm(Zero(), flipped_future, val, manifest)
-    chan = evaluate_neurofm(Zero(), flipped_chan, val, manifest)
+    control = evaluate_neurofm(Zero(), same, val, manifest, adapt_steps=0)
+    future = evaluate_neurofm(Zero(), flipped_future, val, manifest, adapt_steps=0)
+    chan = evaluate_neurofm(Zero(), flipped_chan, val, manifest, adapt_steps=0)
     for good, bad in zip(control["forecast"], future["forecast"], strict=True):
         assert good["mse_ridge"] < 0.01 * good["mse_persistence"]
         k = bad["horizon_patches"]
@@ -210,9 +213,39 @@ def test_baselines_are_fitted_on_train_only():
 def test_missing_pieces_give_reasons():
     manifest = make_manifest({"ecg": 2})
     train, val = make_split(manifest, 24, seed=1), make_split(manifest, 8, seed=2)
-    res = evaluate_neurofm(Zero(), train, val, manifest)
-    assert res["masked_channel_r2"]["model"] is None and "eeg" in res["masked_channel_r2"]["reason"]
+    res = evaluate_neurofm(Zero(), train, val, manifest, adapt_steps=0)
+    assert res["masked_channel_r2"]["zero_shot"] is None and "eeg" in res["masked_channel_r2"]["reason"]
     assert res["retrieval_top1"]["model"] is None and res["retrieval_top1"]["reason"]
     assert res["forecast"][0]["mse"] is not None
     table = format_table(res)
     assert "n/a" in table and "retrieval" in table
+
+
+def tiny_neurofm(manifest: dict) -> torch.nn.Module:
+    from neuraflex_ray.config import load_config
+    from neuraflex_ray.models.neurofm import NeuroFM
+    from neuraflex_ray.train.driver import neurofm_for_data
+
+    cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]).model
+    torch.manual_seed(0)
+    return NeuroFM(neurofm_for_data(cfg, manifest))
+
+
+def test_adaptation_learns_from_train_windows_only():
+    """`adapted` trains a copy on the train windows the ridge saw: its loss falls, the pre-trained
+    model is untouched, and replacing every held-out window changes nothing about the adaptation."""
+    manifest = make_manifest({"eeg": 16})
+    train, val = make_split(manifest, 24, seed=1), make_split(manifest, 8, seed=2)
+    model = tiny_neurofm(manifest)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = evaluate_neurofm(model, train, val, manifest, adapt_steps=40)
+    r2 = res["masked_channel_r2"]
+    assert r2["adapted"] is not None and r2["adaptation"]["train_windows"] == 24
+    assert r2["adaptation"]["last_loss"] < 0.9 * r2["adaptation"]["first_loss"]
+    assert r2["adapted"] > r2["zero_shot"]  # an untrained model gains from 40 steps on the same process
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    other_val = make_split(manifest, 8, seed=3)
+    other_val["eeg"].x[:] *= -5.0
+    again = evaluate_neurofm(model, train, other_val, manifest, adapt_steps=40)["masked_channel_r2"]["adaptation"]
+    assert again == r2["adaptation"]  # same losses to the last digit: held-out data never entered

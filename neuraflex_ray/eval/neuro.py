@@ -3,7 +3,8 @@
 Three questions, each answered on the val windows (the late part of every recording):
 
 1. Forecasting (`forecast.py`): skill against persistence and a ridge autoregression, per modality and horizon.
-2. Masked-channel reconstruction (`spatial.py`): R^2 of a hidden EEG channel against a ridge from the other channels.
+2. Masked-channel reconstruction (`spatial.py`): R^2 of a hidden EEG channel against a ridge from the other
+   channels, zero-shot and after a short adaptation on the train windows (`adapt.py`).
 3. Cross-modal retrieval (`retrieval.py`): top-1 / top-5 of the matching window through another modality, against chance.
 
 Inputs: `train`/`val` map modality -> SeriesArrays-like objects (see `common.py`).
@@ -17,15 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuraflex_ray.eval.adapt import adapt_masked_channel
 from neuraflex_ray.eval.common import n_windows, plain, subset
 from neuraflex_ray.eval.forecast import forecast_table
 from neuraflex_ray.eval.retrieval import retrieval
-from neuraflex_ray.eval.spatial import masked_channel
+from neuraflex_ray.eval.spatial import MIN_MONTAGE_CHANNELS, masked_channel
 
 
 def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[str, Any], manifest: dict, *,
                      batch_size: int = 16, max_windows: int | None = 512, max_train_windows: int | None = 4096,
-                     lag_patches: int = 4, eeg_modality: str = "eeg", channel_every: int = 8) -> dict[str, Any]:
+                     lag_patches: int = 4, eeg_modality: str = "eeg", channel_every: int = 8,
+                     adapt_steps: int = 150, seed: int = 0) -> dict[str, Any]:
     """Score `model` on the val windows against baselines fitted on the train windows only.
 
     max_windows / max_train_windows cap the val windows scored and the train windows the baselines see
@@ -33,10 +36,13 @@ def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[st
     predicted sample value equally (sum of squared errors / number of values over all present modalities'
     valid channels), so many-channel, high-rate modalities weigh more; `per_modality` in each forecast row
     gives each modality on its own. The model runs in eval mode under torch.no_grad, batch_size windows at a time.
+    Masked-channel reconstruction scores the model as it is (`zero_shot`) and, when adapt_steps > 0, a copy
+    adapted on the train windows the ridge is fitted on (`adapted`, see adapt.py).
 
     Returns {"forecast": [{horizon_s, mse, mse_persistence, mse_ridge, skill_vs_persistence, skill_vs_ridge,
-    horizon_patches, n_values, per_modality}, ...], "masked_channel_r2": {model, ridge, ...},
-    "retrieval_top1": {model, chance, pairs, ...}, ...}; a piece the data cannot support has None values and a `reason`.
+    horizon_patches, n_values, per_modality}, ...], "masked_channel_r2": {zero_shot, adapted, ridge, ...},
+    "retrieval_top1": {model, chance, pairs, ...}, "retrieval_top5": {...}, ...}; a piece the data cannot
+    support has None values and a `reason`.
     """
     if not val:
         raise ValueError("val holds no modality")
@@ -45,15 +51,25 @@ def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[st
     was_training = model.training
     model.eval()
     try:
+        models = {"zero_shot": model}
+        adaptation: dict[str, Any] = {"reason": "adapt_steps=0"}
+        if adapt_steps > 0 and train:
+            adapted, adaptation = adapt_masked_channel(model, train, manifest, eeg_modality, idx_train,
+                                                       min_channels=MIN_MONTAGE_CHANNELS, steps=adapt_steps, seed=seed)
+            if adapted is not None:
+                models["adapted"] = adapted
         with torch.no_grad():
+            top = retrieval(model, val, manifest, idx_val, batch_size, ks=(1, 5))
             result = {
                 "forecast": forecast_table(model, train, val, manifest, idx_val, idx_train, batch_size, lag_patches),
-                "masked_channel_r2": masked_channel(model, train, val, manifest, idx_val, idx_train, batch_size,
-                                                     eeg_modality, channel_every),
-                "retrieval_top1": retrieval(model, val, manifest, idx_val, batch_size),
+                "masked_channel_r2": {**masked_channel(models, train, val, manifest, idx_val, idx_train, batch_size,
+                                                       eeg_modality, channel_every), "adaptation": adaptation},
+                "retrieval_top1": top[1],
+                "retrieval_top5": top[5],
             }
     finally:
         model.train(was_training)
+    result["masked_channel_r2"].setdefault("adapted", None)
     result.update(n_val_windows=len(idx_val), n_train_windows=len(idx_train), lag_patches=lag_patches,
                   forecast_pooling="every predicted value weighs the same across modalities")
     return plain(result)
@@ -66,32 +82,39 @@ def _fmt(v: float | None, width: int = 11, digits: int = 4) -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A readable table of evaluate_neurofm's result."""
+    """A readable table of evaluate_neurofm's result: forecast skill per modality first (what a user
+    compares with doing nothing), the pooled row after, then reconstruction and retrieval."""
     lines = [f"NeuroFM held-out evaluation: {result.get('n_val_windows', '?')} val windows; "
              f"baselines fitted on {result.get('n_train_windows', '?')} train windows only",
-             "Forecast MSE (pooled: every predicted value weighs the same; skill = 1 - mse/mse_baseline, > 0 beats it)",
-             f"{'horizon_s':>10} {'modality':>9} {'model':>11} {'persistence':>11} {'ridge_AR':>11} "
+             "Forecast per modality (skill = 1 - mse/mse_baseline: > 0 beats the baseline)",
+             f"{'modality':>9} {'horizon_s':>10} {'model':>11} {'persistence':>11} {'ridge_AR':>11} "
              f"{'skill_pers':>11} {'skill_ridge':>11}"]
-    for row in result["forecast"]:
-        entries = [("all", row)] + list(row.get("per_modality", {}).items())
-        for name, e in entries:
-            lines.append(f"{row['horizon_s']:>10.3g} {name:>9} {_fmt(e['mse'])} {_fmt(e['mse_persistence'])} "
+    rows = result["forecast"]
+    mods = list(dict.fromkeys(m for row in rows for m in row.get("per_modality", {})))
+    for name in [*mods, "all"]:
+        for row in rows:
+            e = row if name == "all" else row.get("per_modality", {}).get(name)
+            if e is None:
+                continue
+            lines.append(f"{name:>9} {row['horizon_s']:>10.3g} {_fmt(e['mse'])} {_fmt(e['mse_persistence'])} "
                          f"{_fmt(e['mse_ridge'])} {_fmt(e['skill_vs_persistence'], digits=3)} "
                          f"{_fmt(e['skill_vs_ridge'], digits=3)}")
-        if row.get("reason"):
-            lines.append(f"{'':>10} ({row['reason']})")
+    lines += [f"{'':>9} ({row['reason']})" for row in rows if row.get("reason")]
+    lines.append("  ('all' pools every predicted value, so many-channel, fast modalities weigh most)")
     r2 = result["masked_channel_r2"]
-    if r2["model"] is None:
+    if r2.get("ridge") is None:
         lines.append(f"Masked-channel R^2: n/a ({r2.get('reason', '')})")
     else:
         lines.append(f"Masked-channel R^2 ({r2['modality']}, {len(r2['channels'])} channels, {r2['n_windows']} windows): "
-                     f"model {r2['model']:.4f}   ridge from other channels {r2['ridge']:.4f}")
-    rt = result["retrieval_top1"]
-    if rt["model"] is None:
-        lines.append(f"Cross-modal retrieval top-1: n/a ({rt.get('reason', '')})")
+                     f"zero-shot {_fmt(r2['zero_shot'], 0)}   adapted {_fmt(r2.get('adapted'), 0)}   "
+                     f"ridge from other channels {_fmt(r2['ridge'], 0)}")
+    top1, top5 = result["retrieval_top1"], result.get("retrieval_top5", {})
+    if top1["model"] is None:
+        lines.append(f"Cross-modal retrieval: n/a ({top1.get('reason', '')})")
     else:
-        lines.append(f"Cross-modal retrieval top-1 ({len(rt['pairs'])} pairs): model {rt['model']:.4f}   "
-                     f"chance {rt['chance']:.4f}")
-        for p in rt["pairs"]:
-            lines.append(f"    {p['a']}<->{p['b']} (n={p['n']}): model {p['model']:.4f}   chance {p['chance']:.4f}")
+        lines.append(f"Cross-modal retrieval ({len(top1['pairs'])} pairs): top-1 {top1['model']:.4f} (chance "
+                     f"{top1['chance']:.4f})   top-5 {_fmt(top5.get('model'), 0)} (chance {_fmt(top5.get('chance'), 0)})")
+        for p1, p5 in zip(top1["pairs"], top5.get("pairs", [{}] * len(top1["pairs"])), strict=True):
+            lines.append(f"    {p1['a']}<->{p1['b']} (n={p1['n']}): top-1 {p1['model']:.4f} (chance {p1['chance']:.4f})"
+                         f"   top-5 {_fmt(p5.get('model'), 0)} (chance {_fmt(p5.get('chance'), 0)})")
     return "\n".join(lines)

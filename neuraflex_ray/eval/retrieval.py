@@ -11,12 +11,15 @@ import numpy as np
 from neuraflex_ray.eval.common import chunks, device_of, info, make_input, to_numpy, valid_channels
 
 
-def _top1(sim: np.ndarray) -> float:
-    """Share of rows whose best column is the diagonal; ties share the hit (a constant embedding scores 1/n, not 1)."""
-    best = sim.max(1, keepdims=True)
-    ties = sim >= best - 1e-6 * np.maximum(np.abs(best), 1.0)
-    hit = np.diag(ties) / ties.sum(1)
-    return float(hit.mean())
+def top_k(sim: np.ndarray, k: int) -> float:
+    """Share of rows whose diagonal column is among their k most similar. Ties share the places they
+    span (the diagonal is equally likely anywhere among the columns it ties with), so a constant
+    embedding scores exactly chance, k/n, not 1."""
+    diag = np.diag(sim)[:, None]
+    tol = 1e-6 * np.maximum(np.abs(diag), 1.0)
+    better = (sim > diag + tol).sum(1)
+    ties = (np.abs(sim - diag) <= tol).sum(1)  # includes the diagonal itself
+    return float(np.clip((k - better) / ties, 0.0, 1.0).mean())
 
 
 def _embed(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int, device) -> np.ndarray:
@@ -32,7 +35,9 @@ def _embed(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int
     return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
 
-def retrieval(model, val, manifest, idx_val, batch_size) -> dict:
+def retrieval(model, val, manifest, idx_val, batch_size, ks: tuple[int, ...] = (1, 5)) -> dict[int, dict]:
+    """{k: {"model", "chance", "pairs", ...}}: top-k of every modality pair that co-occurs in >= 2 val
+    windows, each direction (a->b, b->a) averaged, pairs pooled by their mean."""
     mods = [m for m in manifest["modalities"] if m in val]
     has = {m: valid_channels(val[m], idx_val).any(1) for m in mods}
     pairs = []
@@ -45,9 +50,16 @@ def retrieval(model, val, manifest, idx_val, batch_size) -> dict:
             ea = _embed(model, val[a], windows, a, info(manifest, a)[1], batch_size, device)
             eb = _embed(model, val[b], windows, b, info(manifest, b)[1], batch_size, device)
             sim = ea @ eb.T
-            top1 = 0.5 * (_top1(sim) + _top1(sim.T))
-            pairs.append({"a": a, "b": b, "n": len(windows), "model": top1, "chance": 1.0 / len(windows)})
-    if not pairs:
-        return {"model": None, "chance": None, "pairs": [], "reason": "no two modalities co-occur in >= 2 val windows"}
-    return {"model": float(np.mean([p["model"] for p in pairs])), "chance": float(np.mean([p["chance"] for p in pairs])),
-            "pairs": pairs, "pooling": "mean over pairs (each pair weighs the same); top-1 averages a->b and b->a"}
+            n = len(windows)
+            pairs.append({"a": a, "b": b, "n": n, **{k: {"model": 0.5 * (top_k(sim, k) + top_k(sim.T, k)),
+                                                          "chance": min(k, n) / n} for k in ks}})
+    out = {}
+    for k in ks:
+        if not pairs:
+            out[k] = {"model": None, "chance": None, "pairs": [], "reason": "no two modalities co-occur in >= 2 val windows"}
+            continue
+        per_pair = [{"a": p["a"], "b": p["b"], "n": p["n"], **p[k]} for p in pairs]
+        out[k] = {"model": float(np.mean([p["model"] for p in per_pair])),
+                  "chance": float(np.mean([p["chance"] for p in per_pair])), "pairs": per_pair,
+                  "pooling": f"mean over pairs (each pair weighs the same); top-{k} averages a->b and b->a"}
+    return out

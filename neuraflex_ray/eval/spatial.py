@@ -76,8 +76,11 @@ def fit_spatial_ridges(train: Any, targets: np.ndarray, ids: np.ndarray, ctx: in
     return {t: fit_ridge(stats["fit", t], stats["held", t]) for t in cols}
 
 
-def masked_channel(model, train, val, manifest, idx_val, idx_train, batch_size, modality, every) -> dict:
-    none = {"model": None, "ridge": None}
+def masked_channel(models: dict[str, Any], train, val, manifest, idx_val, idx_train, batch_size, modality,
+                   every) -> dict:
+    """R^2 of every model in `models` (name -> model, e.g. zero_shot / adapted) and of the ridge, on
+    every `every`-th channel of the full-montage val windows."""
+    none = {**{name: None for name in models}, "ridge": None}
     if modality not in manifest["modalities"] or modality not in val or modality not in train:
         return {**none, "reason": f"no {modality!r} modality in the data"}
     a_tr, a_va = train[modality], val[modality]
@@ -97,8 +100,9 @@ def masked_channel(model, train, val, manifest, idx_val, idx_train, batch_size, 
     ridges = {t: r for t, r in fit_spatial_ridges(a_tr, targets, ids, ctx, idx_train).items() if r is not None}
     # ridge weights over all D ids with 0 on the target itself, so one row layout serves every target
     weights = {t: (np.insert(r.w[:, 0], int(np.searchsorted(ids, t)), 0.0), float(r.b[0])) for t, r in ridges.items()}
-    device = device_of(model)
-    s = {t: np.zeros(6) for t in ridges}  # sse_model, sse_ridge, sum y, sum y^2, n values, n windows
+    names_m = list(models)
+    k = len(names_m)
+    s = {t: np.zeros(k + 5) for t in ridges}  # sse per model, sse_ridge, sum y, sum y^2, n values, n windows
     windows = idx_val[ok_va]
     v_win = v_va[ok_va]
     for lo in range(0, len(windows), batch_size):
@@ -118,25 +122,30 @@ def masked_channel(model, train, val, manifest, idx_val, idx_train, batch_size, 
             x[rows, slot] = 0.0  # the hidden channel's samples never reach the model, masked or not
             mask = np.zeros((len(sub), x.shape[1], n_ctx), dtype=bool)
             mask[rows, slot] = True
-            out = model({modality: make_input(x, chan, np.ones(len(sub), bool), device)},
-                        patch_mask={modality: torch.as_tensor(mask, device=device)})
-            rec = to_numpy(out.recon[modality])
-            if rec.shape != (len(sub), x.shape[1], n_ctx, p):
-                raise ValueError(f"recon[{modality!r}] has shape {rec.shape}; the contract says "
-                                 f"{(len(sub), x.shape[1], n_ctx, p)} = [B, C, N, P]")
-            rec = rec.reshape(len(sub), x.shape[1], ctx)[rows, slot]
-            s[t] += (((rec - y) ** 2).sum(), ((z[keep] @ w + b - y) ** 2).sum(), y.sum(), (y * y).sum(), y.size, len(sub))
+            sse = []
+            for model in models.values():
+                device = device_of(model)
+                out = model({modality: make_input(x, chan, np.ones(len(sub), bool), device)},
+                            patch_mask={modality: torch.as_tensor(mask, device=device)})
+                rec = to_numpy(out.recon[modality])
+                if rec.shape != (len(sub), x.shape[1], n_ctx, p):
+                    raise ValueError(f"recon[{modality!r}] has shape {rec.shape}; the contract says "
+                                     f"{(len(sub), x.shape[1], n_ctx, p)} = [B, C, N, P]")
+                sse.append(((rec.reshape(len(sub), x.shape[1], ctx)[rows, slot] - y) ** 2).sum())
+            s[t] += (*sse, ((z[keep] @ w + b - y) ** 2).sum(), y.sum(), (y * y).sum(), y.size, len(sub))
     names = {int(i): k.split(":", 1)[1] for k, i in manifest.get("channel_ids", {}).items() if k.startswith(modality + ":")}
-    per_channel, totals = [], np.zeros(3)  # sse_model, sse_ridge, sst
+    per_channel, totals = [], np.zeros(k + 2)  # sse per model, sse_ridge, sst
     for t, st in s.items():
-        sst = st[3] - st[2] ** 2 / st[4] if st[4] else 0.0
+        sst = st[k + 2] - st[k + 1] ** 2 / st[k + 3] if st[k + 3] else 0.0
         if sst <= 0:
             continue
-        per_channel.append({"id": t, "name": names.get(t, str(t)), "n_windows": int(st[5]),
-                            "model": 1 - st[0] / sst, "ridge": 1 - st[1] / sst, "ridge_alpha": ridges[t].alpha})
-        totals += (st[0], st[1], sst)
+        per_channel.append({"id": t, "name": names.get(t, str(t)), "n_windows": int(st[k + 4]),
+                            **{name: 1 - st[i] / sst for i, name in enumerate(names_m)},
+                            "ridge": 1 - st[k] / sst, "ridge_alpha": ridges[t].alpha})
+        totals += (*st[:k + 1], sst)
     if not per_channel:
         return {**none, "reason": f"no chosen {modality!r} channel could be scored (constant in val, or too few train rows)"}
-    return {"model": 1 - totals[0] / totals[2], "ridge": 1 - totals[1] / totals[2], "modality": modality,
+    return {**{name: 1 - totals[i] / totals[k + 1] for i, name in enumerate(names_m)},
+            "ridge": 1 - totals[k] / totals[k + 1], "modality": modality,
             "channels": per_channel, "n_windows": int(ok_va.sum()),
             "pooling": "1 - sum(SSE) / sum(SST) over the channels, SST about each channel's val mean"}

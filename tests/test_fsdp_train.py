@@ -52,7 +52,7 @@ def write_recordings(root: Path) -> list[str]:
 def job(tmp: Path, name: str, *extra: str) -> JobConfig:
     return load_config("jobs/configs/neurofm_debug.yaml", [
         f"name={name}", f"output_dir={tmp / 'runs'}", "model.flavour=tiny",
-        "model.curriculum=[{start_step: 0, multimodal: false}, {start_step: 4, multimodal: true}]",
+        "model.curriculum=[{start_step: 0, mode: unimodal}, {start_step: 4, mode: multimodal}]",
         "data.samples=[]", f"data.recordings=[{', '.join(write_recordings(tmp))}]",
         "data.modalities.eeg.max_channels=4", "data.context_s=2.0", "data.hop_s=1.0", "data.on_bad_input=error",
         f"data.output_dir={tmp / 'data'}",

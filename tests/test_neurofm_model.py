@@ -10,7 +10,7 @@ import torch
 
 from neuraflex_ray.config import CurriculumStage, load_config
 from neuraflex_ray.models.neurofm import NeuroFM, SeriesInput, neurofm_flops_per_window, param_count
-from neuraflex_ray.models.neurofm_objectives import active_stage, keep_one_modality, neurofm_loss
+from neuraflex_ray.models.neurofm_objectives import active_stage, keep_at_most, neurofm_loss
 
 MODS = {"eeg": 8, "ecg": 8, "resp": 2}  # modality -> samples per patch
 N, HORIZONS = 4, [1, 2]
@@ -150,7 +150,7 @@ def test_absent_and_missing_modalities_give_finite_loss_and_grads():
 
 
 def test_grad_set_depends_only_on_keys_and_step():
-    model = new_model(curriculum=[CurriculumStage(0, True), CurriculumStage(5, False)])
+    model = new_model(curriculum=[CurriculumStage(0, "multimodal"), CurriculumStage(5, "unimodal")])
     cfg = model.cfg
     sets = []
     for seed, step in [(0, 0), (1, 3), (2, 0), (0, 5), (1, 9)]:
@@ -169,22 +169,47 @@ def test_grad_set_depends_only_on_keys_and_step():
 
 
 def test_curriculum_switches_at_configured_step():
-    model = new_model(curriculum=[CurriculumStage(0, True), CurriculumStage(5, False)])
+    model = new_model(curriculum=[CurriculumStage(0, "multimodal"), CurriculumStage(5, "unimodal")])
     cfg = model.cfg
-    assert active_stage(cfg, 4).multimodal and not active_stage(cfg, 5).multimodal
-    assert active_stage(dataclasses.replace(cfg, curriculum=[]), 10**6).multimodal
-    late = dataclasses.replace(cfg, curriculum=[CurriculumStage(3, False)])
-    assert active_stage(late, 2).multimodal and not active_stage(late, 3).multimodal  # before any stage: multimodal
+    assert active_stage(cfg, 4).mode == "multimodal" and active_stage(cfg, 5).mode == "unimodal"
+    assert active_stage(dataclasses.replace(cfg, curriculum=[]), 10**6).mode == "multimodal"
+    late = dataclasses.replace(cfg, curriculum=[CurriculumStage(3, "unimodal")])
+    assert active_stage(late, 2).mode == "multimodal" and active_stage(late, 3).mode == "unimodal"  # before any stage
     window = make_window(b=8)
     before = neurofm_loss(model, window, cfg, 4, torch.Generator().manual_seed(0))
     after = neurofm_loss(model, window, cfg, 5, torch.Generator().manual_seed(0))
     assert before.contrastive > 0 and after.contrastive == 0
-    present = {m: w.present.clone() for m, w in window.items()}
-    present["ecg"][0] = False
-    kept = keep_one_modality(present, torch.Generator().manual_seed(0))
-    count = torch.stack(list(kept.values())).sum(0)
-    assert torch.equal(count, torch.ones(8, dtype=torch.long))
-    assert not kept["ecg"][0] and all((kept[m] <= present[m]).all() for m in kept)
+
+
+def test_three_stage_curriculum_keeps_one_then_two_then_all_modalities():
+    stages = "[{start_step: 0, mode: unimodal}, {start_step: 10, mode: pairwise}, {start_step: 20, mode: multimodal}]"
+    cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", f"model.curriculum={stages}"]).model
+    assert [active_stage(cfg, s).mode for s in (0, 9, 10, 19, 20, 10**6)] == [
+        "unimodal", "unimodal", "pairwise", "pairwise", "multimodal", "multimodal"]
+    present = {m: torch.ones(64, dtype=torch.bool) for m in ("eeg", "ecg", "resp")}
+    present["ecg"][:8] = False  # these windows have two modalities only
+    for k, want in ((1, 1), (2, 2), (3, 3)):
+        kept = keep_at_most(present, k, torch.Generator().manual_seed(k))
+        count = torch.stack(list(kept.values())).sum(0)
+        assert set(kept) == set(present)  # keys never change: FSDP's gradient set depends on them
+        assert torch.equal(count[8:], torch.full((56,), want)) and (count[:8] == min(want, 2)).all()
+        assert all((kept[m] <= present[m]).all() for m in kept)
+        if k == 2:  # a random pair, not always the same one
+            assert len({tuple(int(kept[m][i]) for m in kept) for i in range(8, 64)}) == 3
+    model = new_model(curriculum=cfg.curriculum)
+    losses = [neurofm_loss(model, make_window(b=8), model.cfg, step, torch.Generator().manual_seed(0)).contrastive
+              for step in (5, 15, 25)]
+    assert losses[0] == 0 and losses[1] > 0 and losses[2] > 0  # pairs and wholes have something to align
+
+
+def test_curriculum_modes_are_checked_and_old_configs_still_read():
+    from neuraflex_ray.config import ConfigError
+
+    old = load_config(None, ["model_type=neurofm", "train.strategy=fsdp",
+                             "model.curriculum=[{start_step: 0, multimodal: false}, {start_step: 5, multimodal: true}]"])
+    assert [s.mode for s in old.model.curriculum] == ["unimodal", "multimodal"]
+    with pytest.raises(ConfigError, match=r"model.curriculum\[0\].mode"):
+        load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.curriculum=[{start_step: 0, mode: trimodal}]"])
 
 
 def test_deterministic_with_fixed_seed_and_generator():
@@ -265,3 +290,40 @@ def test_forecast_targets_are_the_patches_after_the_context():
     loss = neurofm_loss(model, window, model.cfg, 0, torch.Generator().manual_seed(0))
     assert float(loss.forecast) == pytest.approx(100.0)
     assert float(loss.recon) < 10.0  # targets 0: whatever the head predicts, nowhere near 100
+
+
+def test_untrained_forecast_is_persistence(model):
+    """The forecast head starts at zero and the persistence share at 1: before any training, every
+    horizon forecasts the last context sample, the baseline training has to beat."""
+    inputs = context(make_window(b=2))
+    with torch.no_grad():
+        out = model(inputs)
+    for m, w in inputs.items():
+        last = w.x[..., -1]  # [B, C]
+        assert torch.allclose(out.forecast[m], last[:, :, None, None].expand_as(out.forecast[m]), atol=1e-6), m
+
+
+def test_local_read_is_axial_and_skips_unseen_tokens():
+    """A decoder query at (channel c, patch n) reads tokens at patch n of every channel and of
+    channel c at every patch: a token elsewhere, or one that is not visible, cannot move it."""
+    from neuraflex_ray.models.neurofm_local import LocalBlock
+
+    torch.manual_seed(0)
+    block = LocalBlock(tiny_cfg()).eval()
+    b, c, n, d = 2, 3, N, tiny_cfg().dim
+    q, tokens = torch.randn(b, c, n + 1, d), torch.randn(b, c, n, d)
+    seen = torch.ones(b, c, n, dtype=torch.bool)
+    seen[0, 2, 1] = False
+    with torch.no_grad():
+        ref = block(q, tokens, seen)
+
+        def moved(ci: int, ni: int) -> torch.Tensor:
+            t = tokens.clone()
+            t[0, ci, ni] += 3.0
+            return (block(q, t, seen) - ref)[0].abs().amax(-1) > 1e-6  # [C, N+1]: which queries changed
+
+        off_axis = moved(0, 0)  # channel 0, patch 0 reaches row 0 and column 0 only
+        assert off_axis[0].all() and off_axis[:, 0].all()
+        assert not off_axis[1:, 1:].any()
+        assert not moved(2, 1).any()  # an unseen token reaches nobody
+        assert moved(1, n - 1)[:, n].all()  # the last patch reaches every channel's forecast query

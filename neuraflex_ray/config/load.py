@@ -18,6 +18,7 @@ from neuraflex_ray.config.schema import (
     MODEL_FLAVOURS,
     NEUROFM_FLAVOURS,
     ConfigError,
+    CurriculumStage,
     DataConfig,
     JobConfig,
     ModelConfig,
@@ -88,6 +89,8 @@ def _merge_defaults(cls: type, name: str, value: Any) -> Any:
 def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = True) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    if cls is CurriculumStage and "multimodal" in raw and "mode" not in raw:  # configs from before `mode`
+        raw = {**{k: v for k, v in raw.items() if k != "multimodal"}, "mode": "multimodal" if raw["multimodal"] else "unimodal"}
     types_ = _field_types(cls)
     if cls is JobConfig:  # the model and data sections take the classes of the model type
         model_type = raw.get("model_type", JobConfig.model_type)

@@ -82,13 +82,23 @@ class DataConfig:
     seed: int = 0
 
 
+CURRICULUM_MODES = {"unimodal": 1, "pairwise": 2, "multimodal": 0}  # mode -> modalities kept per window (0: all)
+
+
 @dataclass
 class CurriculumStage:
-    """From `start_step` on: `multimodal: false` keeps one modality per window (chosen at random)
-    and turns the contrastive term off, since a single modality has nothing to align with."""
+    """From `start_step` on, each window keeps at most this many of its present modalities, chosen
+    at random: `unimodal` one (the contrastive term is off: one modality has nothing to align with),
+    `pairwise` two, `multimodal` all of them. (Configs written before modes existed said
+    `multimodal: true|false`; that still reads as multimodal|unimodal.)"""
 
     start_step: int = 0
-    multimodal: bool = True
+    mode: str = "multimodal"
+
+    @property
+    def keep(self) -> int:
+        """Modalities kept per window; 0 = all."""
+        return CURRICULUM_MODES[self.mode]
 
 
 @dataclass
@@ -111,6 +121,9 @@ class NeuroFMConfig:
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
     curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: multimodal from step 0
+    # After the latents, decoder queries also read the visible tokens at their own patch in every
+    # channel and in their own channel at every patch (models/neurofm_local.py); false: latents only.
+    local_decoder: bool = True
     # Filled from the dataset manifest by the driver (leave empty): modality names in order,
     # samples per patch of each, context length and forecast horizons in patches, channel ids.
     modalities: list[str] = field(default_factory=list)

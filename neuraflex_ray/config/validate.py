@@ -5,7 +5,7 @@ They run in the driver, before any Ray worker starts.
 
 from __future__ import annotations
 
-from neuraflex_ray.config.schema import ConfigError, JobConfig, TrainConfig
+from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, TrainConfig
 
 # --------------------------------------------------------------------------------------------
 # Cross-field validation
@@ -74,6 +74,8 @@ def _validate_neurofm(cfg: JobConfig) -> None:
     need(m.recon_weight + m.forecast_weight + m.contrastive_weight > 0,
          "model.recon_weight, model.forecast_weight and model.contrastive_weight are all 0: nothing to train")
     need(m.contrastive_temperature > 0, f"model.contrastive_temperature must be > 0 (got {m.contrastive_temperature})")
+    for i, s in enumerate(m.curriculum):
+        need(s.mode in CURRICULUM_MODES, f"model.curriculum[{i}].mode={s.mode!r}: use one of {list(CURRICULUM_MODES)}")
     starts = [s.start_step for s in m.curriculum]
     need(starts == sorted(starts) and len(set(starts)) == len(starts),
          f"model.curriculum: stages must have increasing start_step (got {starts})")

@@ -27,7 +27,7 @@ class NeuroLoss:
 
 def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
     """The last curriculum stage with start_step <= step; multimodal when none applies."""
-    stage = CurriculumStage(start_step=0, multimodal=True)
+    stage = CurriculumStage(start_step=0, mode="multimodal")
     for s in cfg.curriculum:
         if s.start_step <= step:
             stage = s
@@ -37,17 +37,19 @@ def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
 def contrastive_views(cfg: NeuroFMConfig, step: int, n_modalities: int) -> int:
     """How many per-modality views the contrastive loss encodes at `step` (0: the term is off). Decided
     by step, config and the batch's modality count only, never by data, so every FSDP rank agrees."""
-    on = active_stage(cfg, step).multimodal and n_modalities >= 2 and cfg.contrastive_weight > 0
+    on = active_stage(cfg, step).keep != 1 and n_modalities >= 2 and cfg.contrastive_weight > 0
     return n_modalities if on else 0
 
 
-def keep_one_modality(present: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Per window, keep one of its present modalities (uniformly at random), mark the others absent."""
+def keep_at_most(present: dict[str, torch.Tensor], k: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Per window, keep k of its present modalities (a uniformly random subset; all when it has at
+    most k), mark the others absent. The dict keeps every key: which heads run never depends on it."""
     mods = list(present)
     pres = torch.stack([present[m] for m in mods], 1)  # [B, M]
     scores = torch.rand(pres.shape, generator=generator, device=generator.device).to(pres.device)
-    pick = scores.masked_fill(~pres, -1.0).argmax(1)
-    return {m: present[m] & (pick == j) for j, m in enumerate(mods)}
+    picked = scores.masked_fill(~pres, -1.0).topk(min(k, len(mods)), dim=1).indices  # [B, k]
+    keep = torch.zeros_like(pres).scatter_(1, picked, True) & pres
+    return {m: keep[:, j] for j, m in enumerate(mods)}
 
 
 def _masked_mean(err: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,8 +98,8 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
     h_max = max(horizons)
     stage = active_stage(cfg, step)
     present = {m: window[m].present for m in mods}
-    if not stage.multimodal and len(mods) > 1:
-        present = keep_one_modality(present, generator)
+    if stage.keep and len(mods) > stage.keep:
+        present = keep_at_most(present, stage.keep, generator)
     n_hide = min(n - 1, max(1, round(cfg.mask_ratio * n)))
     # Half the windows (at random) are masked and train reconstruction; the other half see their
     # whole context and train forecasting, the way forecasts are made and evaluated.

@@ -254,6 +254,30 @@ def test_same_generator_seed_same_augmentation():
 
 
 # ---------------------------------------------------------------------------------------------
+# The training step's hook
+# ---------------------------------------------------------------------------------------------
+
+
+def step_loss(model, augment: AugmentConfig | None, train: bool, step: int = 3) -> torch.Tensor:
+    task = NeuroTask(job(augment), {"manifest": MODEL_MANIFEST})  # a fresh task: a fresh step generator
+    with torch.no_grad():
+        return task.step(model, model_window(), step, torch.device("cpu"), train=train).loss
+
+
+def test_task_augments_training_steps_only(model):
+    on = dataclasses.replace(ALL_ON, time_mask_s=0.5)  # the tiny model's context is 1 s
+    assert torch.equal(step_loss(model, None, train=False), step_loss(model, on, train=False))
+    trained = step_loss(model, on, train=True)
+    assert not torch.equal(step_loss(model, None, train=True), trained)
+    # What the hook does: the augmentation, then the loss, both from the step's generator.
+    cfg = job(on)
+    g = NeuroTask(cfg, {"manifest": MODEL_MANIFEST}).generator(3)
+    with torch.no_grad():
+        expected = neurofm_loss(model, augment_window(model_window(), on, MODEL_MANIFEST, g), cfg.model, 3, g).total
+    assert torch.equal(trained, expected)
+
+
+# ---------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------
 

@@ -177,6 +177,36 @@ def _default_modalities() -> dict[str, ModalitySpec]:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time augmentations of NeuroFM's windows (`pipelines/augment.py`); all off by default.
+
+    They are applied to each training micro-batch and never at evaluation, and they are not part of
+    the dataset: changing them neither rebuilds nor rewrites the Parquet shards.
+    """
+
+    # Per window with >= 2 present modalities: each present one is dropped (marked absent) with this
+    # probability, never all of them: when all draw a drop, the one with the highest draw stays. [0, 1)
+    modality_dropout: float = 0.0
+    # Std of Gaussian noise added to the window's samples (context and future: the loss's targets too),
+    # in units of the per-channel normalised signal; padding and absent modalities stay zero. >= 0
+    noise_std: float = 0.0
+    # With this probability per window, one span of time_mask_s seconds (inside the context) is hidden
+    # from the encoder in every channel of every modality at the same times; the targets keep it.
+    time_mask_prob: float = 0.0  # [0, 1]
+    time_mask_s: float = 0.0  # (0, data.context_s) when time_mask_prob > 0
+    # Max relative speed change: the window is resampled by a factor in [1 - time_warp, 1 + time_warp],
+    # keeping its end fixed; a speed-up repeats the first sample over up to time_warp / (1 + time_warp)
+    # of the window, which must stay inside the context. [0, 0.5]
+    time_warp: float = 0.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any augmentation does something (all off: the training step skips the work)."""
+        return (self.modality_dropout > 0 or self.noise_std > 0 or self.time_warp > 0
+                or (self.time_mask_prob > 0 and self.time_mask_s > 0))
+
+
+@dataclass
 class SeriesDataConfig:
     """Time-series pipeline: recordings -> one clock per session -> normalised fixed-length windows."""
 
@@ -197,6 +227,8 @@ class SeriesDataConfig:
     cache_dir: str = ""  # downloaded sample packages; empty: $XDG_CACHE_HOME/neuraflex-ray or ~/.cache/neuraflex-ray
     output_dir: str = "data/neuro"  # Parquet shards + manifest.json go here
     seed: int = 0
+    # Training-time only, not part of the dataset (so not in the build's fingerprint).
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass

@@ -5,6 +5,8 @@ They run in the driver, before any Ray worker starts.
 
 from __future__ import annotations
 
+import math
+
 from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, TrainConfig
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +112,26 @@ def _validate_neurofm(cfg: JobConfig) -> None:
                              f"{r.modality!r} recording with session {r.session!r}; cross-correlation needs the same "
                              f"signal seen by both devices: name such a file of the same session")
     need(_whole(d.hop_s / d.patch_s), f"data.hop_s={d.hop_s} is not a whole number of patches of data.patch_s={d.patch_s}")
+    # data.augment: written as `lo <= x <= hi` so that NaN (YAML .nan) fails too.
+    a = d.augment
+    need(0.0 <= a.modality_dropout < 1.0,
+         f"data.augment.modality_dropout must be in [0, 1) (got {a.modality_dropout}); 0 turns it off")
+    need(0.0 <= a.noise_std < math.inf, f"data.augment.noise_std must be a finite value >= 0 (got {a.noise_std}); 0 turns it off")
+    need(0.0 <= a.time_mask_prob <= 1.0,
+         f"data.augment.time_mask_prob must be in [0, 1] (got {a.time_mask_prob}); 0 turns it off")
+    need(0.0 <= a.time_mask_s < math.inf, f"data.augment.time_mask_s must be a finite value >= 0 seconds (got {a.time_mask_s})")
+    if a.time_mask_prob > 0:
+        need(0.0 < a.time_mask_s < d.context_s,
+             f"data.augment.time_mask_s={a.time_mask_s} must be in (0, data.context_s={d.context_s}) seconds when "
+             f"data.augment.time_mask_prob > 0: the span is hidden inside the context")
+    need(0.0 <= a.time_warp <= 0.5,
+         f"data.augment.time_warp must be in [0, 0.5] (got {a.time_warp}): a speed-up by 1 + time_warp repeats the "
+         f"first sample over the first time_warp / (1 + time_warp) of the window; 0 turns it off")
+    window_s, repeated = d.context_s + max(d.horizons_s), a.time_warp / (1 + a.time_warp)
+    need(repeated < d.context_s / window_s,
+         f"data.augment.time_warp={a.time_warp}: a speed-up would repeat the first sample over {repeated:.0%} of the "
+         f"window, past the context (data.context_s={d.context_s} of {window_s:g} s) into the forecast targets; "
+         f"lower data.augment.time_warp below {d.context_s / (window_s - d.context_s):.3g}")
 
 
 def _whole(x: float) -> bool:

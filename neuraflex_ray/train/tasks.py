@@ -104,7 +104,11 @@ class LMTask:
 
 
 class NeuroTask:
-    """NeuroFM on time-series windows: masked reconstruction + forecasting + cross-modal contrastive."""
+    """NeuroFM on time-series windows: masked reconstruction + forecasting + cross-modal contrastive.
+
+    Training steps apply the `data.augment` augmentations (`pipelines/augment.py`) to each window
+    before the loss; evaluation steps never do, so validation numbers do not depend on them.
+    """
 
     unit = "patches"
     val_metrics = ("loss", "recon", "forecast", "contrastive")
@@ -165,14 +169,22 @@ class NeuroTask:
         from neuraflex_ray.models.neurofm import neurofm_flops_per_window
         from neuraflex_ray.models.neurofm_objectives import contrastive_views, neurofm_loss
 
-        tokens = self.tokens(window)  # counted on the host copy: no device sync per micro-batch
+        # Counted on the host copy (no device sync per micro-batch) and before augmentation: a dropped
+        # modality's tokens are masked, not removed, so the encoder still does their work.
+        tokens = self.tokens(window)
         batch = next(iter(window.values())).x.shape[0]
-        window = {m: dataclasses.replace(w, x=w.x.to(device), chan=w.chan.to(device), present=w.present.to(device))
+        window = {m: dataclasses.replace(w, x=w.x.to(device), chan=w.chan.to(device), present=w.present.to(device),
+                                         hide=None if w.hide is None else w.hide.to(device))
                   for m, w in window.items()}
         # Evaluation scores the final curriculum stage with the same masks every time, so values
         # compare across evaluations (and across Tune trials).
         stage_step = step if train else self.cfg.train.max_steps
         gen = self.generator(step) if train else torch.Generator().manual_seed(self.cfg.train.seed + 7 + self.rank)
+        if train and self.cfg.data.augment.enabled:
+            from pipelines.augment import augment_window
+
+            # Drawn from the step's generator, before the loss's masks: a resumed run repeats both.
+            window = augment_window(window, self.cfg.data.augment, self.manifest, gen)
         loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen)
         views = contrastive_views(self.cfg.model, stage_step, len(window))
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch

@@ -216,8 +216,10 @@ def check_sweep(sweep: Sweep) -> None:
         _need(key not in FIXED_KEYS, f"space.{key}: a trial cannot change {key}" + (
             "; set the resources of every trial in the resources section"
             if key.removeprefix("train.") in RESOURCE_KEYS else ""))
-        _need(not key.startswith("data."), f"space.{key}: the dataset is built once per sweep, so data.* keys "
-                                           f"cannot be searched; run one sweep per dataset setting")
+        # Augmentations act on batches in training, not on the dataset: they may be searched.
+        _need(not key.startswith("data.") or key.startswith("data.augment."),
+              f"space.{key}: the dataset is built once per sweep, so data.* keys (other than data.augment.*) "
+              f"cannot be searched; run one sweep per dataset setting")
         for value in _corners(key, spec):
             _check_value(sweep, key, value, f"space.{key}")
     metrics = reported_metrics(sweep.base.model_type)

@@ -79,3 +79,14 @@ def test_invalid_sweep_settings_name_the_field(tmp_path, changes, needle):
     with pytest.raises(ConfigError) as e:
         load_sweep(sweep_file(tmp_path, **changes))
     assert needle in str(e.value)
+
+
+def test_neurofm_sweeps_may_search_augmentations(tmp_path):
+    """data.augment acts on training batches, not on the dataset built once per sweep: searchable."""
+    path = sweep_file(tmp_path, base=str(REPO / "jobs" / "configs" / "neurofm_debug.yaml"), overrides={},
+                      space={"data.augment.noise_std": {"type": "uniform", "low": 0.0, "high": 0.2}})
+    sweep = load_sweep(path)
+    assert sweep.trial_raw({"data.augment.noise_std": 0.1})["data"]["augment"]["noise_std"] == 0.1
+    with pytest.raises(ConfigError, match="data.augment.noise_std"):
+        load_sweep(sweep_file(tmp_path, base=str(REPO / "jobs" / "configs" / "neurofm_debug.yaml"), overrides={},
+                              space={"data.augment.noise_std": {"type": "uniform", "low": -1.0, "high": 0.2}}))

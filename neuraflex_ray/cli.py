@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | generate | tune | serve | quickstart.
+"""`neuraflex-ray` command line: data | train | export | eval | probe | generate | tune | serve | quickstart.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -69,6 +69,26 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
     cfg = _config(args)
     return evaluate_export(args.export or cfg.run_dir / "export", Path(cfg.data.output_dir).resolve())
+
+
+def cmd_probe(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.eval.probe import format_table, probe, write_result
+
+    export = Path(args.export).expanduser()
+    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
+        raise ConfigError(f"--export {args.export}: no config.json + model.safetensors there; pass a directory written by "
+                          f"`neuraflex-ray export` (or quickstart)")
+    model_type = json.loads((export / "config.json").read_text()).get("model_type")
+    if model_type != "neurofm":
+        raise ConfigError(f"--export {args.export}: a {model_type} export; the probe decodes from NeuroFM embeddings")
+    try:
+        result = probe(export, cache_dir=args.cache_dir, hop_s=args.hop_s)
+    except ConfigError as e:
+        raise ConfigError(f"--export {args.export}: {e}") from None
+    print(format_table(result), flush=True)
+    if args.out:
+        print(f"[probe] wrote {write_result(result, args.out)}", flush=True)
+    return result
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
@@ -157,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("eval", "Evaluate an export on held-out data beside its baselines, in one process.")
     sp.add_argument("--export", help="export directory (default: <run dir>/export)")
     sp.set_defaults(fn=cmd_eval)
+    sp = sub.add_parser("probe", help="Decode labelled tasks from a NeuroFM export's frozen embeddings, beside classical "
+                                      "features.",
+                        description="Logistic regression on frozen NeuroFM embeddings vs on classical physiological "
+                                    "features, for tasks labelled by the systole recording's own trial onsets; balanced "
+                                    "accuracy on the pretraining's held-out part (neuraflex_ray/eval/probe.py).")
+    sp.add_argument("--export", required=True, help="NeuroFM export directory written by export/quickstart")
+    sp.add_argument("--out", help="also write the JSON result to this file")
+    sp.add_argument("--hop-s", type=float, default=1.0, help="seconds between task-vs-rest windows (default 1)")
+    sp.add_argument("--cache-dir", default="", help="sample package cache (default: ~/.cache/neuraflex-ray)")
+    sp.set_defaults(fn=cmd_probe)
     sp = sub.add_parser("generate", help="Generate a completion from an export.",
                         description="Generate a completion from an export (greedy unless --temperature > 0).")
     sp.add_argument("--export", required=True, help="export directory written by export/quickstart")

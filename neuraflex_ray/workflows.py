@@ -33,9 +33,11 @@ def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     if read_checkpoint_state(checkpoint)["strategy"] == "fsdp":
         state, model_cfg = consolidate_fsdp(checkpoint)
         manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-        # What a server needs to turn raw streams into model inputs, without the dataset.
+        # What a server needs to turn raw streams into model inputs, without the dataset; and what the
+        # probe (eval/probe_tasks.py) needs to rebuild the pretraining's split: the data config
+        # (val_fraction, reject_abs_z) and each recording's split_s, to check it against.
         keep = ("modalities", "channel_ids", "n_channel_ids", "context_s", "patch_s", "horizons_s", "hop_s",
-                "context_patches", "horizon_patches", "norm_stats")
+                "context_patches", "horizon_patches", "norm_stats", "data_config", "recordings")
         return export(state, model_cfg, None, out_dir, {**meta, "data": {k: manifest[k] for k in keep if k in manifest}})
     state, model_cfg = consolidate_deepspeed(checkpoint)
     return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir, meta)

@@ -17,7 +17,8 @@ Sample sets (all real recordings, read out of packages on PyPI, nothing fetched 
   accelerometer; 1 kHz mostly). `sync_acc_1`/`sync_acc_2` are two hubs recorded together whose clocks
   disagree; the second is placed on the first's clock by cross-correlation. Sensors with no modality
   here (BVP, goniometer, light, microphone, temperature, SpO2, force platform) are left out.
-- systole: systole==0.3.1 sdist `Task1_{ECG,EDA,Respiration}.npy`, one 25.6 min session at 1 kHz.
+- systole: systole==0.3.1 sdist `Task1_{ECG,EDA,Respiration}.npy`, one 25.6 min session at 1 kHz; its
+  `Task1_Stim.npy` (trial onsets of the emotional picture task, same clock) is cached beside them as labels.
 - nitime: nitime==0.12.1 `fmri_timeseries.csv` (31 ROI BOLD series, 250 scans, TR 1.89 s as in
   nitime's own example doc/examples/simple_csv.py) and `grasshopper_spike_times{1,2}.txt` (single-unit
   spike times in microseconds of one receptor under two stimuli, 10 s each), binned to spike counts.
@@ -358,7 +359,9 @@ SYNC_MAX_LAG_S = 30.0  # the two hubs were started by hand within this much of e
 PACKAGES = {  # package -> (version, files needed, by their path inside the package)
     "biosignalsnotebooks": (BSN[1], [BSN[2] + "S001R02.edf"] + sorted({BSN[2] + row[0] for rows in PLUX.values()
                                                                        for row in rows})),
-    "systole": ("0.3.1", [f"systole/datasets/Task1_{m}.npy" for m in ("ECG", "EDA", "Respiration")]),
+    # Task1_Stim.npy is no stream: it holds the task's trial onsets (1 neutral, 2 disgusting image), which
+    # neuraflex_ray/eval/probe_tasks.py turns into labels for the frozen-embedding probe.
+    "systole": ("0.3.1", [f"systole/datasets/Task1_{m}.npy" for m in ("ECG", "EDA", "Respiration", "Stim")]),
     "nitime": ("0.12.1", ["nitime/data/fmri_timeseries.csv", "nitime/data/grasshopper_spike_times1.txt",
                           "nitime/data/grasshopper_spike_times2.txt"]),
 }

@@ -1,0 +1,262 @@
+"""Labelled windows for the frozen-embedding probe (`probe.py`), from the systole task recording.
+
+The session: systole==0.3.1's `Task1_{ECG,EDA,Respiration}.npy` (one participant, 1 kHz, 25.6 min) rating
+the valence of neutral and disgusting pictures (Legrand et al. 2020, Sci. Rep. 10, as systole's
+`import_dataset1` describes it). `Task1_Stim.npy` on the same clock is 0 except at the 72 trial onsets
+(1 = neutral image, 2 = disgusting image): 6 blocks of 12 trials ~10.65 s apart, ~40 s of rest between
+blocks, ~400 s of rest before the first trial. Labels come from those onsets only, never from the
+signals the model sees.
+
+The arrays are the pretraining's own: `prepare_session` (pipelines/series_prep.py) with a plan rebuilt
+from the export's config.json["data"] gives the same resampling, the same time split and the same
+train-part normalisation (checked against the export's norm_stats and split when it holds them). The
+probe keeps to that split: probe-train windows lie wholly before split - guard (the part the model was
+pre-trained on), probe-test windows wholly after split + guard (held out from pretraining too), so no
+window of one side overlaps a window of the other and the classifier never sees a test window.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pickle
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import numpy as np
+
+from neuraflex_ray.config import ConfigError, ModalitySpec, SeriesDataConfig
+from pipelines.neuro_sources import PACKAGES, fetch_package, sample_sources
+from pipelines.series_prep import MAX_DENOMINATOR, plan_layout, prepare_session
+
+SESSION = "systole_task1"  # the session name sample_sources("systole") gives
+STIM_FILE = "Task1_Stim.npy"
+STIM_RATE = 1000.0  # Task1_Stim.npy is sampled with the ECG/EDA/respiration files, at 1 kHz from their first sample
+EPS = 1e-6  # seconds: slack for float window times that lie on the sample grid
+
+
+@dataclass
+class ProbeSession:
+    """The session's normalised arrays on the session clock (0 = first common sample) and its trial onsets."""
+
+    arrays: dict[str, np.ndarray]  # modality -> float32 [C, N] at rates[m]
+    rates: dict[str, float]
+    chan_ids: dict[str, np.ndarray]  # modality -> int64 [C], the export's channel ids
+    context_s: float  # the model's context: context_patches * patch_s
+    grid_s: float  # every window starts on a multiple of this: the finest grid on which every modality has a sample
+    duration_s: float
+    split_s: float  # session clock; the pretraining's split
+    guard_s: float  # no window within this of the split, either side
+    reject_abs_z: float  # the pretraining's artifact rule (0: none)
+    onsets_s: np.ndarray  # trial onsets, session clock
+    onset_codes: np.ndarray  # 1 neutral image, 2 disgusting image
+    pretrained_on: bool | None  # the export's norm_stats name this session (None: the export does not say)
+
+    @property
+    def train_end_s(self) -> float:
+        return self.split_s - self.guard_s
+
+    @property
+    def test_begin_s(self) -> float:
+        return self.split_s + self.guard_s
+
+    def context_samples(self, m: str) -> int:
+        return round(self.context_s * self.rates[m])
+
+    def cut(self, starts: np.ndarray) -> dict[str, np.ndarray]:
+        """Context windows starting at `starts` (s): modality -> float32 [B, C, T_m]."""
+        out = {}
+        for m, a in self.arrays.items():
+            first = np.round(np.asarray(starts) * self.rates[m]).astype(np.int64)
+            out[m] = a[:, first[:, None] + np.arange(self.context_samples(m))].transpose(1, 0, 2)
+        return out
+
+    def side(self, starts: np.ndarray) -> np.ndarray:
+        """'train', 'test' or '' (the window reaches into the guard or past the end) per window start."""
+        starts = np.asarray(starts, dtype=np.float64)
+        end = starts + self.context_s
+        train = (starts >= -EPS) & (end <= self.train_end_s + EPS)
+        test = (starts >= self.test_begin_s - EPS) & (end <= self.duration_s + EPS)
+        return np.where(train, "train", np.where(test, "test", ""))
+
+
+@dataclass
+class TaskWindows:
+    """One labelled task: window starts (s, session clock) and labels (index into `classes`) per side."""
+
+    name: str
+    classes: tuple[str, str]
+    labels: str  # where the labels come from, and the rule
+    starts: dict[str, np.ndarray]  # "train" / "test" -> float64 [W], sorted
+    y: dict[str, np.ndarray]  # "train" / "test" -> int64 [W]
+    rejected: dict[str, int]  # windows dropped by the artifact rule, per side
+    dropped_at_split: int  # labelled windows that reach into the guard around the split
+
+
+# ---------------------------------------------------------------------------------------------
+# The session, as the pretraining prepared it
+# ---------------------------------------------------------------------------------------------
+
+
+def data_config_from_export(meta: dict[str, Any]) -> SeriesDataConfig:
+    """The export's dataset layout as a SeriesDataConfig (only what shapes the windows and the split)."""
+    data = meta.get("data") or {}
+    dc = data.get("data_config") or {}
+    missing = [k for k in ("modalities", "channel_ids", "context_s", "patch_s", "horizons_s", "hop_s") if k not in data]
+    missing += [f"data_config.{k}" for k in ("val_fraction", "reject_abs_z") if k not in dc]
+    if missing:
+        raise ConfigError(f"the export's config.json['data'] lacks {missing}: the probe needs the dataset's layout and "
+                          f"split to keep to the pretraining's held-out part; re-export the checkpoint with "
+                          f"`neuraflex-ray export` (it keeps them)")
+    return SeriesDataConfig(
+        samples=[], modalities={m: ModalitySpec(rate=float(s["rate"]), max_channels=int(s["max_channels"]))
+                                for m, s in data["modalities"].items()},
+        context_s=float(data["context_s"]), horizons_s=[float(h) for h in data["horizons_s"]],
+        hop_s=float(data["hop_s"]), patch_s=float(data["patch_s"]), val_fraction=float(dc["val_fraction"]),
+        reject_abs_z=float(dc["reject_abs_z"]))
+
+
+def sample_grid_s(rates: list[float]) -> float:
+    """Smallest step that is a whole number of samples at every rate (1/16 s for 128 and 16 Hz)."""
+    fr = [Fraction(r).limit_denominator(MAX_DENOMINATOR) for r in rates]  # period of rate p/q is q/p
+    return float(Fraction(math.lcm(*(f.denominator for f in fr)), math.gcd(*(f.numerator for f in fr))))
+
+
+def load_session(meta: dict[str, Any], cache_dir: str = "") -> ProbeSession:
+    """The systole session prepared exactly as for pretraining, plus its trial onsets.
+
+    Raises ConfigError when the export does not know a stream's modality or channel (its channel
+    embedding would be missing), and ValueError when the prepared session contradicts the export's
+    record of it (other normalisation or split: the probe would not be on the pretraining's split).
+    """
+    cfg = data_config_from_export(meta)
+    plan = plan_layout(cfg)
+    ids: dict[str, int] = meta["data"]["channel_ids"]
+    sources = sample_sources("systole", cache_dir)
+    unknown = [f"{s.modality}:{c}" for s in sources for c in s.channels
+               if s.modality not in plan["modalities"] or f"{s.modality}:{c}" not in ids]
+    if unknown:
+        raise ConfigError(f"the export was not trained with the channels {unknown} of session {SESSION!r} (its channel_ids: "
+                          f"{sorted(ids)}); the probe needs a NeuroFM trained with data.samples including systole")
+    row = {"session": SESSION, "sources": json.dumps([dataclasses.asdict(s) for s in sources])}
+    out = prepare_session(row, plan)
+    prep = json.loads(out["meta"])
+    if prep["skipped"] or not out["payload"]:
+        raise ValueError(f"session {SESSION!r} could not be prepared: {prep['skipped'] or prep.get('short_s')}")
+    arrays = pickle.loads(out["payload"])
+    _check_against_export(meta["data"], prep)
+    start = float(prep["start_s"])
+    stim = np.load(fetch_package("systole", *PACKAGES["systole"], cache_dir=cache_dir) / STIM_FILE)
+    idx = np.flatnonzero(stim)
+    rates = {m: float(plan["modalities"][m]["rate"]) for m in arrays}
+    return ProbeSession(
+        arrays=arrays, rates=rates,
+        chan_ids={m: np.array([ids[f"{m}:{c}"] for c in prep["modalities"][m]["channels"]], np.int64) for m in arrays},
+        context_s=plan["context_patches"] * plan["patch_s"], grid_s=sample_grid_s(list(rates.values())),
+        duration_s=min(a.shape[1] / rates[m] for m, a in arrays.items()),
+        split_s=float(prep["split_s"]) - start,  # prepare_session's split_s is on the file clock, like start_s
+        guard_s=float(prep["split_guard_s"]), reject_abs_z=float(plan["reject_abs_z"] or 0.0),
+        onsets_s=idx / STIM_RATE - start,  # the stim file's sample 0 is the streams' sample 0 (start_s 0)
+        onset_codes=stim[idx].astype(np.int64),
+        pretrained_on=SESSION in meta["data"]["norm_stats"] if "norm_stats" in meta["data"] else None)
+
+
+def _check_against_export(data: dict[str, Any], prep: dict[str, Any]) -> None:
+    """The export's own record of the session (when it has one) must match what was just prepared."""
+    stats = data.get("norm_stats", {}).get(SESSION)
+    if stats is not None:
+        for m, s in prep["norm_stats"].items():
+            ref = stats.get(m)
+            if ref is None or not (np.allclose(ref["mean"], s["mean"], rtol=1e-9, atol=0)
+                                   and np.allclose(ref["std"], s["std"], rtol=1e-9, atol=0)):
+                raise ValueError(f"{SESSION!r}/{m}: the normalisation differs from the one the export was trained with; "
+                                 f"the probe's inputs would not be the pretraining's")
+    for rec in data.get("recordings", []):
+        if rec["name"] == SESSION and (abs(rec["split_s"] - prep["split_s"]) > EPS
+                                       or abs(rec["split_guard_s"] - prep["split_guard_s"]) > EPS):
+            raise ValueError(f"{SESSION!r}: split {prep['split_s']} s (guard {prep['split_guard_s']} s) differs from the "
+                             f"pretraining's {rec['split_s']} s (guard {rec['split_guard_s']} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Label rules
+# ---------------------------------------------------------------------------------------------
+
+
+def trial_blocks(onsets_s: np.ndarray) -> tuple[float, np.ndarray]:
+    """(trial period, block spans [K, 2]): the period is the median onset-to-onset interval; a gap of more
+    than two periods starts a new block; a block spans [first onset, last onset + period)."""
+    gaps = np.diff(onsets_s)
+    period = float(np.median(gaps))
+    cuts = np.flatnonzero(gaps > 2 * period) + 1
+    spans = [(b[0], b[-1] + period) for b in np.split(onsets_s, cuts)]
+    return period, np.array(spans, dtype=np.float64)
+
+
+TASK_VS_REST = "systole_task_vs_rest"
+POST_VS_PRE = "systole_post_vs_pre_onset"
+
+
+def task_vs_rest(session: ProbeSession, hop_s: float = 1.0) -> TaskWindows:
+    """Windows every hop_s: 'task' when the window lies inside a block of trials, 'rest' when it touches
+    none (so no onset lies in the window nor in the trial period before it); windows that straddle a
+    block's edge are left out."""
+    period, spans = trial_blocks(session.onsets_s)
+    g, ctx = session.grid_s, session.context_s
+    hop = max(1, round(hop_s / g)) * g
+    starts = np.arange(math.floor((session.duration_s - ctx) / hop + EPS) + 1) * hop
+    starts = np.round(starts / g) * g
+    ends = starts + ctx
+    inside = ((spans[:, 0] <= starts[:, None] + EPS) & (ends[:, None] <= spans[:, 1] + EPS)).any(1)
+    clear = ((ends[:, None] <= spans[:, 0] + EPS) | (starts[:, None] >= spans[:, 1] - EPS)).all(1)
+    keep = inside | clear
+    labels = (f"{STIM_FILE} onsets (systole==0.3.1, picture valence-rating task): trial period = median onset interval "
+              f"({period:.2f} s); a block = onsets less than 2 periods apart, spanning [first onset, last onset + period) "
+              f"({len(spans)} blocks); task = the {ctx:g} s window lies inside a block; rest = it overlaps no block (no onset "
+              f"within it nor in the period before it); windows straddling a block edge are unlabelled; hop {hop:g} s")
+    return _by_side(session, TASK_VS_REST, ("rest", "task"), labels, starts[keep], inside[keep].astype(np.int64))
+
+
+def post_vs_pre_onset(session: ProbeSession) -> TaskWindows:
+    """Per image onset: 'post' = the window starting at the first grid time at or after the onset, 'pre' =
+    the window ending at the last grid time at or before it (neither holds a sample from the other side)."""
+    g, ctx = session.grid_s, session.context_s
+    post = np.ceil(session.onsets_s / g - EPS) * g
+    pre = np.floor(session.onsets_s / g + EPS) * g - ctx
+    labels = (f"{STIM_FILE} onsets (systole==0.3.1, {len(session.onsets_s)} image onsets): post = the {ctx:g} s window "
+              f"starting at the first sample at or after an onset, pre = the {ctx:g} s window ending at the last sample at "
+              f"or before it (start grid {g:g} s)")
+    starts = np.concatenate([pre, post])
+    y = np.concatenate([np.zeros(len(pre), np.int64), np.ones(len(post), np.int64)])
+    return _by_side(session, POST_VS_PRE, ("pre", "post"), labels, starts, y)
+
+
+def _by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels: str, starts: np.ndarray,
+             y: np.ndarray) -> TaskWindows:
+    """Labelled windows -> per side (windows touching the guard dropped), then the pretraining's artifact
+    rule (a window with any |normalised sample| > reject_abs_z is dropped, the same rule on both sides)."""
+    side = session.side(starts)
+    out_starts, out_y, rejected = {}, {}, {}
+    for part in ("train", "test"):
+        sel = side == part
+        s, lab = starts[sel], y[sel]
+        order = np.argsort(s, kind="stable")
+        s, lab = s[order], lab[order]
+        ok = _clean(session, s)
+        out_starts[part], out_y[part], rejected[part] = s[ok], lab[ok], int((~ok).sum())
+    return TaskWindows(name, classes, labels, out_starts, out_y, rejected, int((side == "").sum()))
+
+
+def _clean(session: ProbeSession, starts: np.ndarray) -> np.ndarray:
+    ok = np.ones(len(starts), bool)
+    if not session.reject_abs_z or not len(starts):
+        return ok
+    for x in session.cut(starts).values():
+        ok &= np.abs(x).max(axis=(1, 2)) <= session.reject_abs_z
+    return ok
+
+
+def all_tasks(session: ProbeSession, hop_s: float = 1.0) -> list[TaskWindows]:
+    return [task_vs_rest(session, hop_s), post_vs_pre_onset(session)]

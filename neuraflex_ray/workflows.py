@@ -4,7 +4,9 @@ export:   sharded checkpoint (DeepSpeed or FSDP2/DCP) -> consolidated safetensor
           (+ the LM's tokenizer; NeuroFM's modalities, rates and channel ids)
 evaluate: in one process on held-out data, each metric beside a baseline fitted on the training
           split only. LM: bits per byte vs a bigram. NeuroFM: forecasting skill vs persistence and
-          ridge autoregression, masked-channel R^2 vs ridge, cross-modal retrieval vs chance.
+          ridge autoregression, masked-channel R^2 vs ridge (zero-shot and adapted), cross-modal
+          retrieval vs chance, and probes: labelled tasks decoded from frozen embeddings vs
+          classical features.
 generate: a completion from an LM export
 serve:    the LM export on Ray Serve, called once over HTTP (the OpenAI completions API)
 """
@@ -106,7 +108,16 @@ def serve_and_call(export_dir: str | Path, prompt: str, max_tokens: int, seed: i
             "usage": reply["usage"], "latency_ms": latency * 1e3}
 
 
-def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+def probe_export(export_dir: str | Path, cache_dir: str = "") -> dict[str, Any]:
+    """Downstream decoding from the export's frozen embeddings (eval/probe.py), printed as a table."""
+    from neuraflex_ray.eval.probe import format_table, probe
+
+    result = probe(export_dir, cache_dir=cache_dir)
+    print(format_table(result), flush=True)
+    return result
+
+
+def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path, *, seed: int = 0) -> dict[str, Any]:
     from neuraflex_ray.eval.neuro import evaluate_neurofm, format_table
     from pipelines.timeseries import read_series
 
@@ -123,8 +134,8 @@ def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path) -> dic
     train_arrays = {m: dataclasses.replace(a, x=a.x[order], chan=a.chan[order], present=a.present[order])
                     for m, a in train_arrays.items()}
     val_arrays, _, _ = read_series(str(data_dir), "val")
-    with torch.no_grad():
-        result = evaluate_neurofm(model, train_arrays, val_arrays, manifest)
+    # No torch.no_grad() here: the masked-channel adaptation trains a copy (evaluate_neurofm scores under no_grad).
+    result = evaluate_neurofm(model, train_arrays, val_arrays, manifest, seed=seed)
     print(format_table(result), flush=True)
     return result
 
@@ -154,7 +165,8 @@ def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     result, run_dir, export_dir = _train_and_export(cfg)
     manifest = result["manifest"]
-    ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir)
+    ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir, seed=cfg.train.seed)
+    ev["probes"] = probe_export(export_dir, cfg.data.cache_dir)
     summary = {
         "pipeline": {"recordings": len(manifest["recordings"]), "modalities": list(manifest["modalities"]),
                      "train_windows": manifest["train_windows"], "val_windows": manifest["val_windows"],

@@ -1,7 +1,8 @@
 """NeuroFM on real Ray Train workers with real FSDP2 on gloo (tiny model, synthetic recordings in real files).
 
 One module-scoped dataset and one uninterrupted run serve several tests: sharding, resume after a
-worker failure, explicit resume, and the consolidated export against the sharded model.
+worker failure, explicit resume, and the consolidated export against the sharded model. A short
+run on the state-space backbone (model.backbone=ssm) reuses the dataset and the export check.
 """
 
 from __future__ import annotations
@@ -119,12 +120,12 @@ def _run_workers(fn, cfg: JobConfig, **extra) -> list:
     return result.return_value
 
 
-def trained_job(baseline: dict, base_dir: Path) -> JobConfig:
-    """The baseline's config with the data-derived model fields, as the workers saw it."""
+def trained_job(run: dict, base_dir: Path) -> JobConfig:
+    """A run's config with the data-derived model fields (and its backbone), as the workers saw it."""
     from neuraflex_ray.config import NeuroFMConfig
 
-    cfg = job(base_dir, "baseline")
-    return dataclasses.replace(cfg, model=NeuroFMConfig(**baseline["model_config"]))
+    cfg = job(base_dir, Path(run["run_dir"]).name)
+    return dataclasses.replace(cfg, model=NeuroFMConfig(**run["model_config"]))
 
 
 def test_each_parameter_is_sharded_across_the_two_workers(baseline, base_dir):
@@ -188,11 +189,13 @@ def fixed_inputs(cfg: JobConfig) -> dict:
     return inputs
 
 
-def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
-    cfg = trained_job(baseline, base_dir)
-    ckpt = latest_checkpoint(baseline["run_dir"])
+def assert_export_matches_sharded(run: dict, base_dir: Path) -> torch.nn.Module:
+    """The consolidated export of a run's last checkpoint, loaded in this process without a process
+    group, gives what the FSDP-sharded model loaded from that checkpoint gives. Returns the export."""
+    cfg = trained_job(run, base_dir)
+    ckpt = latest_checkpoint(run["run_dir"])
     sharded = _run_workers(_sharded_outputs, cfg, checkpoint=str(ckpt))
-    export_dir = export_checkpoint(ckpt, cfg.data.output_dir, base_dir / "export")
+    export_dir = export_checkpoint(ckpt, cfg.data.output_dir, base_dir / "export" / cfg.name)
     model, meta = load_exported(export_dir)
     assert meta["model_type"] == "neurofm" and list(meta["data"]["modalities"]) == ["eeg", "ecg"]
     with torch.no_grad():
@@ -200,6 +203,27 @@ def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
     assert local.keys() == sharded.keys() and len(local) == 1 + 3 * 2  # embedding + recon, forecast, view per modality
     for key, v in local.items():
         np.testing.assert_allclose(v, sharded[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    return model
+
+
+def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
+    assert_export_matches_sharded(baseline, base_dir)
+
+
+def test_ssm_backbone_trains_sharded_and_its_export_matches(ray_session, base_dir):
+    """model.backbone=ssm: each SSM block is its own FSDP2 unit; 6 steps cross the curriculum's
+    switch at step 4, so the scan also runs on the contrastive views' extra latent groups."""
+    from neuraflex_ray.models.ssm import SSMBlock
+
+    steps = 6
+    run = train(job(base_dir, "ssm", "model.backbone=ssm", f"train.max_steps={steps}", f"train.eval_every={steps}",
+                    f"train.checkpoint_every={steps}"), fresh=True)
+    assert run["model_config"]["backbone"] == "ssm" and run["steps"] == steps
+    assert [h["step"] for h in run["history"]] == [2, 4, 6]
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in run["history"])
+    assert math.isfinite(run["val_loss"])
+    model = assert_export_matches_sharded(run, base_dir)
+    assert all(isinstance(b, SSMBlock) for b in model.blocks)
 
 
 def _one_step(config: dict) -> dict:

@@ -110,8 +110,14 @@ class NeuroFMConfig:
     n_heads: int = 4
     n_latents: int = 32  # Perceiver latents: the backbone's sequence length, whatever the channel count
     n_cross_layers: int = 1  # latents <- tokens cross-attention blocks
-    n_layers: int = 4  # backbone transformer blocks over the latents
+    n_layers: int = 4  # backbone blocks over the latents
     ffn_mult: int = 4
+    # What mixes the latents in each backbone block: "transformer" (self-attention) or "ssm" (a
+    # bidirectional selective state-space scan, models/ssm.py); both are followed by a SwiGLU FFN.
+    backbone: str = "transformer"
+    ssm_state: int = 16  # ssm: state size N per channel (the d_state of Mamba)
+    ssm_expand: int = 2  # ssm: inner width = ssm_expand * dim
+    ssm_conv: int = 4  # ssm: kernel width of the depthwise convolution over the latents
     norm_eps: float = 1e-5
     init_std: float = 0.2  # embeddings, latents, special tokens (0.02 learned several times slower here)
     mask_ratio: float = 0.25  # share of context patches hidden from the encoder and reconstructed

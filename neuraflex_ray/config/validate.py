@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 
-from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, TrainConfig
+from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, NeuroFMConfig, TrainConfig
 
 # --------------------------------------------------------------------------------------------
 # Cross-field validation
@@ -69,6 +69,11 @@ def _validate_neurofm(cfg: JobConfig) -> None:
     for name in ("dim", "n_heads", "n_latents", "n_cross_layers", "n_layers", "ffn_mult"):
         need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
     need(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
+    backbones = ("transformer", "ssm")
+    need(m.backbone in backbones, f"model.backbone={m.backbone!r} is not known; use one of {list(backbones)}")
+    for name in ("ssm_state", "ssm_expand", "ssm_conv"):
+        need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)}); "
+                                   f"the default is {getattr(NeuroFMConfig, name)}")
     need(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     need(0.0 <= m.channel_mask_prob <= 1.0, f"model.channel_mask_prob must be in [0, 1], got {m.channel_mask_prob}")
     for name in ("recon_weight", "forecast_weight", "contrastive_weight"):

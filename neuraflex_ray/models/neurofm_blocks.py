@@ -1,6 +1,8 @@
 """NeuroFM's building blocks: attention (self or cross), the Perceiver cross block and the latent block.
 
-Pre-norm residual blocks over RMSNorm and SwiGLU, shared with the LM (`moe_lm.py`, `moe.py`).
+Pre-norm residual blocks over RMSNorm and SwiGLU, shared with the LM (`moe_lm.py`, `moe.py`). The
+backbone over the latents is built from `backbone_block`: the transformer `Block` here, or the
+selective state-space block of `ssm.py` (`model.backbone: ssm`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from torch import nn
 from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe import SwiGLU
 from neuraflex_ray.models.moe_lm import RMSNorm
+from neuraflex_ray.models.ssm import SSMBlock, ssm_block_macs
 
 
 class Attention(nn.Module):
@@ -76,11 +79,22 @@ class Block(nn.Module):
 
 
 def backbone_block(cfg: NeuroFMConfig) -> nn.Module:
-    """One block of the backbone over the latents [B, L, d] -> [B, L, d]."""
-    return Block(cfg)
+    """One block of the backbone over the latents [B, L, d] -> [B, L, d], as `cfg.backbone` says:
+    the transformer Block or the bidirectional selective state-space block (`ssm.py`)."""
+    if cfg.backbone == "transformer":
+        return Block(cfg)
+    if cfg.backbone == "ssm":
+        return SSMBlock(cfg)
+    raise ValueError(f"model.backbone={cfg.backbone!r} is not known; use 'transformer' or 'ssm'")
 
 
 def backbone_block_macs(cfg: NeuroFMConfig) -> float:
-    """Multiply-adds of one backbone block over one window's L latents (forward)."""
+    """Multiply-adds of one backbone block over one window's L latents (forward).
+
+    Transformer: Q/K/V/out projections (4 d^2) and the SwiGLU FFN (3 d ffn_mult d) per latent,
+    plus QK^T and AV (2 L^2 d). SSM: see `ssm_block_macs`.
+    """
+    if cfg.backbone == "ssm":
+        return ssm_block_macs(cfg)
     d, lat = cfg.dim, cfg.n_latents
     return lat * (4 * d * d + 3 * d * cfg.ffn_mult * d) + 2 * lat * lat * d

@@ -262,15 +262,20 @@ def test_learns_sines():
     assert out.contrastive < math.log(16) - 0.5, out
 
 
-def test_meta_init_and_accounting():
-    cfg = tiny_cfg()
+@pytest.mark.parametrize("backbone", ["transformer", "ssm"])
+def test_meta_init_and_accounting(backbone):
+    cfg = tiny_cfg(backbone=backbone)
     with torch.device("meta"):
         meta = NeuroFM(cfg)
     meta.to_empty(device="cpu")
     meta.init_weights()
     assert all(torch.isfinite(p).all() for p in meta.parameters())
     assert torch.equal(meta.channel_emb.weight[0], torch.zeros(cfg.dim))
-    assert param_count(meta) == sum(p.numel() for p in new_model().parameters())
+    assert param_count(meta) == sum(p.numel() for p in new_model(backbone=backbone).parameters())
+    ref = new_model(backbone=backbone).state_dict()
+    for name, p in meta.state_dict().items():  # deterministic inits come back exactly after to_empty()
+        if name.endswith(("A_log", "D", "dt_bias")):
+            assert torch.equal(p, ref[name]), name
     f1, f2 = neurofm_flops_per_window(cfg, 100), neurofm_flops_per_window(cfg, 200)
     assert 0 < f1 < f2 < 2.2 * f1
     assert neurofm_flops_per_window(cfg, 100, contrastive_modalities=0) < f1

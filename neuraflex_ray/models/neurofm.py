@@ -4,7 +4,8 @@ Every channel of every modality is cut into patches of `P_m` samples (the same `
 for all modalities); a patch becomes one token: a per-modality Linear of its samples plus learned
 modality, channel-id and patch-time embeddings. So any channel count works, and a channel is known
 by its id, not its position. `n_latents` learned latents read all tokens through Perceiver
-cross-attention (linear in the number of tokens), a transformer backbone mixes the latents, and
+cross-attention (linear in the number of tokens), a backbone mixes the latents (`model.backbone`:
+transformer blocks, or the bidirectional selective state-space blocks of `ssm.py`), and
 light cross-attention decoders read the final latents back out (blocks in `neurofm_blocks.py`):
 
     tokens [B, S, d] --cross_blocks--> latents [B, L, d] --blocks--> latents --+--> mean -> embedding
@@ -140,6 +141,9 @@ class NeuroFM(nn.Module):
                 nn.init.normal_(mod.weight, std=std)
             elif isinstance(mod, RMSNorm):
                 nn.init.ones_(mod.weight)
+        for blk in self.blocks:  # parameters of the block's own kinds (the SSM's A, D, step bias, conv)
+            if hasattr(blk, "reset_parameters"):
+                blk.reset_parameters()
         for p in (self.mask_token, self.null_token, self.latents, self.forecast_query,
                   *([self.local.null_key] if self.local else [])):
             nn.init.normal_(p, std=std)

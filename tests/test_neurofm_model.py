@@ -284,7 +284,7 @@ def test_meta_init_and_accounting(backbone):
 def test_forecast_targets_are_the_patches_after_the_context():
     """Context all 0, future all 10, forecast head zeroed: the forecast loss must be 10^2 (it would
     be 0 if the targets were taken from the context), and reconstruction scores the context."""
-    model = new_model()
+    model = new_model(forecast_vs_persistence=False)
     for m in MODS:
         torch.nn.init.zeros_(model.forecast_head[m].weight)
         torch.nn.init.zeros_(model.forecast_head[m].bias)
@@ -295,6 +295,10 @@ def test_forecast_targets_are_the_patches_after_the_context():
     loss = neurofm_loss(model, window, model.cfg, 0, torch.Generator().manual_seed(0))
     assert float(loss.forecast) == pytest.approx(100.0)
     assert float(loss.recon) < 10.0  # targets 0: whatever the head predicts, nowhere near 100
+    # Scored against persistence instead, the untrained model (which forecasts persistence) scores 1.
+    fresh = new_model()
+    relative = neurofm_loss(fresh, window, fresh.cfg, 0, torch.Generator().manual_seed(0))
+    assert float(relative.forecast) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_untrained_forecast_is_persistence(model):
@@ -319,16 +323,48 @@ def test_local_read_is_axial_and_skips_unseen_tokens():
     q, tokens = torch.randn(b, c, n + 1, d), torch.randn(b, c, n, d)
     seen = torch.ones(b, c, n, dtype=torch.bool)
     seen[0, 2, 1] = False
+    torch.nn.init.normal_(block.copy_gain)
     with torch.no_grad():
-        ref = block(q, tokens, seen)
+        ref, copy = block(q, tokens, seen)
+        assert copy.shape == (b, n, block.spatial.n_heads, c, c)
+        assert (copy[0, 1, :, :, 2] == 0).all() and (copy[0, 0, :, :, 2] != 0).all()  # unseen keys get no weight
 
         def moved(ci: int, ni: int) -> torch.Tensor:
             t = tokens.clone()
             t[0, ci, ni] += 3.0
-            return (block(q, t, seen) - ref)[0].abs().amax(-1) > 1e-6  # [C, N+1]: which queries changed
+            return (block(q, t, seen)[0] - ref)[0].abs().amax(-1) > 1e-6  # [C, N+1]: which queries changed
 
         off_axis = moved(0, 0)  # channel 0, patch 0 reaches row 0 and column 0 only
         assert off_axis[0].all() and off_axis[:, 0].all()
         assert not off_axis[1:, 1:].any()
         assert not moved(2, 1).any()  # an unseen token reaches nobody
         assert moved(1, n - 1)[:, n].all()  # the last patch reaches every channel's forecast query
+
+
+def test_contrastive_with_other_ranks_windows_equals_one_big_batch():
+    """Each rank contrasts its windows with every rank's: the ranks' losses, weighted by their
+    windows, are the InfoNCE of the whole global batch (gradient only through a rank's own rows)."""
+    from torch.nn.functional import normalize
+
+    from neuraflex_ray.models.neurofm_objectives import info_nce
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    both = torch.tensor([1, 1, 0, 1, 1, 1, 1, 0], dtype=torch.bool)
+    full, ok = info_nce(a, b, both, 0.1)
+    losses, counts = [], []
+    for rank in (0, 1):
+        # What two ranks would all-gather, in the order info_nce asks: normalised a, normalised b, both.
+        answers = iter([normalize(a, dim=-1), normalize(b, dim=-1), both.float()])
+
+        def gather(t: torch.Tensor, rank=rank, answers=answers) -> tuple[list[torch.Tensor], int]:
+            whole = next(answers)
+            return [whole[:4].clone(), whole[4:].clone()], rank
+
+        sl = slice(4 * rank, 4 * rank + 4)
+        loss, usable = info_nce(a[sl], b[sl], both[sl], 0.1, gather)
+        assert usable
+        losses.append(loss)
+        counts.append(int(both[sl].sum()))
+    combined = sum(loss * n for loss, n in zip(losses, counts, strict=True)) / sum(counts)
+    assert ok and torch.allclose(combined, full, atol=1e-5)

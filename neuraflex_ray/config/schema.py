@@ -130,6 +130,9 @@ class NeuroFMConfig:
     # After the latents, decoder queries also read the visible tokens at their own patch in every
     # channel and in their own channel at every patch (models/neurofm_local.py); false: latents only.
     local_decoder: bool = True
+    # Forecast loss per modality = MSE / persistence's MSE on the batch, so slow signals (EDA, BOLD)
+    # whose errors are tiny in normalised units weigh like fast ones; false: plain MSE.
+    forecast_vs_persistence: bool = True
     # Filled from the dataset manifest by the driver (leave empty): modality names in order,
     # samples per patch of each, context length and forecast horizons in patches, channel ids.
     modalities: list[str] = field(default_factory=list)

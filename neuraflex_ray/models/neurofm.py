@@ -270,12 +270,21 @@ class NeuroFM(nn.Module):
         b, c = q.shape[:2]
         # Queries attend to the latents only here, so one flat call over all of them is exact.
         q = self.decoder(q.flatten(1, 2), latents).view(b, c, n + 1, -1)
+        copy = None
         if self.local is not None:
-            q = self.local(q, tokens.to(q.dtype), seen)
+            q, copy = self.local(q, tokens.to(q.dtype), seen)  # copy [B, N, H, C, C]
         h = self.decoder_norm(q)
         recon, forecast = {}, {}
+        c0 = 0
         for m, part, cm in zip(mods, h.split(widths, 1), widths, strict=True):
             recon[m] = self.recon_head[m](part[:, :, :n])
+            if copy is not None:  # + the attention-weighted samples of this modality's other channels
+                x = inputs[m].x.view(b, cm, n, -1)
+                if patch_mask.get(m) is not None:  # never read (weight 0), but 0 * NaN would still be NaN
+                    x = torch.where(patch_mask[m][..., None], 0.0, x)
+                w = copy[:, :, :, c0:c0 + cm, c0:c0 + cm].sum(2)  # [B, N, C query, C key], heads summed
+                recon[m] = recon[m] + torch.einsum("bnqk,bknp->bqnp", w, x.to(w.dtype))
+            c0 += cm
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
             last = inputs[m].x[..., -1]  # [B, C]; hidden from the model when its patch is masked
             if patch_mask.get(m) is not None:

@@ -12,6 +12,13 @@ the tokens around its own place on the (channel, patch) grid, in two axial steps
 
 Hidden, padded and absent tokens are never keys: a hidden patch is rebuilt from its neighbours in
 space and time, never from itself. Axial attention costs (C + N) keys per query instead of C * N.
+
+The spatial step also returns its attention probabilities, so the decoder can COPY: a reconstructed
+patch adds, per head, a learned gain times the attention-weighted samples of the same modality's
+other channels at that patch (`copy_gain`, starting at 0). Tokens pass through norms and a width-d
+embedding, so a neighbour's amplitude reaches the heads only approximately; the copy path is an
+exact linear interpolation whose weights the attention chooses by channel and content: the same
+family as a ridge over the other channels, which the model otherwise loses to.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ class LocalBlock(nn.Module):
         self.temporal = Attention(d, cfg.n_heads)
         self.ffn_norm = RMSNorm(d, cfg.norm_eps)
         self.ffn = SwiGLU(d, d)  # runs on every query, like the latent decoder block: narrow
+        self.copy_gain = nn.Parameter(torch.zeros(cfg.n_heads))  # per head, see the module docstring
         # The key a query with no visible neighbour attends to (a whole hidden channel has no
         # temporal neighbour; a lone channel has no spatial one), so softmax never sees an empty row.
         self.null_key = nn.Parameter(torch.empty(d))
@@ -46,30 +54,29 @@ class LocalBlock(nn.Module):
     def residual_outputs(self) -> list[nn.Linear]:
         return [self.spatial.wo, self.temporal.wo, self.ffn.w2]
 
-    @staticmethod
-    def _read(attn: Attention, q: torch.Tensor, kv: torch.Tensor, visible: torch.Tensor,
-              null: torch.Tensor) -> torch.Tensor:
-        """q [R, Q, d] attends to kv [R, K, d] where visible [R, K], plus the always-visible null key."""
-        r = q.shape[0]
-        kv = torch.cat([null.to(kv.dtype).expand(r, 1, -1), kv], dim=1)
-        mask = torch.cat([visible.new_ones(r, 1), visible], dim=1)[:, None, None, :]
-        return attn(q, kv, mask)
+    def _keys(self, kv: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv [R, K, d], visible [R, K] -> with the always-visible null key first, and the mask [R, 1, 1, 1+K]."""
+        r = kv.shape[0]
+        kv = torch.cat([self.null_key.to(kv.dtype).expand(r, 1, -1), kv], dim=1)
+        return kv, torch.cat([visible.new_ones(r, 1), visible], dim=1)[:, None, None, :]
 
-    def forward(self, q: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q [B, C, N+1, d] (N patch queries + 1 forecast query per channel), tokens [B, C, N, d],
-        visible [B, C, N] (True = a real, unhidden patch) -> q updated, same shape."""
+        visible [B, C, N] (True = a real, unhidden patch) -> (q updated, same shape; spatial
+        attention probabilities [B, N, H, C (query), C (key)] of the N patch queries, gains applied)."""
         b, c, n1, d = q.shape
         kv = self.kv_norm(tokens)
         # Spatial: the forecast slot reads the last context patch of every channel.
         kv_s = torch.cat([kv, kv[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c, d)
         vis_s = torch.cat([visible, visible[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c)
         qs = self.spatial_norm(q).transpose(1, 2).reshape(b * n1, c, d)
-        q = q + self._read(self.spatial, qs, kv_s, vis_s, self.null_key).view(b, n1, c, d).transpose(1, 2)
+        out, probs = self.spatial.attend(qs, *self._keys(kv_s, vis_s))
+        q = q + out.view(b, n1, c, d).transpose(1, 2)
+        copy = (probs[..., 1:] * self.copy_gain.to(probs.dtype)[:, None, None]).view(b, n1, -1, c, c)[:, :-1]
         # Temporal: every query of a channel reads that channel's context patches.
         qt = self.temporal_norm(q).reshape(b * c, n1, d)
-        q = q + self._read(self.temporal, qt, kv.reshape(b * c, -1, d), visible.reshape(b * c, -1),
-                           self.null_key).view(b, c, n1, d)
-        return q + self.ffn(self.ffn_norm(q))
+        q = q + self.temporal(qt, *self._keys(kv.reshape(b * c, -1, d), visible.reshape(b * c, -1))).view(b, c, n1, d)
+        return q + self.ffn(self.ffn_norm(q)), copy
 
 
 def local_block_macs(cfg: NeuroFMConfig, queries: float, tokens: float, channels: float) -> float:

@@ -7,6 +7,7 @@ curriculum's modality picks) from a generator, so a resumed run draws what the u
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,12 +17,14 @@ from torch import nn
 from neuraflex_ray.config import CurriculumStage, NeuroFMConfig
 from neuraflex_ray.models.neurofm import SeriesInput
 
+PERSISTENCE_FLOOR = 1e-4  # added to persistence's MSE before dividing by it: a flat channel's is 0
+
 
 @dataclass
 class NeuroLoss:
     total: torch.Tensor  # what backward() sees
     recon: torch.Tensor  # MSE per sample on hidden patches (mean over modalities with targets)
-    forecast: torch.Tensor  # MSE per sample on the K horizon patches (mean over modalities with targets)
+    forecast: torch.Tensor  # per sample on the K horizon patches, mean over modalities: MSE / persistence's or MSE
     contrastive: torch.Tensor  # symmetric InfoNCE, mean over modality pairs (0 when off or no pair)
 
 
@@ -66,26 +69,50 @@ def _mean_over_modalities(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tor
     return (values * has).sum() / has.sum().clamp_min(1)
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+# Per-rank copies of a tensor (no gradient) and this rank's index among them: how the training task
+# lends the objective more negatives (neuraflex_ray/train/tasks.py); the model stays unaware of ranks.
+Gather = Callable[[torch.Tensor], tuple[list[torch.Tensor], int]]
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, both: torch.Tensor, temperature: float,
+             gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric InfoNCE between rows of a and b [B, d] over the windows where `both` is True.
 
-    Masked instead of indexed: no host sync and no data-dependent shapes. Returns (loss, usable),
-    usable = at least 2 windows (one alone has no negatives)."""
+    With `gather`, this rank's windows are contrasted with every rank's (the others' without
+    gradient, as CLIP-style training does): a micro-batch holds a handful of multimodal windows,
+    too few negatives for the contrast to say much. Masked instead of indexed: no host sync and no
+    data-dependent shapes. Returns (loss over this rank's windows, usable = at least 2 windows in all)."""
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    logits = (a @ b.T) / temperature
+    all_a, all_b, all_both, first = a, b, both, 0
+    if gather is not None:
+        parts_a, rank = gather(a.detach())
+        parts_b, _ = gather(b.detach())
+        parts_w, _ = gather(both.float())
+        parts_a[rank], parts_b[rank] = a, b  # this rank's rows keep their gradient
+        all_a, all_b, all_both = torch.cat(parts_a), torch.cat(parts_b), torch.cat(parts_w) > 0.5
+        first = sum(len(p) for p in parts_a[:rank])
+    mine = torch.arange(len(a), device=a.device) + first  # this rank's windows in the gathered order
     # A large finite negative, not -inf: rows of windows outside `both` stay finite (weighted 0).
-    pair = both[:, None] & both[None, :]
-    logits = logits.masked_fill(~pair, -1e4)
+    pair = both[:, None] & all_both[None, :]
+    rows = (a @ all_b.T / temperature).masked_fill(~pair, -1e4).log_softmax(1)  # a -> every b
+    cols = (b @ all_a.T / temperature).masked_fill(~pair, -1e4).log_softmax(1)  # b -> every a
     w = both.float()
     n = w.sum()
-    row = -(logits.log_softmax(1).diagonal() * w).sum() / n.clamp_min(1)
-    col = -(logits.log_softmax(0).diagonal() * w).sum() / n.clamp_min(1)
-    return (row + col) / 2, n >= 2
+    idx = torch.arange(len(a), device=a.device)
+    row = -(rows[idx, mine] * w).sum() / n.clamp_min(1)
+    col = -(cols[idx, mine] * w).sum() / n.clamp_min(1)
+    return (row + col) / 2, all_both.sum() >= 2
 
 
 def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMConfig, step: int,
-                 generator: torch.Generator) -> NeuroLoss:
-    """Loss on FULL windows (context + future). Random choices (masks, curriculum) come from `generator`.
+                 generator: torch.Generator, gather: Gather | None = None) -> NeuroLoss:
+    """Loss on FULL windows (context + future). Random choices (masks, curriculum) come from `generator`;
+    `gather` (optional) lends the contrastive term the other ranks' windows as negatives (info_nce).
+
+    Forecasting with `cfg.forecast_vs_persistence` is scored per modality as MSE / persistence's MSE
+    on the same batch (1 = as good as doing nothing, < 1 beats it): in normalised units a quarter
+    second of EDA or BOLD moves by ~1e-3 and EEG by ~1, so plain MSE left the slow signals' forecasts
+    untrained (they lost to persistence), while the ratio weighs every modality by its own baseline.
 
     The set of parameters that get a gradient depends only on the keys of `window` and on `step`
     (FSDP needs the same set on every rank): every given modality is encoded and decoded even where
@@ -107,8 +134,9 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
     forecast_rows = (torch.rand(batch, generator=generator, device=generator.device) < 0.5).to(window[mods[0]].x.device)
 
     inputs, masks, ctx_patches, future, valid = {}, {}, {}, {}, {}
+    p_of = {m: cfg.patch_lens[cfg.modalities.index(m)] for m in mods}
     for m in mods:
-        p = cfg.patch_lens[cfg.modalities.index(m)]
+        p = p_of[m]
         w = window[m]
         b, c, t = w.x.shape
         if t != (n + h_max) * p:
@@ -138,7 +166,13 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         err = (out.recon[m].float() - ctx_patches[m].float()).pow(2).mean(-1)  # [B, C, N]
         recon_parts.append(_masked_mean(err, (masks[m] & valid[m][:, :, None]).float()))
         err = (out.forecast[m].float() - future[m].float()).pow(2).mean(-1)  # [B, C, K]
-        forecast_parts.append(_masked_mean(err, (valid[m] & forecast_rows[:, None])[:, :, None].float().expand_as(err)))
+        weight = (valid[m] & forecast_rows[:, None])[:, :, None].float().expand_as(err)
+        mse, count = _masked_mean(err, weight)
+        if cfg.forecast_vs_persistence:
+            last = window[m].x[..., n * p_of[m] - 1].float()[:, :, None, None]  # [B, C, 1, 1], the true last sample
+            persistence, _ = _masked_mean((last - future[m].float()).pow(2).mean(-1), weight)
+            mse = mse / (persistence.detach() + PERSISTENCE_FLOOR)
+        forecast_parts.append((mse, count))
     recon = _mean_over_modalities(recon_parts)
     forecast = _mean_over_modalities(forecast_parts)
 
@@ -148,7 +182,7 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         losses, usable = [], []
         for i, m1 in enumerate(mods):
             for m2 in mods[i + 1:]:
-                loss, ok = info_nce(z[m1], z[m2], present[m1] & present[m2], cfg.contrastive_temperature)
+                loss, ok = info_nce(z[m1], z[m2], present[m1] & present[m2], cfg.contrastive_temperature, gather)
                 losses.append(loss)
                 usable.append(ok)
         ok = torch.stack(usable).float()

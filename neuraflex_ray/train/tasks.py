@@ -185,7 +185,7 @@ class NeuroTask:
 
             # Drawn from the step's generator, before the loss's masks: a resumed run repeats both.
             window = augment_window(window, self.cfg.data.augment, self.manifest, gen)
-        loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen)
+        loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen, gather=gather_across_ranks())
         views = contrastive_views(self.cfg.model, stage_step, len(window))
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach()}
@@ -197,6 +197,24 @@ class NeuroTask:
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         text = f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f}"
         return {}, text
+
+
+def gather_across_ranks() -> Callable[[torch.Tensor], tuple[list[torch.Tensor], int]] | None:
+    """Every rank's copy of a tensor (no gradient) and this rank's index; None without a process group
+    or with one rank. The contrastive term contrasts each rank's windows with all ranks' windows: one
+    micro-batch holds only a few windows with two modalities. Every rank runs the same steps and the
+    same contrastive pairs, so every rank calls it equally often."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+
+    def gather(t: torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return parts, dist.get_rank()
+
+    return gather
 
 
 def reported_metrics(model_type: str) -> list[str]:

@@ -140,7 +140,7 @@ def evaluate_neurofm_export(export_dir: str | Path, data_dir: str | Path, *, see
     return result
 
 
-def _train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:
+def train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:
     """Distributed training from scratch, then the consolidated export of its last checkpoint."""
     from neuraflex_ray.train.driver import train
 
@@ -163,7 +163,7 @@ def _write_summary(run_dir: Path, summary: dict[str, Any], flops_convention: str
 def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
     """data -> train (Ray Train, FSDP2) -> export -> held-out eval against baselines -> summary.json"""
     t0 = time.perf_counter()
-    result, run_dir, export_dir = _train_and_export(cfg)
+    result, run_dir, export_dir = train_and_export(cfg)
     manifest = result["manifest"]
     ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir, seed=cfg.train.seed)
     ev["probes"] = probe_export(export_dir, cfg.data.cache_dir)
@@ -187,7 +187,7 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
     if cfg.model_type == "neurofm":
         return quickstart_neurofm(cfg)
     t0 = time.perf_counter()
-    result, run_dir, export_dir = _train_and_export(cfg)
+    result, run_dir, export_dir = train_and_export(cfg)
     manifest = result["manifest"]
     ev = evaluate_export(export_dir, cfg.data.output_dir)
     print(f"[eval] held-out bits/byte {ev['val_bits_per_byte']:.4f} vs bigram {ev['bigram_bits_per_byte']:.4f}",

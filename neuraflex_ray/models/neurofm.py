@@ -40,7 +40,7 @@ from neuraflex_ray.models.moe_lm import RMSNorm
 from neuraflex_ray.models.neurofm_blocks import CrossBlock, backbone_block, backbone_block_macs
 from neuraflex_ray.models.neurofm_local import LocalBlock, local_block_macs
 
-PERSISTENCE_GAIN = 25.0  # see NeuroFM.persistence
+AR_PATCHES = 4  # the forecasts' linear path reads this many last context patches (as the ridge baseline does)
 
 
 @dataclass
@@ -108,14 +108,14 @@ class NeuroFM(nn.Module):
         self.decoder_norm = RMSNorm(d, cfg.norm_eps)
         self.recon_head = nn.ModuleDict({m: nn.Linear(d, p) for m, p in self.patch_len.items()})
         self.forecast_head = nn.ModuleDict({m: nn.Linear(d, k * p) for m, p in self.patch_len.items()})
-        # Per modality and horizon, how much of the last context sample carries into the forecast:
-        # a learned AR(1) skip (near 1 for EDA or BOLD, near 0 for EMG). It starts at 1 with the
-        # forecast head at zero, so an untrained model forecasts persistence and training can only
-        # move it where the data pays: started at 0, the debug run still lost to persistence on
-        # EDA, respiration, acceleration and BOLD after 300 steps. It is used times
-        # PERSISTENCE_GAIN: Adam moves a parameter by about lr per step, and at lr 1e-3 an ungained
-        # scalar moves 0.06 after 300 steps.
-        self.persistence = nn.ParameterDict({m: nn.Parameter(torch.zeros(k)) for m in self.patch_len})
+        # Per modality, a linear autoregression from the last AR_PATCHES context patches to the K
+        # forecast patches, beside the decoder's (nonlinear) forecast head. It starts as persistence
+        # (every output = the last sample) with the head at zero, so an untrained model forecasts
+        # persistence and training moves away only where the data pays. Slow signals need it: a
+        # decoder cannot copy a sample exactly, and a scalar persistence share alone still lost to
+        # persistence on EDA at every horizon (and to the ridge autoregression by 2x at 0.5-1 s).
+        self.ar_patches = min(AR_PATCHES, cfg.context_patches)
+        self.ar = nn.ModuleDict({m: nn.Linear(self.ar_patches * p, k * p) for m, p in self.patch_len.items()})
         # Contrastive projection (SimCLR): the loss acts on z, the embedding stays more general.
         self.projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
         self.init_weights()
@@ -147,8 +147,10 @@ class NeuroFM(nn.Module):
         for p in (self.mask_token, self.null_token, self.latents, self.forecast_query,
                   *([self.local.null_key] if self.local else [])):
             nn.init.normal_(p, std=std)
-        for p in self.persistence.values():
-            nn.init.constant_(p, 1.0 / PERSISTENCE_GAIN)
+        with torch.no_grad():
+            for ar in self.ar.values():  # persistence: every output is the last context sample
+                ar.weight.zero_()
+                ar.weight[:, -1] = 1.0
         for head in self.forecast_head.values():
             nn.init.zeros_(head.weight)
         scale = 1 / math.sqrt(2 * (self.cfg.n_layers + self.cfg.n_cross_layers))
@@ -256,7 +258,7 @@ class NeuroFM(nn.Module):
         once on one (channel, patch) grid: tokens [B, C, N, d] and seen [B, C, N] hold every
         modality's channels side by side (they share the patch grid), for the local read.
 
-        Forecasts add a learned share of the last context sample (`persistence`): slow signals such
+        Forecasts add a linear autoregression of the last context patches (`ar`): slow signals such
         as EDA or BOLD barely move in a second, and a decoder cannot copy a single sample exactly."""
         n, k = self.cfg.context_patches, len(self.cfg.horizon_patches)
         queries, widths = [], []
@@ -270,28 +272,23 @@ class NeuroFM(nn.Module):
         b, c = q.shape[:2]
         # Queries attend to the latents only here, so one flat call over all of them is exact.
         q = self.decoder(q.flatten(1, 2), latents).view(b, c, n + 1, -1)
-        copy = None
+        probs = None
         if self.local is not None:
-            q, copy = self.local(q, tokens.to(q.dtype), seen)  # copy [B, N, H, C, C]
+            q, probs = self.local(q, tokens.to(q.dtype), seen)  # spatial attention [B, N, H, C, C]
         h = self.decoder_norm(q)
         recon, forecast = {}, {}
         c0 = 0
         for m, part, cm in zip(mods, h.split(widths, 1), widths, strict=True):
             recon[m] = self.recon_head[m](part[:, :, :n])
-            if copy is not None:  # + the attention-weighted samples of this modality's other channels
-                x = inputs[m].x.view(b, cm, n, -1)
-                if patch_mask.get(m) is not None:  # never read (weight 0), but 0 * NaN would still be NaN
-                    x = torch.where(patch_mask[m][..., None], 0.0, x)
-                w = copy[:, :, :, c0:c0 + cm, c0:c0 + cm].sum(2)  # [B, N, C query, C key], heads summed
-                recon[m] = recon[m] + torch.einsum("bnqk,bknp->bqnp", w, x.to(w.dtype))
+            x = inputs[m].x.view(b, cm, n, -1)
+            if patch_mask.get(m) is not None:  # hidden samples are never read, but 0 * NaN would still be NaN
+                x = torch.where(patch_mask[m][..., None], 0.0, x)
+            if probs is not None:  # + the attention-weighted samples of this modality's other channels
+                recon[m] = recon[m] + self.local.copy(probs[..., c0:c0 + cm, c0:c0 + cm], x)
             c0 += cm
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
-            last = inputs[m].x[..., -1]  # [B, C]; hidden from the model when its patch is masked
-            if patch_mask.get(m) is not None:
-                last = last.masked_fill(patch_mask[m][..., -1], 0.0)
-            alpha = PERSISTENCE_GAIN * self.persistence[m].to(part.dtype)[:, None]  # [K, 1]
-            skip = alpha * last.to(part.dtype)[:, :, None, None]  # [B, C, K, 1]
-            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, cm, k, -1) + head.bias.view(k, -1) + skip
+            ar = self.ar[m](x[:, :, n - self.ar_patches:].flatten(2).to(part.dtype)).view(b, cm, k, -1)
+            forecast[m] = F.linear(part[:, :, n], head.weight).view(b, cm, k, -1) + head.bias.view(k, -1) + ar
         return recon, forecast
 
     @torch.no_grad()
@@ -341,6 +338,7 @@ def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int |
     decoder = queries * (2 * d * d + 3 * d * d) + lat * 2 * d * d + 2 * queries * lat * d
     if cfg.local_decoder:
         decoder += local_block_macs(cfg, queries, tokens, ch)
-    heads = tokens * d * p + ch * d * k * p + contrastive_modalities * 2 * d * d  # recon, forecast, projection
+    ar = ch * min(AR_PATCHES, n) * p * k * p  # the forecasts' linear autoregression
+    heads = tokens * d * p + ch * d * k * p + ar + contrastive_modalities * 2 * d * d  # recon, forecast, projection
     macs = tokens * p * d + cfg.n_cross_layers * cross + backbone + decoder + heads
     return 3 * 2 * macs

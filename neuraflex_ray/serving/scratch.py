@@ -56,8 +56,5 @@ def scratch_neurofm_export(out_dir: str | Path, seed: int = 0) -> Path:
     overrides = ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]
     cfg = neurofm_for_data(load_config(None, overrides).model, SCRATCH_NEURO_MANIFEST)
     torch.manual_seed(seed)
-    model = NeuroFM(cfg)
-    with torch.no_grad():  # untrained persistence is 0; make forecasts depend on the last sample too
-        for p in model.persistence.values():
-            p.fill_(0.02)
+    model = NeuroFM(cfg)  # untrained, it forecasts persistence: forecasts depend on the samples sent
     return export(model.state_dict(), cfg, None, out_dir, {"data": SCRATCH_NEURO_MANIFEST})

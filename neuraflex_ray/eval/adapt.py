@@ -8,6 +8,7 @@ The rest of the model stays frozen. What trains:
     channel_emb    which electrode is which (the local read finds a channel's neighbours through it)
     decoder        the queries' read of the latents
     local          the queries' read of neighbouring tokens (spatial / temporal)
+    spatial_filter the signed interpolation from the other channels' samples
     decoder_norm, recon_head[modality]
 
 Each step hides one random valid channel of every window entirely (samples zeroed, every patch
@@ -26,7 +27,7 @@ from torch import nn
 
 from neuraflex_ray.eval.common import device_of, info, make_input, valid_channels
 
-ADAPTED = ("channel_emb.", "decoder.", "local.", "decoder_norm.")  # + recon_head.<modality>.
+ADAPTED = ("channel_emb.", "decoder.", "local.", "spatial_filter.", "decoder_norm.")  # + recon_head.<modality>.
 
 
 def montage_windows(a: Any, idx: np.ndarray, min_channels: int) -> np.ndarray:

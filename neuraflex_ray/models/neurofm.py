@@ -38,7 +38,7 @@ from torch import nn
 from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe_lm import RMSNorm
 from neuraflex_ray.models.neurofm_blocks import CrossBlock, backbone_block, backbone_block_macs
-from neuraflex_ray.models.neurofm_local import LocalBlock, local_block_macs
+from neuraflex_ray.models.neurofm_local import LocalBlock, SpatialFilter, local_block_macs
 
 AR_PATCHES = 4  # the forecasts' linear path reads this many last context patches (as the ridge baseline does)
 
@@ -105,6 +105,7 @@ class NeuroFM(nn.Module):
         self.forecast_query = nn.Parameter(torch.empty(d))  # marks a query as "the future of this channel"
         self.decoder = CrossBlock(cfg, ffn_dim=d)
         self.local = LocalBlock(cfg) if cfg.local_decoder else None
+        self.spatial_filter = SpatialFilter(cfg) if cfg.local_decoder else None
         self.decoder_norm = RMSNorm(d, cfg.norm_eps)
         self.recon_head = nn.ModuleDict({m: nn.Linear(d, p) for m, p in self.patch_len.items()})
         self.forecast_head = nn.ModuleDict({m: nn.Linear(d, k * p) for m, p in self.patch_len.items()})
@@ -155,6 +156,8 @@ class NeuroFM(nn.Module):
                 ar.weight.zero_()
         for head in self.forecast_head.values():
             nn.init.zeros_(head.weight)
+        if self.spatial_filter is not None:
+            nn.init.zeros_(self.spatial_filter.wq.weight)  # starts silent (see SpatialFilter)
         scale = 1 / math.sqrt(2 * (self.cfg.n_layers + self.cfg.n_cross_layers))
         with torch.no_grad():
             self.channel_emb.weight[0].zero_()  # padding id
@@ -274,9 +277,8 @@ class NeuroFM(nn.Module):
         b, c = q.shape[:2]
         # Queries attend to the latents only here, so one flat call over all of them is exact.
         q = self.decoder(q.flatten(1, 2), latents).view(b, c, n + 1, -1)
-        probs = None
         if self.local is not None:
-            q, probs = self.local(q, tokens.to(q.dtype), seen)  # spatial attention [B, N, H, C, C]
+            q = self.local(q, tokens.to(q.dtype), seen)
         h = self.decoder_norm(q)
         recon, forecast = {}, {}
         c0 = 0
@@ -285,8 +287,9 @@ class NeuroFM(nn.Module):
             x = inputs[m].x.view(b, cm, n, -1)
             if patch_mask.get(m) is not None:  # hidden samples are never read, but 0 * NaN would still be NaN
                 x = torch.where(patch_mask[m][..., None], 0.0, x)
-            if probs is not None:  # + the attention-weighted samples of this modality's other channels
-                recon[m] = recon[m] + self.local.copy(probs[..., c0:c0 + cm, c0:c0 + cm], x)
+            if self.spatial_filter is not None:  # + a signed combination of this modality's other channels
+                where = self._where(m, inputs[m].chan).to(part.dtype)
+                recon[m] = recon[m] + self.spatial_filter(where, x, seen[:, c0:c0 + cm])
             c0 += cm
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
             ctx = x.flatten(2).to(part.dtype)  # [B, C, N*P], hidden samples zeroed
@@ -342,8 +345,8 @@ def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int |
     backbone = g * cfg.n_layers * backbone_block_macs(cfg)
     queries = tokens + ch  # decoder: one query per context patch + one forecast query per channel
     decoder = queries * (2 * d * d + 3 * d * d) + lat * 2 * d * d + 2 * queries * lat * d
-    if cfg.local_decoder:
-        decoder += local_block_macs(cfg, queries, tokens, ch)
+    if cfg.local_decoder:  # the local read, and the spatial filter: every patch from every other channel
+        decoder += local_block_macs(cfg, queries, tokens, ch) + tokens * ch * p
     ar = ch * min(AR_PATCHES, n) * p * k * p  # the forecasts' linear autoregression
     heads = tokens * d * p + ch * d * k * p + ar + contrastive_modalities * 2 * d * d  # recon, forecast, projection
     macs = tokens * p * d + cfg.n_cross_layers * cross + backbone + decoder + heads

@@ -39,18 +39,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
         return self.wo(y.transpose(1, 2).reshape(b, q, -1))
 
-    def attend(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """forward(x, ctx, mask), and the attention probabilities [B, H, Q, S] it used (computed
-        explicitly, for callers that reuse them; every row needs at least one visible key)."""
-        b, q, _ = x.shape
-        s = ctx.shape[1]
-        xq = self.wq(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
-        xk = self.wk(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        xv = self.wv(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        scores = (xq @ xk.transpose(-2, -1)).float() * self.head_dim ** -0.5
-        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1).to(xv.dtype)
-        return self.wo((probs @ xv).transpose(1, 2).reshape(b, q, -1)), probs
-
 
 class CrossBlock(nn.Module):
     """Pre-norm cross-attention from queries into a context, then a SwiGLU FFN on the queries."""

@@ -36,7 +36,7 @@ def montage_windows(a: Any, idx: np.ndarray, min_channels: int) -> np.ndarray:
 
 
 def adapt_masked_channel(model: nn.Module, train: dict[str, Any], manifest: dict, modality: str,
-                         idx_train: np.ndarray, *, min_channels: int, steps: int = 150, batch_size: int = 8,
+                         idx_train: np.ndarray, *, min_channels: int, steps: int = 300, batch_size: int = 8,
                          lr: float = 1e-3, seed: int = 0) -> tuple[nn.Module | None, dict[str, Any]]:
     """(adapted copy of `model`, what was done), or (None, {"reason"}) when there is nothing to adapt on."""
     if modality not in train:

@@ -28,7 +28,7 @@ from neuraflex_ray.eval.spatial import MIN_MONTAGE_CHANNELS, masked_channel
 def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[str, Any], manifest: dict, *,
                      batch_size: int = 16, max_windows: int | None = 512, max_train_windows: int | None = 4096,
                      lag_patches: int = 4, eeg_modality: str = "eeg", channel_every: int = 8,
-                     adapt_steps: int = 150, seed: int = 0) -> dict[str, Any]:
+                     adapt_steps: int = 300, seed: int = 0) -> dict[str, Any]:
     """Score `model` on the val windows against baselines fitted on the train windows only.
 
     max_windows / max_train_windows cap the val windows scored and the train windows the baselines see

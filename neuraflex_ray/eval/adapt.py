@@ -77,7 +77,7 @@ def adapt_masked_channel(model: nn.Module, train: dict[str, Any], manifest: dict
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     adapted.eval()
     for p in adapted.parameters():
         p.requires_grad_(True)

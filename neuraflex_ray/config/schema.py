@@ -126,6 +126,10 @@ class NeuroFMConfig:
     forecast_weight: float = 1.0
     contrastive_weight: float = 0.1
     contrastive_temperature: float = 0.1
+    # Keeps the window embedding from collapsing (VICReg's variance term): each dimension of the
+    # rms-normalised embedding should spread across a batch's windows by at least this much.
+    variance_weight: float = 0.0
+    variance_target: float = 0.5
     curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: multimodal from step 0
     # After the latents, decoder queries also read the visible tokens at their own patch in every
     # channel and in their own channel at every patch (models/neurofm_local.py); false: latents only.

@@ -111,7 +111,7 @@ class NeuroTask:
     """
 
     unit = "patches"
-    val_metrics = ("loss", "recon", "forecast", "contrastive")
+    val_metrics = ("loss", "recon", "forecast", "contrastive", "variance")
     primary = "loss"  # the weighted sum of the objectives
 
     def __init__(self, cfg: JobConfig, loop_config: dict[str, Any], rank: int = 0):
@@ -188,14 +188,16 @@ class NeuroTask:
         loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen, gather=gather_across_ranks())
         views = contrastive_views(self.cfg.model, stage_step, len(window))
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
-        parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach()}
+        parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach(),
+                 "variance": loss.variance.detach()}
         return StepOutput(loss.total, parts, tokens, flops)
 
     def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
         return {"loss": total, **parts}
 
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
-        text = f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f}"
+        text = (f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f} "
+                f"| variance {parts['variance']:.4f}")
         return {}, text
 
 

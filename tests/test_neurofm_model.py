@@ -389,3 +389,20 @@ def test_spatial_filter_combines_other_seen_channels_linearly():
         assert (diff[:, 1] > 1e-6).sum() == 3 and diff[0, 1] < 1e-5
     model = new_model()  # inside NeuroFM it starts silent: reconstruction starts from the decoder alone
     assert torch.count_nonzero(model.spatial_filter.wq.weight) == 0
+
+
+def test_variance_term_penalises_a_collapsed_embedding_only():
+    from neuraflex_ray.models.neurofm_objectives import embedding_variance
+
+    g = torch.Generator().manual_seed(0)
+    spread = torch.randn(64, 32, generator=g)
+    collapsed = torch.randn(1, 32, generator=g).expand(64, -1) + 1e-3 * torch.randn(64, 32, generator=g)
+    assert float(embedding_variance(spread, 0.5)) < 0.01
+    assert float(embedding_variance(collapsed, 0.5)) > 0.45
+    x = collapsed.clone().requires_grad_(True)
+    embedding_variance(x, 0.5).backward()
+    stepped = x.detach() - 10.0 * x.grad  # a gradient step spreads the windows apart
+    assert float(embedding_variance(stepped, 0.5)) < float(embedding_variance(collapsed, 0.5))
+    model = new_model(variance_weight=1.0)
+    loss = neurofm_loss(model, make_window(b=8), model.cfg, 0, torch.Generator().manual_seed(0))
+    assert float(loss.variance) >= 0 and torch.isfinite(loss.total)

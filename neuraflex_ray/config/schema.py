@@ -32,8 +32,13 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 2
     max_seq_len: int = 256
-    num_experts: int = 4
+    num_experts: int = 4  # 0: the dense baseline of equal active compute (see models/moe_lm.ffn_width)
     top_k: int = 2
+    # softmax_topk | aux_free | sinkhorn: see neuraflex_ray/models/routers.py. Only softmax_topk trains
+    # the aux loss below; aux_free balances with a bias nudged by balance_bias_rate after each step.
+    router: str = "softmax_topk"
+    balance_bias_rate: float = 1e-3
+    sinkhorn_iters: int = 8
     expert_ffn_dim: int = 256
     dense_ffn_dim: int = 512
     moe_every: int = 1  # MoE FFN in every N-th layer (1: all layers), dense SwiGLU otherwise
@@ -69,7 +74,8 @@ MODEL_FLAVOURS: dict[str, dict[str, Any]] = {
 class DataConfig:
     """Text pipeline: where the text comes from and how it becomes fixed-length token blocks."""
 
-    # "stdlib" (the running interpreter's standard library source, zero download), a local
+    # "stdlib" (the running interpreter's standard library source, zero download), "kjv" (public-domain
+    # prose from a pinned PyPI package, see pipelines/text.py TEXT_SAMPLES), a local
     # file / directory / glob (.txt .md .py .jsonl .parquet), or a remote URI (s3://, gs://).
     source: str = "stdlib"
     text_field: str = "text"  # column / JSON key that holds the text for .jsonl and .parquet

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, NeuroFMConfig, TrainConfig
+from neuraflex_ray.models.routers import ROUTERS
 
 # --------------------------------------------------------------------------------------------
 # Cross-field validation
@@ -31,14 +32,17 @@ def validate(cfg: JobConfig, world_size: int | None = None) -> None:
 def _validate_moe(cfg: JobConfig, world: int) -> None:
     m, d, t = cfg.model, cfg.data, cfg.train
     need = _need
-    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "num_experts", "top_k", "expert_ffn_dim",
-                 "max_seq_len", "moe_every"):
+    for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "top_k", "expert_ffn_dim", "max_seq_len", "moe_every",
+                 "sinkhorn_iters"):
         need(getattr(m, name) > 0, f"model.{name} must be > 0 (got {getattr(m, name)})")
+    need(m.num_experts >= 0, f"model.num_experts must be >= 0 (0: the dense baseline), got {m.num_experts}")
+    need(m.router in ROUTERS, f"model.router={m.router!r} is not known; use one of {list(ROUTERS)}")
+    need(m.balance_bias_rate >= 0, f"model.balance_bias_rate must be >= 0 (got {m.balance_bias_rate})")
     need(m.dim % m.n_heads == 0, f"model.dim={m.dim} must be divisible by model.n_heads={m.n_heads}")
     need((m.dim // m.n_heads) % 2 == 0, f"model.dim/model.n_heads={m.dim // m.n_heads} must be even for rotary positions")
     need(m.n_heads % m.n_kv_heads == 0,
          f"model.n_heads={m.n_heads} must be divisible by model.n_kv_heads={m.n_kv_heads} (grouped-query attention)")
-    need(m.top_k <= m.num_experts,
+    need(m.num_experts == 0 or m.top_k <= m.num_experts,
          f"model.top_k={m.top_k} is larger than model.num_experts={m.num_experts}; set model.top_k <= {m.num_experts}")
     need(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
     need(m.capacity_factor > 0, f"model.capacity_factor must be > 0 (got {m.capacity_factor})")
@@ -52,6 +56,9 @@ def _validate_moe(cfg: JobConfig, world: int) -> None:
 
     need(t.strategy == "deepspeed", f"train.strategy={t.strategy!r}: model_type=moe_lm trains with 'deepspeed'")
     need(t.ep_size >= 1, f"train.ep_size must be >= 1 (got {t.ep_size})")
+    need(m.num_experts > 0 or t.ep_size == 1,
+         f"train.ep_size={t.ep_size} with model.num_experts=0: the dense baseline has no experts to shard; "
+         f"set train.ep_size=1")
     need(m.num_experts % t.ep_size == 0,
          f"model.num_experts={m.num_experts} is not divisible by train.ep_size={t.ep_size}; "
          f"choose train.ep_size among {[e for e in range(1, m.num_experts + 1) if m.num_experts % e == 0]}")

@@ -6,9 +6,8 @@ device, evaluation, serving). `neuraflex_ray/parallel/deepspeed_moe.py` runs the
 parameters through DeepSpeed's expert-parallel `MoE` layer; both paths share `route()` and the
 auxiliary losses below, so they optimise the identical objective.
 
-Routing semantics follow DeepSpeed's gates so that the two paths agree token for token:
-softmax over all experts in fp32, pick the top-k, and renormalise the k weights to sum to one
-when k > 1 (k = 1 keeps the raw probability, as Switch does).
+Which experts a token goes to is decided by `route()` in `neuraflex_ray/models/routers.py`
+(`model.router`: softmax top-k, DeepSeek-V3's aux-loss-free bias, or Sinkhorn), on both paths.
 """
 
 from __future__ import annotations
@@ -19,21 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class Routing:
-    logits: torch.Tensor  # [N, E] fp32
-    probs: torch.Tensor  # [N, E] fp32 softmax
-    weights: torch.Tensor  # [N, k] combine weights
-    experts: torch.Tensor  # [N, k] expert indices
-
-
-def route(logits: torch.Tensor, top_k: int) -> Routing:
-    probs = logits.float().softmax(dim=-1)
-    weights, experts = probs.topk(top_k, dim=-1)
-    if top_k > 1:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    return Routing(logits=logits, probs=probs, weights=weights, experts=experts)
+from neuraflex_ray.models.routers import Routing, route
 
 
 def load_balancing_loss(r: Routing) -> torch.Tensor:
@@ -77,6 +62,12 @@ def moe_stats(r: Routing, capacity: int | None = None) -> MoEStats:
         expert_fraction=counts / r.experts.numel(),
         dropped_fraction=dropped,
     )
+
+
+def load_cv_of(expert_fraction: torch.Tensor) -> float:
+    """Coefficient of variation of the experts' shares (0 when perfectly balanced)."""
+    f = expert_fraction.float()
+    return float(f.std(unbiased=False) / f.mean().clamp_min(1e-12))
 
 
 def mean_stats(history: list[list[MoEStats]]) -> list[MoEStats]:
@@ -134,9 +125,11 @@ class SwiGLU(nn.Module):
 class MoE(nn.Module):
     """Dropless top-k mixture of SwiGLU experts, plus an optional always-on shared expert."""
 
-    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, shared_ffn_dim: int = 0):
+    def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int, shared_ffn_dim: int = 0,
+                 router: str = "softmax_topk", sinkhorn_iters: int = 8):
         super().__init__()
         self.num_experts, self.top_k = num_experts, top_k
+        self.router_kind, self.sinkhorn_iters = router, sinkhorn_iters
         # Serving sets this for batched decode steps: every expert runs on every token, so the shapes a
         # token's arithmetic sees are fixed, whatever the other rows route to (a grouped GEMM's result
         # for a row changes with its group's size). E/k times the expert FLOPs; a decode step reads
@@ -147,6 +140,14 @@ class MoE(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.shared = SwiGLU(dim, shared_ffn_dim) if shared_ffn_dim > 0 else None
+        if router == "aux_free":  # a buffer, not a parameter: no gradient moves it (see routers.py)
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
+        else:
+            self.balance_bias = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        return route(F.linear(x.float(), self.router.weight.float()), self.top_k, self.router_kind,
+                     self.balance_bias, self.training, self.sinkhorn_iters)
 
     def init_weights(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.router.weight, std=std)
@@ -157,7 +158,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        r = route(F.linear(x.float(), self.router.weight.float()), self.top_k)
+        r = self.route(x)
         y = self.experts_forward(x, r)
         if self.shared is not None:
             y = y + self.shared(x)
@@ -188,7 +189,7 @@ class MoE(nn.Module):
 def naive_moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     """Reference implementation: a Python loop over experts with boolean masks (benchmarks, tests)."""
     x2 = x.reshape(-1, x.shape[-1])
-    r = route(F.linear(x2.float(), moe.router.weight.float()), moe.top_k)
+    r = moe.route(x2)
     y = torch.zeros_like(x2)
     for e in range(moe.num_experts):
         tok, slot = torch.where(r.experts == e)

@@ -17,6 +17,7 @@ from torch import nn
 
 from neuraflex_ray.config import ModelConfig
 from neuraflex_ray.models.moe import MoE, MoEStats, SwiGLU
+from neuraflex_ray.models.routers import uses_aux_loss
 
 
 class RMSNorm(nn.Module):
@@ -107,9 +108,23 @@ class Attention(nn.Module):
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
 
-def moe_layer_ids(cfg: ModelConfig) -> list[int]:
-    """Layers whose FFN is a routed MoE: every `moe_every`-th, counting from 1."""
+def routed_layer_slots(cfg: ModelConfig) -> list[int]:
+    """Layers that hold the routed FFN: every `moe_every`-th, counting from 1."""
     return [i for i in range(cfg.n_layers) if i % cfg.moe_every == cfg.moe_every - 1]
+
+
+def moe_layer_ids(cfg: ModelConfig) -> list[int]:
+    """Layers whose FFN is a routed MoE (none in the dense baseline, `num_experts: 0`)."""
+    return routed_layer_slots(cfg) if cfg.num_experts > 0 else []
+
+
+def ffn_width(cfg: ModelConfig, layer_id: int) -> int:
+    """Hidden width of a dense layer's SwiGLU. In the dense baseline (`num_experts: 0`) the layers
+    where the MoE would sit get the routed experts' *active* width, top_k x expert_ffn_dim plus the
+    shared expert's, so a token meets the same parameters and FLOPs as in the MoE (bar the router)."""
+    if cfg.num_experts == 0 and layer_id in routed_layer_slots(cfg):
+        return cfg.top_k * cfg.expert_ffn_dim + cfg.shared_expert_ffn_dim
+    return cfg.dense_ffn_dim
 
 
 class Block(nn.Module):
@@ -120,9 +135,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.is_moe = layer_id in moe_layer_ids(cfg)
         if self.is_moe:
-            self.ffn: nn.Module = MoE(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, cfg.shared_expert_ffn_dim)
+            self.ffn: nn.Module = MoE(cfg.dim, cfg.expert_ffn_dim, cfg.num_experts, cfg.top_k, cfg.shared_expert_ffn_dim,
+                                      cfg.router, cfg.sinkhorn_iters)
         else:
-            self.ffn = SwiGLU(cfg.dim, cfg.dense_ffn_dim)
+            self.ffn = SwiGLU(cfg.dim, ffn_width(cfg, layer_id))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
                 start_pos: int | torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
@@ -201,7 +217,7 @@ class MoELM(nn.Module):
 class LossParts:
     total: torch.Tensor  # what backward() sees
     ce: torch.Tensor  # next-token cross entropy, nats per token
-    aux: torch.Tensor  # summed load-balancing loss over MoE layers
+    aux: torch.Tensor  # summed load-balancing loss over MoE layers (trained only by softmax_topk)
     z: torch.Tensor  # summed router z-loss
 
 
@@ -209,7 +225,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, stats: list[MoEStats], 
     ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
     aux = sum((s.aux_loss for s in stats), torch.zeros((), device=logits.device))
     z = sum((s.z_loss for s in stats), torch.zeros((), device=logits.device))
-    total = ce + cfg.aux_loss_weight * aux + cfg.z_loss_weight * z
+    aux_weight = cfg.aux_loss_weight if uses_aux_loss(cfg.router) else 0.0
+    total = ce + aux_weight * aux + cfg.z_loss_weight * z
     return LossParts(total=total, ce=ce, aux=aux, z=z)
 
 
@@ -277,7 +294,8 @@ def generate(model: MoELM, prompt: list[int], max_new_tokens: int, *, temperatur
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Total parameters and active parameters per token (the matmul weights a token touches).
+    """Total parameters, active parameters per token (the matmul weights a token touches) and the
+    routers' share of them.
 
     Active counts: attention, routers, top_k experts (+ shared) in MoE layers, dense FFNs, and the
     output projection (it is a real d x V matmul even when tied). The embedding lookup is excluded.
@@ -286,17 +304,17 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2
     expert = 3 * d * cfg.expert_ffn_dim
     shared = 3 * d * cfg.shared_expert_ffn_dim
-    dense = 3 * d * cfg.dense_ffn_dim
-    n_moe = len(moe_layer_ids(cfg))
-    n_dense = cfg.n_layers - n_moe
+    moe_layers = moe_layer_ids(cfg)
+    dense = sum(3 * d * ffn_width(cfg, i) for i in range(cfg.n_layers) if i not in moe_layers)
+    router = len(moe_layers) * d * cfg.num_experts
     norms = (2 * cfg.n_layers + 1) * d
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    total = (embed + head + norms + cfg.n_layers * attn + n_dense * dense
-             + n_moe * (d * cfg.num_experts + cfg.num_experts * expert + shared))
-    active = (cfg.vocab_size * d + cfg.n_layers * attn + n_dense * dense
-              + n_moe * (d * cfg.num_experts + cfg.top_k * expert + shared))
-    return {"total": total, "active": active}
+    total = (embed + head + norms + cfg.n_layers * attn + dense + router
+             + len(moe_layers) * (cfg.num_experts * expert + shared))
+    active = (cfg.vocab_size * d + cfg.n_layers * attn + dense + router
+              + len(moe_layers) * (cfg.top_k * expert + shared))
+    return {"total": total, "active": active, "router": router}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -2,10 +2,10 @@
 
 `parallelize_deepspeed(model, ...)` swaps every local `MoE` block for `DeepSpeedMoE`, which runs
 the same router and expert weights through `deepspeed.moe.layer.MoE` (all-to-all dispatch across
-the expert-parallel group, each rank holding `num_experts / ep_size` experts). The router
-statistics and auxiliary losses come from the shared `route()`/`moe_stats()` so both execution
-paths optimise the identical objective (DeepSpeed's own `l_aux` is ignored: for k=2 it counts
-only first choices).
+the expert-parallel group, each rank holding `num_experts / ep_size` experts). DeepSpeed's gate is
+replaced by `RouterGate`, which assigns tokens with the shared `route()` (every `model.router`)
+and only lays the assignments out in DeepSpeed's capacity buffers, so both execution paths route
+identically and optimise the identical objective (DeepSpeed's own `l_aux` is not used).
 
 Name mapping between the two layouts (used by the checkpoint converter):
 
@@ -14,6 +14,8 @@ Name mapping between the two layouts (used by the checkpoint converter):
     deepspeed:  layers.{i}.ffn.ds.deepspeed_moe.gate.wg.weight
                 layers.{i}.ffn.ds.deepspeed_moe.experts.deepspeed_experts.{j}.w1 / w3 / w2
                 (j = ep_rank * E / ep_size + local index)
+    local:      layers.{i}.ffn.balance_bias           [E]   (aux_free only; a buffer)
+    deepspeed:  layers.{i}.ffn.ds.deepspeed_moe.gate.balance_bias
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from neuraflex_ray.config import ModelConfig
-from neuraflex_ray.models.moe import MoE, MoEStats, moe_stats, route, swiglu
+from neuraflex_ray.models.moe import MoE, MoEStats, moe_stats, swiglu
 from neuraflex_ray.models.moe_lm import MoELM
+from neuraflex_ray.models.routers import Routing, route
 
 DS_GATE = "ds.deepspeed_moe.gate.wg.weight"
+DS_BIAS = "ds.deepspeed_moe.gate.balance_bias"  # no "expert" in the name: DeepSpeed files those per expert
 DS_EXPERT = "ds.deepspeed_moe.experts.deepspeed_experts"
 
 
@@ -43,15 +47,73 @@ class Expert(nn.Module):
         return swiglu(x, self.w1, self.w3, self.w2)
 
 
+def capacity_slots(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Each assignment's slot in its expert's buffer, [k, N]: first choices take the first slots in
+    token order, then second choices, and so on (GShard's order, as DeepSpeed's top-2 gate)."""
+    k, n = experts.shape[1], experts.shape[0]
+    one_hot = F.one_hot(experts.t().reshape(-1), num_experts)  # [k*N, E], rank-major
+    slots = (one_hot.cumsum(0) - 1).gather(1, experts.t().reshape(-1, 1))
+    return slots.view(k, n)
+
+
+def _route_gate_class() -> type:
+    from deepspeed.moe.sharded_moe import TopKGate
+
+    class RouterGate(TopKGate):
+        """DeepSpeed's gate interface, our routing: returns (l_aux, capacity, E, indices, locations,
+        gates, exp_counts) with [k, N] route tensors (dropped routes have index -1), which DeepSpeed's
+        MOELayer turns into its all-to-all buffers. The routing of the last forward stays on
+        `last_routing` (and the capacity on `last_capacity`) for the statistics."""
+
+        def setup_routing(self, router: str, sinkhorn_iters: int, bias: torch.Tensor | None) -> None:
+            self.router, self.sinkhorn_iters = router, sinkhorn_iters
+            if bias is not None:
+                self.register_buffer("balance_bias", bias.detach().clone())
+            else:
+                self.balance_bias = None
+            self.last_routing: Routing | None = None
+            self.last_capacity: int | None = None
+
+        def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
+                    sparse_routes: bool = True, use_tutel: bool = False) -> tuple:
+            import torch.distributed as dist
+
+            logits = F.linear(input.float(), self.wg.weight.float())
+            r = route(logits, self.k, self.router, self.balance_bias, self.training, self.sinkhorn_iters)
+            n, e = logits.shape
+            counts = torch.bincount(r.experts.flatten(), minlength=e)
+            slots = capacity_slots(r.experts, e)
+            if self.drop_tokens and self.training:
+                # DeepSpeed's _capacity(): ceil(N / E * cf * k) in float32, at least min_capacity.
+                per_expert = torch.tensor(n / e, dtype=torch.float32)
+                capacity = max(int(torch.ceil(per_expert * (self.capacity_factor * self.k))), self.min_capacity)
+                self.last_capacity = capacity
+            else:
+                # Dropless: every rank's buffers are as deep as the busiest expert anywhere in the group.
+                top = counts.max().clone()
+                if self.ep_group is not None and dist.get_world_size(self.ep_group) > 1:
+                    dist.all_reduce(top, op=dist.ReduceOp.MAX, group=self.ep_group)
+                capacity = int(top)
+                self.last_capacity = None
+            kept = slots < capacity  # [k, N]
+            gates = r.weights.t() * kept
+            if self.k > 1 and not bool(kept.all()):  # a token that lost a route shares its weight among the rest
+                gates = gates / gates.sum(0, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
+            indices = torch.where(kept, r.experts.t(), -1).to(torch.int32)
+            self.last_routing = r
+            return (logits.new_zeros(()), capacity, e, indices, (slots * kept).to(torch.int32), gates,
+                    counts.detach())
+
+    return RouterGate
+
+
 class DeepSpeedMoE(nn.Module):
     def __init__(self, moe: MoE, cfg: ModelConfig, ep_size: int, ep_rank: int):
         super().__init__()
         from deepspeed.moe.layer import MoE as DSMoE
 
         dim, ffn_dim = moe.w1.shape[1], moe.w1.shape[2]
-        self.top_k, self.num_experts = moe.top_k, moe.num_experts
-        self.capacity_factor = cfg.capacity_factor
-        self.min_capacity, self.drop_tokens = cfg.min_capacity, cfg.drop_tokens
+        self.drop_tokens = cfg.drop_tokens
         self.ds = DSMoE(
             hidden_size=dim, expert=Expert(dim, ffn_dim), num_experts=moe.num_experts, ep_size=ep_size,
             # Evaluation is dropless (see forward), so the eval capacity factor never applies.
@@ -60,6 +122,14 @@ class DeepSpeedMoE(nn.Module):
             # Deterministic routing: no random token selection, no sampled second expert.
             use_rts=False, top2_2nd_expert_sampling=False,
         )
+        # Our routing in DeepSpeed's gate slot (same `wg` parameter, so names and groups are unchanged).
+        old = self.ds.deepspeed_moe.gate
+        gate = _route_gate_class()(dim, moe.num_experts, k=moe.top_k, capacity_factor=cfg.capacity_factor,
+                                   eval_capacity_factor=cfg.capacity_factor, min_capacity=cfg.min_capacity,
+                                   drop_tokens=cfg.drop_tokens, use_rts=False, top2_2nd_expert_sampling=False)
+        gate.wg = old.wg
+        gate.setup_routing(moe.router_kind, moe.sinkhorn_iters, moe.balance_bias)
+        self.ds.deepspeed_moe.gate = gate
         n_local = moe.num_experts // ep_size
         with torch.no_grad():
             self.gate_weight.copy_(moe.router.weight)
@@ -77,19 +147,14 @@ class DeepSpeedMoE(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        r = route(F.linear(x.float(), self.gate_weight.float()), self.top_k)
         gate = self.ds.deepspeed_moe.gate
-        # Evaluation is dropless: DeepSpeed then sizes capacity to the busiest expert (an
-        # all-reduce over the EP group, which is why every rank must run the eval forward).
+        # Evaluation is dropless: the gate then sizes capacity to the busiest expert (an all-reduce
+        # over the EP group, which is why every rank must run the eval forward).
         gate.drop_tokens = self.drop_tokens and self.training
         y, _, _ = self.ds(x)
-        capacity = None
-        if gate.drop_tokens:  # DeepSpeed's _capacity(): ceil(N / E * cf * k) in float32, at least min_capacity
-            per_expert = torch.tensor(x.shape[0] / self.num_experts, dtype=torch.float32)
-            capacity = max(int(torch.ceil(per_expert * (self.capacity_factor * self.top_k))), self.min_capacity)
         if self.shared is not None:
             y = y + self.shared(x)
-        return y.reshape(shape), moe_stats(r, capacity)
+        return y.reshape(shape), moe_stats(gate.last_routing, gate.last_capacity)
 
 
 def parallelize_deepspeed(model: MoELM, ep_size: int, rank: int) -> MoELM:
@@ -107,4 +172,4 @@ def parallelize_deepspeed(model: MoELM, ep_size: int, rank: int) -> MoELM:
 
 def to_local_name(name: str) -> str:
     """Map a DeepSpeed-layout non-expert parameter name to the local layout."""
-    return name.replace(DS_GATE, "router.weight")
+    return name.replace(DS_GATE, "router.weight").replace(DS_BIAS, "balance_bias")

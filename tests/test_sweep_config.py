@@ -66,6 +66,7 @@ def test_invalid_space_fails_before_any_trial_naming_the_key(tmp_path, space, ne
     ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor must be > 1"),
     ({"search": {"algorithm": "grid"}}, "search.algorithm: 'grid'"),
     ({"search": {"points_to_evaluate": [{"train.warmup_steps": 3}]}}, "points_to_evaluate[0].train.warmup_steps"),
+    ({"search": {"points_to_evaluate": [{}]}}, "points_to_evaluate[0]: no value for"),
     ({"resources": {"gpus": 1}}, "resources.gpus: unknown"),
     ({"base": "missing.yaml"}, "base: no such file"),
     ({"overrides": {"train": {"ep_size": 1, "checkpoint_every": 30, "eval_every": 20}}},

@@ -46,7 +46,8 @@ def write_sweep(tmp: Path) -> Path:
                   # Architecture in the space: the router each trial trains with (as tune_router_debug.yaml).
                   "model.router": {"type": "choice", "values": ["softmax_topk", "aux_free", "sinkhorn"]}},
         "metric": "val_loss", "mode": "min", "num_trials": TRIALS, "max_concurrent_trials": 2, "seed": 0,
-        "search": {"algorithm": "optuna", "n_startup_trials": 2, "points_to_evaluate": [{"train.lr": 1e30}]},
+        "search": {"algorithm": "optuna", "n_startup_trials": 2,
+                   "points_to_evaluate": [{"train.lr": 1e30, "model.router": "softmax_topk"}]},
         "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
     }
     path = tmp / "sweep.yaml"
@@ -144,7 +145,7 @@ def test_optuna_storage_holds_every_trial(sweep):
     assert len(states) == TRIALS
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
-    assert study.trials[0].params == {"train.lr": 1e30}  # the point to evaluate came first
+    assert study.trials[0].params == {"train.lr": 1e30, "model.router": "softmax_topk"}  # the point to evaluate came first
     best = study.best_trial
     assert best.value == pytest.approx(sweep["summary"]["best"]["val_loss"])
 

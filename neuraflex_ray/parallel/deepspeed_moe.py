@@ -21,6 +21,7 @@ Name mapping between the two layouts (used by the checkpoint converter):
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -76,8 +77,6 @@ def _route_gate_class() -> type:
 
         def forward(self, input: torch.Tensor, used_token: torch.Tensor | None = None,
                     sparse_routes: bool = True, use_tutel: bool = False) -> tuple:
-            import torch.distributed as dist
-
             logits = F.linear(input.float(), self.wg.weight.float())
             r = route(logits, self.k, self.router, self.balance_bias, self.training, self.sinkhorn_iters)
             n, e = logits.shape

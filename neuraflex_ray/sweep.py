@@ -45,6 +45,7 @@ from neuraflex_ray.config import (
 )
 
 POINTER = "train_checkpoint.json"  # a Tune checkpoint is a pointer to the Train checkpoint, not a copy
+TRIAL_CPU = 0.01  # the Tune trial actor itself: it only drives a Train run
 
 
 @dataclass
@@ -431,8 +432,8 @@ def _max_concurrent(sweep: Sweep) -> int:
     total = ray.cluster_resources()
     if t.use_gpu:
         return max(1, int(total.get("GPU", 0) // t.num_workers))
-    # One CPU stays free for Ray Data's reads beside the training workers.
-    return max(1, int((total.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker)))
+    # One whole CPU stays free for Ray Data's reads beside the trials (workers + trial actor).
+    return max(1, int((total.get("CPU", 1) - 1) // (t.num_workers * t.cpus_per_worker + TRIAL_CPU)))
 
 
 def _trainable(sweep: Sweep) -> Any:
@@ -440,7 +441,7 @@ def _trainable(sweep: Sweep) -> Any:
 
     # The trial itself only waits on its Train run, whose workers hold the CPUs/GPUs; Tune refuses an
     # empty request, so it asks for a sliver of a CPU.
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": 0.01})
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_CPU})
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -505,7 +506,12 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     from neuraflex_ray.train.driver import ensure_ray, prepare_data
 
     _prepare(sweep, resume, fresh)
-    ensure_ray(sweep.base)
+    t = sweep.base.train
+    # A local Ray needs room for every concurrent trial's workers (and its 0.01-CPU trial actor) plus a
+    # whole CPU for Ray Data's reads, which run outside the trials' placement groups: with exactly
+    # 2 x 1.01 of 3 reserved, the reads waited forever for a free CPU.
+    ensure_ray(sweep.base, min_cpus=(sweep.cfg.max_concurrent_trials or 1) * (t.num_workers * t.cpus_per_worker
+                                                                               + TRIAL_CPU) + 1)
     prepare_data(dataclasses.replace(  # build the dataset once here, not in every trial at the same time
         sweep.base, data=dataclasses.replace(sweep.base.data, output_dir=str(Path(sweep.base.data.output_dir).resolve()))))
     c = sweep.cfg

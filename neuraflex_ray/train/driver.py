@@ -8,6 +8,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import shutil
 from pathlib import Path
@@ -24,8 +25,9 @@ from neuraflex_ray.train.loop import train_loop_per_worker
 RAY_RUN_NAME = "train"
 
 
-def ensure_ray(cfg: JobConfig | None = None) -> None:
-    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one."""
+def ensure_ray(cfg: JobConfig | None = None, min_cpus: float = 0) -> None:
+    """Connect to the cluster in RAY_ADDRESS (ray job submit sets it) or start a local one with at
+    least `min_cpus` logical CPUs (a sweep asks for room for all its concurrent trials)."""
     # Our own [data]/[train] lines report progress; Ray Data's bars garble job logs.
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
@@ -36,7 +38,7 @@ def ensure_ray(cfg: JobConfig | None = None) -> None:
     workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg else 2
     # Logical CPUs above the physical count leave room for Ray Data's read tasks beside the
     # training workers on a small machine; the workers set their own torch thread counts.
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2), include_dashboard=True,
+    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)), include_dashboard=True,
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 

@@ -71,14 +71,20 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     return evaluate_export(args.export or cfg.run_dir / "export", Path(cfg.data.output_dir).resolve())
 
 
+def _export_meta(arg: str) -> tuple[Path, dict]:
+    """--export DIR: the directory and its config.json, or a ConfigError saying what to pass."""
+    export = Path(arg).expanduser()
+    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
+        raise ConfigError(f"--export {arg}: no config.json + model.safetensors there; pass a directory written by "
+                          f"`neuraflex-ray export` (or quickstart)")
+    return export, json.loads((export / "config.json").read_text())
+
+
 def cmd_probe(args: argparse.Namespace) -> dict:
     from neuraflex_ray.eval.probe import format_table, probe, write_result
 
-    export = Path(args.export).expanduser()
-    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
-        raise ConfigError(f"--export {args.export}: no config.json + model.safetensors there; pass a directory written by "
-                          f"`neuraflex-ray export` (or quickstart)")
-    model_type = json.loads((export / "config.json").read_text()).get("model_type")
+    export, meta = _export_meta(args.export)
+    model_type = meta.get("model_type")
     if model_type != "neurofm":
         raise ConfigError(f"--export {args.export}: a {model_type} export; the probe decodes from NeuroFM embeddings")
     try:
@@ -94,11 +100,7 @@ def cmd_probe(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> dict:
     from neuraflex_ray.eval.routing import inspect_export
 
-    export = Path(args.export).expanduser()
-    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
-        raise ConfigError(f"--export {args.export}: no config.json + model.safetensors there; pass a directory written by "
-                          f"`neuraflex-ray export` (or quickstart)")
-    meta = json.loads((export / "config.json").read_text())
+    export, meta = _export_meta(args.export)
     if meta.get("model_type", "moe_lm") != "moe_lm" or not meta["model"].get("num_experts"):
         raise ConfigError(f"--export {args.export}: not a routed NeuralFlex-MoE export (a {meta.get('model_type')} with "
                           f"num_experts={meta['model'].get('num_experts')}); inspect needs MoE layers")

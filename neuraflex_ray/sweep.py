@@ -156,12 +156,14 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     """Input and dataset paths made absolute here: Tune trials run with another working directory."""
+    from pipelines.text import TEXT_SAMPLES  # named samples are not paths
+
     def resolve(p: str) -> str:
         return str(Path(p).expanduser().resolve())
 
     d = cfg.data
     data = {**raw.get("data", {}), "output_dir": resolve(d.output_dir)}
-    if getattr(d, "source", "stdlib") not in ("stdlib", "kjv", "") and "://" not in d.source:
+    if getattr(d, "source", "stdlib") not in ("stdlib", "", *TEXT_SAMPLES) and "://" not in d.source:
         data["source"] = resolve(d.source)
     for key in ("tokenizer", "cache_dir"):
         if getattr(d, key, ""):

@@ -156,7 +156,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
 
 def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     """Input and dataset paths made absolute here: Tune trials run with another working directory."""
-    from pipelines.text import TEXT_SAMPLES  # named samples are not paths
+    from pipelines.text_sources import TEXT_SAMPLES  # named samples are not paths
 
     def resolve(p: str) -> str:
         return str(Path(p).expanduser().resolve())

@@ -22,7 +22,7 @@ import pytest
 
 from neuraflex_ray.config import DataConfig
 from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte
-from pipelines import text
+from pipelines import text, text_sources
 from pipelines.text import build_text_dataset, load_text_datasets, load_tokenizer, read_blocks
 
 SEQ_LEN = 32
@@ -173,16 +173,16 @@ def test_remote_style_uris_list_through_pyarrow_fs(monkeypatch):
         with fs.open_output_stream(path) as f:
             f.write(data)
     seen = []
-    monkeypatch.setattr(text, "_filesystem", lambda uri: (seen.append(uri), (fs, uri.split("://", 1)[1]))[1])
+    monkeypatch.setattr(text_sources, "_filesystem", lambda uri: (seen.append(uri), (fs, uri.split("://", 1)[1]))[1])
 
     def rels(source: str) -> list[str]:
-        return [f.rel for f in text._list_inputs(DataConfig(source=source), exclude="")[1]]
+        return [f.rel for f in text_sources._list_inputs(DataConfig(source=source), exclude="")[1]]
 
     assert rels("s3://bucket/corpus") == ["a.txt", "sub/b.jsonl"]
     assert rels("s3://bucket/corpus/*.txt") == ["a.txt"]
     assert rels("gs://bucket/corpus/sub/b.jsonl") == ["b.jsonl"]
     assert seen[:2] == ["s3://bucket/corpus", "s3://bucket/corpus"]
-    assert list(text._file_documents(fs, "bucket/corpus/sub/b.jsonl", "text")) == [(0, "beta")]
+    assert list(text_sources._file_documents(fs, "bucket/corpus/sub/b.jsonl", "text")) == [(0, "beta")]
     with pytest.raises(ValueError, match="data.source"):
         rels("s3://bucket/elsewhere")
 

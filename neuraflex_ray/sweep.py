@@ -1,7 +1,8 @@
 """Hyperparameter sweeps: Ray Tune over real Ray Train runs.
 
 A sweep YAML (jobs/configs/tune_*.yaml) names a base job config, a search space over its dotted
-keys, the metric, the trial budget and the resources of one trial:
+keys, the metric, the trial budget and the resources of one trial (loaded and checked by
+`neuraflex_ray/sweep_config.py`):
 
     neuraflex-ray tune --config jobs/configs/tune_moe_debug.yaml            # --resume, --fresh
 
@@ -22,247 +23,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import tempfile
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from neuraflex_ray.config import (
-    ConfigError,
-    JobConfig,
-    apply_overrides,
-    build,
-    config_from_raw,
-    load_raw,
-    set_dotted,
-)
+from neuraflex_ray.config import ConfigError, config_from_raw, set_dotted
+from neuraflex_ray.sweep_config import ParamSpec, Sweep, load_sweep  # noqa: F401 - load_sweep: the entry point
 
 POINTER = "train_checkpoint.json"  # a Tune checkpoint is a pointer to the Train checkpoint, not a copy
 TRIAL_CPU = 0.01  # the Tune trial actor itself: it only drives a Train run
-
-
-@dataclass
-class ParamSpec:
-    """One searched key: uniform / loguniform floats in [low, high], ints in [low, high], or a choice."""
-
-    type: str = ""  # uniform | loguniform | int | choice
-    low: float = math.nan
-    high: float = math.nan
-    log: bool = False  # int: sample on a log scale
-    values: list[Any] = field(default_factory=list)  # choice
-
-
-@dataclass
-class SearchConfig:
-    algorithm: str = "optuna"  # optuna (TPE) | random (Optuna's random sampler: same storage, no model)
-    n_startup_trials: int = 4  # TPE: random trials before its model takes over
-    storage: str = ""  # Optuna storage URL (any RDB URL); empty: sqlite:///<sweep dir>/optuna.db
-    points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # first trials, {key: value}
-
-
-@dataclass
-class SchedulerConfig:
-    type: str = "asha"  # asha (stops trials early) | pbt (population based training) | fifo (none)
-    grace_period: int = 0  # asha: steps every trial runs before it can be stopped (0: train.eval_every)
-    reduction_factor: float = 2.0  # asha: keep the best 1/reduction_factor at each rung
-    perturbation_interval: int = 0  # pbt: steps between exploit/explore (0: train.checkpoint_every)
-    quantile_fraction: float = 0.25  # pbt: bottom share that clones the top share
-
-
-@dataclass
-class SweepConfig:
-    name: str = "sweep"
-    output_dir: str = "runs/sweeps"  # sweep directory = output_dir/name
-    base: str = ""  # the base job YAML, relative to this file (or absolute)
-    # Merged into the base for every trial, e.g. {train: {max_steps: 100}}.
-    overrides: dict[str, Any] = field(default_factory=dict)
-    resources: dict[str, Any] = field(default_factory=dict)  # per trial: num_workers, cpus_per_worker, use_gpu
-    space: dict[str, ParamSpec] = field(default_factory=dict)  # dotted config key -> range
-    metric: str = "val_loss"
-    mode: str = "min"
-    num_trials: int = 8
-    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs (or GPUs) hold
-    seed: int = 0
-    search: SearchConfig = field(default_factory=SearchConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-
-
-@dataclass
-class Sweep:
-    """A loaded, checked sweep: its config, the base job as a raw dict and as a JobConfig."""
-
-    cfg: SweepConfig
-    base_raw: dict[str, Any]
-    base: JobConfig
-    dir: Path
-
-    @property
-    def storage_url(self) -> str | None:
-        """Where the Optuna study lives (None under PBT, which samples with Tune's own generator)."""
-        if self.cfg.scheduler.type == "pbt":
-            return None
-        return self.cfg.search.storage or f"sqlite:///{self.dir / 'optuna.db'}"
-
-    def trial_raw(self, params: dict[str, Any]) -> dict[str, Any]:
-        raw = self.base_raw
-        for key, value in params.items():
-            raw = set_dotted(raw, key, value)
-        return raw
-
-
-# Keys a trial may not change: where results go, what the dataset is (built once per sweep), and the
-# trial's resources (the `resources` section sets those for every trial alike).
-FIXED_KEYS = ("name", "output_dir", "model_type", "train.resume_from", "train.num_workers", "train.cpus_per_worker",
-              "train.use_gpu")
-RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "use_gpu")
-
-
-def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
-    """Load a sweep YAML (plus dotted overrides of its own keys) and check everything before any trial."""
-    path = Path(path)
-    raw = apply_overrides(load_raw(path), overrides or [])
-    cfg: SweepConfig = build(SweepConfig, raw, "")
-    if not cfg.base:
-        raise ConfigError("base: empty; name the job YAML every trial starts from, e.g. base: moe_debug.yaml")
-    base_path = Path(cfg.base) if Path(cfg.base).is_absolute() else path.resolve().parent / cfg.base
-    bad = sorted(set(cfg.resources) - set(RESOURCE_KEYS))
-    if bad:
-        raise ConfigError(f"resources.{bad[0]}: unknown; a trial's resources are {list(RESOURCE_KEYS)}")
-    base_raw = _deep_merge(load_raw(base_path, "base"), cfg.overrides)
-    base_raw = _deep_merge(base_raw, {"train": dict(cfg.resources)})
-    try:
-        base = config_from_raw(base_raw)
-    except ConfigError as e:
-        raise ConfigError(f"base {base_path} with overrides/resources: {e}") from None
-    base_raw = _absolute_paths(base_raw, base)
-    sweep = Sweep(cfg, base_raw, config_from_raw(base_raw), (Path(cfg.output_dir) / cfg.name).resolve())
-    check_sweep(sweep)
-    return sweep
-
-
-def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
-    """Input and dataset paths made absolute here: Tune trials run with another working directory."""
-    from pipelines.text_sources import TEXT_SAMPLES  # named samples are not paths
-
-    def resolve(p: str) -> str:
-        return str(Path(p).expanduser().resolve())
-
-    d = cfg.data
-    data = {**raw.get("data", {}), "output_dir": resolve(d.output_dir)}
-    if getattr(d, "source", "stdlib") not in ("stdlib", "", *TEXT_SAMPLES) and "://" not in d.source:
-        data["source"] = resolve(d.source)
-    for key in ("tokenizer", "cache_dir"):
-        if getattr(d, key, ""):
-            data[key] = resolve(getattr(d, key))
-    if getattr(d, "recordings", None):
-        data["recordings"] = [{**dataclasses.asdict(r), "path": resolve(r.path),
-                               "align_to": resolve(r.align_to) if r.align_to else ""} for r in d.recordings]
-    return {**raw, "data": data}
-
-
-def _need(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
-def _corners(key: str, spec: ParamSpec) -> list[Any]:
-    """Check the range itself; return the values that bound it (each must make a valid config)."""
-    where = f"space.{key}"
-    if spec.type in ("uniform", "loguniform", "int"):
-        _need(math.isfinite(spec.low) and math.isfinite(spec.high),
-              f"{where}: type {spec.type} needs numbers low and high, e.g. {{type: {spec.type}, low: 1, high: 10}}")
-        _need(spec.low < spec.high, f"{where}: empty range, low={spec.low:g} must be below high={spec.high:g}")
-        _need(not spec.values, f"{where}: values belong to type choice; a {spec.type} range takes low and high")
-        if spec.type == "loguniform":
-            _need(spec.low > 0, f"{where}: loguniform needs low > 0 (got {spec.low:g}); use uniform for ranges through 0")
-        if spec.type == "int":
-            _need(spec.low == int(spec.low) and spec.high == int(spec.high),
-                  f"{where}: type int needs whole low and high (got {spec.low:g}, {spec.high:g})")
-            _need(not spec.log or spec.low >= 1, f"{where}: an int range with log: true needs low >= 1")
-            return [int(spec.low), int(spec.high)]
-        return [spec.low, spec.high]
-    if spec.type == "choice":
-        _need(bool(spec.values), f"{where}: choice with no values; list them, e.g. values: [1, 2]")
-        _need(math.isnan(spec.low) and math.isnan(spec.high), f"{where}: a choice takes values, not low/high")
-        return list(spec.values)
-    raise ConfigError(f"{where}: type {spec.type!r} is not known; use uniform, loguniform, int or choice")
-
-
-def _check_value(sweep: Sweep, key: str, value: Any, where: str) -> None:
-    try:
-        config_from_raw(set_dotted(sweep.base_raw, key, value))
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {key}={value!r} does not make a valid training config: {e}") from None
-
-
-def check_sweep(sweep: Sweep) -> None:
-    """Every problem a sweep can have before it starts, each naming the key (ConfigError)."""
-    from neuraflex_ray.train.tasks import reported_metrics
-
-    cfg, t = sweep.cfg, sweep.base.train
-    _need(bool(cfg.space), "space: empty; name at least one dotted config key to search, e.g. train.lr")
-    for key, spec in cfg.space.items():
-        _need(key not in FIXED_KEYS, f"space.{key}: a trial cannot change {key}" + (
-            "; set the resources of every trial in the resources section"
-            if key.removeprefix("train.") in RESOURCE_KEYS else ""))
-        # Augmentations act on batches in training, not on the dataset: they may be searched.
-        _need(not key.startswith("data.") or key.startswith("data.augment."),
-              f"space.{key}: the dataset is built once per sweep, so data.* keys (other than data.augment.*) "
-              f"cannot be searched; run one sweep per dataset setting")
-        for value in _corners(key, spec):
-            _check_value(sweep, key, value, f"space.{key}")
-    metrics = reported_metrics(sweep.base.model_type)
-    _need(cfg.metric in metrics, f"metric: {cfg.metric!r} is not reported by {sweep.base.model_type} training; "
-                                 f"choose one of {metrics}")
-    _need(cfg.mode in ("min", "max"), f"mode: {cfg.mode!r}; use min or max")
-    _need(cfg.num_trials >= 1, f"num_trials must be >= 1 (got {cfg.num_trials})")
-    _need(cfg.max_concurrent_trials >= 0, f"max_concurrent_trials must be >= 0 (0: fit the cluster), got "
-                                          f"{cfg.max_concurrent_trials}")
-    _need(cfg.search.algorithm in ("optuna", "random"), f"search.algorithm: {cfg.search.algorithm!r}; use optuna or random")
-    _need(cfg.search.n_startup_trials >= 1, f"search.n_startup_trials must be >= 1 (got {cfg.search.n_startup_trials})")
-    for i, point in enumerate(cfg.search.points_to_evaluate):
-        unknown = sorted(set(point) - set(cfg.space))
-        _need(not unknown, f"search.points_to_evaluate[{i}].{unknown[0] if unknown else ''}: not a key of space; "
-                           f"a point sets searched keys only: {sorted(cfg.space)}")
-        missing = sorted(set(cfg.space) - set(point))
-        _need(not missing, f"search.points_to_evaluate[{i}]: no value for {missing[0] if missing else ''}; "
-                           f"Optuna needs every searched key in a point: add {missing}")
-        for key, value in point.items():
-            _check_value(sweep, key, value, f"search.points_to_evaluate[{i}]")
-    # Schedulers decide on reported evaluations; every report must carry a fresh one.
-    _need(t.checkpoint_every % t.eval_every == 0,
-          f"train.checkpoint_every={t.checkpoint_every} is not a multiple of train.eval_every={t.eval_every}: in a "
-          f"sweep every checkpoint must come with an evaluation; make it a multiple")
-    s = cfg.scheduler
-    _need(s.type in ("asha", "pbt", "fifo"), f"scheduler.type: {s.type!r}; use asha, pbt or fifo")
-    if s.type == "asha":
-        _need(s.reduction_factor > 1, f"scheduler.reduction_factor must be > 1 (got {s.reduction_factor})")
-        _need(0 <= s.grace_period < t.max_steps, f"scheduler.grace_period={s.grace_period} must be in [0, "
-                                                 f"train.max_steps={t.max_steps}) (0: train.eval_every)")
-    if s.type == "pbt":
-        interval = s.perturbation_interval or t.checkpoint_every
-        _need(interval % t.checkpoint_every == 0,
-              f"scheduler.perturbation_interval={interval} is not a multiple of train.checkpoint_every="
-              f"{t.checkpoint_every}: PBT clones checkpoints, so it can only act where one was written")
-        _need(0 < s.quantile_fraction <= 0.5, f"scheduler.quantile_fraction must be in (0, 0.5] (got {s.quantile_fraction})")
-        _need(cfg.search.algorithm == "random",
-              "search.algorithm: Ray Tune refuses a search algorithm beside PBT; with scheduler.type=pbt set "
-              "search.algorithm=random (the initial population is sampled at random, and is not an Optuna study)")
-        structural = [k for k in cfg.space if not k.startswith("train.")]
-        _need(not structural, f"space.{structural[0] if structural else ''}: PBT continues a trial from another "
-                              f"trial's checkpoint, so it can only mutate train.* keys (the model must stay the same)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -559,8 +332,3 @@ def _release_leaked_placement_groups(grace_s: float = 15.0) -> None:
         remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
     if leaked:
         print(f"[tune] released {len(leaked)} placement group(s) that stopped trials left behind", flush=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Results
-# --------------------------------------------------------------------------------------------

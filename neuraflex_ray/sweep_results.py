@@ -14,7 +14,8 @@ import yaml
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import config_from_raw
-from neuraflex_ray.sweep import POINTER, Sweep
+from neuraflex_ray.sweep import POINTER
+from neuraflex_ray.sweep_config import Sweep
 
 
 def _error_text(err: BaseException) -> str:

@@ -165,6 +165,37 @@ def test_resources_are_free_after_the_sweep(sweep):
         time.sleep(1)
 
 
+def test_every_trial_reported_its_train_placement_group(sweep):
+    analysis = ExperimentAnalysis(str(sweep["sweep"].dir / "tune"))
+    for t in analysis.trials:
+        if t.status == "TERMINATED":
+            assert len(t.last_result["placement_group"]) == 36, t.trial_id  # a hex PlacementGroupID
+
+
+def test_an_ended_trials_placement_group_is_released(ray_session):
+    """The driver-side callback removes the group a trial's run left reserved, and only that one."""
+    from types import SimpleNamespace
+
+    from ray.util import placement_group, placement_group_table
+
+    from neuraflex_ray.sweep import _ReleaseEndedTrialGroups
+
+    ended, running = (placement_group([{"CPU": 0.01}]) for _ in range(2))
+    ray.get([ended.ready(), running.ready()])
+    callback = _ReleaseEndedTrialGroups(grace_s=0.5)
+    trial_a, trial_b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    callback.on_trial_result(0, [], trial_a, {"placement_group": ended.id.hex()})
+    callback.on_trial_result(0, [], trial_b, {"placement_group": running.id.hex()})
+    callback.on_trial_complete(0, [], trial_a)
+    state = lambda pg: placement_group_table()[pg.id.hex()]["state"]  # noqa: E731
+    deadline = time.monotonic() + 30
+    while state(ended) != "REMOVED":
+        assert time.monotonic() < deadline, state(ended)
+        time.sleep(0.2)
+    assert state(running) == "CREATED" and callback.groups == {"b": {running.id.hex()}}
+    ray.util.remove_placement_group(running)
+
+
 def test_best_yaml_loads_and_trains(sweep):
     best = sweep["summary"]["best"]
     assert Path(best["checkpoint"]).is_dir()

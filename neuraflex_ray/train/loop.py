@@ -87,6 +87,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
     node = ray.get_runtime_context().get_node_id()
     log(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}")
+    # Reported with every evaluation: a sweep releases an ended trial's group by this id (sweep.py).
+    pg = ray.util.get_current_placement_group()
+    placement_group = pg.id.hex() if pg is not None else ""
 
     step, epoch, batch_in_epoch = 0, 0, 0
     global_batch = t.micro_batch_size * world  # rows per global micro-batch
@@ -210,7 +213,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         # `report` is a barrier, and every rank reaches it at the same steps.
         if evaluated or step % t.checkpoint_every == 0:
             metrics = {"step": step, "val_step": val_step, **{f"val_{k}": v for k, v in val.items()},
-                       "train_loss": history[-1][task.primary] if history else float("nan")}
+                       "train_loss": history[-1][task.primary] if history else float("nan"),
+                       "placement_group": placement_group}
             if step % t.checkpoint_every == 0 or is_last:
                 with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
                     strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,

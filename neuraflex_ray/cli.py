@@ -149,13 +149,21 @@ def cmd_serve(args: argparse.Namespace) -> dict:
 
     try:
         models = parse_checkpoints(args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     ensure_ray()
+    serving = {"quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
+               "num_speculative_tokens": args.num_speculative_tokens}
+    try:  # every serving option and a draft's tokenizer, checked before Serve starts
+        from neuraflex_ray.serving.app import bind_app
+
+        bind_app({"models": models, "kv_cache": not args.no_kv_cache, **serving})
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
     url = deploy(models, host=args.host, port=args.port, name=args.name, max_batch_size=args.max_batch_size,
                  kv_cache=not args.no_kv_cache, num_replicas=args.replicas, num_cpus=args.num_cpus,
                  num_gpus=args.num_gpus, batch_invariant=not args.no_batch_invariant,
-                 proxy_location=args.proxy_location)
+                 proxy_location=args.proxy_location, **serving)
     print(f"[serve] {args.name} is up at {url}: GET {url}/v1/models, POST {url}/v1/completions "
           f"(OpenAI client: base_url={url}/v1)", flush=True)
     if args.no_block:
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-batch-invariant", action="store_true",
                     help="decode only the live rows: faster at low load, text equal up to float rounding")
     sp.add_argument("--no-kv-cache", action="store_true", help="recompute every token (a baseline, not for use)")
+    sp.add_argument("--quantize", choices=["int8", "int4"], default="",
+                    help="weight-only quantised LM weights (int8 per channel, int4 per group of 32)")
+    sp.add_argument("--speculative", choices=["ngram", "draft", "both"], default="",
+                    help="speculative decoding: prompt lookup (ngram), a --draft model, or both")
+    sp.add_argument("--draft", default="", metavar="DIR", help="the draft model's export (same tokenizer)")
+    sp.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per verify step")
     sp.add_argument("--replicas", type=int, default=1)
     sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")

@@ -44,7 +44,22 @@ def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str
     state, model_cfg = consolidate_deepspeed(checkpoint)
     # Where its held-out text lives (`neuraflex-ray inspect` reads it from there by default).
     meta["data"] = {"output_dir": str(Path(data_dir).resolve())}
-    return export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir, meta)
+    out = export(state, model_cfg, Path(data_dir) / "tokenizer.json", out_dir, meta)
+    calibrate_export(out, data_dir)
+    return out
+
+
+def calibrate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    """Fit the LM export's confidence temperature on its validation text and store it in config.json
+    (eval/calibration.py); Serve reports token confidence under it."""
+    from neuraflex_ray.eval.calibration import calibrate
+    from pipelines.text import load_text_datasets, read_blocks
+
+    model, meta = load_exported(export_dir)
+    _, val_ds, _ = load_text_datasets(str(data_dir))
+    meta["calibration"] = calibrate(model, read_blocks(val_ds))
+    write_json_atomic(Path(export_dir) / "config.json", meta)
+    return meta["calibration"]
 
 
 @torch.no_grad()

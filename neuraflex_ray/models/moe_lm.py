@@ -235,11 +235,8 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, stats: list[MoEStats], 
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """logits: [B, V] -> next ids [B]. temperature 0 means greedy."""
-    if temperature < 1e-5:  # greedy; a tinier temperature would overflow logits / temperature
-        return logits.argmax(dim=-1)
+def sampling_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [..., V] -> the distribution a sampled token is drawn from (temperature > 0)."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
@@ -252,7 +249,19 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return probs
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < 1e-5  # a tinier temperature would overflow logits / temperature
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """logits: [B, V] -> next ids [B]. temperature 0 means greedy."""
+    if is_greedy(temperature):
+        return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_k, top_p), 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()

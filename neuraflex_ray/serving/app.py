@@ -5,9 +5,13 @@ loads them all; scale with replicas or autoscaling). Routes:
 
     GET  /health                     liveness and each LM engine's load
     GET  /v1/models                  OpenAI model list
-    GET  /v1/models/{id}             model card: config, training run, parameter counts
-    POST /v1/completions             OpenAI completions (NeuralFlex-MoE), streaming with SSE
-    POST /v1/chat/completions        OpenAI chat completions (template in openai_api.py)
+    GET  /v1/models/{id}             model card: config, training run, parameter counts, calibration,
+                                     quantisation, speculative decoding
+    POST /v1/completions             OpenAI completions (NeuralFlex-MoE): logprobs, echo, best_of,
+                                     streaming with SSE, the uncertainty extension (openai_api.py)
+    POST /v1/chat/completions        OpenAI chat completions (template in openai_api.py), logprobs
+    POST /tokenize, /detokenize      vLLM's tokenizer routes; GET /tokenizer_info
+    GET  /openapi.json, /docs        every request and response body with its bounds (openapi.py)
     POST /v1/neuro/embed             NeuroFM window embedding (JSON, Arrow IPC or .npy body)
     POST /v1/neuro/forecast          NeuroFM forecasts per channel and horizon
 
@@ -23,22 +27,25 @@ config whose import path is `neuraflex_ray.serving.app:build_app` (jobs/configs/
 # No `from __future__ import annotations`: FastAPI (through serve.ingress) reads the handlers' annotations.
 
 import asyncio
+import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from neuraflex_ray.serving import generation
 from neuraflex_ray.serving import openai_api as oai
-from neuraflex_ray.serving.engine import SamplingParams
+from neuraflex_ray.serving import openapi as api_doc
 from neuraflex_ray.serving.errors import RequestError
-from neuraflex_ray.serving.models import LMModel, NeuroModel, load_model, resolve_models
+from neuraflex_ray.serving.logprobs import token_text
+from neuraflex_ray.serving.models import LMModel, NeuroModel, ServeOptions, check_draft, load_model, resolve_models
+from neuraflex_ray.serving.neuro import NeuroRequest
+from pipelines.text import EOS
 
 app = FastAPI(title="NeuraFlex-Ray", description=__doc__)
 
@@ -100,10 +107,6 @@ async def _neuro_request(request: Request) -> Any:
                        f"or application/x-npy", "Content-Type", status=415)
 
 
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj)}\n\n"
-
-
 # ---------------------------------------------------------------------------------------------
 # The deployment
 # ---------------------------------------------------------------------------------------------
@@ -113,10 +116,9 @@ def _sse(obj: dict[str, Any]) -> str:
                   ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class NeuraFlexServer:
-    def __init__(self, models: dict[str, str], max_batch_size: int = 16, kv_cache: bool = True,
-                 device: str = "auto", batch_invariant: bool = True):
-        self.models = {name: load_model(name, Path(p), max_batch_size, kv_cache, device, batch_invariant)
-                       for name, p in resolve_models(models).items()}
+    def __init__(self, models: dict[str, str], options: dict[str, Any] | None = None):
+        opts = ServeOptions.from_args(options or {})
+        self.models = {name: load_model(name, Path(p), opts) for name, p in resolve_models(models).items()}
         self.created = int(time.time())
 
     def check_health(self) -> None:  # Serve restarts a replica whose engine thread died
@@ -163,78 +165,61 @@ class NeuraFlexServer:
         lm = self._get(req.model, LMModel)
         prompts = req.prompts()
         ids = [lm.encode(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
-        return await self._generate("text", lm, req, ids, req.max_tokens)
+        return await generation.run("text", lm, req, ids, req.max_tokens)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         req = oai.parse(oai.ChatRequest, await _json(request))
         lm = self._get(req.model, LMModel)
         text = oai.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-        return await self._generate("chat", lm, req, [lm.encode(text, "messages")], req.limit())
+        return await generation.run("chat", lm, req, [lm.encode(text, "messages")], req.limit())
 
-    async def _generate(self, kind: Literal["text", "chat"], lm: LMModel, req: Any, prompts: list[list[int]],
-                        max_tokens: int | None) -> Any:
-        longest = max(len(p) for p in prompts)
-        if max_tokens is not None and longest + max_tokens > lm.context:
-            field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
-            raise RequestError(f"{field}={max_tokens} plus the prompt's {longest} tokens exceed this model's "
-                               f"{lm.context}-token context window: lower {field}", field,
-                               code="context_length_exceeded")
-        stops = req.stop + (list(oai.CHAT_STOP) if kind == "chat" else [])
-        # Choice i*n + j is prompt i's j-th sample; with a seed, sample j uses seed + j so that
-        # the n choices differ from each other yet each is reproducible.
-        jobs = [(i * req.n + j, ids, SamplingParams(
-            max_tokens=max_tokens or lm.context - len(ids), temperature=req.temperature, top_p=req.top_p,
-            top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + j,  # the engine wraps it
-            stop_ids=(lm.eos,) if lm.eos is not None and not req.ignore_eos else ()))
-            for i, ids in enumerate(prompts) for j in range(req.n)]
-        rid = oai.new_id("cmpl" if kind == "text" else "chatcmpl")
-        prompt_tokens = sum(len(p) for p in prompts)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            events = self._stream(kind, lm, req.model, rid, jobs, stops, prompt_tokens, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream")
-        results = await asyncio.gather(*(generation.collect(lm, ids, params, stops) for _, ids, params in jobs))
-        choices = [oai.choice(kind, index, text, finish) for (index, _, _), (text, finish, _) in zip(jobs, results, strict=True)]
-        return oai.response(kind, rid, req.model, choices, oai.usage(prompt_tokens, sum(r[2] for r in results)))
+    # ---- tokenizer (vLLM's routes: evaluation clients look for a server-side tokenizer) ---------
 
-    async def _stream(self, kind: Literal["text", "chat"], lm: LMModel, model: str, rid: str, jobs: list[tuple],
-                      stops: list[str], prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
-        """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`. Choices stream
-        side by side; if the client goes away the tasks are cancelled and the slots freed."""
-        queue: asyncio.Queue = asyncio.Queue()
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        req = oai.parse(api_doc.TokenizeRequest, await _json(request))
+        lm = self._lm(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise RequestError("give exactly one of prompt or messages", "prompt")
+        if req.messages is not None:
+            msgs = oai.parse(oai.ChatRequest, {"model": lm.name, "messages": req.messages}).messages
+            text = oai.apply_chat_template([{"role": m.role, "content": m.text()} for m in msgs])
+            if not req.add_generation_prompt:
+                text = text.removesuffix("<|assistant|>\n")
+        else:
+            text = req.prompt
+        ids = lm.tokenizer.encode(text).ids
+        out = {"count": len(ids), "max_model_len": lm.context, "tokens": ids}
+        if req.return_token_strs:
+            out["token_strs"] = [token_text(lm.tokenizer, i) for i in ids]
+        return out
 
-        async def pump(index: int, ids: list[int], params: SamplingParams) -> None:
-            try:
-                async for delta, finish, n in generation.deltas(lm, ids, params, stops):
-                    await queue.put((index, delta, finish, n))
-            except Exception as e:  # noqa: BLE001 - reported to the client in the stream
-                await queue.put((index, e, "error", 0))
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        req = oai.parse(api_doc.DetokenizeRequest, await _json(request))
+        lm = self._lm(req.model)
+        vocab = lm.engine.model.cfg.vocab_size
+        bad = [t for t in req.tokens if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
+        return {"prompt": lm.decode(req.tokens)}
 
-        tasks = [asyncio.create_task(pump(*job)) for job in jobs]
-        started: set[int] = set()
-        open_, completion_tokens = len(jobs), 0
-        try:
-            while open_:
-                index, delta, finish, n = await queue.get()
-                if finish == "error":
-                    yield _sse({"error": {"message": f"generation failed: {delta}", "type": "server_error",
-                                          "param": None, "code": None}})
-                    return
-                first = index not in started
-                started.add(index)
-                if finish is not None:
-                    open_ -= 1
-                    completion_tokens += n
-                if delta or first or finish:
-                    choice = oai.choice(kind, index, delta, finish, chunk=True, first=first)
-                    yield _sse(oai.response(kind, rid, model, [choice], None, chunk=True))
-            if include_usage:  # OpenAI's final usage chunk: no choices
-                yield _sse(oai.response(kind, rid, model, [], oai.usage(prompt_tokens, completion_tokens), chunk=True))
-            yield "data: [DONE]\n\n"
-        finally:
-            for t in tasks:
-                t.cancel()
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(self, model: str | None = None) -> dict[str, Any]:
+        lm = self._lm(model)
+        return {"model": lm.name, "tokenizer_class": "ByteLevelBPETokenizer (Hugging Face tokenizers)",
+                "vocab_size": lm.tokenizer.get_vocab_size(), "model_max_length": lm.context,
+                "eos_token": EOS if lm.eos is not None else None, "bos_token": None,
+                "chat_template": oai.apply_chat_template([{"role": "user", "content": "{content}"}])}
+
+    def _lm(self, name: str | None) -> LMModel:
+        if name is None:
+            lms = [n for n, m in self.models.items() if isinstance(m, LMModel)]
+            if len(lms) != 1:
+                raise RequestError(f"model is required: this server holds {len(lms)} LMs ({lms})", "model")
+            name = lms[0]
+        return self._get(name, LMModel)
 
     # ---- NeuroFM -------------------------------------------------------------------------------
 
@@ -262,6 +247,16 @@ class NeuraFlexServer:
         return names[0] if len(names) == 1 else None
 
 
+api_doc.install(app, {
+    "/v1/completions": (oai.CompletionRequest, api_doc.CompletionResponse),
+    "/v1/chat/completions": (oai.ChatRequest, api_doc.ChatCompletionResponse),
+    "/tokenize": (api_doc.TokenizeRequest, api_doc.TokenizeResponse),
+    "/detokenize": (api_doc.DetokenizeRequest, api_doc.DetokenizeResponse),
+    "/v1/neuro/embed": (NeuroRequest, None),
+    "/v1/neuro/forecast": (NeuroRequest, None),
+}, title=app.title, description=__doc__ or "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Building the application
 # ---------------------------------------------------------------------------------------------
@@ -270,25 +265,28 @@ class NeuraFlexServer:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve config entry point (`import_path: neuraflex_ray.serving.app:build_app`).
 
-    args: models ({name: export dir}, or a path / list of paths), max_batch_size (16; 1 turns
-    batching off), kv_cache (true), device (auto: the replica's GPU if it has one), batch_invariant
-    (true: a request's text never depends on its batch-mates; false: faster at low load).
-    Serve calls an app builder with exactly this one argument; deployment options (replicas,
-    ray_actor_options, autoscaling) come from the config's `deployments:` section.
+    args: models ({name: export dir}, or a path / list of paths) and the fields of
+    `serving/models.py:ServeOptions` (max_batch_size, kv_cache, device, batch_invariant, quantize,
+    speculative, draft, num_speculative_tokens). Serve calls an app builder with exactly this one
+    argument; deployment options (replicas, ray_actor_options, autoscaling) come from the config's
+    `deployments:` section.
     """
     return bind_app(args)
 
 
 def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> serve.Application:
-    """build_app's arguments checked (paths made absolute, before any replica starts) and bound,
-    with `options` for the deployment when called from Python (deploy.py)."""
-    known = {"models", "max_batch_size", "kv_cache", "device", "batch_invariant"}
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"serve config args: unknown keys {unknown}; known: {sorted(known)}")
+    """build_app's arguments checked (paths made absolute, a draft's tokenizer compared, before any
+    replica starts) and bound, with `options` for the deployment when called from Python (deploy.py)."""
     if "models" not in args:
         raise ValueError("serve config args: `models` is required ({name: export dir})")
+    serving = ServeOptions.from_args({k: v for k, v in args.items() if k != "models"})
     models = {n: str(p) for n, p in resolve_models(args["models"]).items()}
-    return NeuraFlexServer.options(**(options or {})).bind(
-        models, int(args.get("max_batch_size", 16)), bool(args.get("kv_cache", True)), str(args.get("device", "auto")),
-        bool(args.get("batch_invariant", True)))
+    if serving.draft:
+        for path in models.values():
+            if _is_lm(path):
+                check_draft(Path(serving.draft), Path(path))
+    return NeuraFlexServer.options(**(options or {})).bind(models, dataclasses.asdict(serving))
+
+
+def _is_lm(path: str) -> bool:
+    return json.loads((Path(path) / "config.json").read_text()).get("model_type", "moe_lm") == "moe_lm"

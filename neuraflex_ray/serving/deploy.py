@@ -40,17 +40,18 @@ def parse_checkpoints(specs: list[str]) -> dict[str, str] | list[str]:
 def deploy(models: dict[str, str] | list[str], *, host: str = "127.0.0.1", port: int = 8000, name: str = APP_NAME,
            route_prefix: str = "/", max_batch_size: int = 16, kv_cache: bool = True, num_replicas: int = 1,
            num_cpus: float = 1, num_gpus: float = 0, device: str = "auto", batch_invariant: bool = True,
-           proxy_location: str = "EveryNode", timeout_s: float = 300) -> str:
+           proxy_location: str = "EveryNode", timeout_s: float = 300, **serving: Any) -> str:
     """Start Serve's HTTP proxies on host:port (if Serve is not up yet), run the app, wait until it
     answers; returns the base URL. Replaces an app of the same name. `proxy_location`: EveryNode
-    (Serve's default), or HeadOnly when several nodes share one machine and so one port."""
+    (Serve's default), or HeadOnly when several nodes share one machine and so one port. `serving`:
+    more fields of serving/models.py:ServeOptions (quantize, speculative, draft, ...)."""
     from ray import serve
 
     from neuraflex_ray.serving.app import bind_app
 
     serve.start(http_options={"host": host, "port": port}, proxy_location=proxy_location)
     args = {"models": models, "max_batch_size": max_batch_size, "kv_cache": kv_cache, "device": device,
-            "batch_invariant": batch_invariant}
+            "batch_invariant": batch_invariant, **serving}
     options = {"num_replicas": num_replicas, "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus}}
     app = bind_app(args, options)
     serve.run(app, name=name, route_prefix=route_prefix, blocking=False)

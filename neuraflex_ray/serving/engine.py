@@ -37,6 +37,7 @@ import torch
 
 from neuraflex_ray.models.moe import MoE
 from neuraflex_ray.models.moe_lm import MoELM, sample_next
+from neuraflex_ray.serving.logprobs import TokenScore, score
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None  # None: a fresh random seed per request
     stop_ids: tuple[int, ...] = ()
+    scores: bool = False  # score every generated token (serving/logprobs.py): seq.scores
+    n_top: int = 0  # with scores: the n most likely alternatives of each token
+    prompt_scores: bool = False  # score the prompt's own tokens too (echo): seq.prompt_scores
+    confidence_threshold: float | None = None  # with scores: a token below it ...
+    low_confidence: str = "stop"  # ... ends the sequence there ("stop") or is only flagged ("flag")
 
 
 @dataclass
@@ -62,6 +68,11 @@ class Sequence:
     cancelled: bool = False
     finish_reason: str | None = None  # "stop" (a stop token) or "length" (max_tokens, context end)
     generator: torch.Generator | None = None
+    scores: list[TokenScore] = field(default_factory=list)  # one per token of `out`, when asked
+    prompt_scores: list[TokenScore | None] | None = None  # the first prompt token has none
+    stopped_low_confidence: bool = False
+    spec_proposed: int = 0  # speculative decoding: draft tokens proposed for this request ...
+    spec_accepted: int = 0  # ... and accepted by the target model
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -96,14 +107,19 @@ class LMEngine:
     `kv_cache=False` recomputes the whole sequence for every token (the benchmark's baseline).
     """
 
-    def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True):
+    def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True,
+                 calibration_temperature: float = 1.0, speculator: Any = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if speculator is not None and not kv_cache:
+            raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
+        self.speculator = speculator  # serving/speculative.py: drafts k tokens, verifies them in one pass
         self.model = model.eval()
         self.max_batch_size, self.kv_cache = max_batch_size, kv_cache
         self.batch_invariant = batch_invariant and max_batch_size > 1  # one slot: nothing to vary with
         self.device = model.tok_embeddings.weight.device
         self.max_len = model.cfg.max_seq_len
+        self.calibration_temperature = calibration_temperature  # fitted at export (eval/calibration.py)
         self.caches = model.new_caches(max_batch_size) if kv_cache else None
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.waiting: deque[Sequence] = deque()
@@ -127,11 +143,14 @@ class LMEngine:
             self.cond.notify()
         return seq
 
-    def load(self) -> dict[str, int]:
+    def load(self) -> dict[str, Any]:
         with self.cond:
             active = sum(s is not None for s in self.slots)
             waiting = sum(not s.cancelled for s in self.waiting)
-            return {"active": active, "waiting": waiting, "slots": self.max_batch_size, **self.stats}
+            out = {"active": active, "waiting": waiting, "slots": self.max_batch_size, **self.stats}
+        if self.speculator is not None:
+            out["speculative"] = self.speculator.report()
+        return out
 
     def check_alive(self) -> None:
         if self.error is not None or not self._thread.is_alive():
@@ -176,6 +195,12 @@ class LMEngine:
                     logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
                 else:
                     logits, _ = self.model(ids)
+                if seq.params.prompt_scores:
+                    seq.prompt_scores = [None, *score(logits[0, :-1], ids[0, 1:], seq.params.n_top,
+                                                      self.calibration_temperature)]
+                if seq.params.max_tokens == 0:  # echo alone: the prompt's scores were the whole job
+                    self._retire(seq, "length")
+                    continue
                 self._take(seq, logits[0, -1])
             except Exception as e:  # noqa: BLE001 - reported to that request's stream
                 self._fail(seq, e)
@@ -185,6 +210,14 @@ class LMEngine:
         if not live:
             return
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(live))
+        if self.speculator is not None:  # each sequence drafts and verifies on its own (speculative.py)
+            for seq in live:
+                try:
+                    self.speculator.step(self, seq)
+                except Exception as e:  # noqa: BLE001 - that request fails, the others go on
+                    self._fail(seq, e)
+            self.stats["steps"] += 1
+            return
         if self.caches is None:  # baseline: recompute every live sequence in full
             for seq in live:
                 logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
@@ -226,13 +259,28 @@ class LMEngine:
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the model produced non-finite logits")
         tok = int(sample_next(logits[None], p.temperature, p.top_k, p.top_p, seq.generator)[0])
+        self.emit_token(seq, tok, logits)
+
+    def emit_token(self, seq: Sequence, tok: int, logits: torch.Tensor) -> bool:
+        """Append `tok` (chosen from `logits` [V]) to `seq` and send it; False once `seq` is finished."""
+        p = seq.params
         if tok in p.stop_ids:
-            return self._retire(seq, "stop")
+            self._retire(seq, "stop")
+            return False
+        if p.scores:
+            s = score(logits[None], torch.tensor([tok], device=logits.device), p.n_top, self.calibration_temperature)[0]
+            if p.confidence_threshold is not None and s.confidence < p.confidence_threshold and p.low_confidence == "stop":
+                seq.stopped_low_confidence = True
+                self._retire(seq, "stop")
+                return False
+            seq.scores.append(s)
         seq.out.append(tok)
         self.stats["tokens"] += 1
         seq.emit("token", tok)
         if len(seq.out) >= p.max_tokens or len(seq.prompt) + len(seq.out) >= self.max_len:
             self._retire(seq, "length")
+            return False
+        return True
 
     def _free(self, seq: Sequence) -> None:
         with self.cond:

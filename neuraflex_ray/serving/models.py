@@ -6,6 +6,7 @@ export onto the replica's device. The routes that use them are in `serving/app.p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving.engine import LMEngine
 from neuraflex_ray.serving.errors import RequestError
+from neuraflex_ray.serving.quantize import MODES as QUANT_MODES
 from pipelines.text import EOS, load_tokenizer
 
 DEFAULT_NAMES = {"moe_lm": "neuraflex-moe", "neurofm": "neurofm"}
@@ -65,8 +67,11 @@ class LMModel:
                 "parameters": param_counts(cfg), "tokenizer": {"vocab_size": self.tokenizer.get_vocab_size(),
                                                                "eos": EOS if self.eos is not None else None},
                 "chat_template": oai.apply_chat_template([{"role": "user", "content": "{content}"}]),
+                "calibration": self.meta.get("calibration"),
                 "serving": {"max_batch_size": self.engine.max_batch_size, "kv_cache": self.engine.kv_cache,
                             "batch_invariant": self.engine.batch_invariant,
+                            "quantization": self.meta.get("quantization"),
+                            "speculative": self.engine.speculator.report() if self.engine.speculator else None,
                             "device": str(self.engine.device), "dtype": str(self.engine.model.output.weight.dtype)}}
 
 
@@ -116,19 +121,107 @@ def _device(device: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
-def load_model(name: str, path: Path, max_batch_size: int = 16, kv_cache: bool = True, device: str = "auto",
-               batch_invariant: bool = True) -> LMModel | NeuroModel:
-    dev = _device(device)
+@dataclass
+class ServeOptions:
+    """How a replica runs its LMs: the Serve config's `args` (beside `models`) and `neuraflex-ray serve` flags."""
+
+    max_batch_size: int = 16  # KV-cache slots of the continuous-batching engine; 1 turns batching off
+    kv_cache: bool = True
+    device: str = "auto"  # auto: the replica's GPU if it has one
+    batch_invariant: bool = True  # a request's text never depends on its batch-mates
+    quantize: str = ""  # "" (full precision) | int8 | int4: weight-only (serving/quantize.py)
+    speculative: str = ""  # "" | ngram | draft | both: speculative decoding (serving/speculative.py)
+    draft: str = ""  # the draft model's export (same tokenizer), for speculative: draft | both
+    num_speculative_tokens: int = 4  # k: tokens drafted per verify step
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> ServeOptions:
+        """Checked before any replica starts: each problem names its key and the fix (ValueError)."""
+        known = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - set(known))
+        if unknown:
+            raise ValueError(f"serve args: unknown key {unknown[0]!r}; known: {sorted(known)}")
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name in args:
+                v, want = args[f.name], type(f.default)
+                if want is bool and not isinstance(v, bool) or want is not bool and isinstance(v, bool):
+                    raise ValueError(f"serve args: {f.name} must be a {want.__name__}, got {v!r}")
+                try:
+                    values[f.name] = want(v)
+                except (TypeError, ValueError):
+                    raise ValueError(f"serve args: {f.name} must be a {want.__name__}, got {v!r}") from None
+        o = cls(**values)
+        if o.quantize not in ("", *QUANT_MODES):
+            raise ValueError(f"quantize: {o.quantize!r}; use int8, int4 or leave it empty (full precision)")
+        if o.speculative not in ("", "ngram", "draft", "both"):
+            raise ValueError(f"speculative: {o.speculative!r}; use ngram, draft, both or leave it empty (off)")
+        if o.speculative in ("draft", "both") and not o.draft:
+            raise ValueError(f"speculative: {o.speculative} needs draft: the export directory of a draft model")
+        if o.draft and o.speculative not in ("draft", "both"):
+            raise ValueError("draft is set but speculative is not draft or both: set speculative: draft (or both)")
+        if o.speculative and not o.kv_cache:
+            raise ValueError("speculative decoding verifies drafts against the KV cache: set kv_cache: true")
+        if o.num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be >= 1, got {o.num_speculative_tokens}")
+        if o.draft:
+            o.draft = str(Path(o.draft).expanduser().resolve())
+            if _model_type(Path(o.draft)) != "moe_lm":
+                raise ValueError(f"draft: {o.draft} is not an LM export")
+        return o
+
+
+def check_draft(draft: Path, target: Path) -> None:
+    """A draft model must speak the target's tokens: the same tokenizer, token for token."""
+    a, b = load_tokenizer(draft / "tokenizer.json").get_vocab(), load_tokenizer(target / "tokenizer.json").get_vocab()
+    if a != b:
+        raise ValueError(f"draft: {draft} uses another tokenizer than {target} ({len(a)} vs {len(b)} tokens, "
+                         f"{len(set(a.items()) ^ set(b.items()))} entries differ): train the draft on the same "
+                         f"dataset build (data.tokenizer) as the target")
+
+
+def load_model(name: str, path: Path, options: ServeOptions | None = None) -> LMModel | NeuroModel:
+    o = options or ServeOptions()
+    dev = _device(o.device)
     model, meta = load_exported(path, device=dev)
     if meta.get("model_type") == "neurofm":
         from neuraflex_ray.serving.neuro import NeuroPredictor
 
         return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
     if dev.startswith("cuda"):
-        # Decode is memory-bound: bf16 weights, half the bytes per step. Parameters only: the rotary
-        # tables stay fp32 (in bf16 an angle at position 2000 keeps ~3 digits).
-        for param in model.parameters():
-            param.data = param.data.to(torch.bfloat16)
+        _to_bf16(model)
+    if o.quantize:
+        from neuraflex_ray.serving.quantize import quantize_model
+
+        meta = {**meta, "quantization": quantize_model(model, o.quantize)}
     tok = load_tokenizer(path / "tokenizer.json")
-    engine = LMEngine(model, max_batch_size, kv_cache, batch_invariant)
+    # Token confidence is reported under the temperature fitted on held-out text at export (1.0 for
+    # an export made before calibration existed: the raw distribution).
+    temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
+    engine = LMEngine(model, o.max_batch_size, o.kv_cache, o.batch_invariant, calibration_temperature=temperature,
+                      speculator=_speculator(o, path, model, dev))
     return LMModel(name, path, meta, engine, tok, tok.token_to_id(EOS))
+
+
+def _to_bf16(model: torch.nn.Module) -> None:
+    # Decode is memory-bound: bf16 weights, half the bytes per step. Parameters only: the rotary
+    # tables stay fp32 (in bf16 an angle at position 2000 keeps ~3 digits).
+    for param in model.parameters():
+        param.data = param.data.to(torch.bfloat16)
+
+
+def _speculator(o: ServeOptions, path: Path, model: torch.nn.Module, dev: str) -> Any:
+    if not o.speculative:
+        return None
+    from neuraflex_ray.serving.speculative import Speculator
+
+    draft = None
+    if o.draft:
+        check_draft(Path(o.draft), path)
+        draft, _ = load_exported(o.draft, device=dev)
+        if draft.cfg.max_seq_len < model.cfg.max_seq_len:
+            raise ValueError(f"draft: {o.draft} has a {draft.cfg.max_seq_len}-token context, shorter than the "
+                             f"target's {model.cfg.max_seq_len}: use a draft trained with model.max_seq_len >= it")
+        if dev.startswith("cuda"):
+            _to_bf16(draft)
+    return Speculator(o.num_speculative_tokens, draft, o.max_batch_size, ngram=o.speculative in ("ngram", "both"))

@@ -3,11 +3,21 @@
 Nothing here touches Ray or the model: `app.py` validates a body with these schemas, turns it into
 token ids and `SamplingParams`, runs the engine and shapes its tokens into these responses.
 
-Fields follow OpenAI's completions and chat completions APIs. `top_k` and `ignore_eos` are extensions, as in
-vLLM (send them with `extra_body={"top_k": 40}` from the `openai` client). Fields OpenAI has and this server does not
-implement (logprobs, penalties, echo, tools...) are accepted only at their neutral value, so a
-client that relies on one gets a 400 naming it instead of a silently different answer; a field
-OpenAI does not have is a 400 too.
+Fields follow OpenAI's completions and chat completions APIs, logprobs and echo included (their
+shapes: serving/logprobs.py). `top_k` and `ignore_eos` are extensions, as in vLLM (send them with
+`extra_body={"top_k": 40}` from the `openai` client), and so are `uncertainty`,
+`confidence_threshold` and `low_confidence` (the calibrated confidence of each token, below).
+Fields OpenAI has and this server does not implement (penalties, logit_bias, suffix, tools...) are
+accepted only at their neutral value, so a client that relies on one gets a 400 naming it instead
+of a silently different answer; a field OpenAI does not have is a 400 too.
+
+Uncertainty (extension): `uncertainty: true` adds to each choice `uncertainty: {token_entropy,
+token_confidence, confidence, calibration_temperature}`, where a token's confidence is the
+probability of the model's most likely token under the temperature fitted on the validation split
+at export time, and `confidence` is the mean over the choice's tokens. `confidence_threshold: c`
+(0 < c < 1) acts where a token's confidence falls below c: `low_confidence: "stop"` (the default)
+ends the choice before that token (finish_reason "stop", `uncertainty.stopped_low_confidence`
+true); `"flag"` keeps generating and lists such tokens in `uncertainty.low_confidence_tokens`.
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 CHAT_STOP = ("\n<|user|>", "\n<|system|>", "\n<|assistant|>")
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
+MAX_LOGPROBS = 5  # completions' logprobs: OpenAI's bound
+MAX_TOP_LOGPROBS = 20  # chat's top_logprobs: OpenAI's bound
 MAX_CHOICES = 64  # prompts x n in one request: one client cannot queue thousands of sequences
 
 
@@ -61,11 +73,14 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: run to max_tokens (benchmarks want fixed lengths)
+    # Extensions: calibrated uncertainty (module docstring).
+    uncertainty: bool = False
+    confidence_threshold: float | None = Field(None, gt=0.0, lt=1.0)
+    low_confidence: Literal["stop", "flag"] = "stop"
     # OpenAI fields accepted only at their neutral value (checked in `unsupported`).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    logprobs: bool | int | None = None
 
     @field_validator("stop")
     @classmethod
@@ -83,27 +98,53 @@ class _Sampling(BaseModel):
                 raise RequestError(f"{name} is not supported by this server; leave it unset or 0", name)
         if self.logit_bias:
             raise RequestError("logit_bias is not supported by this server; leave it unset", "logit_bias")
-        if self.logprobs not in (None, False, 0):
-            raise RequestError("logprobs are not supported by this server; leave it unset", "logprobs")
         if self.stream_options is not None and not self.stream:
             raise RequestError("stream_options is only allowed with stream=true", "stream_options")
 
 
+    def want_scores(self) -> bool:
+        """Whether the engine must score each token (log-probs or uncertainty asked for)."""
+        return bool(self.uncertainty or self.confidence_threshold is not None)
+
+    def best_of_count(self) -> int:
+        return self.n
+
+    def n_top(self) -> int:
+        return 0
+
+
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for completions
-    echo: bool = False
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo (scores the prompt alone)")
+    # The n most likely tokens at each position (0: the chosen token's log-prob only), OpenAI's bound.
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    echo: bool = False  # the prompt comes back before the completion (with its log-probs, if asked)
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="samples per prompt, >= n; the n with the "
+                                "highest mean token log-prob are returned; not with stream when > n")
     suffix: str | None = None
-    best_of: int | None = None
 
     def unsupported(self) -> None:
         super().unsupported()
-        if self.echo:
-            raise RequestError("echo is not supported by this server; leave it false", "echo")
         if self.suffix:
             raise RequestError("suffix (insertion) is not supported by this server; leave it unset", "suffix")
-        if self.best_of not in (None, 1):
-            raise RequestError("best_of is not supported by this server; use n", "best_of")
+        if self.max_tokens == 0 and not self.echo:
+            raise RequestError("max_tokens=0 generates nothing; it is allowed only with echo=true (to score the "
+                               "prompt): set max_tokens >= 1 or echo", "max_tokens")
+        if self.best_of is not None and self.best_of < self.n:
+            raise RequestError(f"best_of={self.best_of} must be >= n={self.n}: it is how many samples the n "
+                               f"returned choices are picked from", "best_of")
+        if self.best_of is not None and self.best_of > self.n and self.stream:
+            raise RequestError("best_of > n cannot stream: the best samples are known only at the end; set "
+                               "stream=false or best_of=n", "best_of")
+
+    def want_scores(self) -> bool:
+        return self.logprobs is not None or super().want_scores()
+
+    def best_of_count(self) -> int:
+        return self.best_of or self.n
+
+    def n_top(self) -> int:
+        return self.logprobs or 0
 
     def prompts(self) -> list[str | list[int]]:
         """The batch of prompts: a string, a list of strings, token ids, or a list of token id lists."""
@@ -112,9 +153,9 @@ class CompletionRequest(_Sampling):
             return [p]
         if not p:
             raise RequestError("prompt must not be empty", "prompt")
-        if len(p) * self.n > MAX_CHOICES:
-            raise RequestError(f"{len(p)} prompts x n={self.n} is {len(p) * self.n} completions; one request may ask for "
-                               f"at most {MAX_CHOICES}: split it", "prompt")
+        if len(p) * self.best_of_count() > MAX_CHOICES:
+            raise RequestError(f"{len(p)} prompts x {self.best_of_count()} samples is {len(p) * self.best_of_count()} "
+                               f"sequences; one request may ask for at most {MAX_CHOICES}: split it", "prompt")
         return list(p)
 
 
@@ -137,6 +178,20 @@ class ChatMessage(BaseModel):
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer clients send this instead of max_tokens
+    logprobs: bool = Field(False, strict=True)  # each token's log-prob in choices[].logprobs.content
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, strict=True,
+                                     description="needs logprobs: true")
+
+    def unsupported(self) -> None:
+        super().unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            raise RequestError("top_logprobs needs logprobs: true; set logprobs or drop top_logprobs", "top_logprobs")
+
+    def want_scores(self) -> bool:
+        return self.logprobs or super().want_scores()
+
+    def n_top(self) -> int:
+        return self.top_logprobs or 0
 
     def limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -73,6 +73,8 @@ def test_export_reproduces_validation_loss_in_one_process(baseline, base_dir):
     assert not dist.is_initialized()  # one process, no process group
     model, meta = load_exported(out)
     assert meta["model"]["num_experts"] == model_cfg.num_experts
+    # The export fitted its confidence temperature on held-out text (eval/calibration.py).
+    assert meta["calibration"]["temperature"] > 0 and 0 <= meta["calibration"]["ece_after"] <= 1
     _, val_ds, _ = load_text_datasets(str(base_dir / "data"))
     blocks = read_blocks(val_ds)
     # The distributed eval saw the first eval_batches global batches of 2 x micro_batch_size rows.

@@ -7,6 +7,7 @@ batching, the determinism and the error handling are the same as for a trained m
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import io
 import json
@@ -28,6 +29,7 @@ from neuraflex_ray.config import ModelConfig
 from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving.app import build_app
 from neuraflex_ray.serving.deploy import deploy, find_export, free_port
+from neuraflex_ray.serving.models import ServeOptions
 from neuraflex_ray.serving.scratch import SCRATCH_NEURO_MANIFEST, scratch_lm_export, scratch_neurofm_export
 
 LM, NEURO = "neuraflex-moe", "neurofm"
@@ -161,7 +163,7 @@ BAD_LM = [
     ({"model": LM, "prompt": "x", "top_p": 0}, 400, "top_p"),
     ({"model": LM, "prompt": "x", "n": 99}, 400, "n"),
     ({"model": LM, "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-    ({"model": LM, "prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"model": LM, "prompt": "x", "logprobs": 6}, 400, "logprobs"),
     ({"model": LM, "prompt": "x", "seed": 2**64}, 400, "seed"),
     ({"model": LM, "prompt": ["x"] * 10, "n": 8}, 400, "prompt"),
     ({"model": LM, "prompt": "x", "frobnicate": True}, 400, "frobnicate"),
@@ -300,7 +302,7 @@ def test_serve_configs_pass_serves_own_schema_and_build(tmp_path):
         schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
         (app,) = schema.applications
         assert app.import_path == "neuraflex_ray.serving.app:build_app", path
-        assert set(app.args) <= {"models", "max_batch_size", "kv_cache", "device", "batch_invariant"}, path
+        assert set(app.args) <= {"models", *(f.name for f in dataclasses.fields(ServeOptions))}, path
         deployment = app.deployments[0]
         assert deployment.name == "NeuraFlexServer" and deployment.autoscaling_config["max_replicas"] >= 1
     # Serve calls the builder the way it calls any app builder (one dict argument), and the builder
@@ -313,7 +315,7 @@ def test_serve_configs_pass_serves_own_schema_and_build(tmp_path):
     assert isinstance(app, Application)
     with pytest.raises(FileNotFoundError, match="not a model export"):
         build_app({"models": {LM: str(tmp_path)}})
-    with pytest.raises(ValueError, match="unknown keys"):
+    with pytest.raises(ValueError, match="unknown key 'batch'"):
         build_app({"models": {LM: str(export)}, "batch": 4})
     # `serve --checkpoint` takes an export or the run directory that holds one, and says what to do otherwise.
     (tmp_path / "run").mkdir()

@@ -112,6 +112,17 @@ async def _neuro_request(request: Request) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
+# Before serve.ingress, which freezes a copy of the app.
+api_doc.install(app, {
+    "/v1/completions": (oai.CompletionRequest, api_doc.CompletionResponse),
+    "/v1/chat/completions": (oai.ChatRequest, api_doc.ChatCompletionResponse),
+    "/tokenize": (api_doc.TokenizeRequest, api_doc.TokenizeResponse),
+    "/detokenize": (api_doc.DetokenizeRequest, api_doc.DetokenizeResponse),
+    "/v1/neuro/embed": (NeuroRequest, None),
+    "/v1/neuro/forecast": (NeuroRequest, None),
+}, title=app.title, description=__doc__ or "")
+
+
 @serve.deployment(max_ongoing_requests=64, health_check_period_s=10, health_check_timeout_s=30,
                   ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
@@ -246,15 +257,6 @@ class NeuraFlexServer:
         names = [n for n, m in self.models.items() if isinstance(m, NeuroModel)]
         return names[0] if len(names) == 1 else None
 
-
-api_doc.install(app, {
-    "/v1/completions": (oai.CompletionRequest, api_doc.CompletionResponse),
-    "/v1/chat/completions": (oai.ChatRequest, api_doc.ChatCompletionResponse),
-    "/tokenize": (api_doc.TokenizeRequest, api_doc.TokenizeResponse),
-    "/detokenize": (api_doc.DetokenizeRequest, api_doc.DetokenizeResponse),
-    "/v1/neuro/embed": (NeuroRequest, None),
-    "/v1/neuro/forecast": (NeuroRequest, None),
-}, title=app.title, description=__doc__ or "")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -119,6 +119,23 @@ def cmd_generate(args: argparse.Namespace) -> dict:
     return {"prompt": args.prompt, "completion": text}
 
 
+def cmd_finetune(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.finetune.run import finetune
+
+    cfg = load_config(args.config, [*args.overrides, f"finetune.from_export={args.from_export}"])
+    return finetune(cfg, fresh=args.fresh)
+
+
+def cmd_merge(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.finetune.run import merge_adapter
+
+    try:
+        out = merge_adapter(args.base, args.adapter, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    return {"export": str(out)}
+
+
 def cmd_quickstart(args: argparse.Namespace) -> dict:
     from neuraflex_ray.train.driver import ensure_ray
     from neuraflex_ray.workflows import quickstart
@@ -152,8 +169,12 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     ensure_ray()
+    bad = [a for a in args.adapter if "=" not in a]
+    if bad:
+        raise ConfigError(f"--adapter {bad[0]}: give NAME=DIR (requests then ask for model <base>:NAME)")
     serving = {"quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
-               "num_speculative_tokens": args.num_speculative_tokens}
+               "num_speculative_tokens": args.num_speculative_tokens,
+               "adapters": dict(a.split("=", 1) for a in args.adapter)}
     try:  # every serving option and a draft's tokenizer, checked before Serve starts
         from neuraflex_ray.serving.app import bind_app
 
@@ -199,6 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
                               "or NeuroFM (FSDP2), as the config's model_type says.")
     sp.add_argument("--fresh", action="store_true", help="delete this run's old checkpoints first")
     sp.set_defaults(fn=cmd_train)
+    sp = with_config("finetune", "Continue training an export on new data (full, LoRA and/or EWC: the finetune "
+                                 "section of the config; neuraflex_ray/finetune/).")
+    sp.add_argument("--from", dest="from_export", required=True, metavar="EXPORT", help="the export to fine-tune")
+    sp.add_argument("--fresh", action="store_true", help="delete this run's old checkpoints first")
+    sp.set_defaults(fn=cmd_finetune)
+    sp = sub.add_parser("merge", help="Fold a LoRA adapter into its base export: a full export.",
+                        description="base export + adapter (adapter.safetensors, adapter.json) -> a full export; "
+                                    "refuses an adapter trained on another base.")
+    sp.add_argument("--base", required=True, help="the base export the adapter was trained on")
+    sp.add_argument("--adapter", required=True, help="the adapter directory (<fine-tune run dir>/adapter)")
+    sp.add_argument("--out", required=True, help="where to write the merged export")
+    sp.set_defaults(fn=cmd_merge)
     sp = with_config("export", "Convert the latest sharded checkpoint into one consolidated safetensors export.")
     sp.add_argument("--checkpoint", help="run directory or checkpoint directory (default: the config's run dir)")
     sp.add_argument("--out", help="export directory (default: <run dir>/export)")
@@ -264,6 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="speculative decoding: prompt lookup (ngram), a --draft model, or both")
     sp.add_argument("--draft", default="", metavar="DIR", help="the draft model's export (same tokenizer)")
     sp.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per verify step")
+    sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                    help="a LoRA adapter of a served LM (`finetune` wrote it); requests pick it as model <base>:NAME")
     sp.add_argument("--replicas", type=int, default=1)
     sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")

@@ -96,6 +96,10 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
             return
         raw = set_dotted(raw, "train.resume_from", target)
     cfg = config_from_raw(raw)
+    if cfg.finetune.from_export:  # a fine-tuning sweep: the model is the export's (finetune/setup.py)
+        from neuraflex_ray.finetune.setup import finetune_config
+
+        cfg = finetune_config(cfg)
 
     reports: Any = Queue(maxsize=1, actor_options={"num_cpus": 0})  # lockstep: Tune stops a trial promptly
     outcome: dict[str, Any] = {}
@@ -344,8 +348,13 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     # 2 x 1.01 of 3 reserved, the reads waited forever for a free CPU.
     ensure_ray(sweep.base, min_cpus=(sweep.cfg.max_concurrent_trials or 1) * (t.num_workers * t.cpus_per_worker
                                                                                + TRIAL_CPU) + 1)
+    base = sweep.base
+    if base.finetune.from_export:  # the export's tokenizer, and its Fisher computed once for every trial
+        from neuraflex_ray.finetune.setup import finetune_config
+
+        base = finetune_config(base)
     prepare_data(dataclasses.replace(  # build the dataset once here, not in every trial at the same time
-        sweep.base, data=dataclasses.replace(sweep.base.data, output_dir=str(Path(sweep.base.data.output_dir).resolve()))))
+        base, data=dataclasses.replace(base.data, output_dir=str(Path(base.data.output_dir).resolve()))))
     c = sweep.cfg
     print(f"[tune] sweep {c.name}: {c.num_trials} trials, {c.search.algorithm} search, {c.scheduler.type} scheduler, "
           f"{c.metric} ({c.mode}); {sweep.dir}", flush=True)

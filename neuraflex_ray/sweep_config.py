@@ -98,7 +98,7 @@ class Sweep:
 # Keys a trial may not change: where results go, what the dataset is (built once per sweep), and the
 # trial's resources (the `resources` section sets those for every trial alike).
 FIXED_KEYS = ("name", "output_dir", "model_type", "train.resume_from", "train.num_workers", "train.cpus_per_worker",
-              "train.use_gpu")
+              "train.use_gpu", "finetune.from_export")
 RESOURCE_KEYS = ("num_workers", "cpus_per_worker", "use_gpu")
 
 
@@ -149,7 +149,10 @@ def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     if getattr(d, "recordings", None):
         data["recordings"] = [{**dataclasses.asdict(r), "path": resolve(r.path),
                                "align_to": resolve(r.align_to) if r.align_to else ""} for r in d.recordings]
-    return {**raw, "data": data}
+    out = {**raw, "data": data}
+    if cfg.finetune.from_export:
+        out["finetune"] = {**raw.get("finetune", {}), "from_export": resolve(cfg.finetune.from_export)}
+    return out
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -201,6 +204,9 @@ def check_sweep(sweep: Sweep) -> None:
         _need(not key.startswith("data.") or key.startswith("data.augment."),
               f"space.{key}: the dataset is built once per sweep, so data.* keys (other than data.augment.*) "
               f"cannot be searched; run one sweep per dataset setting")
+        _need(not (key.startswith("model.") and sweep.base.finetune.from_export),
+              f"space.{key}: a fine-tuning sweep trains the model of finetune.from_export as it is; search "
+              f"finetune.* and train.* keys")
         for value in _corners(key, spec):
             _check_value(sweep, key, value, f"space.{key}")
     metrics = reported_metrics(sweep.base.model_type)

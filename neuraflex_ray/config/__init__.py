@@ -16,6 +16,7 @@ from neuraflex_ray.config.schema import (
     ConfigError,
     CurriculumStage,
     DataConfig,
+    FinetuneConfig,
     JobConfig,
     ModalitySpec,
     ModelConfig,
@@ -26,6 +27,6 @@ from neuraflex_ray.config.schema import (
 )
 from neuraflex_ray.config.validate import validate
 
-__all__ = ["MODEL_FLAVOURS", "NEUROFM_FLAVOURS", "ConfigError", "CurriculumStage", "DataConfig", "JobConfig",
+__all__ = ["MODEL_FLAVOURS", "NEUROFM_FLAVOURS", "ConfigError", "CurriculumStage", "DataConfig", "FinetuneConfig", "JobConfig",
            "ModalitySpec", "ModelConfig", "NeuroFMConfig", "RecordingSpec", "SeriesDataConfig", "TrainConfig",
            "apply_overrides", "build", "config_from_raw", "load_config", "load_raw", "set_dotted", "validate"]

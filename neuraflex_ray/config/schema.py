@@ -292,6 +292,21 @@ class TrainConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Continue training from a consolidated export (neuraflex_ray/finetune/). Empty `from_export`: a
+    normal training run. The dataset is the job's `data` section (the new corpus)."""
+
+    from_export: str = ""  # the export to start from (`neuraflex-ray export`, or a run's export/)
+    method: str = "full"  # full (every weight trains) | lora (low-rank adapters; the base stays frozen)
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapter's first factor, in training
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "dense", "experts"])  # + router
+    ewc_lambda: float = 0.0  # > 0: elastic weight consolidation toward the export's weights
+    fisher_blocks: int = 64  # training sequences of the original data the diagonal Fisher is estimated on
+
+
+@dataclass
 class JobConfig:
     name: str = "quickstart"
     output_dir: str = "runs"  # run directory = output_dir/name (TensorBoard, checkpoints, export)
@@ -299,6 +314,7 @@ class JobConfig:
     model: ModelConfig | NeuroFMConfig = field(default_factory=ModelConfig)
     data: DataConfig | SeriesDataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     @property
     def run_dir(self) -> Path:

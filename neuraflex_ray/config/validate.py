@@ -6,6 +6,7 @@ They run in the driver, before any Ray worker starts.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from neuraflex_ray.config.schema import CURRICULUM_MODES, ConfigError, JobConfig, NeuroFMConfig, TrainConfig
 from neuraflex_ray.models.routers import ROUTERS
@@ -23,10 +24,34 @@ def _need(ok: bool, msg: str) -> None:
 def validate(cfg: JobConfig, world_size: int | None = None) -> None:
     """Raise ConfigError for impossible combinations, naming the field and the fix."""
     _validate_train(cfg.train)
+    _validate_finetune(cfg)
     if cfg.model_type == "neurofm":
         _validate_neurofm(cfg)
     else:
         _validate_moe(cfg, world_size if world_size is not None else cfg.train.num_workers)
+
+
+def _validate_finetune(cfg: JobConfig) -> None:
+    f, need = cfg.finetune, _need
+    from neuraflex_ray.finetune.lora import TARGETS
+
+    need(f.method in ("full", "lora"), f"finetune.method={f.method!r}: use full or lora")
+    if not f.from_export:
+        need(f.method == "full" and f.ewc_lambda == 0,
+             "finetune.method/ewc_lambda need finetune.from_export: the export to fine-tune (set it, or use "
+             "`neuraflex-ray finetune --from <export>`)")
+        return
+    need(Path(f.from_export, "model.safetensors").is_file(),
+         f"finetune.from_export={f.from_export}: no model.safetensors there; pass an export directory "
+         f"(`neuraflex-ray export` writes one; a run keeps it in <run dir>/export)")
+    need(cfg.model_type == "moe_lm", "finetune: only model_type=moe_lm can be fine-tuned so far (NeuroFM: not yet)")
+    need(f.lora_rank >= 1, f"finetune.lora_rank must be >= 1 (got {f.lora_rank})")
+    need(f.lora_alpha > 0, f"finetune.lora_alpha must be > 0 (got {f.lora_alpha})")
+    need(0 <= f.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1) (got {f.lora_dropout})")
+    bad = [t for t in f.lora_targets if t not in TARGETS]
+    need(not bad and bool(f.lora_targets), f"finetune.lora_targets: {bad or 'empty'}; choose from {list(TARGETS)}")
+    need(f.ewc_lambda >= 0, f"finetune.ewc_lambda must be >= 0 (got {f.ewc_lambda})")
+    need(f.fisher_blocks >= 1, f"finetune.fisher_blocks must be >= 1 (got {f.fisher_blocks})")
 
 
 def _validate_moe(cfg: JobConfig, world: int) -> None:

@@ -43,7 +43,15 @@ from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving import openapi as api_doc
 from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.logprobs import token_text
-from neuraflex_ray.serving.models import LMModel, NeuroModel, ServeOptions, check_draft, load_model, resolve_models
+from neuraflex_ray.serving.models import (
+    LMModel,
+    NeuroModel,
+    ServeOptions,
+    check_adapters,
+    check_draft,
+    load_model,
+    resolve_models,
+)
 from neuraflex_ray.serving.neuro import NeuroRequest
 from pipelines.text import EOS
 
@@ -147,16 +155,32 @@ class NeuraFlexServer:
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [self._model_object(n) for n in self.models]}
+        names = [*self.models, *(f"{n}:{a}" for n, m in self.models.items() if isinstance(m, LMModel)
+                                 for a in m.adapter_names())]
+        return {"object": "list", "data": [self._model_object(n) for n in names]}
 
     @app.get("/v1/models/{model_id}")
     async def model_card(self, model_id: str) -> dict[str, Any]:
-        m = self._get(model_id)
+        m, adapter = self._get_adapted(model_id)
+        if adapter is not None:
+            return {**self._model_object(model_id), "base": model_id.split(":", 1)[0],
+                    "adapter": m.engine.adapters.meta[adapter]}
         training = {k: m.meta.get(k) for k in ("source_checkpoint", "run_dir", "steps") if k in m.meta}
         return {**self._model_object(model_id), **m.card(), "export": str(m.path), "training": training}
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "neuraflex-ray"}
+
+    def _get_adapted(self, name: str) -> tuple[LMModel | NeuroModel, str | None]:
+        """`base` or `base:adapter` (a LoRA adapter of an LM, chosen per request)."""
+        if ":" not in name or name in self.models:
+            return self._get(name), None
+        base, adapter = name.split(":", 1)
+        m = self._get(base, LMModel)
+        if adapter not in m.adapter_names():
+            raise RequestError(f"model {name!r}: {base} has no adapter {adapter!r}; its adapters are "
+                               f"{m.adapter_names()}", "model", status=404, code="model_not_found")
+        return m, adapter
 
     def _get(self, name: str, kind: type | None = None) -> LMModel | NeuroModel:
         if name not in self.models:
@@ -173,17 +197,23 @@ class NeuraFlexServer:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         req = oai.parse(oai.CompletionRequest, await _json(request))
-        lm = self._get(req.model, LMModel)
+        lm, adapter = self._lm_for(req.model)
         prompts = req.prompts()
         ids = [lm.encode(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
-        return await generation.run("text", lm, req, ids, req.max_tokens)
+        return await generation.run("text", lm, req, ids, req.max_tokens, adapter)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         req = oai.parse(oai.ChatRequest, await _json(request))
-        lm = self._get(req.model, LMModel)
+        lm, adapter = self._lm_for(req.model)
         text = oai.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-        return await generation.run("chat", lm, req, [lm.encode(text, "messages")], req.limit())
+        return await generation.run("chat", lm, req, [lm.encode(text, "messages")], req.limit(), adapter)
+
+    def _lm_for(self, name: str) -> tuple[LMModel, str | None]:
+        m, adapter = self._get_adapted(name)
+        if not isinstance(m, LMModel):
+            self._get(name, LMModel)  # the error naming the right route
+        return m, adapter
 
     # ---- tokenizer (vLLM's routes: evaluation clients look for a server-side tokenizer) ---------
 
@@ -283,6 +313,8 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
         raise ValueError("serve config args: `models` is required ({name: export dir})")
     serving = ServeOptions.from_args({k: v for k, v in args.items() if k != "models"})
     models = {n: str(p) for n, p in resolve_models(args["models"]).items()}
+    if serving.adapters:
+        check_adapters(serving.adapters, [p for p in models.values() if _is_lm(p)])
     if serving.draft:
         for path in models.values():
             if _is_lm(path):

@@ -53,6 +53,7 @@ class SamplingParams:
     prompt_scores: bool = False  # score the prompt's own tokens too (echo): seq.prompt_scores
     confidence_threshold: float | None = None  # with scores: a token below it ...
     low_confidence: str = "stop"  # ... ends the sequence there ("stop") or is only flagged ("flag")
+    adapter: str | None = None  # a LoRA adapter of the served model (serving/adapters.py)
 
 
 @dataclass
@@ -108,12 +109,13 @@ class LMEngine:
     """
 
     def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True,
-                 calibration_temperature: float = 1.0, speculator: Any = None):
+                 calibration_temperature: float = 1.0, speculator: Any = None, adapters: Any = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if speculator is not None and not kv_cache:
             raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
         self.speculator = speculator  # serving/speculative.py: drafts k tokens, verifies them in one pass
+        self.adapters = adapters  # serving/adapters.py: LoRA adapters chosen per request
         self.model = model.eval()
         self.max_batch_size, self.kv_cache = max_batch_size, kv_cache
         self.batch_invariant = batch_invariant and max_batch_size > 1  # one slot: nothing to vary with
@@ -191,10 +193,11 @@ class LMEngine:
                 seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little")
                 seq.generator.manual_seed(seed % 2**64)
                 ids = torch.tensor([seq.prompt], device=self.device)
-                if self.caches is not None:  # prefill alone, into this slot's rows of the cache
-                    logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
-                else:
-                    logits, _ = self.model(ids)
+                with self.adapter(seq.params.adapter):
+                    if self.caches is not None:  # prefill alone, into this slot's rows of the cache
+                        logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
+                    else:
+                        logits, _ = self.model(ids)
                 if seq.params.prompt_scores:
                     seq.prompt_scores = [None, *score(logits[0, :-1], ids[0, 1:], seq.params.n_top,
                                                       self.calibration_temperature)]
@@ -220,25 +223,41 @@ class LMEngine:
             return
         if self.caches is None:  # baseline: recompute every live sequence in full
             for seq in live:
-                logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
+                with self.adapter(seq.params.adapter):
+                    logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
                 self._take(seq, logits[0, -1])
             return
         if not self.batch_invariant:
             live = self._compact()  # live rows first: the step computes rows [0, len(live)) only
         rows = self.max_batch_size if self.batch_invariant else len(live)
-        tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-        positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-        for seq in live:
-            tokens[seq.slot, 0] = seq.out[-1]
-            positions[seq.slot] = len(seq.prompt) + len(seq.out) - 1
-        with batch_invariant_experts(self.model) if self.batch_invariant else contextlib.nullcontext():
-            logits, _ = self.model(tokens, self.caches, positions)
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in live:  # one forward per adapter among the live requests (usually one: the base)
+            groups.setdefault(seq.params.adapter, []).append(seq)
+        for adapter, members in groups.items():
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+            for seq in live:
+                tokens[seq.slot, 0] = seq.out[-1]
+                positions[seq.slot] = len(seq.prompt) + len(seq.out) - 1
+                if seq.params.adapter != adapter:
+                    # Another adapter's row: its key/value go to the last cache column, which no query
+                    # reads before its own forward rewrites it (reads are masked to positions <= the query's).
+                    positions[seq.slot] = self.max_len - 1
+            with self.adapter(adapter), (batch_invariant_experts(self.model) if self.batch_invariant
+                                         else contextlib.nullcontext()):
+                logits, _ = self.model(tokens, self.caches, positions)
+            for seq in members:
+                try:
+                    self._take(seq, logits[seq.slot, -1])
+                except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
+                    self._fail(seq, e)
         self.stats["steps"] += 1
-        for seq in live:
-            try:
-                self._take(seq, logits[seq.slot, -1])
-            except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
-                self._fail(seq, e)
+
+    def adapter(self, name: str | None) -> Any:
+        """The context in which the model reads request adapter `name`'s weights (None: the base's)."""
+        if self.adapters is None or name is None:
+            return contextlib.nullcontext()
+        return self.adapters.active(name)
 
     def _compact(self) -> list[Sequence]:
         """Move live sequences (and their cache rows) down into free slots, keeping their order."""

@@ -61,6 +61,9 @@ class LMModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def adapter_names(self) -> list[str]:
+        return self.engine.adapters.names() if self.engine.adapters is not None else []
+
     def card(self) -> dict[str, Any]:
         cfg = self.engine.model.cfg
         return {"model_type": "moe_lm", "config": self.meta["model"], "context_length": cfg.max_seq_len,
@@ -133,6 +136,7 @@ class ServeOptions:
     speculative: str = ""  # "" | ngram | draft | both: speculative decoding (serving/speculative.py)
     draft: str = ""  # the draft model's export (same tokenizer), for speculative: draft | both
     num_speculative_tokens: int = 4  # k: tokens drafted per verify step
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # {name: adapter dir} (serving/adapters.py)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeOptions:
@@ -144,7 +148,8 @@ class ServeOptions:
         values = {}
         for f in dataclasses.fields(cls):
             if f.name in args:
-                v, want = args[f.name], type(f.default)
+                v = args[f.name]
+                want = type(f.default if f.default is not dataclasses.MISSING else f.default_factory())
                 if want is bool and not isinstance(v, bool) or want is not bool and isinstance(v, bool):
                     raise ValueError(f"serve args: {f.name} must be a {want.__name__}, got {v!r}")
                 try:
@@ -164,6 +169,12 @@ class ServeOptions:
             raise ValueError("speculative decoding verifies drafts against the KV cache: set kv_cache: true")
         if o.num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be >= 1, got {o.num_speculative_tokens}")
+        for name, path in o.adapters.items():
+            if ":" in name or not (Path(path).expanduser() / "adapter.json").is_file():
+                raise ValueError(f"adapters.{name}: {path} is not an adapter directory (adapter.safetensors + "
+                                 f"adapter.json, from `neuraflex-ray finetune` with finetune.method=lora), or the "
+                                 f"name has a ':'")
+        o.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in o.adapters.items()}
         if o.draft:
             o.draft = str(Path(o.draft).expanduser().resolve())
             if _model_type(Path(o.draft)) != "moe_lm":
@@ -199,8 +210,33 @@ def load_model(name: str, path: Path, options: ServeOptions | None = None) -> LM
     # an export made before calibration existed: the raw distribution).
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     engine = LMEngine(model, o.max_batch_size, o.kv_cache, o.batch_invariant, calibration_temperature=temperature,
-                      speculator=_speculator(o, path, model, dev))
+                      speculator=_speculator(o, path, model, dev), adapters=_adapters(o, path, model))
     return LMModel(name, path, meta, engine, tok, tok.token_to_id(EOS))
+
+
+def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
+    """The adapters trained on this export (matched by fingerprint), attached to its model."""
+    if not o.adapters:
+        return None
+    from neuraflex_ray.finetune.lora import fingerprint
+    from neuraflex_ray.serving.adapters import AdapterSet
+
+    mine = fingerprint(path)
+    ours = {n: p for n, p in o.adapters.items()
+            if json.loads((Path(p) / "adapter.json").read_text())["base_fingerprint"] == mine}
+    return AdapterSet(model, path, ours) if ours else None
+
+
+def check_adapters(adapters: dict[str, str], lm_exports: list[str]) -> None:
+    """Each adapter must belong to one of the served LMs: refused before any replica starts."""
+    from neuraflex_ray.finetune.lora import fingerprint
+
+    prints = {fingerprint(p): p for p in lm_exports}
+    for name, path in adapters.items():
+        base = json.loads((Path(path) / "adapter.json").read_text())["base_fingerprint"]
+        if base not in prints:
+            raise ValueError(f"adapters.{name}: {path} was trained on base {base}, and no served LM is that export "
+                             f"(served: {', '.join(f'{p} = {f}' for f, p in prints.items())})")
 
 
 def _to_bf16(model: torch.nn.Module) -> None:

@@ -119,7 +119,8 @@ class Speculator:
         room = min(seq.params.max_tokens - len(seq.out) - 1, engine.max_len - n)
         drafts, q = self.propose(seq, room)
         ids = torch.tensor([[seq.out[-1], *drafts]], device=engine.device)
-        with batch_invariant_experts(engine.model) if engine.batch_invariant else contextlib.nullcontext():
+        with engine.adapter(seq.params.adapter), (batch_invariant_experts(engine.model) if engine.batch_invariant
+                                                  else contextlib.nullcontext()):
             logits, _ = engine.model(ids, [c.slot(seq.slot) for c in engine.caches], n - 1)
         logits = logits[0]
         if not torch.isfinite(logits).all():

@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     task = build_task(cfg, config, rank)
     strategy = build_strategy(cfg)
-    model = strategy.setup(task.build_model())
+    model = strategy.setup(task.build_model(), adapt=task.adapt)
     device = strategy.device
     # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
     node = ray.get_runtime_context().get_node_id()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +55,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     for p in model.parameters():  # parameters() de-duplicates tied tensors
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
-            {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"},
+              {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"}]
+    return [g for g in groups if g["params"]]  # LoRA trains matrices only: no empty group for ZeRO to flatten
 
 
 class DeepSpeedStrategy:
@@ -73,7 +75,9 @@ class DeepSpeedStrategy:
     def bf16(self) -> bool:
         return _bf16(self.cfg)
 
-    def setup(self, model: nn.Module) -> nn.Module:
+    def setup(self, model: nn.Module, adapt: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
+        """Parallelise `model`, then `adapt` it (fine-tuning: adapters, frozen weights) before the
+        optimizer sees which parameters train."""
         if not self.cfg.train.use_gpu:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # inside the worker: importing it on the driver pulls in CUDA/triton probing
@@ -85,6 +89,8 @@ class DeepSpeedStrategy:
         t = self.cfg.train
         rank = dist.get_rank()
         model = parallelize_deepspeed(model, t.ep_size, rank).to(self.device)
+        if adapt is not None:
+            model = adapt(model)
         # Expert parameters get their own optimizer groups: ZeRO reduces them only across the
         # expert-data-parallel group, not the whole world.
         groups_ = split_params_into_different_moe_groups_for_optimizer(param_groups(model, t.weight_decay))
@@ -167,11 +173,13 @@ class FSDPStrategy:
     def device(self) -> torch.device:
         return _device(self.cfg)
 
-    def setup(self, model: nn.Module) -> nn.Module:
+    def setup(self, model: nn.Module, adapt: Callable[[nn.Module], nn.Module] | None = None) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         t = self.cfg.train
         model = model.to(self.device)
+        if adapt is not None:
+            model = adapt(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if _bf16(self.cfg) else None, reduce_dtype=torch.float32)
         for attr in self.block_lists:
             blocks = getattr(model, attr, None)

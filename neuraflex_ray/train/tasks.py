@@ -54,11 +54,23 @@ class LMTask:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self._moe_history: list = []  # each micro-batch's per-layer routing stats since the last log line
         self._step_load: list[torch.Tensor] = []  # this step's [layers, E] assignment shares, per micro-batch
+        self.ewc: Any = None  # fine-tuning with ewc_lambda > 0: finetune/ewc.py's penalty
 
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.moe_lm import MoELM
 
+        if self.cfg.finetune.from_export:  # fine-tuning starts from the export's weights
+            from neuraflex_ray.checkpoint import load_exported
+
+            return load_exported(self.cfg.finetune.from_export)[0].train()
         return MoELM(self.cfg.model)
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        """After parallelisation: LoRA adapters and the EWC penalty of a fine-tune (finetune/)."""
+        from neuraflex_ray.finetune.setup import adapt_for_finetune
+
+        model, self.ewc = adapt_for_finetune(model, self.cfg)
+        return model
 
     def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
         from pipelines.text import block_array
@@ -76,6 +88,9 @@ class LMTask:
         tokens = tokens.to(device, non_blocking=True)
         logits, stats = model(tokens[:, :-1])
         loss = lm_loss(logits, tokens[:, 1:], stats, self.cfg.model)
+        total = loss.total
+        if train and self.ewc is not None:
+            total = total + self.ewc.penalty()
         if train:
             self._moe_history.append([dataclasses.replace(s, aux_loss=s.aux_loss.detach(), z_loss=s.z_loss.detach())
                                       for s in stats])
@@ -83,7 +98,7 @@ class LMTask:
                 self._step_load.append(torch.stack([s.expert_fraction for s in stats]))
         n = tokens[:, 1:].numel()
         parts = {"ce": loss.ce.detach(), "aux": loss.aux.detach(), "z": loss.z.detach()}
-        return StepOutput(loss.total, parts, n, n * self.flops_per_token)
+        return StepOutput(total, parts, n, n * self.flops_per_token)
 
     def after_update(self, model: nn.Module) -> None:
         """After each optimizer step: the aux-free router's bias moves toward balance by the step's
@@ -149,6 +164,9 @@ class NeuroTask:
             seed = (self.cfg.train.seed * 1_000_003 + step) * 1009 + self.rank
             self._generator = (step, torch.Generator().manual_seed(seed))
         return self._generator[1]
+
+    def adapt(self, model: nn.Module) -> nn.Module:
+        return model  # NeuroFM fine-tuning is not built yet (config validation refuses it)
 
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.neurofm import NeuroFM

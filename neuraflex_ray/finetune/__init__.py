@@ -1,0 +1,1 @@
+"""Fine-tuning exports: LoRA adapters (lora.py) and elastic weight consolidation (ewc.py)."""

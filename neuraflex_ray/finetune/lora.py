@@ -1,0 +1,174 @@
+"""LoRA adapters for NeuralFlex-MoE, on either execution layout (local or DeepSpeed expert-parallel).
+
+Each targeted weight W becomes W + (alpha / rank) * A @ B through a `torch.nn.utils.parametrize`
+parametrization, with B zero at initialisation (so the adapted model starts equal to its base) and
+the base frozen. Because the update is applied to the weight, the model code is untouched and every
+layout that reads the weight gets it: `nn.Linear` weights [out, in] (A [out, r], B [r, in]), the
+local MoE's stacked experts [E, in, out] (A [E, in, r], B [E, r, out]: a low-rank pair per expert),
+and DeepSpeed's per-expert weights [in, out] on the expert-parallel path.
+
+Targets: `attention` (wq, wk, wv, wo), `dense` (dense and shared-expert SwiGLU), `experts` (routed
+experts), `router`. `lora_dropout` drops entries of A in training: the weight-space form has no
+separate input path to drop, unlike PEFT's.
+
+Adapter files: `adapter.safetensors` (tensors named `<weight>.lora_A` / `.lora_B` in the local
+layout) and `adapter.json` (rank, alpha, targets and the base export's fingerprint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+TARGETS = ("attention", "dense", "experts", "router")
+ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
+
+
+class LoRA(nn.Module):
+    """The parametrization: w -> w + scale * A @ B, for w of shape [..., m, n]."""
+
+    def __init__(self, shape: torch.Size, rank: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        *batch, m, n = shape
+        self.A = nn.Parameter(torch.empty(*batch, m, rank).uniform_(-1 / math.sqrt(m), 1 / math.sqrt(m)))
+        self.B = nn.Parameter(torch.zeros(*batch, rank, n))
+        self.scale, self.dropout = alpha / rank, dropout
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        a = F.dropout(self.A, self.dropout, self.training) if self.dropout else self.A
+        return w + (self.scale * (a @ self.B)).to(w.dtype)
+
+
+def _weights(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every weight the targets name, in module order."""
+    from neuraflex_ray.models.moe import MoE, SwiGLU
+    from neuraflex_ray.models.moe_lm import Attention
+    from neuraflex_ray.parallel.deepspeed_moe import Expert
+
+    out: list[tuple[nn.Module, str]] = []
+    for m in model.modules():
+        if isinstance(m, Attention) and "attention" in targets:
+            out += [(getattr(m, n), "weight") for n in ("wq", "wk", "wv", "wo")]
+        elif isinstance(m, SwiGLU) and "dense" in targets:
+            out += [(getattr(m, n), "weight") for n in ("w1", "w3", "w2")]
+        elif isinstance(m, (MoE, Expert)) and "experts" in targets:
+            out += [(m, n) for n in ("w1", "w3", "w2")]
+        if "router" in targets:
+            if isinstance(m, MoE):
+                out.append((m.router, "weight"))
+            elif hasattr(m, "wg") and hasattr(m, "setup_routing"):  # DeepSpeed's gate slot (RouterGate)
+                out.append((m.wg, "weight"))
+    return out
+
+
+def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
+    """Freeze `model` and give every targeted weight an adapter; returns the parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module, name in _weights(model, targets):
+        base = getattr(module, name)
+        lora = LoRA(base.shape, rank, alpha, dropout).to(base.device)
+        if hasattr(base, "allreduce") and not base.allreduce:  # a DeepSpeed expert weight: its adapter is one too,
+            for p in lora.parameters():  # reduced over the expert-data-parallel group only
+                p.allreduce, p.group_name = False, base.group_name
+        parametrize.register_parametrization(module, name, lora)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "share": trainable / total}
+
+
+def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, LoRA]]:
+    """(module path, module, weight name, its LoRA) for every adapted weight."""
+    out = []
+    for path, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for name, plist in m.parametrizations.items():
+                out += [(path, m, name, p) for p in plist if isinstance(p, LoRA)]
+    return out
+
+
+def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters alone, named `<module path>.<weight>.lora_A|lora_B` (this model's layout)."""
+    state = {}
+    for path, _, name, lora in lora_modules(model):
+        state[f"{path}.{name}.lora_A"] = lora.A.detach().clone()
+        state[f"{path}.{name}.lora_B"] = lora.B.detach().clone()
+    return state
+
+
+def plain_name(key: str) -> str:
+    """A parametrized model's state-dict key as the plain model's: `x.parametrizations.w.original` -> `x.w`,
+    and an adapter's `x.parametrizations.w.0.A` -> `x.w.lora_A`."""
+    if ".parametrizations." not in key:
+        return key
+    head, tail = key.split(".parametrizations.", 1)
+    name, rest = tail.split(".", 1)
+    if rest == "original":
+        return f"{head}.{name}"
+    return f"{head}.{name}.lora_{rest.rsplit('.', 1)[1]}"
+
+
+def fingerprint(export_dir: str | Path) -> str:
+    """Identifies a base export by its weights' bytes (sha256 of model.safetensors, 16 hex digits)."""
+    h = hashlib.sha256()
+    with open(Path(export_dir) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def save_adapter(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write adapter.safetensors + adapter.json atomically (the directory appears complete or not at all)."""
+    from safetensors.torch import save_file
+
+    from neuraflex_ray.atomic import atomic_dir
+
+    out = Path(out_dir).resolve()
+    with atomic_dir(out) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE))
+        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def load_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
+    """Give `model` (loaded from `base_dir`, local layout) the adapter in `adapter_dir`; returns its meta.
+
+    Refuses an adapter trained on another base, naming both fingerprints."""
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
+    have = fingerprint(base_dir)
+    if meta["base_fingerprint"] != have:
+        raise ValueError(f"adapter {adapter_dir} was trained on base {meta['base_fingerprint']}, but {base_dir} is "
+                         f"base {have}: load it onto the export it was fine-tuned from ({meta.get('base_export')})")
+    apply_lora(model, meta["rank"], meta["alpha"], 0.0, meta["targets"])
+    state = load_file(str(adapter_dir / ADAPTER_FILE))
+    mods = {f"{path}.{name}": lora for path, _, name, lora in lora_modules(model)}
+    missing = sorted(set(mods) - {k.rsplit(".", 1)[0] for k in state})
+    if missing:
+        raise ValueError(f"adapter {adapter_dir} has no tensors for {missing[:3]}: it does not match this model")
+    with torch.no_grad():
+        for key, value in state.items():
+            weight, part = key.rsplit(".", 1)
+            getattr(mods[weight], part.removeprefix("lora_")).copy_(value)
+    return meta
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its weight (W + scale * A @ B) and drop the parametrizations, in place."""
+    model.eval()
+    for _, module, name, _ in lora_modules(model):
+        if parametrize.is_parametrized(module, name):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -1,0 +1,84 @@
+"""A fine-tune's job config and its model set-up inside each Ray Train worker.
+
+`finetune_config` (driver): the model section comes from the export, so the run trains the model
+that was exported, and the export's Fisher is computed once when EWC asks for it.
+`adapt_for_finetune` (worker, after parallelisation): LoRA adapters and the EWC penalty.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig
+
+
+def finetune_config(cfg: JobConfig) -> JobConfig:
+    """The job as it trains: model = the export's model; the Fisher file beside the export, if EWC is on."""
+    f = cfg.finetune
+    export = Path(f.from_export).expanduser().resolve()
+    meta = json.loads((export / "config.json").read_text())
+    if meta.get("model_type", "moe_lm") != "moe_lm":
+        raise ConfigError(f"finetune.from_export={export}: a {meta.get('model_type')} export; only NeuralFlex-MoE "
+                          f"exports can be fine-tuned so far")
+    model = ModelConfig(**meta["model"])
+    if cfg.data.tokenizer == "":  # the new corpus is read with the base's tokenizer, or token ids would mismatch
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.json")))
+    cfg = dataclasses.replace(cfg, model=model, finetune=dataclasses.replace(f, from_export=str(export)))
+    if f.ewc_lambda > 0:
+        from neuraflex_ray.finetune.ewc import fisher_for_export
+
+        original = meta.get("data", {}).get("output_dir")
+        if not original or not Path(original).is_dir():
+            raise ConfigError(f"finetune.ewc_lambda: EWC needs the export's original training data for its Fisher, "
+                              f"and {export}/config.json names {original!r}, which is not there")
+        fisher_for_export(export, original, f.fisher_blocks)
+    return cfg
+
+
+_DS_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.ds\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])$")
+
+
+def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any]:
+    """LoRA adapters (method lora) and the EWC penalty (ewc_lambda > 0) for `model` in its parallel layout."""
+    f = cfg.finetune
+    if not f.from_export:
+        return model, None
+    import torch.distributed as dist
+
+    from neuraflex_ray.finetune.lora import apply_lora
+
+    if f.method == "lora":
+        counts = apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"[finetune] LoRA rank {f.lora_rank} on {', '.join(f.lora_targets)}: {counts['trainable']:,} of "
+                  f"{counts['total']:,} parameters train ({100 * counts['share']:.2f}%)", flush=True)
+    elif not dist.is_initialized() or dist.get_rank() == 0:
+        n = sum(p.numel() for p in model.parameters())
+        print(f"[finetune] full: all {n:,} parameters of this rank's model train", flush=True)
+    if f.ewc_lambda <= 0:
+        return model, None
+    from safetensors.torch import load_file
+
+    from neuraflex_ray.checkpoint import to_local_name
+    from neuraflex_ray.finetune.ewc import EWC, FISHER_FILE
+
+    fisher = load_file(str(Path(f.from_export) / FISHER_FILE))
+    ep = cfg.train.ep_size
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    n_local = cfg.model.num_experts // ep if cfg.model.num_experts else 0
+
+    def local_name(name: str) -> str:
+        m = _DS_EXPERT.match(name)
+        return f"{m.group(1)}.{m.group(3)}" if m else to_local_name(name)
+
+    def expert_index(name: str) -> int | None:
+        m = _DS_EXPERT.match(name)
+        return (rank % ep) * n_local + int(m.group(2)) if m else None
+
+    return model, EWC(model, fisher, f.ewc_lambda, local_name, expert_index)

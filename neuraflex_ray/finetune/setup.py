@@ -52,15 +52,16 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
     import torch.distributed as dist
 
     from neuraflex_ray.finetune.lora import apply_lora
+    from neuraflex_ray.train.loop import log  # not print(): Train V2 would echo it twice
 
     if f.method == "lora":
         counts = apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)
         if not dist.is_initialized() or dist.get_rank() == 0:
-            print(f"[finetune] LoRA rank {f.lora_rank} on {', '.join(f.lora_targets)}: {counts['trainable']:,} of "
-                  f"{counts['total']:,} parameters train ({100 * counts['share']:.2f}%)", flush=True)
+            log(f"[finetune] LoRA rank {f.lora_rank} on {', '.join(f.lora_targets)}: {counts['trainable']:,} of "
+                f"{counts['total']:,} parameters of this rank's model train ({100 * counts['share']:.2f}%)")
     elif not dist.is_initialized() or dist.get_rank() == 0:
         n = sum(p.numel() for p in model.parameters())
-        print(f"[finetune] full: all {n:,} parameters of this rank's model train", flush=True)
+        log(f"[finetune] full: all {n:,} parameters of this rank's model train")
     if f.ewc_lambda <= 0:
         return model, None
     from safetensors.torch import load_file

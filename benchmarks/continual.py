@@ -56,6 +56,8 @@ def main() -> None:
     p.add_argument("--config", default=str(REPO / "jobs" / "configs" / "finetune_kjv.yaml"))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--ewc-lambda", type=float, default=1000.0, help="finetune.ewc_lambda of the ewc variants")
+    p.add_argument("--lora-lr", type=float, default=0.0,
+                   help="train.lr of the LoRA variants (0: the config's, as the others); adapters usually want more")
     p.add_argument("--output-dir", default="runs/bench-continual")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     args = p.parse_args()
@@ -86,6 +88,8 @@ def main() -> None:
             overrides = [*common, f"name=continual-{name}", *VARIANTS[name]]
             if name.endswith("ewc"):
                 overrides.append(f"finetune.ewc_lambda={args.ewc_lambda}")
+            if name.startswith("lora") and args.lora_lr:
+                overrides.append(f"train.lr={args.lora_lr}")
             t0 = time.perf_counter()
             out = finetune(load_config(args.config, overrides), fresh=True)
             row: dict[str, Any] = {"seconds": time.perf_counter() - t0, "steps": out["steps"]}
@@ -109,7 +113,7 @@ def main() -> None:
                 r = results[name]
                 r["forgetting_vs_full"] = r["forgetting"] / results["full"]["forgetting"]
                 r["new_bpb_vs_full"] = r["new_bpb"] - results["full"]["new_bpb"]
-    results["config"] = {"base": str(base), "config": args.config, "ewc_lambda": args.ewc_lambda,
+    results["config"] = {"base": str(base), "config": args.config, "ewc_lambda": args.ewc_lambda, "lora_lr": args.lora_lr,
                          "overrides": args.overrides, "old_data": old_data, "new_data": new_data,
                          "machine": platform.platform()}
     print(json.dumps(results, indent=1))

@@ -92,6 +92,14 @@ def cmd_probe(args: argparse.Namespace) -> dict:
     except ConfigError as e:
         raise ConfigError(f"--export {args.export}: {e}") from None
     print(format_table(result), flush=True)
+    if args.fewshot:  # LoRA fine-tuning on 1, 5 and 25 windows per class, beside the frozen probe on as many
+        from neuraflex_ray.eval.fewshot import fewshot
+
+        result = {**result, "fewshot": fewshot(export, cache_dir=args.cache_dir)}
+        for task, r in result["fewshot"].items():
+            for k, row in r["shots"].items():
+                print(f"[probe] {task} few-shot {k}/class: LoRA {row['lora']:.3f} | linear probe {row['linear']:.3f} "
+                      f"({row['draws']} draws, {r['n_test']} test windows)", flush=True)
     if args.out:
         print(f"[probe] wrote {write_result(result, args.out)}", flush=True)
     return result
@@ -247,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--export", required=True, help="NeuroFM export directory written by export/quickstart")
     sp.add_argument("--out", help="also write the JSON result to this file")
     sp.add_argument("--hop-s", type=float, default=1.0, help="seconds between task-vs-rest windows (default 1)")
+    sp.add_argument("--fewshot", action="store_true",
+                    help="also LoRA-fine-tune on 1, 5 and 25 windows per class (neuraflex_ray/eval/fewshot.py)")
     sp.add_argument("--cache-dir", default="", help="sample package cache (default: ~/.cache/neuraflex-ray)")
     sp.set_defaults(fn=cmd_probe)
     sp = sub.add_parser("inspect", help="Which kinds of held-out token go to which expert, per MoE layer.",

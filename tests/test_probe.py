@@ -208,3 +208,17 @@ def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
 def test_cli_probe_bad_export(tmp_path, capsys):
     assert main(["probe", "--export", str(tmp_path / "nowhere")]) == 2
     assert "--export" in capsys.readouterr().err
+
+
+def test_fewshot_scores_lora_and_the_linear_probe_without_touching_the_export(export_dir, meta):
+    from neuraflex_ray.eval.fewshot import fewshot_task
+    from neuraflex_ray.finetune.lora import fingerprint
+
+    before = fingerprint(export_dir)
+    session = load_session(meta)
+    task = next(t for t in all_tasks(session) if t.name == TASK_VS_REST)
+    out = fewshot_task(export_dir, session, task, shots=(1, 5), repeats=1, steps=2)
+    assert set(out["shots"]) == {"1", "5"} and out["n_test"] == len(task.y["test"])
+    for row in out["shots"].values():
+        assert 0.0 <= row["linear"] <= 1.0 and 0.0 <= row["lora"] <= 1.0 and row["draws"] == 1
+    assert fingerprint(export_dir) == before  # adapters live in memory; the base export is unchanged

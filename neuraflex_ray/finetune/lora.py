@@ -8,8 +8,9 @@ local MoE's stacked experts [E, in, out] (A [E, in, r], B [E, r, out]: a low-ran
 and DeepSpeed's per-expert weights [in, out] on the expert-parallel path.
 
 Targets: `attention` (wq, wk, wv, wo), `dense` (dense and shared-expert SwiGLU), `experts` (routed
-experts), `router`. `lora_dropout` drops entries of A in training: the weight-space form has no
-separate input path to drop, unlike PEFT's.
+experts), `router`; `linear` is every `nn.Linear` of any model (NeuroFM's few-shot adaptation,
+eval/fewshot.py). `lora_dropout` drops entries of A in training: the weight-space form has no separate
+input path to drop, unlike PEFT's.
 
 Adapter files: `adapter.safetensors` (tensors named `<weight>.lora_A` / `.lora_B` in the local
 layout) and `adapter.json` (rank, alpha, targets and the base export's fingerprint).
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-TARGETS = ("attention", "dense", "experts", "router")
+TARGETS = ("attention", "dense", "experts", "router", "linear")
 ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
 
 
@@ -55,6 +56,10 @@ def _weights(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]
 
     out: list[tuple[nn.Module, str]] = []
     for m in model.modules():
+        if "linear" in targets:
+            if isinstance(m, nn.Linear):
+                out.append((m, "weight"))
+            continue
         if isinstance(m, Attention) and "attention" in targets:
             out += [(getattr(m, n), "weight") for n in ("wq", "wk", "wv", "wo")]
         elif isinstance(m, SwiGLU) and "dense" in targets:

@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--base", default="runs/quickstart/export")
     p.add_argument("--config", default=str(REPO / "jobs" / "configs" / "finetune_kjv.yaml"))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--ewc-lambda", type=float, default=1000.0, help="finetune.ewc_lambda of the ewc variants")
+    p.add_argument("--ewc-lambda", type=float, default=500.0, help="finetune.ewc_lambda of the ewc variants")
     p.add_argument("--lora-lr", type=float, default=0.0,
                    help="train.lr of the LoRA variants (0: the config's, as the others); adapters usually want more")
     p.add_argument("--output-dir", default="runs/bench-continual")

@@ -91,6 +91,11 @@ def test_ewc_penalty_is_zero_at_the_anchor_and_weighs_moves_by_the_fisher():
     assert float(penalty) > 0
     penalty.backward()  # it trains the adapters
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if n.endswith(".B"))
+    with torch.no_grad():  # twice as far from the anchor: four times the penalty (it is quadratic)
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.mul_(2)
+    assert float(ewc.penalty().detach()) == pytest.approx(4 * float(penalty.detach()), rel=1e-4)
 
 
 def test_finetune_config_errors_name_the_field(tmp_path):
@@ -166,10 +171,18 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
     from neuraflex_ray.serving.deploy import deploy, free_port
 
     base, adapter = finetuned["base"], finetuned["out"]["adapter"]
-    url = deploy({"neuraflex-moe": str(base)}, port=free_port(), num_cpus=0.25, adapters={"ft": adapter})
+    # A second adapter for the same base: the trained one with its updates reversed.
+    from safetensors.torch import load_file
+
+    from neuraflex_ray.models.moe_lm import generate
+
+    flipped = {k: -v if k.endswith("lora_B") else v for k, v in load_file(f"{adapter}/adapter.safetensors").items()}
+    save_adapter(flipped, json.loads(Path(adapter, "adapter.json").read_text()), tmp_path / "flipped")
+    url = deploy({"neuraflex-moe": str(base)}, port=free_port(), num_cpus=0.25,
+                 adapters={"ft": adapter, "flipped": str(tmp_path / "flipped")})
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"neuraflex-moe", "neuraflex-moe:ft"}
+        assert {m.id for m in client.models.list().data} == {"neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped"}
         ids = list(range(5, 25))
 
         def prompt_logprobs(model: str) -> list:
@@ -182,15 +195,25 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
             logits, _ = merged(torch.tensor([ids]))
         want = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
         assert served_ft == pytest.approx(want, abs=1e-4) and served_ft != pytest.approx(served_base, abs=1e-4)
-        # Requests for the base and the adapter share the replica; each gets what it gets alone.
-        jobs = [("neuraflex-moe" if i % 2 else "neuraflex-moe:ft", f"x{i} = ") for i in range(8)]
+        # Requests for the base and both adapters share the replica, batched together; each gets the
+        # text in-process generation gives with its own weights.
+        names = ["neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped"]
+        jobs = [(names[i % 3], [7 + i // 3, 30, 9]) for i in range(9)]  # each prompt under all three
 
         def one(job: tuple) -> str:
-            return client.completions.create(model=job[0], prompt=job[1], max_tokens=8, temperature=0.0).choices[0].text
+            return client.completions.create(model=job[0], prompt=job[1], max_tokens=8, temperature=0.0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
 
-        alone = [one(j) for j in jobs]
-        with ThreadPoolExecutor(8) as pool:
-            assert list(pool.map(one, jobs)) == alone
+        with ThreadPoolExecutor(9) as pool:
+            together = list(pool.map(one, jobs))
+        models = {"neuraflex-moe": load_exported(base)[0], "neuraflex-moe:ft": merged,
+                  "neuraflex-moe:flipped": load_exported(merge_adapter(base, tmp_path / "flipped", tmp_path / "m2"))[0]}
+        from pipelines.text import load_tokenizer
+
+        tok = load_tokenizer(Path(base) / "tokenizer.json")
+        expected = [tok.decode(generate(models[m], ids, 8)) for m, ids in jobs]
+        assert together == expected
+        assert any(len(set(together[i:i + 3])) > 1 for i in (0, 3, 6))  # the adapters change the text
         req = urllib.request.Request(f"{url}/v1/completions", json.dumps(
             {"model": "neuraflex-moe:nope", "prompt": "x"}).encode(), {"Content-Type": "application/json"})
         with pytest.raises(urllib.error.HTTPError) as err:
@@ -217,3 +240,65 @@ def test_the_finetune_sweep_yaml_checks_against_an_export(tmp_path):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match="space.model.top_k: a fine-tuning sweep"):
         load_sweep(tmp_path / "bad.yaml")
+
+
+def _lora_paths(config: dict) -> dict:
+    """Inside a Ray Train worker: the local model with adapters vs the same weights and adapters under
+    DeepSpeed expert parallelism (each rank holding half the experts and their adapters)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from neuraflex_ray.config import JobConfig
+    from neuraflex_ray.finetune.run import _EXPERT_LORA
+    from neuraflex_ray.parallel.deepspeed_moe import to_local_name
+    from neuraflex_ray.train.strategy import DeepSpeedStrategy
+
+    cfg = JobConfig.from_dict(config["job"])
+    rank = ray.train.get_context().get_world_rank()
+    targets = ["attention", "dense", "experts", "router"]
+    torch.manual_seed(0)
+    local = MoELM(cfg.model)
+    apply_lora(local, 2, 4.0, 0.0, targets)
+    _perturb(local)  # the same adapter values on every rank (seeded before)
+    want = adapter_state(local)
+    torch.manual_seed(0)
+    strategy = DeepSpeedStrategy(cfg)
+
+    def adapt(model: torch.nn.Module) -> torch.nn.Module:
+        apply_lora(model, 2, 4.0, 0.0, targets)
+        n_local = cfg.model.num_experts // cfg.train.ep_size
+        with torch.no_grad():
+            for key in adapter_state(model):
+                m = _EXPERT_LORA.match(key)
+                src = (want[f"{m.group(1)}.{m.group(3)}.{m.group(4)}"][rank * n_local + int(m.group(2))] if m
+                       else want[to_local_name(key)])
+                path, part = key.rsplit(".", 1)
+                module_path, weight = path.rsplit(".", 1)
+                lora = model.get_submodule(module_path).parametrizations[weight][0]
+                getattr(lora, part.removeprefix("lora_")).copy_(src)
+        return model
+
+    engine = strategy.setup(MoELM(cfg.model), adapt=adapt)
+    x = torch.randint(0, cfg.model.vocab_size, (4, 17), generator=torch.Generator().manual_seed(100 + rank))
+    local.eval()
+    strategy.train(False)
+    with torch.no_grad():
+        diff = (engine(x[:, :-1])[0] - local(x[:, :-1])[0]).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return {"logits": float(diff), "adapted": sum(1 for k in want if "ffn.w1" in k)}
+
+
+def test_lora_on_the_deepspeed_ep_path_equals_the_local_path(ray_session, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    cfg = load_config("jobs/configs/moe_debug.yaml", ["model.flavour=tiny", "model.vocab_size=512", "data.seq_len=32",
+                                                      "model.capacity_factor=2.0", f"output_dir={tmp_path}"])
+    result = TorchTrainer(_lora_paths, train_loop_config={"job": cfg.to_dict()},
+                          scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
+    out = result.return_value
+    assert out["adapted"] >= 2 and out["logits"] < 1e-5, out  # expert adapters on both ranks, same logits

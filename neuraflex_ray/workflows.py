@@ -171,7 +171,8 @@ def train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:
 
 def _write_summary(run_dir: Path, summary: dict[str, Any], flops_convention: str) -> dict[str, Any]:
     summary["train"]["mfu_note"] = ("MFU = achieved model FLOP/s per worker / fp32 matmul FLOP/s measured on the same "
-                                    f"worker in the same run; {flops_convention}")
+                                    "worker in the same run (best of 5 bursts, matrices shaped like the model's); "
+                                    f"{flops_convention}")
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"[quickstart] summary -> {run_dir / 'summary.json'}", flush=True)
     return summary
@@ -191,7 +192,7 @@ def quickstart_neurofm(cfg: JobConfig) -> dict[str, Any]:
                      "sessions": [{k: r.get(k) for k in ("name", "modalities", "duration_s", "train_windows", "val_windows")}
                                   for r in manifest["recordings"]]},
         "train": {k: result[k] for k in ("strategy", "workers", "steps", "final_loss", "val_loss", "mfu", "patches_per_s",
-                                         "peak_flops_per_worker", "checkpoint")},
+                                         "peak_flops_per_worker", "data_wait_frac", "checkpoint")},
         "eval": ev,
         "export": {"path": str(export_dir)},
         "wall_s": time.perf_counter() - t0,
@@ -215,7 +216,7 @@ def quickstart(cfg: JobConfig, prompt: str = "def fibonacci(n):\n") -> dict[str,
     summary = {
         "pipeline": {k: manifest[k] for k in ("train_tokens", "val_tokens", "vocab_size", "seq_len")},
         "train": {k: result[k] for k in ("strategy", "workers", "ep_size", "zero_stage", "steps", "tokens_per_s",
-                                         "mfu", "final_loss", "val_loss", "peak_flops_per_worker",
+                                         "mfu", "final_loss", "val_loss", "peak_flops_per_worker", "data_wait_frac",
                                          "flops_per_token", "checkpoint")},
         "eval": ev,
         "export": {"path": str(export_dir)},

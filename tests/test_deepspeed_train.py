@@ -59,6 +59,9 @@ def test_two_worker_ep2_run_lowers_loss(baseline, base_dir):
     losses = [h["ce"] for h in baseline["history"]]
     assert losses[-1] < losses[0] - 0.5, losses
     assert math.isfinite(baseline["val_loss"]) and baseline["mfu"] > 0
+    # How long steps waited for data: per progress interval and over the run, a share of step time.
+    waits = [h["data_wait"] for h in baseline["history"]]
+    assert waits and all(0.0 <= w <= 1.0 for w in waits) and 0.0 <= baseline["data_wait_frac"] <= 1.0
     run_dir = Path(baseline["run_dir"])
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = latest_checkpoint(run_dir)

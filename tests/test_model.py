@@ -90,3 +90,12 @@ def test_loss_backward_reaches_router_and_experts(model):
     assert len(stats) == 2  # moe_every=2 over 4 layers
     model.zero_grad()
     model.eval()
+
+
+def test_the_mfu_peak_is_the_best_of_several_bursts_and_steady_across_calls():
+    """Two measurements in one process agree (each the best of 5 timed bursts)."""
+    from neuraflex_ray.train.metrics import measure_peak_flops
+
+    cpu = torch.device("cpu")
+    a, b = (measure_peak_flops(cpu, 1, seconds=0.3, shape=(256, 512, 256)) for _ in range(2))
+    assert a > 0 and b > 0 and 0.6 < a / b < 1.67, (a, b)

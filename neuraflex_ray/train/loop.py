@@ -112,7 +112,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             log(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     writer = MetricsWriter(config["tensorboard_dir"]) if rank == 0 else None
-    peak = measure_peak_flops(device, t.cpus_per_worker)  # per worker, same run, same threads
+    # Per worker, in this run, at its thread count, on matrices shaped like the model's.
+    peak = measure_peak_flops(device, t.cpus_per_worker, shape=task.peak_shape())
 
     train_ds = ray.train.get_dataset_shard("train")
     batches = task.batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
@@ -129,6 +130,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     units = flops = 0.0  # since the last log line, this rank
     total_units = total_flops = 0.0
     pause = 0.0  # eval and checkpoint time, kept out of throughput
+    wait = total_wait = 0.0  # seconds spent waiting for the next batch, since the last log line / in all
 
     def next_micro() -> Any:
         nonlocal batches, epoch, batch_in_epoch
@@ -150,7 +152,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
         lr = lr_at(step, cfg)
         for _ in range(t.grad_accum_steps):
+            t_wait = time.perf_counter()
             batch = next_micro()
+            wait += time.perf_counter() - t_wait
             first_batch_ids.append(task.fingerprint(batch))
             out = task.step(model, batch, step, device)
             strategy.backward(out.loss)
@@ -180,15 +184,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             avg = {k: float(v) / (steps_since_log * t.grad_accum_steps) for k, v in loss_acc.items()}
             rate = float(totals[0]) / dt
             mfu = float(totals[1]) / dt / world / peak
+            # The slowest rank's wait is what holds a synchronous step back.
+            slowest = torch.tensor([wait], dtype=torch.float64, device=device)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+            data_wait = min(1.0, float(slowest) / dt)
+            total_wait, wait = total_wait + float(slowest), 0.0
             total_units, total_flops = total_units + float(totals[0]), total_flops + float(totals[1])
             eta = (now - t_start - pause) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
             extras, text = task.log_extras(avg, writer, step)
-            rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu, **extras}
+            rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu,
+                   "data_wait": data_wait, **extras}
             history.append(rec)
             if writer is not None:
                 log(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
                     f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
-                    f"| eta {format_eta(eta)}")
+                    f"| data wait {100 * data_wait:.1f}% | eta {format_eta(eta)}")
                 writer.scalars("train", rec, step)
             loss_acc.clear()
             units = flops = 0.0
@@ -242,5 +252,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         f"{task.unit}_per_s": total_units / elapsed if elapsed > 0 else 0.0,
         "mfu": total_flops / elapsed / world / peak if elapsed > 0 else 0.0,
         "peak_flops_per_worker": peak,
+        "data_wait_frac": min(1.0, total_wait / elapsed) if elapsed > 0 else 0.0,
         "history": history,
     }

@@ -56,6 +56,11 @@ class LMTask:
         self._step_load: list[torch.Tensor] = []  # this step's [layers, E] assignment shares, per micro-batch
         self.ewc: Any = None  # fine-tuning with ewc_lambda > 0: finetune/ewc.py's penalty
 
+    def peak_shape(self) -> tuple[int, int, int]:
+        """(m, k, n) of a matmul like the model's FFN on one micro-batch: what the MFU peak is timed on."""
+        m = self.cfg.model
+        return self.cfg.train.micro_batch_size * self.cfg.data.seq_len, m.dim, max(m.dense_ffn_dim, m.expert_ffn_dim)
+
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.moe_lm import MoELM
 
@@ -167,6 +172,11 @@ class NeuroTask:
 
     def adapt(self, model: nn.Module) -> nn.Module:
         return model  # NeuroFM fine-tuning is not built yet (config validation refuses it)
+
+    def peak_shape(self) -> tuple[int, int, int]:
+        """(m, k, n) like the backbone's MLP over a micro-batch's latents (about 1,024 rows)."""
+        m = self.cfg.model
+        return 1024, m.dim, m.ffn_mult * m.dim
 
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.neurofm import NeuroFM

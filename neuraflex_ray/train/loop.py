@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
+from neuraflex_ray.train.prefetch import EpochPrefetcher
 from neuraflex_ray.train.strategy import build_strategy
 from neuraflex_ray.train.tasks import build_task
 
@@ -116,7 +117,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     peak = measure_peak_flops(device, t.cpus_per_worker, shape=task.peak_shape())
 
     train_ds = ray.train.get_dataset_shard("train")
-    batches = task.batches(train_ds, t.micro_batch_size, rank, world, skip=batch_in_epoch)
+    # Read ahead on a background thread, across epoch boundaries (train/prefetch.py).
+    feed = EpochPrefetcher(lambda skip: task.batches(train_ds, t.micro_batch_size, rank, world, skip=skip),
+                           epoch, skip=batch_in_epoch)
     val_loss = float("nan")
     val: dict[str, float] = {"loss": val_loss}  # the latest evaluation, and the step it ran at
     val_step = 0
@@ -133,17 +136,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     wait = total_wait = 0.0  # seconds spent waiting for the next batch, since the last log line / in all
 
     def next_micro() -> Any:
-        nonlocal batches, epoch, batch_in_epoch
-        while True:
-            try:
-                b = next(batches)
-                batch_in_epoch += 1
-                return b
-            except StopIteration:
-                if batch_in_epoch == 0:
-                    raise RuntimeError("training split produced no full batch: lower train.micro_batch_size") from None
-                epoch, batch_in_epoch = epoch + 1, 0
-                batches = task.batches(train_ds, t.micro_batch_size, rank, world)
+        nonlocal epoch, batch_in_epoch
+        e, batch = feed.next()
+        if e != epoch:
+            epoch, batch_in_epoch = e, 0
+        batch_in_epoch += 1
+        return batch
 
     strategy.train(True)
     while step < t.max_steps:
@@ -237,6 +235,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         t_log += dt_pause
         pause += dt_pause
 
+    feed.close()
     if writer is not None:
         writer.close()
     elapsed = time.perf_counter() - t_start - pause

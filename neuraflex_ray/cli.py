@@ -1,8 +1,12 @@
-"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | serve | quickstart.
+"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | finetune | merge |
+serve | quickstart. `python -m neuraflex_ray ...` is the same.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
     neuraflex-ray train --config jobs/configs/moe_debug.yaml train.max_steps=50 model.top_k=1
+
+A usage or config error prints one line naming the flag or field and exits 2; `--verbose` (before the
+command) shows the traceback.
 """
 
 from __future__ import annotations
@@ -208,10 +212,17 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     return {"url": url, "app": args.name, "stopped": True}
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line (argparse's default prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="neuraflex-ray", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="neuraflex-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--verbose", action="store_true", help="show tracebacks of usage and config errors")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
@@ -327,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         out = args.fn(args)
     except ConfigError as e:
+        if args.verbose:
+            raise
         print(f"config error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2, default=str))

@@ -1,5 +1,5 @@
-"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | finetune | merge |
-serve | quickstart. `python -m neuraflex_ray ...` is the same.
+"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | dashboard |
+finetune | merge | serve | quickstart. `python -m neuraflex_ray ...` is the same.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -148,6 +148,25 @@ def cmd_merge(args: argparse.Namespace) -> dict:
     return {"export": str(out)}
 
 
+def cmd_dashboard(args: argparse.Namespace) -> dict:
+    import time
+
+    from neuraflex_ray.dashboard import start, stop
+
+    servers = start(args.sweep_dir, args.host, args.tensorboard_port, args.optuna_port)
+    print(f"[dashboard] TensorBoard: {servers['tensorboard']} | Optuna: {servers['optuna']} (Ctrl-C stops both)",
+          flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        while all(p.poll() is None for p in servers["processes"]):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop(servers)
+    return {"tensorboard": servers["tensorboard"], "optuna": servers["optuna"], "stopped": True}
+
+
 def cmd_quickstart(args: argparse.Namespace) -> dict:
     from neuraflex_ray.train.driver import ensure_ray
     from neuraflex_ray.workflows import quickstart
@@ -244,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--from", dest="from_export", required=True, metavar="EXPORT", help="the export to fine-tune")
     sp.add_argument("--fresh", action="store_true", help="delete this run's old checkpoints first")
     sp.set_defaults(fn=cmd_finetune)
+    sp = sub.add_parser("dashboard", help="TensorBoard and optuna-dashboard on a sweep directory; prints both URLs.",
+                        description="Starts TensorBoard (one run per trial) and optuna-dashboard (the sweep's study) "
+                                    "on a directory `neuraflex-ray tune` wrote, until Ctrl-C.")
+    sp.add_argument("sweep_dir", help="the sweep directory (<output_dir>/<name>, e.g. runs/sweeps/tune-moe-debug)")
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--tensorboard-port", type=int, default=6006)
+    sp.add_argument("--optuna-port", type=int, default=8080)
+    sp.set_defaults(fn=cmd_dashboard)
     sp = sub.add_parser("merge", help="Fold a LoRA adapter into its base export: a full export.",
                         description="base export + adapter (adapter.safetensors, adapter.json) -> a full export; "
                                     "refuses an adapter trained on another base.")

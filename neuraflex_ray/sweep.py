@@ -7,7 +7,7 @@ keys, the metric, the trial budget and the resources of one trial (loaded and ch
     neuraflex-ray tune --config jobs/configs/tune_moe_debug.yaml            # --resume, --fresh
 
 Search is Optuna (TPE, seeded; or its random sampler) through `OptunaSearch`, with the study kept in
-Optuna's own storage so `optuna-dashboard <storage>` shows it; the scheduler is ASHA on the
+Optuna's own storage so `neuraflex-ray dashboard` shows it (dashboard.py); the scheduler is ASHA on the
 validation metric (or PBT, or none). Each trial is one `train()` call: a Ray Train `TorchTrainer`
 started from inside the Tune trial (Train V2's Train-inside-Tune pattern), whose every evaluation is
 forwarded to Tune. Everything a sweep writes lives under <output_dir>/<name>:
@@ -358,8 +358,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     c = sweep.cfg
     print(f"[tune] sweep {c.name}: {c.num_trials} trials, {c.search.algorithm} search, {c.scheduler.type} scheduler, "
           f"{c.metric} ({c.mode}); {sweep.dir}", flush=True)
-    print(f"[tune] TensorBoard: tensorboard --logdir {sweep.dir / 'tensorboard'}" +
-          (f" | Optuna: optuna-dashboard {sweep.storage_url}" if sweep.storage_url else ""), flush=True)
+    print(f"[tune] dashboards: neuraflex-ray dashboard {sweep.dir} (TensorBoard: {sweep.dir / 'tensorboard'}" +
+          (f", Optuna: {sweep.storage_url})" if sweep.storage_url else ")"), flush=True)
     grid = _tuner(sweep, resume).fit()
     _release_leaked_placement_groups()
     finished = grid.num_terminated + grid.num_errors

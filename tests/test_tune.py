@@ -172,6 +172,28 @@ def test_every_trial_reported_its_train_placement_group(sweep):
             assert len(t.last_result["placement_group"]) == 36, t.trial_id  # a hex PlacementGroupID
 
 
+def test_the_dashboards_serve_the_finished_sweep(sweep):
+    """`neuraflex-ray dashboard`: optuna-dashboard's HTTP API lists the sweep's trials, TensorBoard its runs."""
+    import urllib.request
+
+    from neuraflex_ray.dashboard import start, stop
+    from neuraflex_ray.serving.deploy import free_port
+
+    servers = start(sweep["sweep"].dir, tensorboard_port=free_port(), optuna_port=free_port())
+    try:
+        studies = json.loads(urllib.request.urlopen(servers["optuna"] + "/api/studies", timeout=30).read())
+        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "t"]
+        detail = json.loads(urllib.request.urlopen(f"{servers['optuna']}/api/studies/{study['study_id']}",
+                                                   timeout=30).read())
+        assert len(detail["trials"]) == TRIALS
+        assert {t["state"] for t in detail["trials"]} >= {"Complete", "Pruned", "Fail"}
+        runs = json.loads(urllib.request.urlopen(servers["tensorboard"] + "/data/runs", timeout=30).read())
+        table = pd.read_csv(Path(sweep["summary"]["dir"]) / "results.csv")
+        assert set(table.trial_id) <= set(runs)
+    finally:
+        stop(servers)
+
+
 def test_an_ended_trials_placement_group_is_released(ray_session):
     """The driver-side callback removes the group a trial's run left reserved, and only that one."""
     from types import SimpleNamespace

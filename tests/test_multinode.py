@@ -124,7 +124,10 @@ def tensorboard_losses(run: Path) -> list[tuple[int, float, float]]:
 def alive_train_workers(cluster) -> list[dict]:
     out = subprocess.run([RAY, "list", "actors", "--filter", "class_name=RayTrainWorker", "--filter", "state=ALIVE",
                           "--format", "json", "--detail"], env=cluster["env"], capture_output=True, text=True, timeout=60)
-    return json.loads(out.stdout)
+    try:
+        return json.loads(out.stdout)
+    except json.JSONDecodeError:  # no such actor yet: the CLI prints a notice, not JSON
+        return []
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(cluster):
@@ -133,19 +136,20 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(cluster):
     submit(cluster, "nfr-recover", "name=recover", f"train.max_steps={steps}", "train.log_every=2",
            "train.eval_every=24", f"train.checkpoint_every={every}", "train.max_failures=2", wait=False)
     deadline = time.monotonic() + 600
-    while latest_checkpoint(run) is None:  # the first checkpoint (step 16) is complete on disk
+    # Find the workers first: listing actors takes seconds, which must not fall between the first
+    # checkpoint and the kill (the run would be near its next checkpoint by then).
+    while len(workers := alive_train_workers(cluster)) < 2:
         assert time.monotonic() < deadline and job_status(cluster, "nfr-recover") in ("PENDING", "RUNNING")
         time.sleep(0.5)
-    time.sleep(1.0)  # a few steps on: Train has registered it
-    workers = alive_train_workers(cluster)
     assert len(workers) == 2
+    while latest_checkpoint(run) is None:  # the first checkpoint (step 16) is complete on disk
+        assert time.monotonic() < deadline and job_status(cluster, "nfr-recover") in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    time.sleep(1.0)  # a few steps on: Train has registered it, and the next checkpoint is far off
+    last_step = read_checkpoint_state(latest_checkpoint(run))["step"]
     victim = max(workers, key=lambda w: w["pid"])
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()
-    # The newest checkpoint complete when the worker died (listing the actors takes seconds, and a
-    # run with no data stalls may have written the next one meanwhile): no later one can complete
-    # without the dead rank's shards.
-    last_step = read_checkpoint_state(latest_checkpoint(run))["step"]
 
     while (status := job_status(cluster, "nfr-recover")) in ("PENDING", "RUNNING"):
         assert time.monotonic() < deadline, "the job did not finish after the worker was killed"

@@ -47,12 +47,12 @@ class MultiLoRA(nn.Module):
 class AdapterSet:
     """The adapters of one served LM, attached to its model."""
 
-    def __init__(self, model: nn.Module, base_export: Path, adapters: dict[str, str]):
+    def __init__(self, model: nn.Module, base_export: Path, adapters: dict[str, str], base_print: str = ""):
         from safetensors.torch import load_file
 
         self.model, self.meta = model, {}
         self.slots: list[MultiLoRA] = []
-        base_print = fingerprint(base_export)
+        base_print = base_print or fingerprint(base_export)  # the caller may have hashed the export already
         for name, path in adapters.items():
             path = Path(path).expanduser().resolve()
             meta = json.loads((path / ADAPTER_META).read_text())

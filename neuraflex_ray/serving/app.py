@@ -47,6 +47,7 @@ from neuraflex_ray.serving.models import (
     LMModel,
     NeuroModel,
     ServeOptions,
+    _model_type,
     check_adapters,
     check_draft,
     load_model,
@@ -323,4 +324,4 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
 
 
 def _is_lm(path: str) -> bool:
-    return json.loads((Path(path) / "config.json").read_text()).get("model_type", "moe_lm") == "moe_lm"
+    return _model_type(Path(path)) == "moe_lm"

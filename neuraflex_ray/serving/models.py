@@ -224,7 +224,7 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
     mine = fingerprint(path)
     ours = {n: p for n, p in o.adapters.items()
             if json.loads((Path(p) / "adapter.json").read_text())["base_fingerprint"] == mine}
-    return AdapterSet(model, path, ours) if ours else None
+    return AdapterSet(model, path, ours, base_print=mine) if ours else None
 
 
 def check_adapters(adapters: dict[str, str], lm_exports: list[str]) -> None:

@@ -267,6 +267,7 @@ class TrainConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
+    compile: bool = False  # torch.compile each block (train/compile.py); off: faster on CPU for the debug flavours
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum_steps: int = 1
     max_steps: int = 200

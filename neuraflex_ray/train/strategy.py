@@ -25,6 +25,7 @@ from torch import nn
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import JobConfig
+from neuraflex_ray.train.compile import compile_blocks
 
 CKPT_TAG = "ds"  # DeepSpeed's sub-directory inside each checkpoint
 DCP_DIR = "dcp"  # torch.distributed.checkpoint's sub-directory inside each FSDP checkpoint
@@ -91,6 +92,8 @@ class DeepSpeedStrategy:
         model = parallelize_deepspeed(model, t.ep_size, rank).to(self.device)
         if adapt is not None:
             model = adapt(model)
+        if t.compile:
+            compile_blocks(model)
         # Expert parameters get their own optimizer groups: ZeRO reduces them only across the
         # expert-data-parallel group, not the whole world.
         groups_ = split_params_into_different_moe_groups_for_optimizer(param_groups(model, t.weight_decay))
@@ -180,6 +183,8 @@ class FSDPStrategy:
         model = model.to(self.device)
         if adapt is not None:
             model = adapt(model)
+        if t.compile:  # before fully_shard, as torchtitan orders it
+            compile_blocks(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if _bf16(self.cfg) else None, reduce_dtype=torch.float32)
         for attr in self.block_lists:
             blocks = getattr(model, attr, None)

@@ -48,50 +48,49 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--dim", type=int, default=512)
-    ap.add_argument("--ffn", type=int, default=1024)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
-
-    device = torch.device(args.device)
+def init_single_process_group(device: torch.device) -> bool:
+    """World of one (DeepSpeed's MoE layer wants a process group even at ep_size=1). Returns whether
+    DeepSpeed is importable; without it only our own paths are timed."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # DeepSpeed's MoE layer wants a process group even at ep_size=1.
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29555")
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
-    with stdout_to_stderr():
-        import deepspeed  # after the accelerator env var
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+    try:
+        with stdout_to_stderr():
+            import deepspeed  # after the accelerator env var
 
-        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group created above
+            deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group created above
+    except ImportError:
+        return False
+    return True
 
-    from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE
 
+def compare(tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: int, device: torch.device,
+            dtype: torch.dtype = torch.float32, with_deepspeed: bool = True, with_naive: bool = True) -> dict:
+    """Forward+backward of the same experts in each execution; medians over interleaved repeats."""
     torch.manual_seed(0)
-    moe = MoE(args.dim, args.ffn, args.experts, args.top_k).to(device)
+    moe = MoE(dim, ffn, experts, top_k).to(device)
     moe.init_weights(0.02, 0.02)
-    common = dict(dim=args.dim, num_experts=args.experts, top_k=args.top_k, expert_ffn_dim=args.ffn)
-    dynamic = ModelConfig(**common, drop_tokens=False)
-    static = ModelConfig(**common, drop_tokens=True, capacity_factor=args.experts / args.top_k, min_capacity=0)
-    with stdout_to_stderr():
-        ds, ds_static = (DeepSpeedMoE(moe, c, ep_size=1, ep_rank=0).to(device) for c in (dynamic, static))
-        for m in (ds, ds_static):
-            m.ds.set_deepspeed_parallelism()
+    impls = {"dropless": lambda: moe(x)[0]}
+    if with_deepspeed:
+        from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE
 
-    x = torch.randn(args.tokens, args.dim, device=device, requires_grad=True)
-    grad = torch.randn(args.tokens, args.dim, device=device)
-    impls = {
-        "dropless": lambda: moe(x)[0],
-        "deepspeed": lambda: ds(x)[0],
-        "deepspeed_static_capacity": lambda: ds_static(x)[0],
-        "naive": lambda: naive_moe_forward(moe, x),
-    }
+        common = dict(dim=dim, num_experts=experts, top_k=top_k, expert_ffn_dim=ffn)
+        dynamic = ModelConfig(**common, drop_tokens=False)
+        static = ModelConfig(**common, drop_tokens=True, capacity_factor=experts / top_k, min_capacity=0)
+        with stdout_to_stderr():
+            ds, ds_static = (DeepSpeedMoE(moe, c, ep_size=1, ep_rank=0).to(device, dtype) for c in (dynamic, static))
+            for m in (ds, ds_static):
+                m.ds.set_deepspeed_parallelism()
+        impls["deepspeed"] = lambda: ds(x)[0]
+        impls["deepspeed_static_capacity"] = lambda: ds_static(x)[0]
+    if with_naive:
+        impls["naive"] = lambda: naive_moe_forward(moe, x)
+    moe.to(dtype)  # after DeepSpeed copied the fp32 weights
+    x = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    grad = torch.randn(tokens, dim, device=device, dtype=dtype)
     with torch.no_grad():
         ref = impls["dropless"]()
         max_diff = {k: float((f() - ref).abs().max()) for k, f in impls.items() if k != "dropless"}
@@ -110,24 +109,40 @@ def main() -> None:
     for fn in impls.values():  # warm-up
         once(fn)
     times: dict[str, list[float]] = {k: [] for k in impls}
-    for _ in range(args.repeats):
+    for _ in range(repeats):
         for k, fn in impls.items():
             times[k].append(once(fn))
 
-    out = {
-        "config": {"tokens": args.tokens, "dim": args.dim, "ffn": args.ffn, "experts": args.experts,
-                   "top_k": args.top_k, "repeats": args.repeats, "device": str(device),
+    out: dict = {
+        "config": {"tokens": tokens, "dim": dim, "ffn": ffn, "experts": experts, "top_k": top_k,
+                   "repeats": repeats, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
                    "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "grouped_mm": hasattr(torch, "_grouped_mm"), "machine": platform.processor() or platform.machine()},
         "max_abs_diff_vs_dropless": max_diff,
     }
     for k, ts in times.items():
         med = statistics.median(ts)
-        out[k] = {"tokens_per_s": args.tokens / med, "median_s": med}
-    out["speedup_dropless_vs_deepspeed"] = out["dropless"]["tokens_per_s"] / out["deepspeed"]["tokens_per_s"]
-    out["speedup_dropless_vs_deepspeed_static_capacity"] = (
-        out["dropless"]["tokens_per_s"] / out["deepspeed_static_capacity"]["tokens_per_s"])
-    out["speedup_dropless_vs_naive"] = out["dropless"]["tokens_per_s"] / out["naive"]["tokens_per_s"]
+        out[k] = {"tokens_per_s": tokens / med, "median_s": med}
+    for k in impls:
+        if k != "dropless":
+            out[f"speedup_dropless_vs_{k}"] = out["dropless"]["tokens_per_s"] / out[k]["tokens_per_s"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    if not init_single_process_group(device):
+        sys.exit("DeepSpeed is not installed: this benchmark compares against its MoE layer")
+    out = compare(args.tokens, args.dim, args.ffn, args.experts, args.top_k, args.repeats, device)
     print(json.dumps(out, indent=2))
     dist.destroy_process_group()
 

@@ -88,10 +88,11 @@ def swiglu(x: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor
 
 def _grouped_mm_ok(*tensors: torch.Tensor) -> bool:
     # torch._grouped_mm needs 16-byte aligned strides (dims a multiple of 4 in fp32). Its CUDA
-    # kernels take bf16 (Hopper); fp32 grouped GEMM is a CPU path, so CUDA fp32 falls back.
+    # kernels take bf16 (Hopper); fp32 grouped GEMM is an eager CPU path (its compile-time meta
+    # kernel wants bf16), so CUDA fp32 and compiled fp32 fall back.
     if not hasattr(torch, "_grouped_mm"):
         return False
-    if tensors[0].device.type == "cuda" and tensors[0].dtype != torch.bfloat16:
+    if tensors[0].dtype != torch.bfloat16 and (tensors[0].device.type == "cuda" or torch.compiler.is_compiling()):
         return False
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
@@ -103,6 +104,12 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: 
     Uses one grouped matmul per weight (torch._grouped_mm) where available; otherwise a loop
     over contiguous slices, which is still dropless and mask-free.
     """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        # Autocast does not cover _grouped_mm: cast as it would for a matmul, or fp32 master weights
+        # under bf16 autocast would send every step down the per-expert loop below.
+        dtype = torch.get_autocast_dtype(device)
+        x, w1, w3, w2 = (t.to(dtype) for t in (x, w1, w3, w2))
     if _grouped_mm_ok(x, w1, w2):
         offs = counts.cumsum(0).to(torch.int32)
         h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
@@ -174,7 +181,7 @@ class MoE(nn.Module):
         token_of = order // k
         out = grouped_swiglu(x[token_of], counts, self.w1, self.w3, self.w2)
         out = out * r.weights.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token_of, out)
 
     def _all_experts_forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         h = F.silu(torch.matmul(x, self.w1)) * torch.matmul(x, self.w3)  # [E, N, f]

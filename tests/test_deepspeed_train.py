@@ -62,6 +62,10 @@ def test_two_worker_ep2_run_lowers_loss(baseline, base_dir):
     # How long steps waited for data: per progress interval and over the run, a share of step time.
     waits = [h["data_wait"] for h in baseline["history"]]
     assert waits and all(0.0 <= w <= 1.0 for w in waits) and 0.0 <= baseline["data_wait_frac"] <= 1.0
+    # Where the rest went: forward+backward and the optimizer step, shares that leave room for the wait.
+    for h in baseline["history"]:
+        assert 0.0 < h["fwd_bwd"] <= 1.0 and 0.0 < h["optimizer"] < 1.0 and h["fwd_bwd"] + h["optimizer"] <= 1.0 + 1e-6
+    assert 0.3 < baseline["fwd_bwd_frac"] + baseline["optimizer_frac"] + baseline["data_wait_frac"] <= 1.0 + 1e-6
     run_dir = Path(baseline["run_dir"])
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     ckpt = latest_checkpoint(run_dir)

@@ -134,6 +134,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     total_units = total_flops = 0.0
     pause = 0.0  # eval and checkpoint time, kept out of throughput
     wait = total_wait = 0.0  # seconds spent waiting for the next batch, since the last log line / in all
+    # Seconds in forward+backward and in the optimizer step (gradient reduction included: ZeRO and
+    # FSDP overlap it with both, so it is not a separate figure), since the last log line / in all.
+    phase = {"fwd_bwd": 0.0, "optimizer": 0.0}
+    phase_total = dict(phase)
+
+    def clock() -> float:
+        if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
 
     def next_micro() -> Any:
         nonlocal epoch, batch_in_epoch
@@ -154,13 +163,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             batch = next_micro()
             wait += time.perf_counter() - t_wait
             first_batch_ids.append(task.fingerprint(batch))
+            t_fb = clock()
             out = task.step(model, batch, step, device)
             strategy.backward(out.loss)
+            phase["fwd_bwd"] += clock() - t_fb
             for k, v in {"loss": out.loss.detach(), **out.parts}.items():
                 loss_acc[k] = loss_acc[k] + v if k in loss_acc else v.clone()
             units += out.units
             flops += out.flops
+        t_opt = clock()
         grad_norm = strategy.step(lr)
+        phase["optimizer"] += clock() - t_opt
         if not math.isfinite(grad_norm):
             # The norm is global, so every rank stops here together. Returning (instead of raising)
             # keeps Ray Train from restarting a run that would diverge again from its last checkpoint;
@@ -188,15 +201,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             data_wait = min(1.0, float(slowest) / dt)
             total_wait, wait = total_wait + float(slowest), 0.0
             total_units, total_flops = total_units + float(totals[0]), total_flops + float(totals[1])
+            shares = {k: min(1.0, v / dt) for k, v in phase.items()}  # rank 0's, of the interval's wall time
+            for k in phase:
+                phase_total[k], phase[k] = phase_total[k] + phase[k], 0.0
             eta = (now - t_start - pause) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
             extras, text = task.log_extras(avg, writer, step)
             rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu,
-                   "data_wait": data_wait, **extras}
+                   "data_wait": data_wait, **shares, **extras}
             history.append(rec)
             if writer is not None:
                 log(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
                     f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
-                    f"| data wait {100 * data_wait:.1f}% | eta {format_eta(eta)}")
+                    f"| data wait {100 * data_wait:.1f}% | fwd/bwd {100 * shares['fwd_bwd']:.0f}% "
+                    f"| optim {100 * shares['optimizer']:.0f}% | eta {format_eta(eta)}")
                 writer.scalars("train", rec, step)
             loss_acc.clear()
             units = flops = 0.0
@@ -252,5 +269,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "mfu": total_flops / elapsed / world / peak if elapsed > 0 else 0.0,
         "peak_flops_per_worker": peak,
         "data_wait_frac": min(1.0, total_wait / elapsed) if elapsed > 0 else 0.0,
+        **{f"{k}_frac": min(1.0, v / elapsed) if elapsed > 0 else 0.0 for k, v in phase_total.items()},
         "history": history,
     }

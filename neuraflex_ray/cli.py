@@ -5,8 +5,9 @@ Every command that takes --config also takes dotted overrides after it, e.g.
 
     neuraflex-ray train --config jobs/configs/moe_debug.yaml train.max_steps=50 model.top_k=1
 
-A usage or config error prints one line naming the flag or field and exits 2; `--verbose` (before the
-command) shows the traceback.
+A usage or config error prints one line naming the flag or field and exits 2. By default the console
+shows our progress lines, warnings and errors, and library chatter goes to <run dir>/logs/library.log
+(neuraflex_ray/console.py). `--verbose` (before the command) shows both the chatter and tracebacks.
 """
 
 from __future__ import annotations
@@ -240,7 +241,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="neuraflex-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--verbose", action="store_true", help="show tracebacks of usage and config errors")
+    p.add_argument("--verbose", action="store_true",
+                   help="show library output (DeepSpeed, Ray, torch) on the console and tracebacks of usage errors")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
@@ -362,6 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from neuraflex_ray.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         out = args.fn(args)
     except ConfigError as e:

@@ -18,6 +18,7 @@ import ray
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from neuraflex_ray import console
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
 from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, NeuroFMConfig, TrainConfig, validate
 from neuraflex_ray.train.loop import train_loop_per_worker
@@ -33,13 +34,18 @@ def ensure_ray(cfg: JobConfig | None = None, min_cpus: float = 0) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg else 2
-    # Logical CPUs above the physical count leave room for Ray Data's read tasks beside the
-    # training workers on a small machine; the workers set their own torch thread counts.
-    ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)), include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+        ctx = ray.init()
+    else:
+        workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg else 2
+        # Logical CPUs above the physical count leave room for Ray Data's read tasks beside the
+        # training workers on a small machine; the workers set their own torch thread counts.
+        ctx = ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)), include_dashboard=True,
+                       dashboard_host="127.0.0.1", log_to_driver=True)
+    # Library chatter to <run dir>/logs/library.log from here on (console.py); --verbose keeps it.
+    console.install((cfg.run_dir if cfg else Path("runs")) / "logs" / "library.log")
+    if ctx.dashboard_url:
+        print(f"[ray] {'connected to' if os.environ.get('RAY_ADDRESS') else 'started'} a Ray cluster; "
+              f"dashboard http://{ctx.dashboard_url}", flush=True)
 
 
 def scaling_config(t: TrainConfig) -> ScalingConfig:

@@ -1,0 +1,74 @@
+"""The console a person reads: progress lines, not library chatter; `--verbose` brings the chatter back.
+
+Both runs are real `python -m neuraflex_ray train` drivers connected to the session's cluster
+through RAY_ADDRESS, as `ray job submit` connects one (and `ray job logs` shows that driver's output).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from neuraflex_ray.console import shown
+
+# What a default run must not print (issue 16): DeepSpeed's op builder, Ray's dedup notice,
+# FutureWarnings, Train's result dumps; and Ray Data's execution plans.
+CHATTER = ("built successfully", "Ray deduplicates logs", "FutureWarning", "Reporting training result",
+           "Execution plan of Dataset")
+
+
+@pytest.mark.parametrize("line,show", [
+    ("[train] step 10/400 | loss 7.2 | tok/s 5,000", True),
+    ("[eval] step 100 | val loss 5.3846 | val bits_per_byte 2.1282", True),
+    ("[data] wrote 6058 train / 124 val blocks", True),
+    ("Traceback (most recent call last):", True),
+    ("RuntimeError: Expected all tensors to be on the same device", True),
+    ("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully", False),
+    ("Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 100})", False),
+    ("/venv/torch/distributed/c10d_logger.py:83: FutureWarning: `all_gather_into_tensor` is deprecated.", False),
+    ("No existing process group found, creating a new group named: ep_size_2", False),
+    ("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)", False),
+])
+def test_which_forwarded_lines_reach_the_console(line, show):
+    assert shown(line) is show
+
+
+def run_train(tmp: Path, name: str, *flags: str) -> str:
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env.pop("NEURAFLEX_VERBOSE", None)
+    cmd = [sys.executable, "-m", "neuraflex_ray", *flags, "train", "--config", "jobs/configs/moe_debug.yaml",
+           f"name={name}", f"output_dir={tmp / 'runs'}", f"data.output_dir={tmp / 'data'}",
+           "model.flavour=tiny", "model.max_seq_len=64", "data.max_bytes=200000", "data.vocab_size=512",
+           "data.seq_len=32", "train.micro_batch_size=4", "train.max_steps=4", "train.warmup_steps=1",
+           "train.log_every=2", "train.eval_every=4", "train.eval_batches=2", "train.checkpoint_every=4"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=Path(__file__).parents[1])
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("console")
+    return tmp, run_train(tmp, "quiet"), run_train(tmp, "loud", "--verbose")
+
+
+def test_a_default_run_shows_progress_and_no_chatter(runs):
+    tmp, quiet, _ = runs
+    assert "[train] step 2/4" in quiet and "[train] step 4/4" in quiet and "[eval] step 4" in quiet
+    assert [c for c in CHATTER if c in quiet] == []
+    log = tmp / "runs" / "quiet" / "logs" / "library.log"
+    assert f"library output goes to {log}" in quiet
+    assert "Reporting training result" in log.read_text()  # nothing lost: the chatter is in the file
+
+
+def test_verbose_brings_the_chatter_back(runs):
+    _, _, loud = runs
+    assert "[train] step 4/4" in loud
+    assert "Reporting training result" in loud and "library output goes to" not in loud

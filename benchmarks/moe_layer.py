@@ -20,6 +20,7 @@ import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
 import sys
 import time
@@ -54,7 +55,10 @@ def init_single_process_group(device: torch.device) -> bool:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29555")
+    if "MASTER_PORT" not in os.environ:  # a free port: two benchmarks at once must not collide
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
     try:

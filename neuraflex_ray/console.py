@@ -55,10 +55,9 @@ class _Quiet(logging.Filter):
 
 
 def install(log_path: str | Path) -> Path | None:
-    """Filter the console of this driver (call after ray.init); returns the log file, None when verbose.
-
-    Installed once per process: later calls keep the first log file.
-    """
+    """Filter this driver's logging and warnings (call before ray.init, so that its own notices are
+    filtered too); returns the log file, None when verbose. Once per process: later calls keep the
+    first log file. After ray.init, `filter_worker_lines()` does the same for forwarded lines."""
     if verbose():
         return None
     with _lock:
@@ -68,11 +67,17 @@ def install(log_path: str | Path) -> Path | None:
         path.parent.mkdir(parents=True, exist_ok=True)
         log = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 (lives as long as the process)
         _installed.update(path=path, file=log)
-    _quiet_forwarded_lines(log)
     _quiet_driver_logging(log)
     _quiet_library_warnings(log)
     print(f"[console] library output goes to {path} (--verbose shows it here)", flush=True)
     return path
+
+
+def filter_worker_lines() -> None:
+    """After ray.init: lines forwarded from Ray's workers go through `shown` (when install() ran)."""
+    if _installed and not _installed.get("forwarding"):
+        _quiet_forwarded_lines(_installed["file"])
+        _installed["forwarding"] = True
 
 
 def _quiet_forwarded_lines(log: TextIO) -> None:

@@ -33,6 +33,8 @@ def ensure_ray(cfg: JobConfig | None = None, min_cpus: float = 0) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return
+    # Library chatter to <run dir>/logs/library.log from here on (console.py); --verbose keeps it.
+    console.install((cfg.run_dir if cfg else Path("runs")) / "logs" / "library.log")
     if os.environ.get("RAY_ADDRESS"):
         ctx = ray.init()
     else:
@@ -41,8 +43,7 @@ def ensure_ray(cfg: JobConfig | None = None, min_cpus: float = 0) -> None:
         # training workers on a small machine; the workers set their own torch thread counts.
         ctx = ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)), include_dashboard=True,
                        dashboard_host="127.0.0.1", log_to_driver=True)
-    # Library chatter to <run dir>/logs/library.log from here on (console.py); --verbose keeps it.
-    console.install((cfg.run_dir if cfg else Path("runs")) / "logs" / "library.log")
+    console.filter_worker_lines()
     if ctx.dashboard_url:
         print(f"[ray] {'connected to' if os.environ.get('RAY_ADDRESS') else 'started'} a Ray cluster; "
               f"dashboard http://{ctx.dashboard_url}", flush=True)

@@ -105,7 +105,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
         reasons = [s["reason"] for s in skipped] + [f"session {s['name']!r}: {s['duration_s']:.2f} s, shorter than one "
                                                     f"window" for s in short]
         raise ValueError("no usable recording in data.samples / data.recordings:\n" + "\n".join(reasons))
-    channel_ids = _channel_ids(metas)
+    channel_ids = _channel_ids(metas, cfg.channel_table)
     layout = {m: plan["modalities"][m] for m in modalities}
     counts = {split: sum(len(m[f"{split}_starts"]) for m in metas) for split in ("train", "val")}
     for split, n in counts.items():
@@ -261,14 +261,21 @@ def _fingerprint(cfg: SeriesDataConfig, sources: list[Source]) -> str:
         "recordings": [dataclasses.asdict(r) for r in cfg.recordings],
         "modalities": {k: dataclasses.asdict(v) for k, v in cfg.modalities.items()},
         **{k: getattr(cfg, k) for k in ("context_s", "horizons_s", "hop_s", "patch_s", "val_fraction",
-                                        "on_bad_input", "reject_abs_z", "seed")},
+                                        "on_bad_input", "reject_abs_z", "seed", "channel_table")},
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _channel_ids(metas: list[dict[str, Any]]) -> dict[str, int]:
+def _channel_ids(metas: list[dict[str, Any]], table: dict[str, int]) -> dict[str, int]:
     keys = sorted({f"{m}:{c}" for meta in metas for m, mod in meta["modalities"].items() for c in mod["channels"]})
-    return {k: i + 1 for i, k in enumerate(keys)}
+    if not table:
+        return {k: i + 1 for i, k in enumerate(keys)}
+    new = [k for k in keys if k not in table]
+    if new:
+        raise ValueError(f"data.channel_table: channels {new} are not in the table (the fine-tuned export's channels: "
+                         f"{sorted(table)}); rename them to the export's names in data.recordings[].channels, or "
+                         f"leave them out")
+    return dict(table)
 
 
 def _recording_entry(meta: dict[str, Any]) -> dict[str, Any]:

@@ -246,6 +246,10 @@ class SeriesDataConfig:
     cache_dir: str = ""  # downloaded sample packages; empty: $XDG_CACHE_HOME/neuraflex-ray or ~/.cache/neuraflex-ray
     output_dir: str = "data/neuro"  # Parquet shards + manifest.json go here
     seed: int = 0
+    # "modality:channel" -> channel id. Empty: this data's channels, numbered in sorted order. A
+    # fine-tune fills it with its export's table (finetune/setup.py), so a channel keeps the id, and
+    # the embedding, it was trained with; a channel the export never saw is then an error.
+    channel_table: dict[str, int] = field(default_factory=dict)
     # Training-time only, not part of the dataset (so not in the build's fingerprint).
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 

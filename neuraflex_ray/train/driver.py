@@ -99,12 +99,29 @@ def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
 
 
 def neurofm_for_data(model: NeuroFMConfig, manifest: dict[str, Any]) -> NeuroFMConfig:
-    """The modalities, patch sizes, context/horizon lengths and channel ids come from the dataset."""
+    """The modalities, patch sizes, context/horizon lengths and channel ids come from the dataset.
+
+    A model whose data fields are already set (an export being fine-tuned) keeps them: the data
+    must fit it, or the error names the data field that differs.
+    """
     mods = manifest["modalities"]
-    return dataclasses.replace(
+    fitted = dataclasses.replace(
         model, modalities=list(mods), patch_lens=[int(m["patch_len"]) for m in mods.values()],
         context_patches=int(manifest["context_patches"]), horizon_patches=[int(k) for k in manifest["horizon_patches"]],
         n_channel_ids=int(manifest["n_channel_ids"]))
+    if not model.modalities:
+        return fitted
+    patch_of = dict(zip(model.modalities, model.patch_lens, strict=True))
+    for m, p in zip(fitted.modalities, fitted.patch_lens, strict=True):
+        if patch_of.get(m) != p:
+            raise ConfigError(f"data: modality {m} has {p} samples per patch here, the model was trained with "
+                              f"{patch_of.get(m, 'no such modality')}; use the export's data.patch_s and "
+                              f"data.modalities.{m}.rate")
+    for name in ("context_patches", "horizon_patches", "n_channel_ids"):
+        if getattr(fitted, name) != getattr(model, name):
+            raise ConfigError(f"data: {name} is {getattr(fitted, name)} here and {getattr(model, name)} in the model; "
+                              f"use the export's data.context_s, data.horizons_s and data.patch_s")
+    return model
 
 
 def prepare_data(cfg: JobConfig) -> tuple[JobConfig, Any, Any, dict[str, Any], dict[str, Any]]:

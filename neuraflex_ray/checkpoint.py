@@ -26,6 +26,7 @@ import dataclasses
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,14 +95,18 @@ def _dcp_complete(root: Path) -> bool:
     return bool(need) and all((root / f).is_file() and (root / f).stat().st_size >= n for f, n in need.items())
 
 
-def consolidate_fsdp(checkpoint_dir: str | Path) -> tuple[dict[str, torch.Tensor], NeuroFMConfig]:
-    """Full (unsharded) model weights from an FSDP2/DCP checkpoint, in one process."""
+def consolidate_fsdp(checkpoint_dir: str | Path, adapt: Callable[[torch.nn.Module], Any] | None = None,
+                     ) -> tuple[dict[str, torch.Tensor], NeuroFMConfig]:
+    """Full (unsharded) model weights from an FSDP2/DCP checkpoint, in one process. `adapt` gives the
+    model the structure training had (a fine-tune's LoRA parametrizations) before the load."""
     import torch.distributed.checkpoint as dcp
 
     from neuraflex_ray.models.neurofm import NeuroFM
 
     cfg = checkpoint_model_config(checkpoint_dir)
     model = NeuroFM(cfg)
+    if adapt is not None:
+        adapt(model)
     # DCP reads into tensors of the full shapes; keys are those get_state_dict saved under "model".
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(Path(checkpoint_dir) / DCP_DIR), no_dist=True)

@@ -44,7 +44,10 @@ def _validate_finetune(cfg: JobConfig) -> None:
     need(Path(f.from_export, "model.safetensors").is_file(),
          f"finetune.from_export={f.from_export}: no model.safetensors there; pass an export directory "
          f"(`neuraflex-ray export` writes one; a run keeps it in <run dir>/export)")
-    need(cfg.model_type == "moe_lm", "finetune: only model_type=moe_lm can be fine-tuned so far (NeuroFM: not yet)")
+    if cfg.model_type == "neurofm":
+        need(f.method == "full" or f.lora_targets == ["linear"],
+             f"finetune.lora_targets={f.lora_targets}: NeuroFM's adapters go on its linear layers; set "
+             f"finetune.lora_targets=[linear]")
     need(f.lora_rank >= 1, f"finetune.lora_rank must be >= 1 (got {f.lora_rank})")
     need(f.lora_alpha > 0, f"finetune.lora_alpha must be > 0 (got {f.lora_alpha})")
     need(0 <= f.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1) (got {f.lora_dropout})")

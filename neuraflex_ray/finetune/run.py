@@ -47,6 +47,17 @@ def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[st
     return state
 
 
+def consolidate_fsdp_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of an FSDP2 (DCP) checkpoint: loaded into a model adapted as training adapted it."""
+    from neuraflex_ray.checkpoint import consolidate_fsdp
+    from neuraflex_ray.finetune.lora import apply_lora
+
+    f = cfg.finetune
+    state, _ = consolidate_fsdp(checkpoint_dir, adapt=lambda m: apply_lora(m, f.lora_rank, f.lora_alpha, 0.0,
+                                                                           f.lora_targets))
+    return {plain_name(k): v for k, v in state.items() if plain_name(k).endswith((".lora_A", ".lora_B"))}
+
+
 def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps: int) -> Path:
     """What a fine-tune produces: an adapter (lora) or a consolidated export (full)."""
     from neuraflex_ray.workflows import export_checkpoint
@@ -56,7 +67,8 @@ def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps
             "steps": steps, "method": f.method, "ewc_lambda": f.ewc_lambda}
     if f.method == "full":
         return export_checkpoint(checkpoint, cfg.data.output_dir, run_dir / "export", meta)
-    state = consolidate_adapter(checkpoint, cfg.model.num_experts)
+    state = (consolidate_adapter(checkpoint, cfg.model.num_experts) if cfg.model_type == "moe_lm"
+             else consolidate_fsdp_adapter(checkpoint, cfg))
     base_params = sum(p.numel() for p in _base_model(f.from_export).parameters())
     adapter_params = sum(v.numel() for v in state.values())
     return save_adapter(state, {**meta, "rank": f.lora_rank, "alpha": f.lora_alpha, "targets": f.lora_targets,
@@ -99,5 +111,6 @@ def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) ->
     merge(model)
     base_meta = json.loads((base / "config.json").read_text())
     extra = {k: v for k, v in base_meta.items() if k not in ("model_type", "model")}
-    return export(model.state_dict(), model.cfg, base / "tokenizer.json", out_dir,
+    tokenizer = base / "tokenizer.json"  # an LM's; NeuroFM has none
+    return export(model.state_dict(), model.cfg, tokenizer if tokenizer.is_file() else None, out_dir,
                   {**extra, "merged_adapter": str(Path(adapter).resolve()), "adapter": meta})

@@ -23,9 +23,12 @@ def finetune_config(cfg: JobConfig) -> JobConfig:
     f = cfg.finetune
     export = Path(f.from_export).expanduser().resolve()
     meta = json.loads((export / "config.json").read_text())
-    if meta.get("model_type", "moe_lm") != "moe_lm":
-        raise ConfigError(f"finetune.from_export={export}: a {meta.get('model_type')} export; only NeuralFlex-MoE "
-                          f"exports can be fine-tuned so far")
+    kind = meta.get("model_type", "moe_lm")
+    if kind != cfg.model_type:
+        raise ConfigError(f"finetune.from_export={export}: a {kind} export, but the config says model_type="
+                          f"{cfg.model_type}; set model_type={kind}")
+    if kind == "neurofm":
+        return _neurofm_finetune_config(cfg, export, meta)
     model = ModelConfig(**meta["model"])
     if cfg.data.tokenizer == "":  # the new corpus is read with the base's tokenizer, or token ids would mismatch
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.json")))
@@ -39,6 +42,17 @@ def finetune_config(cfg: JobConfig) -> JobConfig:
                               f"and {export}/config.json names {original!r}, which is not there")
         fisher_for_export(export, original, f.fisher_blocks)
     return cfg
+
+
+def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> JobConfig:
+    """NeuroFM: the export's model, and its channel table so the new recordings' channels keep their ids."""
+    if cfg.finetune.ewc_lambda > 0:
+        raise ConfigError("finetune.ewc_lambda: EWC is built for NeuralFlex-MoE exports only so far; set it to 0 "
+                          "for NeuroFM (LoRA alone keeps the base frozen)")
+    model = JobConfig.from_dict({"model_type": "neurofm", "model": meta["model"]}).model
+    data = dataclasses.replace(cfg.data, channel_table=dict(meta.get("data", {}).get("channel_ids", {})))
+    return dataclasses.replace(cfg, model=model, data=data,
+                               finetune=dataclasses.replace(cfg.finetune, from_export=str(export)))
 
 
 _DS_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.ds\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])$")

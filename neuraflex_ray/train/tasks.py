@@ -171,7 +171,10 @@ class NeuroTask:
         return self._generator[1]
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        return model  # NeuroFM fine-tuning is not built yet (config validation refuses it)
+        """Before sharding: LoRA adapters of a fine-tune (finetune/)."""
+        from neuraflex_ray.finetune.setup import adapt_for_finetune
+
+        return adapt_for_finetune(model, self.cfg)[0]
 
     def peak_shape(self) -> tuple[int, int, int]:
         """(m, k, n) like the backbone's MLP over a micro-batch's latents (about 1,024 rows)."""
@@ -181,6 +184,10 @@ class NeuroTask:
     def build_model(self) -> nn.Module:
         from neuraflex_ray.models.neurofm import NeuroFM
 
+        if self.cfg.finetune.from_export:  # fine-tuning starts from the export's weights
+            from neuraflex_ray.checkpoint import load_exported
+
+            return load_exported(self.cfg.finetune.from_export)[0].train()
         return NeuroFM(self.cfg.model)
 
     def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[dict[str, Any]]:

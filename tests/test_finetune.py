@@ -249,8 +249,7 @@ def _lora_paths(config: dict) -> dict:
     import torch.distributed as dist
 
     from neuraflex_ray.config import JobConfig
-    from neuraflex_ray.finetune.run import _EXPERT_LORA
-    from neuraflex_ray.parallel.deepspeed_moe import to_local_name
+    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM, to_local_name
     from neuraflex_ray.train.strategy import DeepSpeedStrategy
 
     cfg = JobConfig.from_dict(config["job"])
@@ -269,8 +268,8 @@ def _lora_paths(config: dict) -> dict:
         n_local = cfg.model.num_experts // cfg.train.ep_size
         with torch.no_grad():
             for key in adapter_state(model):
-                m = _EXPERT_LORA.match(key)
-                src = (want[f"{m.group(1)}.{m.group(3)}.{m.group(4)}"][rank * n_local + int(m.group(2))] if m
+                m = DS_EXPERT_PARAM.match(key)
+                src = (want[f"{m.group(1)}.{m.group(3)}.{m.group(4)}"][rank * n_local + int(m.group(2))] if m and m.group(4)
                        else want[to_local_name(key)])
                 path, part = key.rsplit(".", 1)
                 module_path, weight = path.rsplit(".", 1)

@@ -12,7 +12,6 @@ included): checkpoints, resume and worker-failure recovery are those of training
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ import torch
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.finetune.lora import fingerprint, plain_name, save_adapter
 
-_EXPERT_LORA = re.compile(r"^(layers\.\d+\.ffn)\.ds\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])\.(lora_[AB])$")
-
 
 def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a DeepSpeed checkpoint (any ep_size), in the local layout."""
     from neuraflex_ray.checkpoint import _EXPERT_FILE, _main_file
-    from neuraflex_ray.parallel.deepspeed_moe import to_local_name
+    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM, to_local_name
     from neuraflex_ray.train.strategy import CKPT_TAG
 
     lora = (".lora_A", ".lora_B")
@@ -37,8 +34,8 @@ def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[st
     for f in (Path(checkpoint_dir) / CKPT_TAG).iterdir():
         if _EXPERT_FILE.match(f.name):
             for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
-                m = _EXPERT_LORA.match(plain_name(k))
-                if m:
+                m = DS_EXPERT_PARAM.match(plain_name(k))
+                if m and m.group(4):
                     experts.setdefault(f"{m.group(1)}.{m.group(3)}.{m.group(4)}", {})[int(m.group(2))] = v
     for key, per_expert in experts.items():
         if sorted(per_expert) != list(range(num_experts)):

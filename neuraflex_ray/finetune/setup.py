@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any])
                                finetune=dataclasses.replace(cfg.finetune, from_export=str(export)))
 
 
-_DS_EXPERT = re.compile(r"^(layers\.\d+\.ffn)\.ds\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w[123])$")
 
 
 def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any]:
@@ -82,6 +80,7 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
 
     from neuraflex_ray.checkpoint import to_local_name
     from neuraflex_ray.finetune.ewc import EWC, FISHER_FILE
+    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM
 
     fisher = load_file(str(Path(f.from_export) / FISHER_FILE))
     ep = cfg.train.ep_size
@@ -89,11 +88,11 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
     n_local = cfg.model.num_experts // ep if cfg.model.num_experts else 0
 
     def local_name(name: str) -> str:
-        m = _DS_EXPERT.match(name)
-        return f"{m.group(1)}.{m.group(3)}" if m else to_local_name(name)
+        m = DS_EXPERT_PARAM.match(name)
+        return f"{m.group(1)}.{m.group(3)}" if m and not m.group(4) else to_local_name(name)
 
     def expert_index(name: str) -> int | None:
-        m = _DS_EXPERT.match(name)
-        return (rank % ep) * n_local + int(m.group(2)) if m else None
+        m = DS_EXPERT_PARAM.match(name)
+        return (rank % ep) * n_local + int(m.group(2)) if m and not m.group(4) else None
 
     return model, EWC(model, fisher, f.ewc_lambda, local_name, expert_index)

@@ -20,6 +20,8 @@ Name mapping between the two layouts (used by the checkpoint converter):
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -33,6 +35,9 @@ from neuraflex_ray.models.routers import Routing, route
 DS_GATE = "ds.deepspeed_moe.gate.wg.weight"
 DS_BIAS = "ds.deepspeed_moe.gate.balance_bias"  # no "expert" in the name: DeepSpeed files those per expert
 DS_EXPERT = "ds.deepspeed_moe.experts.deepspeed_experts"
+# One expert weight on the DeepSpeed path, or its LoRA factor (finetune/): groups are the layer's FFN
+# prefix, the local expert index, the weight name, and lora_A / lora_B (None for the weight itself).
+DS_EXPERT_PARAM = re.compile(rf"^(layers\.\d+\.ffn)\.{re.escape(DS_EXPERT)}\.(\d+)\.(w[123])(?:\.(lora_[AB]))?$")
 
 
 class Expert(nn.Module):

@@ -31,7 +31,7 @@ VERBOSE_ENV = "NEURAFLEX_VERBOSE"
 # Our progress lines start with a lower-case tag: [train] [eval] [data] [tune] [serve] [finetune] ...
 OURS = re.compile(r"^\[[a-z_-]+\] ")
 # A forwarded line that reports a failure is shown even when it is not ours.
-FAILURE = re.compile(r"Traceback \(most recent call last\)|\b\w*(Error|Exception)\b:|\bCRITICAL\b|\bFATAL\b")
+FAILURE = re.compile(r"Traceback \(most recent call last\)|\b(\w+Error|\w*Exception):|\bCRITICAL\b|\bFATAL\b")
 # Driver-side notices shown by default that no user of this tool can act on.
 NOISE = ("Progress bars disabled", "Token authentication is enabled")
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
@@ -52,6 +52,17 @@ def shown(line: str) -> bool:
 class _Quiet(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING and not any(n in record.getMessage() for n in NOISE)
+
+
+class _Once(logging.Filter):
+    """The log file's handler sits on several loggers; a record that propagates through two of them
+    is written once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "_neuraflex_logged", False):
+            return False
+        record._neuraflex_logged = True
+        return True
 
 
 def install(log_path: str | Path) -> Path | None:
@@ -104,13 +115,28 @@ def _quiet_forwarded_lines(log: TextIO) -> None:
 def _quiet_driver_logging(log: TextIO) -> None:
     to_file = logging.StreamHandler(log)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    to_file.addFilter(_Once())
+
+    def quieten(h: logging.Handler) -> None:
+        if h is not to_file and not isinstance(h, logging.FileHandler):  # a console handler
+            h.addFilter(_Quiet())
+
     for name in RAY_LOGGERS:
         logger = logging.getLogger(name)
         for h in logger.handlers:
-            if not isinstance(h, logging.FileHandler):  # a console handler
-                h.addFilter(_Quiet())
-        if name == "ray" or not logger.propagate:  # once per record
-            logger.addHandler(to_file)
+            quieten(h)
+        logger.addHandler(to_file)
+        # Ray Serve (re)configures its logger when it is imported, after this runs: handlers added
+        # later are quietened too, and the file's handler stays on.
+        add = logger.addHandler
+
+        def add_handler(h: logging.Handler, add=add, logger=logger) -> None:
+            quieten(h)
+            add(h)
+            if to_file not in logger.handlers:
+                add(to_file)
+
+        logger.addHandler = add_handler
 
 
 def _quiet_library_warnings(log: TextIO) -> None:

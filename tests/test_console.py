@@ -32,6 +32,8 @@ CHATTER = ("built successfully", "Ray deduplicates logs", "FutureWarning", "Repo
     ("/venv/torch/distributed/c10d_logger.py:83: FutureWarning: `all_gather_into_tensor` is deprecated.", False),
     ("No existing process group found, creating a new group named: ep_size_2", False),
     ("Checkpoint successfully created at: Checkpoint(filesystem=local, path=/x)", False),
+    ("Task ServeController.graceful_shutdown failed. Error: The actor is dead because it was killed", False),
+    ("Exception: the training function raised", True),
 ])
 def test_which_forwarded_lines_reach_the_console(line, show):
     assert shown(line) is show
@@ -72,3 +74,26 @@ def test_verbose_brings_the_chatter_back(runs):
     _, _, loud = runs
     assert "[train] step 4/4" in loud
     assert "Reporting training result" in loud and "library output goes to" not in loud
+
+
+DRIVER = """
+import logging
+from neuraflex_ray import console
+path = console.install({log!r})
+import ray.serve  # Serve configures its logger on import, after install: it must be quietened too
+logging.getLogger("ray.serve").info("Started Serve in namespace serve")
+logging.getLogger("ray.serve").warning("replica unhealthy")
+logging.getLogger("ray.data").info("Execution plan of Dataset d_0")
+"""
+
+
+def test_the_drivers_library_logging_goes_to_the_file_and_its_warnings_stay(tmp_path):
+    log = tmp_path / "library.log"
+    r = subprocess.run([sys.executable, "-c", DRIVER.format(log=str(log))], capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in os.environ.items() if k != "NEURAFLEX_VERBOSE"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "replica unhealthy" in out and "Started Serve" not in out and "Execution plan" not in out
+    text = log.read_text()
+    for line in ("Started Serve in namespace serve", "replica unhealthy", "Execution plan of Dataset d_0"):
+        assert text.count(line) == 1, text  # each once, though the file's handler sits on several loggers

@@ -45,7 +45,7 @@ from moe_layer import compare, init_single_process_group  # noqa: E402
 from neuraflex_ray.config import load_config  # noqa: E402
 from neuraflex_ray.models.moe_lm import MoELM, flops_per_token, lm_loss  # noqa: E402
 from neuraflex_ray.train.compile import compile_blocks  # noqa: E402
-from neuraflex_ray.train.metrics import GPU_PEAK_BF16  # noqa: E402
+from neuraflex_ray.train.metrics import datasheet_bf16_peak  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -100,7 +100,7 @@ def timed(fn: Callable[[], Any], device: torch.device, warmup: int, steps: int) 
 def peaks(device: torch.device, repeats: int) -> dict[str, float]:
     """The datasheet dense bf16 peak (NaN for an unknown part or a CPU) and the best bf16 matmul here."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    datasheet = next((p for k, p in GPU_PEAK_BF16.items() if k in name), float("nan"))
+    datasheet = datasheet_bf16_peak(name)
     n = 8192 if device.type == "cuda" else 256
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)

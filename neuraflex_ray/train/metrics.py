@@ -13,6 +13,11 @@ from neuraflex_ray.models.moe import MoEStats
 GPU_PEAK_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
 
 
+def datasheet_bf16_peak(device_name: str) -> float:
+    """The dense bf16 FLOP/s of a known GPU part by its name; NaN (MFU unknown) for any other."""
+    return next((peak for key, peak in GPU_PEAK_BF16.items() if key in device_name), float("nan"))
+
+
 def measure_peak_flops(device: torch.device, threads: int, seconds: float = 0.5, repeats: int = 5,
                        shape: tuple[int, int, int] = (1024, 1024, 1024)) -> float:
     """FLOP/s the denominator of MFU uses.
@@ -24,8 +29,7 @@ def measure_peak_flops(device: torch.device, threads: int, seconds: float = 0.5,
     rate and the mean is not. A measured rate is below the theoretical peak, so MFU reads high.
     """
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((peak for key, peak in GPU_PEAK_BF16.items() if key in name), float("nan"))
+        return datasheet_bf16_peak(torch.cuda.get_device_name(device))
     torch.set_num_threads(threads)
     m, k, n = shape
     a, b = torch.randn(m, k, device=device), torch.randn(k, n, device=device)

@@ -78,13 +78,13 @@ class EWC:
 
     def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float,
                  local_name: Any, expert_index: Any):
-        from neuraflex_ray.finetune.lora import plain_name
+        from neuraflex_ray.finetune.lora import LORA_SUFFIXES, plain_name
 
         self.lam = lam
         self.terms: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []  # module, weight, anchor, F
         for full, p in model.named_parameters():
             key = plain_name(full)
-            if key.endswith((".lora_A", ".lora_B")):
+            if key.endswith(LORA_SUFFIXES):
                 continue
             if ".parametrizations." in full:  # a LoRA-adapted weight: penalise the effective weight
                 path, name = key.rsplit(".", 1)

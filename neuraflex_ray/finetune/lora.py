@@ -31,6 +31,7 @@ from torch.nn.utils import parametrize
 
 TARGETS = ("attention", "dense", "experts", "router", "linear")
 ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
+LORA_SUFFIXES = (".lora_A", ".lora_B")  # an adapter tensor's name ends so (see plain_name)
 
 
 class LoRA(nn.Module):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from neuraflex_ray.config import JobConfig
-from neuraflex_ray.finetune.lora import fingerprint, plain_name, save_adapter
+from neuraflex_ray.finetune.lora import LORA_SUFFIXES, fingerprint, plain_name, save_adapter
 
 
 def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[str, torch.Tensor]:
@@ -27,9 +27,8 @@ def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[st
     from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM, to_local_name
     from neuraflex_ray.train.strategy import CKPT_TAG
 
-    lora = (".lora_A", ".lora_B")
     module = torch.load(_main_file(checkpoint_dir), map_location="cpu", weights_only=False)["module"]
-    state = {to_local_name(plain_name(k)): v for k, v in module.items() if plain_name(k).endswith(lora)}
+    state = {to_local_name(plain_name(k)): v for k, v in module.items() if plain_name(k).endswith(LORA_SUFFIXES)}
     experts: dict[str, dict[int, torch.Tensor]] = {}
     for f in (Path(checkpoint_dir) / CKPT_TAG).iterdir():
         if _EXPERT_FILE.match(f.name):
@@ -52,7 +51,7 @@ def consolidate_fsdp_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict
     f = cfg.finetune
     state, _ = consolidate_fsdp(checkpoint_dir, adapt=lambda m: apply_lora(m, f.lora_rank, f.lora_alpha, 0.0,
                                                                            f.lora_targets))
-    return {plain_name(k): v for k, v in state.items() if plain_name(k).endswith((".lora_A", ".lora_B"))}
+    return {plain_name(k): v for k, v in state.items() if plain_name(k).endswith(LORA_SUFFIXES)}
 
 
 def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps: int) -> Path:

@@ -54,8 +54,6 @@ def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any])
                                finetune=dataclasses.replace(cfg.finetune, from_export=str(export)))
 
 
-
-
 def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any]:
     """LoRA adapters (method lora) and the EWC penalty (ewc_lambda > 0) for `model` in its parallel layout."""
     f = cfg.finetune

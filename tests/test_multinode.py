@@ -25,7 +25,7 @@ import pytest
 
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
 from neuraflex_ray.serving.deploy import free_port, post_json
-from neuraflex_ray.train.driver import latest_checkpoint
+from neuraflex_ray.train.driver import RAY_RUN_NAME, checkpoints_root, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -130,6 +130,17 @@ def alive_train_workers(cluster) -> list[dict]:
         return []
 
 
+def registered_step(run: Path) -> int | None:
+    """The step of the newest checkpoint Train's controller has registered, from the snapshot it
+    writes after each registration (None before the first)."""
+    snapshot = checkpoints_root(run) / RAY_RUN_NAME / "checkpoint_manager_snapshot.json"
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+    except (FileNotFoundError, json.JSONDecodeError):  # not written yet, or being written
+        return None
+    return None if latest is None else int(latest["metrics"]["step"])
+
+
 def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(cluster):
     run = cluster["storage"] / "runs" / "recover"
     steps, every = 48, 16
@@ -142,11 +153,12 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(cluster):
         assert time.monotonic() < deadline and job_status(cluster, "nfr-recover") in ("PENDING", "RUNNING")
         time.sleep(0.5)
     assert len(workers) == 2
-    while latest_checkpoint(run) is None:  # the first checkpoint (step 16) is complete on disk
+    # Kill only once Train's controller has registered the first checkpoint (step 16): one that is
+    # complete on disk but not yet registered is not the "last checkpoint" a restart gets, and under
+    # load that window lasts seconds (a restart then rightly starts from step 0).
+    while (last_step := registered_step(run)) is None:
         assert time.monotonic() < deadline and job_status(cluster, "nfr-recover") in ("PENDING", "RUNNING")
         time.sleep(0.2)
-    time.sleep(1.0)  # a few steps on: Train has registered it, and the next checkpoint is far off
-    last_step = read_checkpoint_state(latest_checkpoint(run))["step"]
     victim = max(workers, key=lambda w: w["pid"])
     os.kill(victim["pid"], signal.SIGKILL)
     killed_at = time.time()

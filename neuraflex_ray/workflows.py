@@ -40,7 +40,9 @@ def export_checkpoint(checkpoint: str | Path, data_dir: str | Path, out_dir: str
         # (val_fraction, reject_abs_z) and each recording's split_s, to check it against.
         keep = ("modalities", "channel_ids", "n_channel_ids", "context_s", "patch_s", "horizons_s", "hop_s",
                 "context_patches", "horizon_patches", "norm_stats", "data_config", "recordings")
-        return export(state, model_cfg, None, out_dir, {**meta, "data": {k: manifest[k] for k in keep if k in manifest}})
+        data = {k: manifest[k] for k in keep if k in manifest}
+        data["output_dir"] = str(Path(data_dir).resolve())  # the original data a fine-tune's EWC needs
+        return export(state, model_cfg, None, out_dir, {**meta, "data": data})
     state, model_cfg = consolidate_deepspeed(checkpoint)
     # Where its held-out text lives (`neuraflex-ray inspect` reads it from there by default).
     meta["data"] = {"output_dir": str(Path(data_dir).resolve())}

@@ -8,6 +8,7 @@ resamples them and maps their channels onto the export's ids.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -56,9 +57,9 @@ def tuned(ray_session, tmp_path_factory):
     return tmp, base, finetune(job(tmp, base, "lora", "train.inject_failure_at_step=4"), fresh=True)
 
 
-def window(model) -> dict[str, SeriesInput]:
-    g = torch.Generator().manual_seed(0)
-    n = model.cfg.context_patches
+def window(model, patches: int | None = None, seed: int = 0) -> dict[str, SeriesInput]:
+    g = torch.Generator().manual_seed(seed)
+    n = patches or model.cfg.context_patches
     return {m: SeriesInput(x=torch.randn(2, c, n * p, generator=g), chan=torch.tensor([ids] * 2),
                            present=torch.ones(2, dtype=torch.bool))
             for m, p, c, ids in (("eeg", 8, 3, [2, 3, 4]), ("ecg", 4, 1, [1]))}
@@ -97,3 +98,106 @@ def test_neurofm_lora_needs_linear_targets(tmp_path):
 
     with pytest.raises(ConfigError, match=r"lora_targets=\[linear\]"):
         validate(job(tmp_path, base, "x", "finetune.lora_targets=[attention]"))
+
+
+def _ewc_paths(config: dict) -> dict:
+    """Inside a Ray Train worker: EWC on FSDP2's shards against the same penalty on the local model.
+
+    Both start from the same weights and move by the same seeded step; each rank then runs the data
+    loss on its own window plus its share of the penalty through the strategy's backward. FSDP's
+    gradient must be the mean of both ranks' data gradients plus the whole penalty's gradient.
+    """
+    import ray.train
+    import torch.distributed as dist
+
+    from neuraflex_ray.config import JobConfig
+    from neuraflex_ray.finetune.ewc import EWC
+    from neuraflex_ray.models.neurofm import NeuroFM
+    from neuraflex_ray.models.neurofm_objectives import neurofm_loss
+    from neuraflex_ray.train.strategy import FSDPStrategy
+
+    cfg = JobConfig.from_dict(config["job"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(0)
+    local = NeuroFM(cfg.model)
+    g = torch.Generator().manual_seed(1)
+    fisher = {n: torch.rand(p.shape, generator=g) for n, p in local.named_parameters()}
+    moves = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in local.named_parameters()}
+    torch.manual_seed(0)
+    sharded = FSDPStrategy(cfg)
+    model = sharded.setup(NeuroFM(cfg.model))
+    ewc = EWC(model, fisher, 50.0, lambda n: n, lambda n: None)
+    ewc_local = EWC(local, fisher, 50.0, lambda n: n, lambda n: None)
+    at_anchor = float(ewc.penalty().detach())
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        for (n, p), (_, q) in zip(model.named_parameters(), local.named_parameters(), strict=True):
+            p.to_local().add_(distribute_tensor(moves[n], p.device_mesh, p.placements, src_data_rank=None).to_local())
+            q.add_(moves[n])
+    share = ewc.penalty().detach().clone()
+    dist.all_reduce(share)
+
+    def data_loss(m: torch.nn.Module, r: int) -> torch.Tensor:  # rank r's window: context and future
+        x = window(local, cfg.model.context_patches + max(cfg.model.horizon_patches), seed=r)
+        return neurofm_loss(m, x, cfg.model, 10**9, torch.Generator().manual_seed(r)).total
+
+    sharded.backward(data_loss(model, rank) + ewc.penalty())
+    (0.5 * (data_loss(local, 0) + data_loss(local, 1)) + ewc_local.penalty()).backward()
+    worst = max(float((p.grad.full_tensor() - q.grad).abs().max() / (q.grad.abs().max() + 1e-12))
+                for p, q in zip(model.parameters(), local.parameters(), strict=True) if q.grad is not None)
+    return {"at_anchor": at_anchor, "penalty": float(share), "local": float(ewc_local.penalty().detach()),
+            "grad_rel_err": worst}
+
+
+def test_ewc_on_fsdp_shards_equals_the_local_penalty_and_gradient(ray_session, tmp_path):
+    import sys
+
+    import ray.cloudpickle
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from neuraflex_ray.serving.scratch import SCRATCH_NEURO_MANIFEST
+    from neuraflex_ray.train.driver import neurofm_for_data
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
+    cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny", f"output_dir={tmp_path}"])
+    cfg.model = neurofm_for_data(cfg.model, SCRATCH_NEURO_MANIFEST)
+    out = TorchTrainer(_ewc_paths, train_loop_config={"job": cfg.to_dict()},
+                       scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit().return_value
+    assert out["at_anchor"] == 0.0 and out["penalty"] > 0, out
+    assert out["penalty"] == pytest.approx(out["local"], rel=1e-4), out  # the ranks' shares add up to the whole
+    assert out["grad_rel_err"] < 1e-4, out  # data mean + penalty, through FSDP's reduce-scatter
+
+
+def test_full_finetune_with_ewc_on_fsdp_estimates_the_fisher_on_the_original_data(tuned):
+    from safetensors.torch import load_file
+
+    tmp, base, _ = tuned
+    # The base "was trained on" the LoRA run's dataset: its config.json names it, as a NeuroFM export's does.
+    anchored = tmp / "base-with-data"
+    shutil.copytree(base, anchored)
+    meta = json.loads((anchored / "config.json").read_text())
+    meta["data"]["output_dir"] = str(tmp / "lora" / "data")
+    (anchored / "config.json").write_text(json.dumps(meta))
+    out = finetune(job(tmp, anchored, "ewc", "finetune.method=full", "finetune.ewc_lambda=100",
+                       "finetune.fisher_blocks=6", "train.max_steps=3", "train.eval_every=3",
+                       "train.checkpoint_every=3"), fresh=True)
+    assert out["steps"] == 3
+    fisher, model = load_file(str(anchored / "fisher.safetensors")), load_exported(anchored)[0]
+    assert set(fisher) == {n for n, _ in model.named_parameters()}
+    assert all((f >= 0).all() for f in fisher.values()) and sum(float(f.sum()) for f in fisher.values()) > 0
+    assert json.loads((anchored / "fisher.json").read_text())["blocks"] == 6
+    tuned_model, tuned_meta = load_exported(out["export"])
+    assert tuned_meta["ewc_lambda"] == 100 and tuned_meta["data"]["output_dir"] == str((tmp / "ewc" / "data").resolve())
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), tuned_model.parameters(), strict=True))
+
+
+def test_neurofm_ewc_errors_name_the_field(tmp_path):
+    from neuraflex_ray.finetune.setup import finetune_config
+
+    base = scratch_neurofm_export(tmp_path / "base")  # its config.json names no training data
+    with pytest.raises(ConfigError, match=r"names None \(data.output_dir\)"):
+        finetune_config(job(tmp_path, base, "x", "finetune.method=full", "finetune.ewc_lambda=1"))
+    with pytest.raises(ConfigError, match="NeuroFM's EWC is for finetune.method=full"):
+        finetune_config(job(tmp_path, base, "x", "finetune.ewc_lambda=1"))

@@ -308,7 +308,7 @@ class FinetuneConfig:
     lora_dropout: float = 0.0  # on the adapter's first factor, in training
     lora_targets: list[str] = field(default_factory=lambda: ["attention", "dense", "experts"])  # + router
     ewc_lambda: float = 0.0  # > 0: elastic weight consolidation toward the export's weights
-    fisher_blocks: int = 64  # training sequences of the original data the diagonal Fisher is estimated on
+    fisher_blocks: int = 64  # samples of the original training data (LM sequences, NeuroFM windows) for the Fisher
 
 
 @dataclass

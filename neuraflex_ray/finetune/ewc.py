@@ -2,17 +2,23 @@
 
 The loss gains (ewc_lambda / 2) * sum_i F_i (w_i - w*_i)^2, where w* are the export's weights and F
 the diagonal of the Fisher information on the *original* training data, estimated once per export
-and stored beside it (`fisher.safetensors`, `fisher.json`): the mean over training sequences of the
-squared gradient of that sequence's mean next-token log-likelihood (the empirical Fisher). Weights
-the old data leans on (large F) are held near their values; the rest are free to move.
+and stored beside it (`fisher.safetensors`, `fisher.json`): the mean over training samples of the
+squared gradient of that sample's training loss (the empirical Fisher). A sample is a token
+sequence for the LM (its mean next-token cross entropy) and one window for NeuroFM (its training
+objective at the last curriculum stage). Weights the old data leans on (large F) are held near
+their values; the rest are free to move.
 
-With LoRA the frozen base is w*, so the penalty falls on the adapters' updates A @ B alone. On the
-DeepSpeed expert-parallel path each rank penalises the experts it holds, with their slices of F.
+With LoRA the frozen base is w*, so the penalty falls on the adapters' updates A @ B alone. Each rank
+penalises what it holds, and the sum over ranks is the whole penalty: on the DeepSpeed
+expert-parallel path its experts, with their slices of F; under FSDP2 its shard of every weight,
+with the matching shard of F and of w*. The gradient of a rank's share reaches only that rank's
+shard, which is exactly the penalty's gradient, added to the data loss's reduce-scattered mean.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,27 +27,74 @@ import torch
 from torch import nn
 
 FISHER_FILE, FISHER_META = "fisher.safetensors", "fisher.json"
+FINAL_STAGE = 1 << 30  # a step past every curriculum stage: NeuroFM's Fisher is that of its final objective
 
 
-def estimate_fisher(model: nn.Module, blocks: np.ndarray) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher of a local-layout MoELM over token `blocks` [N, T+1], one sequence at a time."""
+def lm_sample_loss(model: nn.Module, row: np.ndarray) -> torch.Tensor:
+    """One token block [T+1]: its mean next-token cross entropy."""
     from neuraflex_ray.models.moe_lm import lm_loss
 
+    tokens = torch.from_numpy(np.asarray(row, dtype=np.int64))[None]
+    logits, stats = model(tokens[:, :-1])
+    return lm_loss(logits, tokens[:, 1:], stats, model.cfg).ce
+
+
+def neuro_sample_loss(model: nn.Module, sample: tuple[int, dict[str, Any]]) -> torch.Tensor:
+    """One (seed, window): NeuroFM's training objective on it, its masks drawn from `seed`."""
+    from neuraflex_ray.models.neurofm_objectives import neurofm_loss
+
+    seed, window = sample
+    return neurofm_loss(model, window, model.cfg, FINAL_STAGE, torch.Generator().manual_seed(seed)).total
+
+
+def estimate_fisher(model: nn.Module, samples: Iterable[Any],
+                    loss_of: Callable[[nn.Module, Any], torch.Tensor] = lm_sample_loss) -> dict[str, torch.Tensor]:
+    """Diagonal empirical Fisher of a local-layout model: the mean of each sample's squared gradient."""
     model.eval()  # no dropout; routing as at inference
     fisher = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
-    for row in blocks:
-        tokens = torch.from_numpy(np.asarray(row, dtype=np.int64))[None]
+    count = 0
+    for sample in samples:
         model.zero_grad(set_to_none=True)
-        logits, stats = model(tokens[:, :-1])
-        lm_loss(logits, tokens[:, 1:], stats, model.cfg).ce.backward()
+        loss_of(model, sample).backward()
         for n, p in model.named_parameters():
             if p.grad is not None:
                 fisher[n] += p.grad.detach() ** 2
+        count += 1
     model.zero_grad(set_to_none=True)
-    return {n: f / len(blocks) for n, f in fisher.items()}
+    if count == 0:
+        raise ValueError("estimate_fisher: no samples (the original training split is empty)")
+    return {n: f / count for n, f in fisher.items()}
 
 
-def fisher_for_export(export_dir: str | Path, data_dir: str | Path, blocks: int) -> dict[str, torch.Tensor]:
+def _lm_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> np.ndarray:
+    from pipelines.text import load_text_datasets, read_blocks
+
+    rows = read_blocks(load_text_datasets(str(data_dir))[0])
+    return rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+
+
+def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
+    """Up to n training windows, one at a time, each with the modalities it holds and the channels they use."""
+    from neuraflex_ray.models.neurofm import SeriesInput
+    from pipelines.timeseries import read_series
+
+    arrays, _, _ = read_series(str(data_dir), "train")
+    rows = len(next(iter(arrays.values())).present)
+    out = []
+    for i in np.sort(rng.choice(rows, size=min(n, rows), replace=False)):
+        window = {}
+        for m, a in arrays.items():
+            if a.present[i]:
+                used = int(np.flatnonzero(a.chan[i] > 0).max()) + 1
+                window[m] = SeriesInput(x=torch.from_numpy(a.x[i:i + 1, :used].copy()),
+                                        chan=torch.from_numpy(a.chan[i:i + 1, :used].copy()),
+                                        present=torch.ones(1, dtype=torch.bool))
+        if window:
+            out.append((int(i), window))
+    return out
+
+
+def fisher_for_export(export_dir: str | Path, data_dir: str | Path, samples: int) -> dict[str, torch.Tensor]:
     """The export's Fisher on the training split of `data_dir` (its original data), computed once."""
     from safetensors.torch import load_file, save_file
 
@@ -52,57 +105,63 @@ def fisher_for_export(export_dir: str | Path, data_dir: str | Path, blocks: int)
     meta_path = export_dir / FISHER_META
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta["blocks"] >= blocks:
+        if meta["blocks"] >= samples:
             return load_file(str(export_dir / FISHER_FILE))
-    from pipelines.text import load_text_datasets, read_blocks
-
-    train_ds, _, _ = load_text_datasets(str(data_dir))
-    rows = read_blocks(train_ds)
-    pick = np.random.default_rng(0).choice(len(rows), size=min(blocks, len(rows)), replace=False)
     model, _ = load_exported(export_dir)
-    fisher = estimate_fisher(model, rows[np.sort(pick)])
+    rng = np.random.default_rng(0)
+    if json.loads((export_dir / "config.json").read_text()).get("model_type") == "neurofm":
+        picked, loss_of = _neuro_samples(data_dir, samples, rng), neuro_sample_loss
+    else:
+        picked, loss_of = _lm_samples(data_dir, samples, rng), lm_sample_loss
+    fisher = estimate_fisher(model, picked, loss_of)
     tmp = export_dir / f".{FISHER_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp))
     tmp.replace(export_dir / FISHER_FILE)
-    write_json_atomic(meta_path, {"blocks": int(len(pick)), "data_dir": str(Path(data_dir).resolve()),
-                                  "tokens": int(len(pick) * (rows.shape[1] - 1))})
+    write_json_atomic(meta_path, {"blocks": len(picked), "data_dir": str(Path(data_dir).resolve())})
     return fisher
 
 
 class EWC:
-    """The penalty for one (possibly parallelised, possibly LoRA-adapted) model, built once at set-up.
+    """The penalty for one (possibly parallelised, possibly LoRA-adapted) model, built once its
+    parameters are final (after DeepSpeed's or FSDP2's set-up, before the first step).
 
     `fisher` is in the local layout; `local_name(name)` maps this model's parameter names to it and
     `expert_index(name)` gives the global expert id of a DeepSpeed per-expert weight (None otherwise).
     """
 
     def __init__(self, model: nn.Module, fisher: dict[str, torch.Tensor], lam: float,
-                 local_name: Any, expert_index: Any):
+                 local_name: Callable[[str], str], expert_index: Callable[[str], int | None]):
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
         from neuraflex_ray.finetune.lora import LORA_SUFFIXES, plain_name
 
         self.lam = lam
-        self.terms: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = []  # module, weight, anchor, F
+        self.terms: list[tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]] = []  # weight, anchor, F
         for full, p in model.named_parameters():
             key = plain_name(full)
             if key.endswith(LORA_SUFFIXES):
                 continue
-            if ".parametrizations." in full:  # a LoRA-adapted weight: penalise the effective weight
-                path, name = key.rsplit(".", 1)
-                module = model.get_submodule(path)
-            elif p.requires_grad:
-                path, name = full.rsplit(".", 1) if "." in full else ("", full)
-                module = model.get_submodule(path)
-            else:
+            adapted = ".parametrizations." in full
+            if not (adapted or p.requires_grad) or local_name(key) not in fisher:
                 continue
-            local = local_name(key)
-            if local not in fisher:
-                continue
-            f = fisher[local]
+            f = fisher[local_name(key)].to(p.device, p.dtype)
             e = expert_index(key)
             if e is not None:
                 f = f[e]
-            self.terms.append((module, name, p.detach().clone(), f.to(p.device, p.dtype)))
+            if isinstance(p, DTensor):  # an FSDP2 shard: this rank's rows of F and of the anchor
+                if adapted:
+                    raise ValueError(f"{full}: EWC on a LoRA-adapted weight sharded by FSDP2 is not supported; "
+                                     f"fine-tune with finetune.method=full, or set finetune.ewc_lambda=0")
+                f = distribute_tensor(f, p.device_mesh, p.placements, src_data_rank=None).to_local()
+                self.terms.append((p.to_local, p.to_local().detach().clone(), f))
+            elif adapted:  # the effective weight base + A @ B
+                path, name = key.rsplit(".", 1)
+                module = model.get_submodule(path)
+                self.terms.append((lambda m=module, n=name: getattr(m, n), p.detach().clone(), f))  # p: the base
+            else:
+                self.terms.append((lambda p=p: p, p.detach().clone(), f))
 
     def penalty(self) -> torch.Tensor:
-        total = sum(((getattr(m, n) - anchor) ** 2 * f).sum() for m, n, anchor, f in self.terms)
+        """This rank's share of the penalty (the whole penalty without parallelism)."""
+        total = sum(((weight() - anchor) ** 2 * f).sum() for weight, anchor, f in self.terms)
         return 0.5 * self.lam * total

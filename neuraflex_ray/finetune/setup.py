@@ -2,7 +2,9 @@
 
 `finetune_config` (driver): the model section comes from the export, so the run trains the model
 that was exported, and the export's Fisher is computed once when EWC asks for it.
-`adapt_for_finetune` (worker, after parallelisation): LoRA adapters and the EWC penalty.
+`adapt_for_finetune` (worker, inside the strategy's set-up): LoRA adapters.
+`ewc_for_finetune` (worker, once the strategy has placed the parameters, before a checkpoint is
+restored, so the anchor is the export): the EWC penalty.
 """
 
 from __future__ import annotations
@@ -32,33 +34,44 @@ def finetune_config(cfg: JobConfig) -> JobConfig:
     if cfg.data.tokenizer == "":  # the new corpus is read with the base's tokenizer, or token ids would mismatch
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.json")))
     cfg = dataclasses.replace(cfg, model=model, finetune=dataclasses.replace(f, from_export=str(export)))
-    if f.ewc_lambda > 0:
-        from neuraflex_ray.finetune.ewc import fisher_for_export
-
-        original = meta.get("data", {}).get("output_dir")
-        if not original or not Path(original).is_dir():
-            raise ConfigError(f"finetune.ewc_lambda: EWC needs the export's original training data for its Fisher, "
-                              f"and {export}/config.json names {original!r}, which is not there")
-        fisher_for_export(export, original, f.fisher_blocks)
+    _ensure_fisher(cfg, export, meta)
     return cfg
 
 
 def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> JobConfig:
     """NeuroFM: the export's model, and its channel table so the new recordings' channels keep their ids."""
-    if cfg.finetune.ewc_lambda > 0:
-        raise ConfigError("finetune.ewc_lambda: EWC is built for NeuralFlex-MoE exports only so far; set it to 0 "
-                          "for NeuroFM (LoRA alone keeps the base frozen)")
+    f = cfg.finetune
+    if f.ewc_lambda > 0 and f.method == "lora":
+        # FSDP2 shards an adapter's A and B across ranks, so a rank cannot form its rows of A @ B alone.
+        raise ConfigError("finetune.ewc_lambda: NeuroFM's EWC is for finetune.method=full (under FSDP2 a rank "
+                          "holds only a shard of each adapter); use method=full, or set ewc_lambda=0 (LoRA alone "
+                          "keeps the base frozen)")
     model = JobConfig.from_dict({"model_type": "neurofm", "model": meta["model"]}).model
     data = dataclasses.replace(cfg.data, channel_table=dict(meta.get("data", {}).get("channel_ids", {})))
-    return dataclasses.replace(cfg, model=model, data=data,
-                               finetune=dataclasses.replace(cfg.finetune, from_export=str(export)))
+    cfg = dataclasses.replace(cfg, model=model, data=data, finetune=dataclasses.replace(f, from_export=str(export)))
+    _ensure_fisher(cfg, export, meta)
+    return cfg
 
 
-def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any]:
-    """LoRA adapters (method lora) and the EWC penalty (ewc_lambda > 0) for `model` in its parallel layout."""
+def _ensure_fisher(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> None:
+    """EWC's Fisher, estimated on the export's original training data (named in its config.json) once."""
+    if cfg.finetune.ewc_lambda <= 0:
+        return
+    from neuraflex_ray.finetune.ewc import fisher_for_export
+
+    original = meta.get("data", {}).get("output_dir")
+    if not original or not Path(original).is_dir():
+        raise ConfigError(f"finetune.ewc_lambda: EWC needs the export's original training data for its Fisher, "
+                          f"and {export}/config.json names {original!r} (data.output_dir), which is not there; "
+                          f"set it to the dataset the export was trained on, or set finetune.ewc_lambda=0")
+    fisher_for_export(export, original, cfg.finetune.fisher_blocks)
+
+
+def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> nn.Module:
+    """LoRA adapters (method lora) for `model` in its parallel layout; the model as is otherwise."""
     f = cfg.finetune
     if not f.from_export:
-        return model, None
+        return model
     import torch.distributed as dist
 
     from neuraflex_ray.finetune.lora import apply_lora
@@ -72,8 +85,16 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
     elif not dist.is_initialized() or dist.get_rank() == 0:
         n = sum(p.numel() for p in model.parameters())
         log(f"[finetune] full: all {n:,} parameters of this rank's model train")
-    if f.ewc_lambda <= 0:
-        return model, None
+    return model
+
+
+def ewc_for_finetune(model: nn.Module, cfg: JobConfig) -> Any:
+    """The EWC penalty toward the export's weights (finetune/ewc.py), or None without ewc_lambda. Built
+    on the parameters as the strategy left them: DeepSpeed's expert-parallel layout, FSDP2's shards."""
+    f = cfg.finetune
+    if not f.from_export or f.ewc_lambda <= 0:
+        return None
+    import torch.distributed as dist
     from safetensors.torch import load_file
 
     from neuraflex_ray.checkpoint import to_local_name
@@ -83,9 +104,11 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
     fisher = load_file(str(Path(f.from_export) / FISHER_FILE))
     ep = cfg.train.ep_size
     rank = dist.get_rank() if dist.is_initialized() else 0
-    n_local = cfg.model.num_experts // ep if cfg.model.num_experts else 0
+    experts = getattr(cfg.model, "num_experts", 0)  # NeuroFM has none
+    n_local = experts // ep if experts else 0
 
     def local_name(name: str) -> str:
+        name = name.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", "")  # FSDP2 wrappers
         m = DS_EXPERT_PARAM.match(name)
         return f"{m.group(1)}.{m.group(3)}" if m and not m.group(4) else to_local_name(name)
 
@@ -93,4 +116,4 @@ def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> tuple[nn.Module, Any
         m = DS_EXPERT_PARAM.match(name)
         return (rank % ep) * n_local + int(m.group(2)) if m and not m.group(4) else None
 
-    return model, EWC(model, fisher, f.ewc_lambda, local_name, expert_index)
+    return EWC(model, fisher, f.ewc_lambda, local_name, expert_index)

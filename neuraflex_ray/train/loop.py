@@ -84,6 +84,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     task = build_task(cfg, config, rank)
     strategy = build_strategy(cfg)
     model = strategy.setup(task.build_model(), adapt=task.adapt)
+    task.after_setup(model)  # before any restore: a fine-tune's EWC anchors at the export's weights
     device = strategy.device
     # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
     node = ray.get_runtime_context().get_node_id()

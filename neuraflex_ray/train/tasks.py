@@ -71,11 +71,17 @@ class LMTask:
         return MoELM(self.cfg.model)
 
     def adapt(self, model: nn.Module) -> nn.Module:
-        """After parallelisation: LoRA adapters and the EWC penalty of a fine-tune (finetune/)."""
+        """After parallelisation: LoRA adapters of a fine-tune (finetune/)."""
         from neuraflex_ray.finetune.setup import adapt_for_finetune
 
-        model, self.ewc = adapt_for_finetune(model, self.cfg)
-        return model
+        return adapt_for_finetune(model, self.cfg)
+
+    def after_setup(self, model: nn.Module) -> None:
+        """Once the strategy is set up, before a checkpoint is restored: a fine-tune's EWC penalty,
+        anchored at the export's weights. DeepSpeed's engine holds the model as `.module`."""
+        from neuraflex_ray.finetune.setup import ewc_for_finetune
+
+        self.ewc = ewc_for_finetune(getattr(model, "module", model), self.cfg)
 
     def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
         from pipelines.text import block_array
@@ -161,6 +167,7 @@ class NeuroTask:
         self.manifest = loop_config["manifest"]
         self.rank = rank
         self._generator: tuple[int, torch.Generator] | None = None
+        self.ewc: Any = None  # fine-tuning with ewc_lambda > 0: finetune/ewc.py's penalty
 
     def generator(self, step: int) -> torch.Generator:
         """Masks and curriculum draws, seeded by (seed, step, rank): a run resumed at step s draws
@@ -174,7 +181,14 @@ class NeuroTask:
         """Before sharding: LoRA adapters of a fine-tune (finetune/)."""
         from neuraflex_ray.finetune.setup import adapt_for_finetune
 
-        return adapt_for_finetune(model, self.cfg)[0]
+        return adapt_for_finetune(model, self.cfg)
+
+    def after_setup(self, model: nn.Module) -> None:
+        """Once FSDP2 has sharded the model, before a checkpoint is restored: a fine-tune's EWC
+        penalty on this rank's shards, anchored at the export's weights."""
+        from neuraflex_ray.finetune.setup import ewc_for_finetune
+
+        self.ewc = ewc_for_finetune(model, self.cfg)
 
     def peak_shape(self) -> tuple[int, int, int]:
         """(m, k, n) like the backbone's MLP over a micro-batch's latents (about 1,024 rows)."""
@@ -247,7 +261,8 @@ class NeuroTask:
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach(),
                  "variance": loss.variance.detach()}
-        return StepOutput(loss.total, parts, tokens, flops)
+        total = loss.total + self.ewc.penalty() if train and self.ewc is not None else loss.total
+        return StepOutput(total, parts, tokens, flops)
 
     def after_update(self, model: nn.Module) -> None:
         """Nothing to do after an optimizer step (the LM's aux-free router has something)."""

@@ -271,6 +271,10 @@ class TrainConfig:
     zero_stage: int = 2
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     activation_checkpointing: bool = False  # fsdp: recompute each block's activations in backward
+    # fsdp: free each block's gathered weights after its forward (gathered again for backward). false
+    # keeps them until backward: one all-gather per block per step instead of two, for the memory of
+    # the full weights between forward and backward (what ZeRO-2 holds)
+    reshard_after_forward: bool = True
     compile: bool = False  # torch.compile each block (train/compile.py); off: faster on CPU for the debug flavours
     micro_batch_size: int = 8  # sequences per rank per micro-step
     grad_accum_steps: int = 1

@@ -158,7 +158,7 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
             "val_shards": shards["val"],
             "samples": list(cfg.samples),
             # What built the data: augmentations act on training batches, so they are not part of it.
-            "data_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "augment"},
+            "data_config": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("augment", "batch_by_modality")},
             "output_dir": str(out),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "build_seconds": round(time.perf_counter() - t0, 2),

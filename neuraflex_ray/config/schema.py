@@ -252,6 +252,9 @@ class SeriesDataConfig:
     channel_table: dict[str, int] = field(default_factory=dict)
     # Training-time only, not part of the dataset (so not in the build's fingerprint).
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Each training batch holds windows of one modality set and channel count, so nothing is padded
+    # (pipelines/modality_buckets.py); evaluation batches stay as stored.
+    batch_by_modality: bool = False
 
 
 @dataclass

@@ -83,7 +83,10 @@ class LMTask:
 
         self.ewc = ewc_for_finetune(getattr(model, "module", model), self.cfg)
 
-    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[torch.Tensor]:
+    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0,
+                train: bool = False) -> Iterator[torch.Tensor]:
+        """This rank's slice of each global batch (token blocks are all alike: training and evaluation
+        batch the same way)."""
         from pipelines.text import block_array
 
         for batch in global_batches(ds, micro_bs, world, skip):
@@ -204,17 +207,26 @@ class NeuroTask:
             return load_exported(self.cfg.finetune.from_export)[0].train()
         return NeuroFM(self.cfg.model)
 
-    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0) -> Iterator[dict[str, Any]]:
+    def batches(self, ds: Any, micro_bs: int, rank: int, world: int, skip: int = 0,
+                train: bool = False) -> Iterator[dict[str, Any]]:
         """This rank's slice, keeping only modalities present somewhere in the *global* batch.
 
         FSDP reduce-scatters the gradients of the parameters that got one; every rank must agree on
         that set, so it is decided from the global batch that all ranks see, never from the slice.
+        Training batches are regrouped by modality set with `data.batch_by_modality`
+        (pipelines/modality_buckets.py); `skip` then counts regrouped batches.
         """
         from neuraflex_ray.models.neurofm import SeriesInput
         from pipelines.timeseries import series_batch
 
-        for batch in global_batches(ds, micro_bs, world, skip):
-            arrays = series_batch(batch, self.manifest)
+        stream = (series_batch(b, self.manifest) for b in global_batches(ds, micro_bs, world))
+        if train and self.cfg.data.batch_by_modality:
+            from pipelines.modality_buckets import bucket_by_modality
+
+            stream = bucket_by_modality(stream, micro_bs * world)
+        for i, arrays in enumerate(stream):
+            if i < skip:
+                continue
             sl = slice(rank * micro_bs, (rank + 1) * micro_bs)
             window = {}
             for m, a in arrays.items():

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
 from neuraflex_ray.train.prefetch import EpochPrefetcher
-from neuraflex_ray.train.strategy import build_strategy
+from neuraflex_ray.train.strategy import build_strategy, read_train_state
 from neuraflex_ray.train.tasks import build_task
 
 
@@ -83,25 +83,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
 
     task = build_task(cfg, config, rank)
     strategy = build_strategy(cfg)
-    model = strategy.setup(task.build_model(), adapt=task.adapt)
-    task.after_setup(model)  # before any restore: a fine-tune's EWC anchors at the export's weights
-    device = strategy.device
-    # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
-    node = ray.get_runtime_context().get_node_id()
-    log(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}")
-    # Reported with every evaluation: a sweep releases an ended trial's group by this id (sweep.py).
-    pg = ray.util.get_current_placement_group()
-    placement_group = pg.id.hex() if pg is not None else ""
-
     step, epoch, batch_in_epoch = 0, 0, 0
     global_batch = t.micro_batch_size * world  # rows per global micro-batch
     restored_from = None
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
-    if ckpt is not None:
+    if ckpt is not None:  # where the data resumes is known before the model is built
         with ckpt.as_directory() as d:
-            state = strategy.load(d)
+            state = read_train_state(d)
         step, epoch = state["step"], state["epoch"]
         # The position is kept in samples so a resume with another micro_batch_size or world
         # size lands on the same data, or refuses when it cannot.
@@ -109,18 +99,38 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"checkpoint is {state['samples_in_epoch']} samples into epoch {epoch}, not a multiple of "
                              f"train.micro_batch_size x workers = {global_batch}: resume with a batch layout that divides it")
         batch_in_epoch = state["samples_in_epoch"] // global_batch
+    train_ds = ray.train.get_dataset_shard("train")
+    # Read ahead on a background thread, across epoch boundaries (train/prefetch.py), started before
+    # the model is built so the pipeline's first read (seconds) overlaps the set-up, not step 1.
+    feed = EpochPrefetcher(
+        lambda skip: task.batches(train_ds, t.micro_batch_size, rank, world, skip=skip, train=True),
+        epoch, skip=batch_in_epoch)
+
+    model = strategy.setup(task.build_model(), adapt=task.adapt)
+    task.after_setup(model)  # before any restore: a fine-tune's EWC anchors at the export's weights
+    device = strategy.device
+    # The first read's remainder is waited out here, in set-up, so the peak below is timed with the
+    # prefetcher idle (it then only tops up its queue); the wait is logged, not hidden.
+    first_read_wait = feed.wait_ready()
+    # The MFU denominator: per worker, in this run, at its thread count, on matrices shaped like the model's.
+    peak = measure_peak_flops(device, t.cpus_per_worker, shape=task.peak_shape())
+    # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
+    node = ray.get_runtime_context().get_node_id()
+    log(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}, first batch "
+        f"{first_read_wait:.1f} s after the model was built")
+    # Reported with every evaluation: a sweep releases an ended trial's group by this id (sweep.py).
+    pg = ray.util.get_current_placement_group()
+    placement_group = pg.id.hex() if pg is not None else ""
+
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            strategy.load(d)
         restored_from = step
         if rank == 0:
             log(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})")
 
     writer = MetricsWriter(config["tensorboard_dir"]) if rank == 0 else None
-    # Per worker, in this run, at its thread count, on matrices shaped like the model's.
-    peak = measure_peak_flops(device, t.cpus_per_worker, shape=task.peak_shape())
 
-    train_ds = ray.train.get_dataset_shard("train")
-    # Read ahead on a background thread, across epoch boundaries (train/prefetch.py).
-    feed = EpochPrefetcher(lambda skip: task.batches(train_ds, t.micro_batch_size, rank, world, skip=skip),
-                           epoch, skip=batch_in_epoch)
     val_loss = float("nan")
     val: dict[str, float] = {"loss": val_loss}  # the latest evaluation, and the step it ran at
     val_step = 0

@@ -7,13 +7,15 @@ background thread, `depth` batches ahead of the loop and straight across epoch b
 epoch's read starts the moment the current one ends, while the loop is still training on the
 batches already queued. The order of batches is exactly the loop's own (epochs one after another,
 the first one skipping what a resumed run already trained on), so resumption and the data each
-step sees are unchanged.
+step sees are unchanged. The loop starts it before building the model, so the first read overlaps
+the set-up too (`wait_ready` says how much of it was left).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +29,7 @@ class EpochPrefetcher:
     def __init__(self, epoch_batches: Callable[[int], Iterator[Any]], epoch: int, skip: int = 0, depth: int = 4):
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the first batch (or the error) is queued
         self._thread = threading.Thread(target=self._run, args=(epoch_batches, epoch, skip), name="batch-prefetch",
                                         daemon=True)
         self._thread.start()
@@ -35,6 +38,7 @@ class EpochPrefetcher:
         while not self._stop.is_set():
             try:
                 self._q.put(item, timeout=0.2)
+                self._ready.set()
                 return True
             except queue.Full:
                 continue
@@ -53,6 +57,12 @@ class EpochPrefetcher:
                 epoch, skip = epoch + 1, 0
         except BaseException as e:  # noqa: BLE001 - handed to the training loop, which raises it
             self._put((_END, e))
+
+    def wait_ready(self) -> float:
+        """Block until the first batch is queued; the seconds that took."""
+        start = time.perf_counter()
+        self._ready.wait()
+        return time.perf_counter() - start
 
     def next(self) -> tuple[int, Any]:
         epoch, batch = self._q.get()

@@ -73,7 +73,8 @@ def main() -> None:
     old_data = json.loads((base / "config.json").read_text())["data"]["output_dir"]
     common = [f"output_dir={Path(args.output_dir).resolve()}", f"finetune.from_export={base}", *args.overrides]
     cfg = load_config(args.config, common)
-    ensure_ray(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's and the console's start-up lines; stdout is the JSON
+        ensure_ray(cfg)
     new_data = str(Path(cfg.data.output_dir).resolve())
     results: dict[str, Any] = {}
     with contextlib.redirect_stdout(sys.stderr):  # training progress to stderr; stdout is the JSON

@@ -78,9 +78,9 @@ def main() -> None:
     for name in args.variants:
         cfg = load_config(args.config, [*args.overrides, *VARIANTS[name], f"name=options-{name}",
                                         f"output_dir={args.output_dir}"])
-        ensure_ray(cfg)
         t0 = time.perf_counter()
-        with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout stays pure JSON
+        with contextlib.redirect_stdout(sys.stderr):  # progress and console lines; stdout stays pure JSON
+            ensure_ray(cfg)
             result, _, export_dir = train_and_export(cfg)
             ev = evaluate_neurofm_export(export_dir, cfg.data.output_dir, seed=cfg.train.seed)
             probes = probe(export_dir, cache_dir=cfg.data.cache_dir)

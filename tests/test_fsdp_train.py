@@ -57,6 +57,9 @@ def job(tmp: Path, name: str, *extra: str) -> JobConfig:
         "data.samples=[]", f"data.recordings=[{', '.join(write_recordings(tmp))}]",
         "data.modalities.eeg.max_channels=4", "data.context_s=2.0", "data.hop_s=1.0", "data.on_bad_input=error",
         f"data.output_dir={tmp / 'data'}",
+        # Two signatures (s1: EEG + ECG, s2: EEG alone), regrouped: the resume test below then checks
+        # that a restart lands on the same regrouped batches (pipelines/modality_buckets.py).
+        "data.batch_by_modality=true",
         "train.micro_batch_size=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.log_every=2",
         "train.eval_every=4", "train.eval_batches=2", "train.checkpoint_every=4", "train.lr=3e-3",
         *extra,

@@ -112,29 +112,38 @@ def _ewc_paths(config: dict) -> dict:
 
     from neuraflex_ray.config import JobConfig
     from neuraflex_ray.finetune.ewc import EWC
+    from neuraflex_ray.finetune.lora import apply_lora
     from neuraflex_ray.models.neurofm import NeuroFM
     from neuraflex_ray.models.neurofm_objectives import neurofm_loss
     from neuraflex_ray.train.strategy import FSDPStrategy
 
     cfg = JobConfig.from_dict(config["job"])
     rank = ray.train.get_context().get_world_rank()
-    torch.manual_seed(0)
-    local = NeuroFM(cfg.model)
     g = torch.Generator().manual_seed(1)
-    fisher = {n: torch.rand(p.shape, generator=g) for n, p in local.named_parameters()}
-    moves = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in local.named_parameters()}
+    fisher = {n: torch.rand(p.shape, generator=g) for n, p in NeuroFM(cfg.model).named_parameters()}
+
+    def adapt(m: torch.nn.Module) -> torch.nn.Module:  # LoRA (seeded, so equal on both sides) or nothing
+        if config["lora"]:
+            apply_lora(m, 2, 4.0, 0.0, ["linear"])
+        return m
+
+    torch.manual_seed(0)
+    local = adapt(NeuroFM(cfg.model))
+    moves = {n: 0.01 * torch.randn(p.shape, generator=g) for n, p in local.named_parameters() if p.requires_grad}
     torch.manual_seed(0)
     sharded = FSDPStrategy(cfg)
-    model = sharded.setup(NeuroFM(cfg.model))
+    model = sharded.setup(NeuroFM(cfg.model), adapt=adapt)
     ewc = EWC(model, fisher, 50.0, lambda n: n, lambda n: None)
     ewc_local = EWC(local, fisher, 50.0, lambda n: n, lambda n: None)
+    assert len(ewc.terms) == len(ewc_local.terms) > 0
     at_anchor = float(ewc.penalty().detach())
     from torch.distributed.tensor import distribute_tensor
 
     with torch.no_grad():
         for (n, p), (_, q) in zip(model.named_parameters(), local.named_parameters(), strict=True):
-            p.to_local().add_(distribute_tensor(moves[n], p.device_mesh, p.placements, src_data_rank=None).to_local())
-            q.add_(moves[n])
+            if n in moves:
+                p.to_local().add_(distribute_tensor(moves[n], p.device_mesh, p.placements, src_data_rank=None).to_local())
+                q.add_(moves[n])
     share = ewc.penalty().detach().clone()
     dist.all_reduce(share)
 
@@ -150,7 +159,8 @@ def _ewc_paths(config: dict) -> dict:
             "grad_rel_err": worst}
 
 
-def test_ewc_on_fsdp_shards_equals_the_local_penalty_and_gradient(ray_session, tmp_path):
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_ewc_on_fsdp_shards_equals_the_local_penalty_and_gradient(ray_session, tmp_path, lora):
     import sys
 
     import ray.cloudpickle
@@ -163,14 +173,14 @@ def test_ewc_on_fsdp_shards_equals_the_local_penalty_and_gradient(ray_session, t
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
     cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny", f"output_dir={tmp_path}"])
     cfg.model = neurofm_for_data(cfg.model, SCRATCH_NEURO_MANIFEST)
-    out = TorchTrainer(_ewc_paths, train_loop_config={"job": cfg.to_dict()},
+    out = TorchTrainer(_ewc_paths, train_loop_config={"job": cfg.to_dict(), "lora": lora},
                        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit().return_value
     assert out["at_anchor"] == 0.0 and out["penalty"] > 0, out
     assert out["penalty"] == pytest.approx(out["local"], rel=1e-4), out  # the ranks' shares add up to the whole
     assert out["grad_rel_err"] < 1e-4, out  # data mean + penalty, through FSDP's reduce-scatter
 
 
-def test_full_finetune_with_ewc_on_fsdp_estimates_the_fisher_on_the_original_data(tuned):
+def test_finetune_with_ewc_on_fsdp_estimates_the_fisher_on_the_original_data(tuned):
     from safetensors.torch import load_file
 
     tmp, base, _ = tuned
@@ -191,13 +201,16 @@ def test_full_finetune_with_ewc_on_fsdp_estimates_the_fisher_on_the_original_dat
     tuned_model, tuned_meta = load_exported(out["export"])
     assert tuned_meta["ewc_lambda"] == 100 and tuned_meta["data"]["output_dir"] == str((tmp / "ewc" / "data").resolve())
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), tuned_model.parameters(), strict=True))
+    # LoRA + EWC: the penalty falls on the sharded adapters' updates; the adapter is what it writes.
+    lora = finetune(job(tmp, anchored, "lora-ewc", "finetune.ewc_lambda=100", "train.max_steps=2",
+                        "train.eval_every=2", "train.checkpoint_every=2"), fresh=True)
+    adapter_meta = json.loads((Path(lora["adapter"]) / "adapter.json").read_text())
+    assert lora["steps"] == 2 and adapter_meta["ewc_lambda"] == 100 and adapter_meta["method"] == "lora"
 
 
-def test_neurofm_ewc_errors_name_the_field(tmp_path):
+def test_neurofm_ewc_without_the_original_data_names_the_field(tmp_path):
     from neuraflex_ray.finetune.setup import finetune_config
 
     base = scratch_neurofm_export(tmp_path / "base")  # its config.json names no training data
     with pytest.raises(ConfigError, match=r"names None \(data.output_dir\)"):
         finetune_config(job(tmp_path, base, "x", "finetune.method=full", "finetune.ewc_lambda=1"))
-    with pytest.raises(ConfigError, match="NeuroFM's EWC is for finetune.method=full"):
-        finetune_config(job(tmp_path, base, "x", "finetune.ewc_lambda=1"))

@@ -12,7 +12,9 @@ With LoRA the frozen base is w*, so the penalty falls on the adapters' updates A
 penalises what it holds, and the sum over ranks is the whole penalty: on the DeepSpeed
 expert-parallel path its experts, with their slices of F; under FSDP2 its shard of every weight,
 with the matching shard of F and of w*. The gradient of a rank's share reaches only that rank's
-shard, which is exactly the penalty's gradient, added to the data loss's reduce-scattered mean.
+shard, which is exactly the penalty's gradient, added to the data loss's reduce-scattered mean. With
+LoRA under FSDP2 the factors A and B are sharded too: each rank forms its rows of the update from its
+rows of A and the whole of B (one small all-gather of B per adapted weight per micro-batch).
 """
 
 from __future__ import annotations
@@ -74,11 +76,17 @@ def _lm_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> np.nd
 
 
 def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
-    """Up to n training windows, one at a time, each with the modalities it holds and the channels they use."""
+    """Up to n training windows (read with Ray Data, as training reads them), one at a time, each with
+    the modalities it holds and the channels they use."""
     from neuraflex_ray.models.neurofm import SeriesInput
-    from pipelines.timeseries import read_series
+    from pipelines.timeseries import SeriesArrays, load_series_datasets, series_batch
 
-    arrays, _, _ = read_series(str(data_dir), "train")
+    train_ds, _, manifest = load_series_datasets(str(data_dir))
+    parts = [series_batch(b, manifest) for b in train_ds.iter_batches(batch_size=1024, batch_format="numpy")]
+    if not parts:
+        raise ValueError(f"{data_dir}: the original training split is empty, so EWC has no Fisher to estimate")
+    arrays = {m: SeriesArrays(*(np.concatenate([getattr(p[m], f) for p in parts]) for f in ("x", "chan", "present")))
+              for m in parts[0]}
     rows = len(next(iter(arrays.values())).present)
     out = []
     for i in np.sort(rng.choice(rows, size=min(n, rows), replace=False)):
@@ -121,6 +129,20 @@ def fisher_for_export(export_dir: str | Path, data_dir: str | Path, samples: int
     return fisher
 
 
+def _sharded_update(a: Any, b: Any, scale: float) -> Callable[[], torch.Tensor]:
+    """This rank's rows of a LoRA update scale * A @ B whose factors FSDP2 shards by rows: its own rows
+    of A (the same rows as the base weight's shard) times the whole of B (r rows, gathered). B's gradient
+    from each rank is a partial sum, so it goes back through a reduce-scatter onto B's shards, with B's
+    own placement: FSDP2 then adds its data gradient to it.
+
+    The factors are the sharded parameters captured at set-up: around forward and backward FSDP2 swaps
+    the modules' attributes for gathered copies, and the penalty must reach the shards the optimizer
+    holds. Every rank calls this at the same point of every step, so the collectives line up."""
+    from torch.distributed.tensor import Partial
+
+    return lambda: scale * (a.to_local() @ b.full_tensor(grad_placements=[Partial()]))
+
+
 class EWC:
     """The penalty for one (possibly parallelised, possibly LoRA-adapted) model, built once its
     parameters are final (after DeepSpeed's or FSDP2's set-up, before the first step).
@@ -149,11 +171,14 @@ class EWC:
             if e is not None:
                 f = f[e]
             if isinstance(p, DTensor):  # an FSDP2 shard: this rank's rows of F and of the anchor
-                if adapted:
-                    raise ValueError(f"{full}: EWC on a LoRA-adapted weight sharded by FSDP2 is not supported; "
-                                     f"fine-tune with finetune.method=full, or set finetune.ewc_lambda=0")
                 f = distribute_tensor(f, p.device_mesh, p.placements, src_data_rank=None).to_local()
-                self.terms.append((p.to_local, p.to_local().detach().clone(), f))
+                if adapted:  # the frozen base is the anchor: the update A @ B alone, in the base's layout
+                    path, name = key.rsplit(".", 1)
+                    lora = model.get_submodule(path).parametrizations[name][0]
+                    self.terms.append((_sharded_update(lora.A, lora.B, lora.scale),
+                                       torch.zeros_like(f), f))
+                else:
+                    self.terms.append((p.to_local, p.to_local().detach().clone(), f))
             elif adapted:  # the effective weight base + A @ B
                 path, name = key.rsplit(".", 1)
                 module = model.get_submodule(path)

@@ -41,11 +41,6 @@ def finetune_config(cfg: JobConfig) -> JobConfig:
 def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> JobConfig:
     """NeuroFM: the export's model, and its channel table so the new recordings' channels keep their ids."""
     f = cfg.finetune
-    if f.ewc_lambda > 0 and f.method == "lora":
-        # FSDP2 shards an adapter's A and B across ranks, so a rank cannot form its rows of A @ B alone.
-        raise ConfigError("finetune.ewc_lambda: NeuroFM's EWC is for finetune.method=full (under FSDP2 a rank "
-                          "holds only a shard of each adapter); use method=full, or set ewc_lambda=0 (LoRA alone "
-                          "keeps the base frozen)")
     model = JobConfig.from_dict({"model_type": "neurofm", "model": meta["model"]}).model
     data = dataclasses.replace(cfg.data, channel_table=dict(meta.get("data", {}).get("channel_ids", {})))
     cfg = dataclasses.replace(cfg, model=model, data=data, finetune=dataclasses.replace(f, from_export=str(export)))

@@ -78,7 +78,7 @@ def _lm_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> np.nd
 def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
     """Up to n training windows (read with Ray Data, as training reads them), one at a time, each with
     the modalities it holds and the channels they use."""
-    from neuraflex_ray.models.neurofm import SeriesInput
+    from neuraflex_ray.train.tasks import window_inputs
     from pipelines.timeseries import SeriesArrays, load_series_datasets, series_batch
 
     train_ds, _, manifest = load_series_datasets(str(data_dir))
@@ -90,13 +90,9 @@ def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> li
     rows = len(next(iter(arrays.values())).present)
     out = []
     for i in np.sort(rng.choice(rows, size=min(n, rows), replace=False)):
-        window = {}
-        for m, a in arrays.items():
-            if a.present[i]:
-                used = int(np.flatnonzero(a.chan[i] > 0).max()) + 1
-                window[m] = SeriesInput(x=torch.from_numpy(a.x[i:i + 1, :used].copy()),
-                                        chan=torch.from_numpy(a.chan[i:i + 1, :used].copy()),
-                                        present=torch.ones(1, dtype=torch.bool))
+        # A one-window batch: the modalities this window holds, the channels it uses.
+        one = {m: SeriesArrays(a.x[i:i + 1], a.chan[i:i + 1], a.present[i:i + 1]) for m, a in arrays.items()}
+        window = window_inputs(one, slice(0, 1))
         if window:
             out.append((int(i), window))
     return out

@@ -13,6 +13,7 @@ on batch-level facts (equal shapes for expert parallelism; the modality set for 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -216,28 +217,17 @@ class NeuroTask:
         Training batches are regrouped by modality set with `data.batch_by_modality`
         (pipelines/modality_buckets.py); `skip` then counts regrouped batches.
         """
-        from neuraflex_ray.models.neurofm import SeriesInput
         from pipelines.timeseries import series_batch
 
-        stream = (series_batch(b, self.manifest) for b in global_batches(ds, micro_bs, world))
-        if train and self.cfg.data.batch_by_modality:
+        bucket = train and self.cfg.data.batch_by_modality
+        # Without regrouping a skipped batch is never converted; with it, `skip` counts regrouped batches.
+        stream = (series_batch(b, self.manifest) for b in global_batches(ds, micro_bs, world, 0 if bucket else skip))
+        if bucket:
             from pipelines.modality_buckets import bucket_by_modality
 
-            stream = bucket_by_modality(stream, micro_bs * world)
-        for i, arrays in enumerate(stream):
-            if i < skip:
-                continue
-            sl = slice(rank * micro_bs, (rank + 1) * micro_bs)
-            window = {}
-            for m, a in arrays.items():
-                if not a.present.any():
-                    continue
-                # Channels are stored padded to the modality's max_channels (64 for EEG); keep only
-                # as many as the global batch uses, so a batch of 2-electrode headbands costs 2, not 64.
-                used = int(np.flatnonzero((a.chan > 0).any(0)).max()) + 1
-                window[m] = SeriesInput(x=torch.from_numpy(a.x[sl, :used]), chan=torch.from_numpy(a.chan[sl, :used]),
-                                        present=torch.from_numpy(a.present[sl]))
-            yield window
+            stream = itertools.islice(bucket_by_modality(stream, micro_bs * world), skip, None)
+        for arrays in stream:
+            yield window_inputs(arrays, slice(rank * micro_bs, (rank + 1) * micro_bs))
 
     def fingerprint(self, window: dict[str, Any]) -> int:
         first = next(iter(window.values()))
@@ -286,6 +276,23 @@ class NeuroTask:
         text = (f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f} "
                 f"| variance {parts['variance']:.4f}")
         return {}, text
+
+
+def window_inputs(arrays: dict[str, Any], rows: slice) -> dict[str, Any]:
+    """Rows `rows` of a global batch ({modality: SeriesArrays}) as model inputs: only the modalities
+    present somewhere in the batch, and only as many channels as the batch uses."""
+    from neuraflex_ray.models.neurofm import SeriesInput
+
+    window = {}
+    for m, a in arrays.items():
+        if not a.present.any():
+            continue
+        # Channels are stored padded to the modality's max_channels (64 for EEG); keep only as many
+        # as the global batch uses, so a batch of 2-electrode headbands costs 2, not 64.
+        used = int(np.flatnonzero((a.chan > 0).any(0)).max()) + 1
+        window[m] = SeriesInput(x=torch.from_numpy(a.x[rows, :used]), chan=torch.from_numpy(a.chan[rows, :used]),
+                                present=torch.from_numpy(a.present[rows]))
+    return window
 
 
 def gather_across_ranks() -> Callable[[torch.Tensor], tuple[list[torch.Tensor], int]] | None:

@@ -103,9 +103,41 @@ def test_padded_channels_and_absent_modality_do_not_matter(model):
     absent = dict(inputs, resp=SeriesInput(x=100 * torch.randn(2, 1, N * MODS["resp"]), chan=torch.full((2, 1), 80),
                                            present=torch.zeros(2, dtype=torch.bool)))
     with torch.no_grad():
-        ref = model(inputs).embedding
-        assert torch.allclose(model(padded).embedding, ref, atol=1e-5)
-        assert torch.allclose(model(absent).embedding, ref, atol=1e-5)
+        ref = model(inputs)
+        for other in (model(padded), model(absent)):
+            assert torch.allclose(other.embedding, ref.embedding, atol=1e-5)
+            for m in inputs:  # the real channels' outputs too
+                assert torch.allclose(other.recon[m][:, :inputs[m].x.shape[1]], ref.recon[m], atol=1e-5)
+                assert torch.allclose(other.forecast[m][:, :inputs[m].x.shape[1]], ref.forecast[m], atol=1e-5)
+        # Padded and absent cells are not computed: their outputs are zeros.
+        assert not model(padded).recon["eeg"][:, 3:].any() and not model(absent).forecast["resp"].any()
+
+
+def test_a_windows_outputs_do_not_depend_on_its_batch(model):
+    """Token-level work runs on real channel rows regrouped per window (neurofm_rows.py): a window
+    batched with others of other modalities and channel counts gets what it gets alone."""
+    lone = context(make_window(b=1, chans={"eeg": 2, "ecg": 1}, seed=1))
+    crowd = context(make_window(b=3, chans={"eeg": 6, "ecg": 1, "resp": 1}, seed=2))
+    crowd["ecg"].present[2] = False
+    batch = {}
+    for m, w in crowd.items():
+        x, chan, present = w.x.clone(), w.chan.clone(), w.present.clone()
+        x[1], chan[1], present[1] = 0.0, 0, False  # row 1 becomes the lone window
+        if m in lone:
+            c = lone[m].x.shape[1]
+            x[1, :c], chan[1, :c], present[1] = lone[m].x[0], lone[m].chan[0], True
+        batch[m] = SeriesInput(x=x, chan=chan, present=present)
+    mask = {m: torch.rand(w.x.shape[0], w.x.shape[1], N, generator=torch.Generator().manual_seed(3)) < 0.3
+            for m, w in batch.items()}
+    with torch.no_grad():
+        alone = model(lone, {m: mask[m][1:2, :lone[m].x.shape[1]] for m in lone}, per_modality=True)
+        together = model(batch, mask, per_modality=True)
+    assert torch.allclose(together.embedding[1], alone.embedding[0], atol=1e-5)
+    for m, w in lone.items():
+        c = w.x.shape[1]
+        assert torch.allclose(together.recon[m][1, :c], alone.recon[m][0], atol=1e-5), m
+        assert torch.allclose(together.forecast[m][1, :c], alone.forecast[m][0], atol=1e-5), m
+        assert torch.allclose(together.modality_embeddings[m][1], alone.modality_embeddings[m][0], atol=1e-5), m
 
 
 def test_per_modality_views_equal_encoding_each_modality_alone(model):
@@ -316,6 +348,7 @@ def test_local_read_is_axial_and_skips_unseen_tokens():
     """A decoder query at (channel c, patch n) reads tokens at patch n of every channel and of
     channel c at every patch: a token elsewhere, or one that is not visible, cannot move it."""
     from neuraflex_ray.models.neurofm_local import LocalBlock
+    from neuraflex_ray.models.neurofm_rows import find_rows
 
     torch.manual_seed(0)
     block = LocalBlock(tiny_cfg()).eval()
@@ -323,13 +356,18 @@ def test_local_read_is_axial_and_skips_unseen_tokens():
     q, tokens = torch.randn(b, c, n + 1, d), torch.randn(b, c, n, d)
     seen = torch.ones(b, c, n, dtype=torch.bool)
     seen[0, 2, 1] = False
+    rows = find_rows([torch.ones(b, c, dtype=torch.bool)])  # every cell real: rows in (window, channel) order
+
+    def local(t: torch.Tensor) -> torch.Tensor:
+        return block(q.flatten(0, 1), t.flatten(0, 1), seen.flatten(0, 1), rows).view(b, c, n + 1, d)
+
     with torch.no_grad():
-        ref = block(q, tokens, seen)
+        ref = local(tokens)
 
         def moved(ci: int, ni: int) -> torch.Tensor:
             t = tokens.clone()
             t[0, ci, ni] += 3.0
-            return (block(q, t, seen) - ref)[0].abs().amax(-1) > 1e-6  # [C, N+1]: which queries changed
+            return (local(t) - ref)[0].abs().amax(-1) > 1e-6  # [C, N+1]: which queries changed
 
         off_axis = moved(0, 0)  # channel 0, patch 0 reaches row 0 and column 0 only
         assert off_axis[0].all() and off_axis[:, 0].all()

@@ -39,6 +39,7 @@ from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe_lm import RMSNorm
 from neuraflex_ray.models.neurofm_blocks import CrossBlock, backbone_block, backbone_block_macs
 from neuraflex_ray.models.neurofm_local import LocalBlock, SpatialFilter, local_block_macs
+from neuraflex_ray.models.neurofm_rows import Rows, find_rows
 
 AR_PATCHES = 4  # the forecasts' linear path reads this many last context patches (as the ridge baseline does)
 
@@ -168,25 +169,20 @@ class NeuroFM(nn.Module):
     # -- tokens ---------------------------------------------------------------------------------
 
     def _where(self, m: str, chan: torch.Tensor) -> torch.Tensor:
-        """Modality + channel embedding: [B, C, d]."""
+        """Modality + channel embedding: [..., d] for channel ids [...]."""
         idx = torch.full_like(chan, self.modality_index[m])
         return self.modality_emb(idx) + self.channel_emb(chan)
 
-    def tokenize(self, m: str, inp: SeriesInput, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Context samples of modality m -> tokens [B, C, N, d] and their visibility [B, C, N] to the
-        encoder (real channel of a present modality; a hidden patch is visible as the mask token)."""
+    def tokenize(self, m: str, x: torch.Tensor, chan: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """Context samples x [R, N * P_m] of R channel rows of modality m, their ids chan [R] -> tokens
+        [R, N, d]; a hidden patch (hidden [R, N]) enters as the mask token."""
         p, n = self.patch_len[m], self.cfg.context_patches
-        b, c, t = inp.x.shape
-        if t != n * p:
-            raise ValueError(f"{m}: expected {n} context patches x {p} samples = {n * p} samples, got {t}")
         w = self.patch_embed[m].weight
-        h = self.patch_embed[m](inp.x.reshape(b, c, n, p).to(w.dtype))  # [B, C, N, d]
+        h = self.patch_embed[m](x.reshape(x.shape[0], n, p).to(w.dtype))  # [R, N, d]
         if hidden is not None:
             # torch.where, not arithmetic: a hidden patch's values (even NaN) cannot leak into h.
             h = torch.where(hidden[..., None], self.mask_token.to(h.dtype), h)
-        h = h + self._where(m, inp.chan)[:, :, None] + self.time_emb.weight[None, None]
-        visible = (inp.chan > 0) & inp.present[:, None]
-        return h, visible[:, :, None].expand(b, c, n)
+        return h + self._where(m, chan)[:, None] + self.time_emb.weight[None]
 
     # -- encoder ----------------------------------------------------------------------------------
 
@@ -220,6 +216,10 @@ class NeuroFM(nn.Module):
         decode=False skips the recon/forecast decoder (embedding only).
         per_modality=True also encodes each modality alone (cross-attention + backbone over the
         tokens already made) and returns their projected embeddings for the contrastive loss.
+
+        Token-level work runs on the real channels only (`neurofm_rows.py`): a channel padded to the
+        batch's widest, or of a modality absent from its window, costs nothing, and its outputs in
+        recon / forecast are zeros.
         """
         unknown = sorted(set(inputs) - set(self.modality_index))
         if unknown:
@@ -227,77 +227,85 @@ class NeuroFM(nn.Module):
         mods = [m for m in self.cfg.modalities if m in inputs]  # cfg order, whatever the dict order
         if not mods:
             raise ValueError("inputs hold no modality")
-        b = inputs[mods[0]].x.shape[0]
+        b, n = inputs[mods[0]].x.shape[0], self.cfg.context_patches
         for m in mods:
             x, chan, present = inputs[m].x, inputs[m].chan, inputs[m].present
             if x.dim() != 3 or x.shape[0] != b or chan.shape != x.shape[:2] or present.shape != (b,):
                 raise ValueError(f"{m}: x {tuple(x.shape)}, chan {tuple(chan.shape)}, present {tuple(present.shape)} "
                                  f"do not fit [B, C, T], [B, C], [B] with one B={b} for every modality")
+            if x.shape[2] != n * self.patch_len[m]:
+                raise ValueError(f"{m}: expected {n} context patches x {self.patch_len[m]} samples = "
+                                 f"{n * self.patch_len[m]} samples, got {x.shape[2]}")
         patch_mask = patch_mask or {}
-        grids, grid_vis = zip(*(self.tokenize(m, inputs[m], patch_mask.get(m)) for m in mods), strict=True)
-        toks = [t.flatten(1, 2) for t in grids]
-        vis = [v.flatten(1) for v in grid_vis]
-        visible = torch.cat(vis, 1)
-        groups = [visible]
+        rows = find_rows([(inputs[m].chan > 0) & inputs[m].present[:, None] for m in mods])
+        toks, seen = [], []
+        for m, (w, c) in zip(mods, rows.parts, strict=True):
+            hidden = patch_mask[m][w, c] if patch_mask.get(m) is not None else None
+            toks.append(self.tokenize(m, inputs[m].x[w, c], inputs[m].chan[w, c], hidden))
+            seen.append(~hidden if hidden is not None else torch.ones(w.numel(), n, dtype=torch.bool, device=w.device))
+        tokens = torch.cat(toks)  # [R, N, d]
+
+        def per_token(slots: torch.Tensor) -> torch.Tensor:  # [B, W] -> [B, W * N]
+            return slots[:, :, None].expand(-1, -1, n).flatten(1)
+
+        groups = [per_token(rows.occupied())]
         if per_modality:  # group 1 + j sees modality j's tokens only
-            for j in range(len(mods)):
-                groups.append(torch.cat([v if i == j else torch.zeros_like(v) for i, v in enumerate(vis)], 1))
-        latents = self.encode(torch.cat(toks, 1), torch.stack(groups, 1))
+            kind = rows.modality()
+            groups += [per_token(rows.to_windows(kind == j)) for j in range(len(mods))]
+        latents = self.encode(rows.to_windows(tokens).flatten(1, 2), torch.stack(groups, 1))
         # Outputs are fresh tensors, not views: FSDP's pre-backward hook on a returned view would be
         # lost to an in-place op (FSDP2 warns about it).
         fused = self.norm(latents[:, 0])
         out = NeuroOutput(latents=fused, embedding=fused.mean(1), recon={}, forecast={})
-        if decode:
-            # The local read sees real, unhidden patches only.
-            seen = [v & ~patch_mask[m] if patch_mask.get(m) is not None else v for m, v in zip(mods, grid_vis, strict=True)]
-            out.recon, out.forecast = self._decode(inputs, mods, fused, patch_mask, torch.cat(grids, 1), torch.cat(seen, 1))
+        if decode:  # the local read sees real, unhidden patches only
+            out.recon, out.forecast = self._decode(inputs, mods, fused, patch_mask, rows, tokens, torch.cat(seen))
         if per_modality:
             pooled = self.norm(latents[:, 1:]).mean(2)  # [B, M, d]
             out.modality_embeddings = {m: self.projection(pooled[:, j]) for j, m in enumerate(mods)}
         return out
 
     def _decode(self, inputs: dict[str, SeriesInput], mods: list[str], latents: torch.Tensor,
-                patch_mask: dict[str, torch.Tensor], tokens: torch.Tensor,
+                patch_mask: dict[str, torch.Tensor], rows: Rows, tokens: torch.Tensor,
                 seen: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """One query per context patch (recon) and one per channel (forecast), all modalities at
-        once on one (channel, patch) grid: tokens [B, C, N, d] and seen [B, C, N] hold every
-        modality's channels side by side (they share the patch grid), for the local read.
+        """One query per context patch (recon) and one per channel (forecast) of every channel row:
+        queries [R, N+1, d]; tokens [R, N, d] and seen [R, N] for the local read.
 
         Forecasts add a linear autoregression of the last context patches (`ar`): slow signals such
         as EDA or BOLD barely move in a second, and a decoder cannot copy a single sample exactly."""
         n, k = self.cfg.context_patches, len(self.cfg.horizon_patches)
-        queries, widths = [], []
-        for m in mods:
-            where = self._where(m, inputs[m].chan).to(latents.dtype)  # [B, C, d]
-            q_recon = where[:, :, None] + self.time_emb.weight.to(latents.dtype)[None, None]  # [B, C, N, d]
-            q_future = (where + self.forecast_query.to(latents.dtype))[:, :, None]  # [B, C, 1, d]
-            queries.append(torch.cat([q_recon, q_future], dim=2))
-            widths.append(queries[-1].shape[1])
-        q = torch.cat(queries, 1)  # [B, C, N+1, d]
-        b, c = q.shape[:2]
-        # Queries attend to the latents only here, so one flat call over all of them is exact.
-        q = self.decoder(q.flatten(1, 2), latents).view(b, c, n + 1, -1)
+        where = torch.cat([self._where(m, inputs[m].chan[w, c]) for m, (w, c) in zip(mods, rows.parts, strict=True)])
+        where = where.to(latents.dtype)  # [R, d]
+        q_recon = where[:, None] + self.time_emb.weight.to(latents.dtype)[None]  # [R, N, d]
+        q_future = (where + self.forecast_query.to(latents.dtype))[:, None]  # [R, 1, d]
+        # Queries attend to their own window's latents only here: keys projected once per window.
+        q = self.decoder(torch.cat([q_recon, q_future], dim=1), latents, ctx_rows=rows.window)
         if self.local is not None:
-            q = self.local(q, tokens.to(q.dtype), seen)
+            q = self.local(q, tokens.to(q.dtype), seen, rows)
         h = self.decoder_norm(q)
         recon, forecast = {}, {}
-        c0 = 0
-        for m, part, cm in zip(mods, h.split(widths, 1), widths, strict=True):
-            recon[m] = self.recon_head[m](part[:, :, :n])
-            x = inputs[m].x.view(b, cm, n, -1)
+        for m, part, (w, c) in zip(mods, h.split(rows.sizes), rows.parts, strict=True):
+            b, cm = inputs[m].chan.shape
+            p, r = self.patch_len[m], w.numel()
+            x = inputs[m].x.view(b, cm, n, p)
             if patch_mask.get(m) is not None:  # hidden samples are never read, but 0 * NaN would still be NaN
                 x = torch.where(patch_mask[m][..., None], 0.0, x)
+            rec = self.recon_head[m](part[:, :n])  # [R_m, N, P]
             if self.spatial_filter is not None:  # + a signed combination of this modality's other channels
-                where = self._where(m, inputs[m].chan).to(part.dtype)
-                recon[m] = recon[m] + self.spatial_filter(where, x, seen[:, c0:c0 + cm])
-            c0 += cm
+                visible = ((inputs[m].chan > 0) & inputs[m].present[:, None])[:, :, None]
+                if patch_mask.get(m) is not None:
+                    visible = visible & ~patch_mask[m]
+                where_m = self._where(m, inputs[m].chan).to(part.dtype)
+                rec = rec + self.spatial_filter(where_m, x, visible.expand(b, cm, n))[w, c]
             head = self.forecast_head[m]  # the Linear, with the bias added after the reshape (no view returned)
-            ctx = x.flatten(2).to(part.dtype)  # [B, C, N*P], hidden samples zeroed
-            last = ctx[..., -1:]
-            ar = self.ar[m](ctx[..., (n - self.ar_patches) * ctx.shape[-1] // n:] - last).view(b, cm, k, -1)
-            scale = ctx.std(-1, keepdim=True)[..., None] + 1e-3  # [B, C, 1, 1]: the window's own variability
-            residual = F.linear(part[:, :, n], head.weight).view(b, cm, k, -1) + head.bias.view(k, -1)
-            forecast[m] = last[..., None] + ar + scale * residual
+            ctx = x[w, c].flatten(1).to(part.dtype)  # [R_m, N*P], hidden samples zeroed
+            last = ctx[:, -1:]
+            ar = self.ar[m](ctx[:, (n - self.ar_patches) * p:] - last).view(r, k, p)
+            # [R_m, 1, 1]: the window's own variability (no rows of m in this batch: nothing to reduce)
+            scale = (ctx.std(-1, keepdim=True) if r else ctx.new_zeros(0, 1))[..., None] + 1e-3
+            residual = F.linear(part[:, n], head.weight).view(r, k, p) + head.bias.view(k, p)
+            fc = last[..., None] + ar + scale * residual
+            recon[m] = rec.new_zeros(b, cm, n, p).index_put((w, c), rec)
+            forecast[m] = fc.new_zeros(b, cm, k, p).index_put((w, c), fc)
         return recon, forecast
 
     @torch.no_grad()

@@ -28,16 +28,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, dim, bias=False)
         self.wo = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [B, Q, d]; ctx: [B, S, d]; mask: bool [B, 1, 1, S], True = key visible."""
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                ctx_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [B, Q, d]; ctx: [B, S, d]; mask: bool [B, 1, 1, S], True = key visible.
+
+        ctx_rows [B] int64 (optional): query row i reads context ctx_rows[i] of ctx [B', S, d]; the
+        keys and values are projected once per context, however many rows read it."""
         ctx = x if ctx is None else ctx
-        b, q, _ = x.shape
-        s = ctx.shape[1]
-        xq = self.wq(x).view(b, q, self.n_heads, self.head_dim).transpose(1, 2)
-        xk = self.wk(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        xv = self.wv(ctx).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(xq, xk, xv, attn_mask=mask)
-        return self.wo(y.transpose(1, 2).reshape(b, q, -1))
+        k, v = self.wk(ctx), self.wv(ctx)
+        if ctx_rows is not None:
+            k, v = k[ctx_rows], v[ctx_rows]
+        return self.wo(self.attend(self.wq(x), k, v, mask))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Projected queries [B, Q, d], keys and values [B, S, d] -> [B, Q, d] before the output projection."""
+        b, nq, _ = q.shape
+        s = k.shape[1]
+        q = q.view(b, nq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return y.transpose(1, 2).reshape(b, nq, self.n_heads * self.head_dim)
 
 
 class CrossBlock(nn.Module):
@@ -51,8 +62,9 @@ class CrossBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.dim, ffn_dim or cfg.ffn_mult * cfg.dim)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask)
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None,
+                ctx_rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.q_norm(x), self.kv_norm(ctx), mask, ctx_rows)
         return x + self.ffn(self.ffn_norm(x))
 
     def residual_outputs(self) -> list[nn.Linear]:

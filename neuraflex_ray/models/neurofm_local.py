@@ -31,6 +31,7 @@ from neuraflex_ray.config import NeuroFMConfig
 from neuraflex_ray.models.moe import SwiGLU
 from neuraflex_ray.models.moe_lm import RMSNorm
 from neuraflex_ray.models.neurofm_blocks import Attention
+from neuraflex_ray.models.neurofm_rows import Rows
 
 
 class LocalBlock(nn.Module):
@@ -60,19 +61,28 @@ class LocalBlock(nn.Module):
         kv = torch.cat([self.null_key.to(kv.dtype).expand(r, 1, -1), kv], dim=1)
         return kv, torch.cat([visible.new_ones(r, 1), visible], dim=1)[:, None, None, :]
 
-    def forward(self, q: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """q [B, C, N+1, d] (N patch queries + 1 forecast query per channel), tokens [B, C, N, d],
-        visible [B, C, N] (True = a real, unhidden patch) -> q updated, same shape."""
-        b, c, n1, d = q.shape
+    def forward(self, q: torch.Tensor, tokens: torch.Tensor, visible: torch.Tensor, rows: Rows) -> torch.Tensor:
+        """q [R, N+1, d] (N patch queries + 1 forecast query per channel row), tokens [R, N, d],
+        visible [R, N] (True = a real, unhidden patch), `rows` placing each row in its window -> q
+        updated, same shape."""
+        n1, d = q.shape[1], q.shape[2]
         kv = self.kv_norm(tokens)
-        # Spatial: the forecast slot reads the last context patch of every channel.
-        kv_s = torch.cat([kv, kv[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c, d)
-        vis_s = torch.cat([visible, visible[:, :, -1:]], dim=2).transpose(1, 2).reshape(b * n1, c)
-        qs = self.spatial_norm(q).transpose(1, 2).reshape(b * n1, c, d)
-        q = q + self.spatial(qs, *self._keys(kv_s, vis_s)).view(b, n1, c, d).transpose(1, 2)
-        # Temporal: every query of a channel reads that channel's context patches.
-        qt = self.temporal_norm(q).reshape(b * c, n1, d)
-        q = q + self.temporal(qt, *self._keys(kv.reshape(b * c, -1, d), visible.reshape(b * c, -1))).view(b, c, n1, d)
+        # Spatial, per window and patch over the window's rows: the forecast slot reads the last
+        # context patch of every channel. Projections run on the rows; only the attention itself
+        # runs on the window grid, [B * (N+1), W] queries against the null key + W keys.
+        kv_s = torch.cat([kv, kv[:, -1:]], dim=1)  # [R, N+1, d]
+        vis_s = rows.to_windows(torch.cat([visible, visible[:, -1:]], dim=1)).transpose(1, 2).reshape(-1, rows.width)
+        att = self.spatial
+        per_patch = [rows.to_windows(t).transpose(1, 2).reshape(-1, rows.width, d)  # [B * (N+1), W, d]
+                     for t in (att.wq(self.spatial_norm(q)), att.wk(kv_s), att.wv(kv_s))]
+        null = self.null_key.to(kv.dtype).expand(per_patch[0].shape[0], 1, -1)
+        k = torch.cat([att.wk(null), per_patch[1]], dim=1)
+        v = torch.cat([att.wv(null), per_patch[2]], dim=1)
+        mask = torch.cat([vis_s.new_ones(vis_s.shape[0], 1), vis_s], dim=1)[:, None, None, :]
+        y = att.attend(per_patch[0], k, v, mask).view(rows.batch, n1, rows.width, d).transpose(1, 2)
+        q = q + att.wo(rows.from_windows(y))
+        # Temporal: every query of a row reads that row's context patches.
+        q = q + self.temporal(self.temporal_norm(q), *self._keys(kv, visible))
         return q + self.ffn(self.ffn_norm(q))
 
 

@@ -12,6 +12,7 @@ our own TensorBoard writer (rank 0) and the log.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -89,9 +90,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     ckpt = ray.train.get_checkpoint()
     if ckpt is None and config.get("resume_from"):
         ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
+    # One local copy of the checkpoint, held from here until the strategy has loaded it: the data
+    # position is read before the model is built, the weights after (a cloud checkpoint downloads once).
+    restore = contextlib.ExitStack()
     if ckpt is not None:  # where the data resumes is known before the model is built
-        with ckpt.as_directory() as d:
-            state = read_train_state(d)
+        ckpt_dir = restore.enter_context(ckpt.as_directory())
+        state = read_train_state(ckpt_dir)
         step, epoch = state["step"], state["epoch"]
         # The position is kept in samples so a resume with another micro_batch_size or world
         # size lands on the same data, or refuses when it cannot.
@@ -123,8 +127,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     placement_group = pg.id.hex() if pg is not None else ""
 
     if ckpt is not None:
-        with ckpt.as_directory() as d:
-            strategy.load(d)
+        with restore:
+            strategy.load(ckpt_dir)
         restored_from = step
         if rank == 0:
             log(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})")

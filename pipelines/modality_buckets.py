@@ -5,7 +5,9 @@ A mixed dataset's windows differ in what they hold: one recording gives EEG alon
 any window holds is encoded for every window, and every channel up to the widest. In the debug
 datasets' random 16-window batches most of the encoder's work went to padding (MFU counts only the
 valid tokens, so it read 3-11 %). Grouping windows by (modality, channel count) signature before
-batching removes the padding: each global batch is one signature.
+batching removes the padding: each global batch is one signature. It also made the held-out tests
+worse, and the model now skips padded channels itself (`neuraflex_ray/models/neurofm_rows.py`), so
+it is off by default (`benchmarks/RESULTS.md`, Training throughput).
 
 The order is a pure function of the input order: every rank regroups the same global stream the same
 way, so ranks agree on each batch's modality set (FSDP needs that), and a resumed run that skips the

@@ -88,6 +88,8 @@ def compare(tokens: int, dim: int, ffn: int, experts: int, top_k: int, repeats: 
             ds, ds_static = (DeepSpeedMoE(moe, c, ep_size=1, ep_rank=0).to(device, dtype) for c in (dynamic, static))
             for m in (ds, ds_static):
                 m.ds.set_deepspeed_parallelism()
+                for ex in m.ds.deepspeed_moe.experts.deepspeed_experts:
+                    ex.skip_padding = False  # DeepSpeed's own cost: every capacity slot computed
         impls["deepspeed"] = lambda: ds(x)[0]
         impls["deepspeed_static_capacity"] = lambda: ds_static(x)[0]
     if with_naive:

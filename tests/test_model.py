@@ -99,3 +99,30 @@ def test_the_mfu_peak_is_the_best_of_several_bursts_and_steady_across_calls():
     cpu = torch.device("cpu")
     a, b = (measure_peak_flops(cpu, 1, seconds=0.3, shape=(256, 512, 256)) for _ in range(2))
     assert a > 0 and b > 0 and 0.6 < a / b < 1.67, (a, b)
+
+
+def test_deepspeed_expert_skips_pad_rows_with_the_same_result():
+    """DeepSpeed's dropless buffers are as deep as the busiest expert; the other experts' extra
+    slots are zero rows. The expert computes only the rows holding a token: the same output (a
+    bias-free SwiGLU maps zero to zero), the same input gradient, weight gradients up to rounding."""
+    from neuraflex_ray.parallel.deepspeed_moe import Expert
+
+    torch.manual_seed(0)
+    expert = Expert(32, 64)
+    for p in expert.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(2, 1, 40, 32)
+    x[:, :, 25:] = 0.0  # the pad rows of a buffer deeper than this expert's load
+    g = torch.randn(2, 1, 40, 32)
+    runs = []
+    for skip in (False, True):
+        expert.skip_padding = skip
+        expert.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = expert(xi)
+        (y * g).sum().backward()
+        runs.append((y.detach(), xi.grad, [p.grad.clone() for p in expert.parameters()]))
+    (y0, gx0, gw0), (y1, gx1, gw1) = runs
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(gw0, gw1, strict=True))
+    assert not y1[:, :, 25:].any()

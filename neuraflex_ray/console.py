@@ -8,7 +8,9 @@ filtered here, on the driver, so `ray job logs` (the driver's output) is as clea
 - lines the workers print, which Ray forwards to the driver: a line is shown when it is one of ours
   (it starts with a tag such as `[train]`, `[eval]`, `[data]`) or reports a failure (a traceback,
   an `...Error`); every line goes to the log file with its process prefix. Forwarded lines are
-  printed without Ray's deduplication, so there is no dedup notice and rank 1's lines stay its own;
+  printed without Ray's deduplication, so there is no dedup notice and rank 1's lines stay its own.
+  Error messages the GCS publishes to the driver (Ray prints them as `(raylet) ...`) pass the same
+  filter;
 - the driver's own Python logging and warnings: Ray's loggers show WARNING and above (less two
   notices nobody can act on) and write everything to the log file; library warnings go to the file.
 
@@ -95,7 +97,8 @@ def _quiet_forwarded_lines(log: TextIO) -> None:
     from ray._private import worker as ray_worker
     from ray._private.ray_logging import global_worker_stdstream_dispatcher
 
-    def handle(data: dict[str, Any]) -> None:
+    def kept(data: dict[str, Any]) -> dict[str, Any] | None:
+        """Every line to the log file; the lines `shown` allows (and tracebacks) back, or None."""
         lines = data.get("lines") or []
         who = data.get("actor_name") or data.get("task_name") or ""
         log.write("".join(f"({who} pid={data.get('pid')}) {line}\n" for line in lines))
@@ -104,12 +107,24 @@ def _quiet_forwarded_lines(log: TextIO) -> None:
             in_traceback = in_traceback or line.startswith("Traceback (most recent call last)")
             if in_traceback or shown(line):
                 keep.append(line)
-        if keep:
-            sink = sys.stderr if data.get("is_err") else sys.stdout
-            ray_worker.print_worker_logs({**data, "lines": keep}, sink)
+        return {**data, "lines": keep} if keep else None
+
+    def handle(data: dict[str, Any]) -> None:
+        if (data := kept(data)) is not None:
+            ray_worker.print_worker_logs(data, sys.stderr if data.get("is_err") else sys.stdout)
 
     global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
     global_worker_stdstream_dispatcher.add_handler("ray_print_logs", handle)
+
+    # Error messages the GCS publishes to the driver ("(raylet) Task ServeController.graceful_shutdown
+    # failed ...", when Serve shuts down) do not pass the dispatcher: Ray prints them with this function.
+    printed = ray_worker.print_to_stdstream
+
+    def print_errors(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if (data := kept(data)) is not None:
+            printed(data, ignore_prefix)
+
+    ray_worker.print_to_stdstream = print_errors
 
 
 def _quiet_driver_logging(log: TextIO) -> None:

@@ -97,3 +97,27 @@ def test_the_drivers_library_logging_goes_to_the_file_and_its_warnings_stay(tmp_
     text = log.read_text()
     for line in ("Started Serve in namespace serve", "replica unhealthy", "Execution plan of Dataset d_0"):
         assert text.count(line) == 1, text  # each once, though the file's handler sits on several loggers
+
+
+GCS_ERRORS = """
+from neuraflex_ray import console
+console.install({log!r})
+console.filter_worker_lines()
+from ray._private import worker
+worker.print_to_stdstream({{"lines": ["Task ServeController.graceful_shutdown failed. There are infinite retries "
+                                      "remaining, so the task will be retried. Error: The actor is dead",
+                                      "RuntimeError: something a person must see"],
+                            "pid": "raylet", "is_err": False}}, ignore_prefix=False)
+"""
+
+
+def test_error_messages_the_gcs_publishes_are_filtered_too(tmp_path):
+    """Ray prints the GCS's error messages ("(raylet) Task ... failed") without the forwarding
+    dispatcher: they pass the same filter, so Serve's shutdown notice leaves the console."""
+    log = tmp_path / "library.log"
+    r = subprocess.run([sys.executable, "-c", GCS_ERRORS.format(log=str(log))], capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in os.environ.items() if k != "NEURAFLEX_VERBOSE"})
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "RuntimeError: something a person must see" in out and "graceful_shutdown" not in out
+    assert "graceful_shutdown" in log.read_text()

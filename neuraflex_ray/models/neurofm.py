@@ -283,7 +283,7 @@ class NeuroFM(nn.Module):
             q = self.local(q, tokens.to(q.dtype), seen, rows)
         h = self.decoder_norm(q)
         recon, forecast = {}, {}
-        for m, part, (w, c) in zip(mods, h.split(rows.sizes), rows.parts, strict=True):
+        for m, part, (w, c), valid in zip(mods, h.split(rows.sizes), rows.parts, rows.valid, strict=True):
             b, cm = inputs[m].chan.shape
             p, r = self.patch_len[m], w.numel()
             x = inputs[m].x.view(b, cm, n, p)
@@ -291,7 +291,7 @@ class NeuroFM(nn.Module):
                 x = torch.where(patch_mask[m][..., None], 0.0, x)
             rec = self.recon_head[m](part[:, :n])  # [R_m, N, P]
             if self.spatial_filter is not None:  # + a signed combination of this modality's other channels
-                visible = ((inputs[m].chan > 0) & inputs[m].present[:, None])[:, :, None]
+                visible = valid[:, :, None]
                 if patch_mask.get(m) is not None:
                     visible = visible & ~patch_mask[m]
                 where_m = self._where(m, inputs[m].chan).to(part.dtype)

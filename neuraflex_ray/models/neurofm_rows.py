@@ -31,6 +31,7 @@ class Rows:
     width: int  # most rows of any window
     batch: int  # B
     parts: list[tuple[torch.Tensor, torch.Tensor]]  # per modality, in the order given: (window, channel) of its rows
+    valid: list[torch.Tensor]  # per modality, the [B, C_j] grid of real cells the rows were found from
 
     @property
     def sizes(self) -> list[int]:
@@ -67,4 +68,4 @@ def find_rows(valid: list[torch.Tensor]) -> Rows:
     # At least one slot, so that a batch without a real channel still has a (fully masked) window grid.
     width = max(1, int(grid.sum(1).max())) if grid.numel() else 1
     return Rows(window=window, slot=slots[window, column], width=width, batch=grid.shape[0],
-                parts=list(parts))
+                parts=list(parts), valid=list(valid))

@@ -10,7 +10,8 @@ on this machine. From the run:
 - `mfu_run`: model FLOPs over the whole run's training time (evaluation and checkpoints excluded);
 - `data_wait_frac`: the share of training time the slowest rank waited for its next batch, epoch
   boundaries included (the NeuroFM run crosses two);
-- `tokens_per_s` (MoE) / `patches_per_s` (NeuroFM), and the peak FLOP/s MFU is measured against.
+- `tokens_per_s` (NeuroFM's tokens are its patches, so its block repeats it as `patches_per_s`), and
+  the peak FLOP/s MFU is measured against.
 
 Prints one JSON object: {"moe": {"mfu_interval_median", "mfu_run", "data_wait_frac", "tokens_per_s", ...},
 "neurofm": {...}}. Progress goes to stderr.
@@ -43,8 +44,9 @@ def run(model: str, steps: int, output_dir: str, extra: list[str]) -> dict[str, 
     out = train(cfg, fresh=True)
     unit = "tokens_per_s" if model == "moe" else "patches_per_s"
     mfus = [h["mfu"] for h in out["history"]]
+    # The shape names tokens_per_s for both models: NeuroFM's tokens are its patches.
     return {"mfu_interval_median": statistics.median(mfus), "mfu_run": out["mfu"],
-            "data_wait_frac": out["data_wait_frac"], unit: out[unit], "steps": out["steps"],
+            "data_wait_frac": out["data_wait_frac"], "tokens_per_s": out[unit], unit: out[unit], "steps": out["steps"],
             "intervals": len(mfus), "mfu_interval_min": min(mfus), "mfu_interval_max": max(mfus),
             "data_wait_interval_max": max(h["data_wait"] for h in out["history"]),
             "peak_flops_per_worker": out["peak_flops_per_worker"]}

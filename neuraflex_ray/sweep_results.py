@@ -14,21 +14,16 @@ import yaml
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import config_from_raw
-from neuraflex_ray.sweep import POINTER
+from neuraflex_ray.sweep import POINTER, error_line
 from neuraflex_ray.sweep_config import Sweep
 
 
-def _error_text(err: BaseException) -> str:
-    cause = getattr(err, "cause", None) or err
-    lines = [ln for ln in str(cause).strip().splitlines() if ln.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}"
-
-
 def _train_checkpoint(result: Any) -> str | None:
+    """The trial's latest checkpoint: Tune's copy of the Train checkpoint (older sweeps: the pointer's target)."""
     if result.checkpoint is None:
         return None
-    with result.checkpoint.as_directory() as d:
-        return json.loads((Path(d) / POINTER).read_text())["path"]
+    pointer = Path(result.checkpoint.path) / POINTER
+    return json.loads(pointer.read_text())["path"] if pointer.is_file() else result.checkpoint.path
 
 
 def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
@@ -62,7 +57,7 @@ def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
             "cpu_s": seconds * t.num_workers * t.cpus_per_worker,
             "gpu_s": seconds * t.num_workers if t.use_gpu else 0.0,
             "checkpoint": _train_checkpoint(r) if not r.error else None,
-            "error": _error_text(r.error) if r.error else "",
+            "error": error_line(r.error) if r.error else "",
         }
         rows.append(row)
     return sorted(rows, key=lambda row: row["trial_id"])

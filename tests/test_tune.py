@@ -7,6 +7,7 @@ Its first trial is a point that diverges (lr = 1e30), so one trial always fails.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import ray
 import yaml
 from ray.tune import ExperimentAnalysis
 
-from neuraflex_ray.config import load_config
+from neuraflex_ray.config import config_from_raw, load_config
 from neuraflex_ray.sweep import load_sweep, run_sweep
 from neuraflex_ray.train.driver import train
 
@@ -229,7 +230,12 @@ def test_best_yaml_loads_and_trains(sweep):
 
 
 def test_pbt_trials_continue_from_each_others_checkpoints(sweep, tmp_path):
-    """PBT (with Tune's own sampler): the trial that falls behind restarts from the leader's checkpoint."""
+    """PBT (with Tune's own sampler): the trial that falls behind restarts from the leader's checkpoint.
+
+    Each Train run keeps one checkpoint, so a donor deletes its Train checkpoint as soon as it reports
+    again; a restart must read Tune's copy, never the donor's Train run (sweep.py, "Where a restart
+    reads from").
+    """
     path = write_sweep(tmp_path)
     raw = yaml.safe_load(path.read_text())
     raw.update(name="pbt", num_trials=2, search={"algorithm": "random"},
@@ -237,16 +243,50 @@ def test_pbt_trials_continue_from_each_others_checkpoints(sweep, tmp_path):
                       "train.weight_decay": {"type": "uniform", "low": 0.0, "high": 0.2}},
                scheduler={"type": "pbt", "perturbation_interval": 8, "quantile_fraction": 0.5})
     raw["overrides"]["data"]["output_dir"] = str(sweep["tmp"] / "data")  # the dataset the sweep above built
+    raw["overrides"]["train"]["num_to_keep"] = 1
     path.write_text(yaml.safe_dump(raw))
-    summary = run_sweep(load_sweep(path))
+    loaded = load_sweep(path)
+    summary = run_sweep(loaded)
     assert summary["completed"] == 2 and summary["optuna_storage"] is None
-    sweep_dir = Path(summary["dir"])
+    sweep_dir, tune_dir = Path(summary["dir"]), Path(summary["dir"]) / "tune"
     # A trial restarts from its own checkpoint when PBT pauses it to let the other catch up, and from
-    # the other trial's when PBT exploits; both are logged in the trial's lineage.
+    # the other trial's when PBT exploits; both are logged in the trial's lineage, and both read Tune's copy.
     restores = [(d.name, json.loads(line)) for d in (sweep_dir / "trials").iterdir()
                 if (d / "lineage.jsonl").is_file() for line in (d / "lineage.jsonl").read_text().splitlines()]
     for _, r in restores:
         assert Path(r["restored_from"]).is_dir() and 0 < r["step"] <= STEPS
-    exploits = [r for trial, r in restores if Path(r["restored_from"]).relative_to(sweep_dir / "trials").parts[0] != trial]
+        assert Path(r["restored_from"]).parent == tune_dir / r["donor"], r
+    exploits = [r for trial, r in restores if r["donor"] != trial]
     assert exploits, f"PBT never continued a trial from another's checkpoint: {restores}"
     assert (sweep_dir / "best.yaml").is_file()
+
+    # The race made certain: a copy Tune holds of a checkpoint whose Train original its run has already
+    # deleted (the donor reported again after it) still restarts a run, as an exploit would.
+    from neuraflex_ray.checkpoint import read_checkpoint_state
+
+    def train_steps(trial: str) -> set[int]:
+        return {read_checkpoint_state(p.parent)["step"] for p in (sweep_dir / "trials" / trial).rglob("train_state.json")}
+
+    held = [(p, read_checkpoint_state(p)["step"]) for p in sorted(tune_dir.glob("*/checkpoint_*"))]
+    gone = [(p, step) for p, step in held if step < STEPS and step not in train_steps(p.parent.name)]
+    assert gone, f"every Train original is still on disk: {held}"
+    copy, step = gone[0]
+    cfg = config_from_raw({**loaded.trial_raw({"train.lr": 1e-3, "train.weight_decay": 0.1}),
+                           "name": "race", "output_dir": str(tmp_path / "race")})
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=step + 4, resume_from=str(copy)))
+    out = train(cfg)
+    assert out["restored_from_step"] == step and out["steps"] == step + 4
+
+
+def test_a_restart_that_cannot_read_its_checkpoint_names_the_donor_the_path_and_the_cause(tmp_path):
+    """What a user sees in the sweep's table when a PBT restart fails (a path its node cannot read, say)."""
+    from types import SimpleNamespace
+
+    from neuraflex_ray.sweep import RestoreError, error_line, restore_point
+
+    missing = tmp_path / "tune" / "t_00001" / "checkpoint_000002"
+    with pytest.raises(RestoreError) as raised:
+        restore_point("t_00000", SimpleNamespace(path=str(missing)))
+    line = error_line(raised.value)
+    assert "\n" not in line and line.startswith("RestoreError: trial t_00000 continuing from trial t_00001's")
+    assert str(missing) in line and "FileNotFoundError" in line

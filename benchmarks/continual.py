@@ -42,8 +42,7 @@ VARIANTS = {
 
 
 def bpb(model: Any, data_dir: str) -> float:
-    from neuraflex_ray.eval.lm import bits_per_byte
-    from neuraflex_ray.workflows import heldout_loss
+    from neuraflex_ray.eval.lm import bits_per_byte, heldout_loss
     from pipelines.text import load_text_datasets, read_blocks
 
     _, val_ds, manifest = load_text_datasets(data_dir)

@@ -69,9 +69,10 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every variant")
     args = p.parse_args()
 
+    from neuraflex_ray.eval.neuro import evaluate_neurofm_export
     from neuraflex_ray.eval.probe import probe
     from neuraflex_ray.train.driver import ensure_ray
-    from neuraflex_ray.workflows import evaluate_neurofm_export, train_and_export
+    from neuraflex_ray.workflows import train_and_export
 
     out: dict[str, Any] = {"config": {"base": args.config, "overrides": args.overrides, "machine": platform.platform(),
                                       "processor": platform.processor() or platform.machine()}, "variants": {}}

@@ -4,7 +4,7 @@
 
 The application and its deployment options (autoscaling 1-2 replicas, max_ongoing_requests,
 graceful shutdown) come from the Serve config itself; only the model path is replaced by an
-untrained `debug` export (serving/scratch.py: speed and correctness do not need trained weights).
+untrained `debug` export (families/moe_lm/scratch.py: speed and correctness do not need trained weights).
 One local Ray cluster, real HTTP, the official `openai` client, streaming requests.
 
 1. Reference: each of `--distinct` seeded requests (prompt, seed, temperature 0.8) is sent alone,
@@ -39,8 +39,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
 from neuraflex_ray.serving.deploy import free_port, wait_ready  # noqa: E402
-from neuraflex_ray.serving.scratch import scratch_lm_export  # noqa: E402
 
 MODEL = "neuraflex-moe"
 SCHEDULE = (1, 4, 16, 32, 64, 32, 16, 4, 1)

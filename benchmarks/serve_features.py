@@ -96,9 +96,8 @@ def main() -> None:
 
     from neuraflex_ray.checkpoint import load_exported
     from neuraflex_ray.eval.calibration import calibrate
-    from neuraflex_ray.eval.lm import bits_per_byte
+    from neuraflex_ray.eval.lm import bits_per_byte, heldout_loss
     from neuraflex_ray.serving.quantize import quantize_model
-    from neuraflex_ray.workflows import heldout_loss
     from pipelines.text import load_text_datasets, read_blocks
 
     _, val_ds, manifest = load_text_datasets(data_dir)

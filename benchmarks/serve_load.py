@@ -34,8 +34,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
 from neuraflex_ray.serving.deploy import deploy, free_port  # noqa: E402
-from neuraflex_ray.serving.scratch import scratch_lm_export  # noqa: E402
 
 MODEL = "neuraflex-moe"
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neuraflex_ray.sweep import load_sweep, run_sweep  # noqa: E402
+from neuraflex_ray.tune import load_sweep, run_sweep  # noqa: E402
 
 SWEEP = Path(__file__).resolve().parents[1] / "jobs" / "configs" / "tune_moe_debug.yaml"
 

@@ -19,16 +19,18 @@ import signal
 import sys
 from pathlib import Path
 
-from neuraflex_ray.config import ConfigError, JobConfig, load_config
+from neuraflex_ray.config import BUILTIN, DEFAULT_MODEL_TYPE, ConfigError, JobConfig, get_family, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-DEFAULT_CONFIGS = {"moe": CONFIGS / "moe_debug.yaml", "neurofm": CONFIGS / "neurofm_debug.yaml"}
-DEFAULT_CONFIG = DEFAULT_CONFIGS["moe"]
+# `--model <alias>` without --config: the built-in family's small config.
+DEFAULT_CONFIGS = {b.alias: CONFIGS / b.debug_config for b in BUILTIN.values()}
+DEFAULT_CONFIG = CONFIGS / BUILTIN[DEFAULT_MODEL_TYPE].debug_config
 DEFAULT_SWEEP = CONFIGS / "tune_moe_debug.yaml"
 
 
 def _config(args: argparse.Namespace) -> JobConfig:
-    default = DEFAULT_CONFIGS[getattr(args, "model", None) or "moe"]
+    alias = getattr(args, "model", None)
+    default = DEFAULT_CONFIGS[alias] if alias else DEFAULT_CONFIG
     path = args.config or (default if default.is_file() else None)
     return load_config(path, args.overrides)
 
@@ -38,13 +40,7 @@ def cmd_data(args: argparse.Namespace) -> dict:
 
     cfg = _config(args)
     ensure_ray(cfg)
-    if cfg.model_type == "neurofm":
-        from pipelines.timeseries import build_series_dataset
-
-        return build_series_dataset(cfg.data, force=args.force)
-    from pipelines.text import build_text_dataset
-
-    return build_text_dataset(cfg.data, force=args.force)
+    return get_family(cfg.model_type).build_data(cfg.data, force=args.force)
 
 
 def cmd_train(args: argparse.Namespace) -> dict:
@@ -58,8 +54,8 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
+    from neuraflex_ray.checkpoint import export_checkpoint
     from neuraflex_ray.train.driver import latest_checkpoint
-    from neuraflex_ray.workflows import export_checkpoint
 
     cfg = _config(args)
     ckpt = latest_checkpoint(args.checkpoint or cfg.run_dir)
@@ -88,10 +84,7 @@ def _export_meta(arg: str) -> tuple[Path, dict]:
 def cmd_probe(args: argparse.Namespace) -> dict:
     from neuraflex_ray.eval.probe import format_table, probe, write_result
 
-    export, meta = _export_meta(args.export)
-    model_type = meta.get("model_type")
-    if model_type != "neurofm":
-        raise ConfigError(f"--export {args.export}: a {model_type} export; the probe decodes from NeuroFM embeddings")
+    export, _ = _export_meta(args.export)
     try:
         result = probe(export, cache_dir=args.cache_dir, hop_s=args.hop_s)
     except ConfigError as e:
@@ -114,19 +107,19 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
     from neuraflex_ray.eval.routing import inspect_export
 
     export, meta = _export_meta(args.export)
-    if meta.get("model_type", "moe_lm") != "moe_lm" or not meta["model"].get("num_experts"):
-        raise ConfigError(f"--export {args.export}: not a routed NeuralFlex-MoE export (a {meta.get('model_type')} with "
-                          f"num_experts={meta['model'].get('num_experts')}); inspect needs MoE layers")
     data = args.data or meta.get("data", {}).get("output_dir")
     if not data or not (Path(data) / "manifest.json").is_file():
         raise ConfigError(f"--data: no text dataset at {data!r}; pass the data.output_dir the export was trained on")
-    out = inspect_export(export, data, args.out or export / "inspect", kinds=args.kinds, max_blocks=args.max_blocks)
+    try:
+        out = inspect_export(export, data, args.out or export / "inspect", kinds=args.kinds, max_blocks=args.max_blocks)
+    except ValueError as e:  # an export without routed MoE layers
+        raise ConfigError(f"--export {args.export}: {e}") from None
     print((Path(out["files"][1])).read_text(), flush=True)
     return {k: out[k] for k in ("kinds", "tokens", "router", "files")}
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from neuraflex_ray.workflows import generate_text
+    from neuraflex_ray.serving.local import generate_text
 
     text = generate_text(args.export, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
     return {"prompt": args.prompt, "completion": text}
@@ -178,7 +171,7 @@ def cmd_quickstart(args: argparse.Namespace) -> dict:
 
 
 def cmd_tune(args: argparse.Namespace) -> dict:
-    from neuraflex_ray.sweep import load_sweep, run_sweep
+    from neuraflex_ray.tune import load_sweep, run_sweep
 
     # `ray job stop` sends SIGTERM: stop the way Ctrl-C does (Tune saves its state on SIGUSR1 too),
     # so --resume continues from the latest state.
@@ -249,7 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_, description=help_)
         sp.add_argument("--config", help="job YAML (default: jobs/configs/<model>_debug.yaml)")
         sp.add_argument("--model", choices=sorted(DEFAULT_CONFIGS), default=None,
-                        help="which debug config to use when --config is not given (default: moe)")
+                        help="which built-in family's debug config to use when --config is not given "
+                             f"(default: {BUILTIN[DEFAULT_MODEL_TYPE].alias})")
         sp.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-3")
         return sp
 

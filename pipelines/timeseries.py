@@ -15,7 +15,8 @@ A window is `context_s + max(horizons_s)` seconds and starts on the patch grid, 
 window starts on a whole sample; a window lies wholly on one side of its session's split. The build is
 deterministic (sorted sessions, ordered execution, seeded shuffle) and cached by a fingerprint of the
 inputs and config. The caller owns Ray: call `ray.init(...)` first. The row layout, which NeuroFM's
-task reads (`neuraflex_ray/train/tasks.py`): x_<m> list<float32> [C_m * T_m], chan_<m> list<int32> [C_m], present_<m> bool.
+task reads (`neuraflex_ray/families/neurofm/task.py`): x_<m> list<float32> [C_m * T_m],
+chan_<m> list<int32> [C_m], present_<m> bool.
 """
 
 from __future__ import annotations

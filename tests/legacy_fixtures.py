@@ -45,10 +45,11 @@ def moe_overrides(root: Path, tokenizer: str = "") -> list[str]:
             "train.checkpoint_every=2", "train.max_failures=0"]
 
 
-def write_recordings(root: Path) -> list[str]:
-    """Two sessions as NPY files: s1 EEG (3 ch, 160 Hz) and ECG (250 Hz); s2 EEG alone."""
+def write_recordings(root: Path, seconds: int = 40) -> list[str]:
+    """Two sessions as NPY files: s1 has EEG (3 ch, 160 Hz) and ECG (250 Hz); s2 has EEG only, so its
+    windows miss a modality. Both rates differ from the targets, so both get resampled. Returns their
+    `data.recordings` entries."""
     rng = np.random.default_rng(0)
-    seconds = 40
     t_eeg, t_ecg = np.arange(seconds * 160) / 160, np.arange(seconds * 250) / 250
     specs = []
     for session, with_ecg in (("s1", True), ("s2", False)):

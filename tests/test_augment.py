@@ -10,12 +10,11 @@ import dataclasses
 import pytest
 import torch
 
-from neuraflex_ray.config import ConfigError, JobConfig, load_config
-from neuraflex_ray.config.schema import AugmentConfig
+from neuraflex_ray.config import AugmentConfig, ConfigError, JobConfig, load_config
+from neuraflex_ray.families.neurofm.augment import _resample, augment_window
+from neuraflex_ray.families.neurofm.task import NeuroTask
 from neuraflex_ray.models.neurofm import SeriesInput
 from neuraflex_ray.models.neurofm_objectives import neurofm_loss
-from neuraflex_ray.train.tasks import NeuroTask
-from pipelines.augment import _resample, augment_window
 
 # Rates that are not multiples of one another: a mask or warp placed in samples instead of seconds
 # would land at different times in each modality.

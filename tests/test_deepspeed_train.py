@@ -20,10 +20,10 @@ import ray.cloudpickle
 import torch
 import torch.distributed as dist
 
-from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.checkpoint import export_checkpoint, load_exported
 from neuraflex_ray.config import JobConfig, ModelConfig, load_config
+from neuraflex_ray.eval.lm import heldout_loss
 from neuraflex_ray.train.driver import latest_checkpoint, train
-from neuraflex_ray.workflows import export_checkpoint, heldout_loss
 
 # Worker functions defined here must travel by value: the workers cannot import this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -154,10 +154,10 @@ def _compare_paths(config: dict) -> dict:
     import ray.train
 
     from neuraflex_ray.checkpoint import consolidate_deepspeed
+    from neuraflex_ray.families.moe_lm.task import LMTask
     from neuraflex_ray.models.moe_lm import MoELM
     from neuraflex_ray.models.routers import ROUTERS, balance_biases
     from neuraflex_ray.train.strategy import DeepSpeedStrategy
-    from neuraflex_ray.train.tasks import LMTask
 
     rank = ray.train.get_context().get_world_rank()
     gen = torch.Generator().manual_seed(100 + rank)  # different tokens per rank

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from neuraflex_ray.checkpoint import export, load_exported
+from neuraflex_ray.checkpoint import load_exported, write_export
 from neuraflex_ray.config import ConfigError, ModelConfig, load_config
 from neuraflex_ray.finetune.ewc import EWC, estimate_fisher
 from neuraflex_ray.finetune.lora import adapter_state, apply_lora, fingerprint, load_adapter, merge, save_adapter
@@ -54,8 +54,8 @@ def test_lora_starts_equal_to_its_base_and_trains_a_small_share():
 def test_merge_equals_base_plus_adapter_and_the_wrong_base_is_refused(tmp_path):
     base = _tiny()
     cfg = base.cfg
-    export(base.state_dict(), cfg, None, tmp_path / "base")
-    export(_tiny(seed=1).state_dict(), cfg, None, tmp_path / "other")
+    write_export(base.state_dict(), cfg, "moe_lm", tmp_path / "base")
+    write_export(_tiny(seed=1).state_dict(), cfg, "moe_lm", tmp_path / "other")
     model, _ = load_exported(tmp_path / "base")
     apply_lora(model, 2, 4.0, 0.0, ["attention", "experts"])
     _perturb(model)
@@ -118,12 +118,12 @@ def finetuned(ray_session, tmp_path_factory):
     cfg = load_config("jobs/configs/moe_debug.yaml", overrides)
     ensure_ray(cfg)
     manifest = build_text_dataset(cfg.data)
-    from neuraflex_ray.train.driver import model_for_data
+    from neuraflex_ray.config import model_for_data
 
     torch.manual_seed(0)
     base_cfg = model_for_data(cfg.model, manifest)
-    base = export(MoELM(base_cfg).state_dict(), base_cfg, tmp / "data" / "tokenizer.json", tmp / "base",
-                  {"data": {"output_dir": str(tmp / "data")}})
+    base = write_export(MoELM(base_cfg).state_dict(), base_cfg, "moe_lm", tmp / "base",
+                        {"data": {"output_dir": str(tmp / "data")}}, files={"tokenizer.json": tmp / "data" / "tokenizer.json"})
     run = load_config("jobs/configs/finetune_kjv.yaml", [
         *overrides, "name=ft", f"finetune.from_export={base}", "finetune.method=lora", "finetune.lora_rank=2",
         "finetune.ewc_lambda=100", "finetune.fisher_blocks=8", "data.source=stdlib",
@@ -224,9 +224,9 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
 
 
 def test_the_finetune_sweep_yaml_checks_against_an_export(tmp_path):
-    from neuraflex_ray.sweep_config import load_sweep
+    from neuraflex_ray.tune import load_sweep
 
-    export(_tiny().state_dict(), ModelConfig(**TINY), None, tmp_path / "base")
+    write_export(_tiny().state_dict(), ModelConfig(**TINY), "moe_lm", tmp_path / "base")
     sweep = load_sweep("jobs/configs/tune_finetune_debug.yaml",
                        [f"overrides.finetune.from_export={tmp_path / 'base'}", f"output_dir={tmp_path}"])
     assert set(sweep.cfg.space) == {"finetune.lora_rank", "finetune.ewc_lambda", "train.lr"}

@@ -17,10 +17,10 @@ import torch
 
 from neuraflex_ray.checkpoint import load_exported
 from neuraflex_ray.config import ConfigError, load_config
+from neuraflex_ray.families.neurofm.scratch import scratch_neurofm_export
 from neuraflex_ray.finetune.lora import fingerprint, load_adapter
 from neuraflex_ray.finetune.run import finetune, merge_adapter
 from neuraflex_ray.models.neurofm import SeriesInput
-from neuraflex_ray.serving.scratch import scratch_neurofm_export
 
 
 def recordings(root: Path, eeg_channels: str = "[Fp1, C3, Cz]") -> str:
@@ -167,8 +167,8 @@ def test_ewc_on_fsdp_shards_equals_the_local_penalty_and_gradient(ray_session, t
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from neuraflex_ray.serving.scratch import SCRATCH_NEURO_MANIFEST
-    from neuraflex_ray.train.driver import neurofm_for_data
+    from neuraflex_ray.config import neurofm_for_data
+    from neuraflex_ray.families.neurofm.scratch import SCRATCH_NEURO_MANIFEST
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this module
     cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny", f"output_dir={tmp_path}"])

@@ -18,10 +18,10 @@ import ray
 import ray.cloudpickle
 import torch
 
-from neuraflex_ray.checkpoint import is_complete, load_exported
+from neuraflex_ray.checkpoint import export_checkpoint, is_complete, load_exported
 from neuraflex_ray.config import JobConfig, load_config
 from neuraflex_ray.train.driver import latest_checkpoint, train
-from neuraflex_ray.workflows import export_checkpoint
+from tests.legacy_fixtures import write_recordings
 
 # Worker functions defined here must travel by value: the workers cannot import this module.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -29,32 +29,11 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 STEPS = 8
 
 
-def write_recordings(root: Path) -> list[str]:
-    """Two sessions as NPY files: s1 has EEG (3 ch, 160 Hz) and ECG (250 Hz); s2 has EEG only, so
-    its windows miss a modality. Both rates differ from the targets, so both get resampled."""
-    rng = np.random.default_rng(0)
-    seconds = 60
-    t_eeg = np.arange(seconds * 160) / 160
-    t_ecg = np.arange(seconds * 250) / 250
-    specs = []
-    for session, with_ecg in (("s1", True), ("s2", False)):
-        eeg = np.stack([np.sin(2 * np.pi * f * t_eeg) + 0.3 * rng.standard_normal(t_eeg.size) for f in (3.0, 7.0, 11.0)])
-        np.save(root / f"{session}_eeg.npy", eeg.astype(np.float32))
-        specs.append(f"{{path: {root / f'{session}_eeg.npy'}, modality: eeg, rate: 160, channels: [C3, Cz, C4], "
-                     f"session: {session}}}")
-        if with_ecg:
-            ecg = np.sin(2 * np.pi * 1.2 * t_ecg) ** 15 + 0.05 * rng.standard_normal(t_ecg.size)
-            np.save(root / f"{session}_ecg.npy", ecg[None].astype(np.float32))
-            specs.append(f"{{path: {root / f'{session}_ecg.npy'}, modality: ecg, rate: 250, channels: [II], "
-                         f"session: {session}}}")
-    return specs
-
-
 def job(tmp: Path, name: str, *extra: str) -> JobConfig:
     return load_config("jobs/configs/neurofm_debug.yaml", [
         f"name={name}", f"output_dir={tmp / 'runs'}", "model.flavour=tiny",
         "model.curriculum=[{start_step: 0, mode: unimodal}, {start_step: 4, mode: multimodal}]",
-        "data.samples=[]", f"data.recordings=[{', '.join(write_recordings(tmp))}]",
+        "data.samples=[]", f"data.recordings=[{', '.join(write_recordings(tmp, seconds=60))}]",
         "data.modalities.eeg.max_channels=4", "data.context_s=2.0", "data.hop_s=1.0", "data.on_bad_input=error",
         f"data.output_dir={tmp / 'data'}",
         # Two signatures (s1: EEG + ECG, s2: EEG alone), regrouped: the resume test below then checks

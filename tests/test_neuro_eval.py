@@ -222,9 +222,8 @@ def test_missing_pieces_give_reasons():
 
 
 def tiny_neurofm(manifest: dict) -> torch.nn.Module:
-    from neuraflex_ray.config import load_config
+    from neuraflex_ray.config import load_config, neurofm_for_data
     from neuraflex_ray.models.neurofm import NeuroFM
-    from neuraflex_ray.train.driver import neurofm_for_data
 
     cfg = load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]).model
     torch.manual_seed(0)

@@ -10,10 +10,10 @@ import pytest
 from pydantic import ValidationError
 
 from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.families.neurofm.scratch import SCRATCH_NEURO_MANIFEST, scratch_neurofm_export
 from neuraflex_ray.models.neurofm import param_count
 from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.neuro import NeuroPredictor, NeuroRequest, card, parse_arrow, parse_npy
-from neuraflex_ray.serving.scratch import SCRATCH_NEURO_MANIFEST, scratch_neurofm_export
 
 MANIFEST = SCRATCH_NEURO_MANIFEST
 RATES = {m: spec["rate"] for m, spec in MANIFEST["modalities"].items()}

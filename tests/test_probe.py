@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 import torch
 
+from neuraflex_ray.checkpoint import DCP_DIR, TRAIN_STATE, export_checkpoint
 from neuraflex_ray.cli import main
-from neuraflex_ray.config import ConfigError, SeriesDataConfig, load_config
+from neuraflex_ray.config import ConfigError, SeriesDataConfig, load_config, neurofm_for_data
 from neuraflex_ray.eval.probe import classical_features, decode, fit_classifier, heart_rate_bpm
 from neuraflex_ray.eval.probe_tasks import (
     POST_VS_PRE,
@@ -28,9 +29,6 @@ from neuraflex_ray.eval.probe_tasks import (
     sample_grid_s,
 )
 from neuraflex_ray.models.neurofm import NeuroFM
-from neuraflex_ray.train.driver import neurofm_for_data
-from neuraflex_ray.train.strategy import DCP_DIR, TRAIN_STATE
-from neuraflex_ray.workflows import export_checkpoint
 from pipelines.neuro_sources import PACKAGES, fetch_package
 from pipelines.timeseries import build_series_dataset
 

@@ -26,11 +26,12 @@ from openai import BadRequestError, NotFoundError, OpenAI
 from ray.serve.schema import ServeDeploySchema
 
 from neuraflex_ray.config import ModelConfig
+from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
+from neuraflex_ray.families.neurofm.scratch import SCRATCH_NEURO_MANIFEST, scratch_neurofm_export
 from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving.app import build_app
 from neuraflex_ray.serving.deploy import deploy, find_export, free_port
 from neuraflex_ray.serving.models import ServeOptions
-from neuraflex_ray.serving.scratch import SCRATCH_NEURO_MANIFEST, scratch_lm_export, scratch_neurofm_export
 
 LM, NEURO = "neuraflex-moe", "neurofm"
 CONTEXT = 1024

@@ -20,10 +20,10 @@ import torch
 from openai import OpenAI
 
 from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
 from neuraflex_ray.serving.app import build_app
 from neuraflex_ray.serving.deploy import deploy, free_port
 from neuraflex_ray.serving.openai_api import MAX_LOGPROBS, MAX_TOP_LOGPROBS
-from neuraflex_ray.serving.scratch import scratch_lm_export
 
 LM = "neuraflex-moe"
 CONTEXT = 256

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from neuraflex_ray.config import ConfigError
-from neuraflex_ray.sweep_config import load_sweep
+from neuraflex_ray.tune import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = str(REPO / "jobs" / "configs" / "moe_debug.yaml")

@@ -25,8 +25,8 @@ import yaml
 from ray.tune import ExperimentAnalysis
 
 from neuraflex_ray.config import config_from_raw, load_config
-from neuraflex_ray.sweep import load_sweep, run_sweep
 from neuraflex_ray.train.driver import train
+from neuraflex_ray.tune import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -201,11 +201,11 @@ def test_an_ended_trials_placement_group_is_released(ray_session):
 
     from ray.util import placement_group, placement_group_table
 
-    from neuraflex_ray.sweep import _ReleaseEndedTrialGroups
+    from neuraflex_ray.tune.placement import ReleaseEndedTrialGroups
 
     ended, running = (placement_group([{"CPU": 0.01}]) for _ in range(2))
     ray.get([ended.ready(), running.ready()])
-    callback = _ReleaseEndedTrialGroups(grace_s=0.5)
+    callback = ReleaseEndedTrialGroups(grace_s=0.5)
     trial_a, trial_b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
     callback.on_trial_result(0, [], trial_a, {"placement_group": ended.id.hex()})
     callback.on_trial_result(0, [], trial_b, {"placement_group": running.id.hex()})
@@ -233,7 +233,7 @@ def test_pbt_trials_continue_from_each_others_checkpoints(sweep, tmp_path):
     """PBT (with Tune's own sampler): the trial that falls behind restarts from the leader's checkpoint.
 
     Each Train run keeps one checkpoint, so a donor deletes its Train checkpoint as soon as it reports
-    again; a restart must read Tune's copy, never the donor's Train run (sweep.py, "Where a restart
+    again; a restart must read Tune's copy, never the donor's Train run (tune/trial.py, "Where a restart
     reads from").
     """
     path = write_sweep(tmp_path)
@@ -282,7 +282,7 @@ def test_a_restart_that_cannot_read_its_checkpoint_names_the_donor_the_path_and_
     """What a user sees in the sweep's table when a PBT restart fails (a path its node cannot read, say)."""
     from types import SimpleNamespace
 
-    from neuraflex_ray.sweep import RestoreError, error_line, restore_point
+    from neuraflex_ray.tune.trial import RestoreError, error_line, restore_point
 
     missing = tmp_path / "tune" / "t_00001" / "checkpoint_000002"
     with pytest.raises(RestoreError) as raised:

@@ -14,17 +14,8 @@ from typing import Any
 
 import yaml
 
-from neuraflex_ray.config.schema import (
-    MODEL_FLAVOURS,
-    NEUROFM_FLAVOURS,
-    ConfigError,
-    CurriculumStage,
-    DataConfig,
-    JobConfig,
-    ModelConfig,
-    NeuroFMConfig,
-    SeriesDataConfig,
-)
+from neuraflex_ray.config.family import ConfigError, get_family
+from neuraflex_ray.config.schema import JobConfig
 
 # --------------------------------------------------------------------------------------------
 # Loading, overrides, type checks
@@ -34,13 +25,6 @@ from neuraflex_ray.config.schema import (
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-MODEL_TYPES: dict[str, tuple[type, type, dict[str, dict[str, Any]]]] = {
-    # model_type: (model section, data section, model flavours)
-    "moe_lm": (ModelConfig, DataConfig, MODEL_FLAVOURS),
-    "neurofm": (NeuroFMConfig, SeriesDataConfig, NEUROFM_FLAVOURS),
-}
 
 
 def _check_type(value: Any, tp: Any, path: str, apply_flavour: bool = True) -> Any:
@@ -86,18 +70,22 @@ def _merge_defaults(cls: type, name: str, value: Any) -> Any:
     return merged
 
 
-def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = True) -> Any:
+def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = True,
+          flavours: dict[str, dict[str, Any]] | None = None) -> Any:
+    """A `cls` dataclass from a raw mapping, every key and type checked. `flavours`: the named presets
+    of a model section (its `flavour` key picks one; explicit keys override it)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    if cls is CurriculumStage and "multimodal" in raw and "mode" not in raw:  # configs from before `mode`
-        raw = {**{k: v for k, v in raw.items() if k != "multimodal"}, "mode": "multimodal" if raw["multimodal"] else "unimodal"}
+    migrate = getattr(cls, "migrate_raw", None)  # a section that reads an older spelling of its keys
+    if migrate is not None:
+        raw = migrate(raw)
     types_ = _field_types(cls)
-    if cls is JobConfig:  # the model and data sections take the classes of the model type
-        model_type = raw.get("model_type", JobConfig.model_type)
-        if model_type not in MODEL_TYPES:
-            raise ConfigError(f"model_type: unknown model type {model_type!r}; choose one of {sorted(MODEL_TYPES)}")
-        model_cls, data_cls, _ = MODEL_TYPES[model_type]
-        types_ = {**types_, "model": model_cls, "data": data_cls}
+    if cls is JobConfig:  # the model and data sections take the classes of the model type's family
+        family = get_family(raw.get("model_type", JobConfig.model_type))
+        types_ = {**types_, "model": family.model_config, "data": family.data_config}
+        flavours_of = {"model": family.flavours}
+    else:
+        flavours_of = {}
     unknown = sorted(set(raw) - set(types_))
     if unknown:
         known = ", ".join(sorted(types_))
@@ -106,8 +94,7 @@ def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tru
             f"'{prefix.rstrip('.') or '(top level)'}' are: {known}"
         )
     raw = dict(raw)
-    flavours = next((fl for mc, _, fl in MODEL_TYPES.values() if mc is cls), None)
-    if flavours is not None and apply_flavour:
+    if flavours and apply_flavour:
         flavour = raw.get("flavour", cls.flavour)
         if flavour not in flavours:
             raise ConfigError(f"{prefix}flavour: unknown flavour {flavour!r}; choose one of {sorted(flavours)}")
@@ -119,7 +106,10 @@ def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tru
     for name, value in raw.items():
         if apply_flavour:
             value = _merge_defaults(cls, name, value)
-        kwargs[name] = _check_type(value, types_[name], f"{prefix}{name}", apply_flavour)
+        if name in flavours_of:
+            kwargs[name] = build(types_[name], value or {}, f"{prefix}{name}.", apply_flavour, flavours_of[name])
+        else:
+            kwargs[name] = _check_type(value, types_[name], f"{prefix}{name}", apply_flavour)
     return cls(**kwargs)
 
 

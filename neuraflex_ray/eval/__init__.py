@@ -1,7 +1,10 @@
 """Held-out evaluation, each model figure beside a baseline fitted on training data only.
 
-`lm.py`: bits per byte and the bigram baseline. NeuroFM: `neuro.py` (the entry point) over
-`forecast.py`, `spatial.py` and `retrieval.py`, with `ridge.py` and `common.py` beneath them.
-`probe.py`: decoding labelled tasks (`probe_tasks.py`: the systole recording's trial onsets) from frozen
-NeuroFM embeddings, beside a logistic regression on classical physiological features.
+The LM: `lm.py` (bits per byte, the bigram baseline, an export's held-out evaluation) and
+`calibration.py` (the confidence temperature fitted at export); `routing.py` with `token_kinds.py`
+(which kinds of token each expert takes). NeuroFM: `neuro.py` (the entry point) over `forecast.py`,
+`spatial.py` with `adapt.py` and `retrieval.py`, with `ridge.py` and `common.py` beneath them;
+`probe.py` (decoding labelled tasks, `probe_tasks.py`: the systole recording's trial onsets, from
+frozen embeddings, beside a logistic regression on classical physiological features) and
+`fewshot.py` (the same tasks learned by LoRA from 1, 5 and 25 windows per class).
 """

@@ -91,3 +91,19 @@ def calibrate(model: torch.nn.Module, val_blocks: np.ndarray, max_tokens: int = 
             "ece_after": expected_calibration_error(test_logits, test_targets, t),
             "nll_before": nll(test_logits, test_targets, 1.0), "nll_after": nll(test_logits, test_targets, t),
             "bins": BINS}
+
+
+def calibrate_export(export_dir: Any, data_dir: Any) -> dict[str, Any]:
+    """Fit the LM export's confidence temperature on its validation text and store it in config.json;
+    Serve reports token confidence under it."""
+    from pathlib import Path
+
+    from neuraflex_ray.atomic import write_json_atomic
+    from neuraflex_ray.checkpoint import load_exported
+    from pipelines.text import load_text_datasets, read_blocks
+
+    model, meta = load_exported(export_dir)
+    _, val_ds, _ = load_text_datasets(str(data_dir))
+    meta["calibration"] = calibrate(model, read_blocks(val_ds))
+    write_json_atomic(Path(export_dir) / "config.json", meta)
+    return meta["calibration"]

@@ -1,14 +1,19 @@
-"""Reference numbers a trained LM must beat, in bits per byte (tokenizer-independent).
+"""An LM export on held-out text, beside the reference numbers it must beat, in bits per byte.
 
 A model's loss is in nats per token; dividing by ln 2 and by the split's UTF-8 bytes per token
 (`val_bytes_per_token` in the data manifest) gives bits per byte, comparable across tokenizers.
+`evaluate_lm_export` scores an export on every held-out block beside a bigram fitted on the
+training blocks only.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
 
 
 def bits_per_byte(loss_nats_per_token: float, bytes_per_token: float) -> float:
@@ -49,3 +54,37 @@ def bigram_bits_per_byte(train_blocks: np.ndarray, val_blocks: np.ndarray, vocab
     prob = (counts + alpha) / (prev_counts[vp] + alpha * v)
     bits_per_token = float(-np.log2(prob).mean())
     return bits_per_token / val_bytes_per_token
+
+
+@torch.no_grad()
+def heldout_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 32) -> float:
+    """Mean next-token cross entropy (nats/token) over every held-out block, dropless local path."""
+    from neuraflex_ray.models.moe_lm import lm_loss
+
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        tokens = torch.from_numpy(blocks[i:i + batch_size].astype(np.int64))
+        logits, stats = model(tokens[:, :-1])
+        ce = lm_loss(logits, tokens[:, 1:], stats, model.cfg).ce
+        total += float(ce) * tokens[:, 1:].numel()
+        count += tokens[:, 1:].numel()
+    return total / count
+
+
+def evaluate_lm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
+    """Held-out bits/byte of an LM export beside a bigram fitted on the training blocks."""
+    from neuraflex_ray.checkpoint import load_exported
+    from pipelines.text import load_text_datasets, read_blocks
+
+    model, _ = load_exported(export_dir)
+    train_ds, val_ds, manifest = load_text_datasets(str(data_dir))
+    val_blocks, train_blocks = read_blocks(val_ds), read_blocks(train_ds)
+    bpt = manifest["val_bytes_per_token"]
+    loss = heldout_loss(model, val_blocks)
+    return {
+        "val_loss": loss,
+        "val_bits_per_byte": bits_per_byte(loss, bpt),
+        "bigram_bits_per_byte": bigram_bits_per_byte(train_blocks, val_blocks, manifest["vocab_size"], bpt),
+        "val_tokens": int(val_blocks[:, 1:].size),
+    }

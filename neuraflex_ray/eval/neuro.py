@@ -118,3 +118,32 @@ def format_table(result: dict[str, Any]) -> str:
             lines.append(f"    {p1['a']}<->{p1['b']} (n={p1['n']}): top-1 {p1['model']:.4f} (chance {p1['chance']:.4f})"
                          f"   top-5 {_fmt(p5.get('model'), 0)} (chance {_fmt(p5.get('chance'), 0)})")
     return "\n".join(lines)
+
+
+def evaluate_neurofm_export(export_dir: Any, data_dir: Any, *, seed: int = 0) -> dict[str, Any]:
+    """A NeuroFM export on the held-out windows of the dataset it was trained on; prints the table."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from neuraflex_ray.checkpoint import load_exported
+    from neuraflex_ray.config import ConfigError
+    from pipelines.timeseries import read_series
+
+    model, meta = load_exported(export_dir)
+    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    for key in ("modalities", "channel_ids"):  # the model's channel embeddings index these ids
+        if meta["data"][key] != manifest[key]:
+            raise ConfigError(f"data.output_dir={data_dir}: the dataset's {key} differ from those {export_dir} was "
+                              f"trained on; evaluate on the dataset the model was trained with")
+    train_arrays, recordings, starts = read_series(str(data_dir), "train")
+    # Train rows are stored shuffled; in time order per recording, the slice the baselines hold out
+    # to choose their ridge penalty is whole late recordings, not windows overlapping the fitted ones.
+    order = np.lexsort((starts, recordings))
+    train_arrays = {m: dataclasses.replace(a, x=a.x[order], chan=a.chan[order], present=a.present[order])
+                    for m, a in train_arrays.items()}
+    val_arrays, _, _ = read_series(str(data_dir), "val")
+    # No torch.no_grad() here: the masked-channel adaptation trains a copy (evaluate_neurofm scores under no_grad).
+    result = evaluate_neurofm(model, train_arrays, val_arrays, manifest, seed=seed)
+    print(format_table(result), flush=True)
+    return result

@@ -31,6 +31,7 @@ from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from neuraflex_ray.atomic import write_json_atomic
+from neuraflex_ray.config import ConfigError
 from neuraflex_ray.eval.common import device_of, make_input, plain, to_numpy
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 
@@ -176,6 +177,9 @@ def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c:
     from neuraflex_ray.checkpoint import load_exported
 
     model, meta = load_exported(export_dir, device=device)
+    if not hasattr(model, "embed"):
+        raise ConfigError(f"a {meta['model_type']} export has no window embeddings; the probe decodes them from a "
+                          f"time-series foundation model (NeuroFM)")
     session = load_session(meta, cache_dir)
     return plain({t.name: probe_task(model, session, t, c=c, batch_size=batch_size) for t in all_tasks(session, hop_s)})
 

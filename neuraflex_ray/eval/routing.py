@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from neuraflex_ray.eval.token_kinds import CODE_KINDS, PROSE_KINDS, token_kinds
+from neuraflex_ray.models.moe import MoE
 
 
 def _entropy_bits(p: np.ndarray) -> float:
@@ -47,8 +48,6 @@ def normalised_mutual_information(a: np.ndarray, b: np.ndarray, num_experts: int
 @torch.no_grad()
 def route_tokens(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Top-k experts [layers, N, k] and routing entropies in bits [layers, N] for every token of `blocks`."""
-    from neuraflex_ray.models.moe import MoE
-
     layers = [m for m in model.modules() if isinstance(m, MoE)]
     if not layers:
         raise ValueError("this export has no MoE layers (model.num_experts=0): nothing is routed")
@@ -151,8 +150,9 @@ def inspect_export(export_dir: str | Path, data_dir: str | Path, out_dir: str | 
     from pipelines.text import load_text_datasets, load_tokenizer, read_blocks
 
     model, meta = load_exported(export_dir)
-    if meta.get("model_type", "moe_lm") != "moe_lm":
-        raise ValueError(f"{export_dir} is a {meta.get('model_type')} export; inspect routes NeuralFlex-MoE tokens")
+    if not any(isinstance(m, MoE) for m in model.modules()):
+        raise ValueError(f"not a routed MoE export (model_type {meta['model_type']}, no MoE layers); inspect routes "
+                         f"an MoE LM's tokens")
     _, val_ds, manifest = load_text_datasets(str(data_dir))
     if kinds == "auto":
         kinds = "code" if manifest.get("source") == "stdlib" or str(manifest.get("source", "")).endswith(".py") else "prose"

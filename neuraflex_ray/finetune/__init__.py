@@ -1,1 +1,2 @@
-"""Fine-tuning exports: LoRA adapters (lora.py) and elastic weight consolidation (ewc.py)."""
+"""Fine-tuning exports: LoRA adapters (lora.py), elastic weight consolidation (ewc.py), the hooks a
+family's Train task takes them in with (hooks.py), a fine-tune's set-up (setup.py) and its run (run.py)."""

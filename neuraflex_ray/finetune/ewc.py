@@ -68,17 +68,18 @@ def estimate_fisher(model: nn.Module, samples: Iterable[Any],
     return {n: f / count for n, f in fisher.items()}
 
 
-def _lm_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> np.ndarray:
+def lm_fisher_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> tuple[np.ndarray, Callable]:
+    """Up to n token blocks of the LM's training split, and the loss of one (its mean cross entropy)."""
     from pipelines.text import load_text_datasets, read_blocks
 
     rows = read_blocks(load_text_datasets(str(data_dir))[0])
-    return rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))]
+    return rows[np.sort(rng.choice(len(rows), size=min(n, len(rows)), replace=False))], lm_sample_loss
 
 
-def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> list[tuple[int, dict[str, Any]]]:
-    """Up to n training windows (read with Ray Data, as training reads them), one at a time, each with
-    the modalities it holds and the channels they use."""
-    from neuraflex_ray.train.tasks import window_inputs
+def neuro_fisher_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> tuple[list[Any], Callable]:
+    """Up to n NeuroFM training windows (read with Ray Data, as training reads them), one at a time, each
+    with the modalities it holds and the channels they use, and the loss of one."""
+    from neuraflex_ray.models.neurofm import window_inputs
     from pipelines.timeseries import SeriesArrays, load_series_datasets, series_batch
 
     train_ds, _, manifest = load_series_datasets(str(data_dir))
@@ -95,7 +96,7 @@ def _neuro_samples(data_dir: str | Path, n: int, rng: np.random.Generator) -> li
         window = window_inputs(one, slice(0, 1))
         if window:
             out.append((int(i), window))
-    return out
+    return out, neuro_sample_loss
 
 
 def fisher_for_export(export_dir: str | Path, data_dir: str | Path, samples: int) -> dict[str, torch.Tensor]:
@@ -104,6 +105,7 @@ def fisher_for_export(export_dir: str | Path, data_dir: str | Path, samples: int
 
     from neuraflex_ray.atomic import write_json_atomic
     from neuraflex_ray.checkpoint import load_exported
+    from neuraflex_ray.config import get_family
 
     export_dir = Path(export_dir)
     meta_path = export_dir / FISHER_META
@@ -111,12 +113,8 @@ def fisher_for_export(export_dir: str | Path, data_dir: str | Path, samples: int
         meta = json.loads(meta_path.read_text())
         if meta["blocks"] >= samples:
             return load_file(str(export_dir / FISHER_FILE))
-    model, _ = load_exported(export_dir)
-    rng = np.random.default_rng(0)
-    if json.loads((export_dir / "config.json").read_text()).get("model_type") == "neurofm":
-        picked, loss_of = _neuro_samples(data_dir, samples, rng), neuro_sample_loss
-    else:
-        picked, loss_of = _lm_samples(data_dir, samples, rng), lm_sample_loss
+    model, meta = load_exported(export_dir)
+    picked, loss_of = get_family(meta["model_type"]).fisher_samples(Path(data_dir), samples, np.random.default_rng(0))
     fisher = estimate_fisher(model, picked, loss_of)
     tmp = export_dir / f".{FISHER_FILE}.tmp"
     save_file({k: v.contiguous() for k, v in fisher.items()}, str(tmp))

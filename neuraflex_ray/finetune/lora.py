@@ -12,14 +12,12 @@ experts), `router`; `linear` is every `nn.Linear` of any model (NeuroFM's few-sh
 eval/fewshot.py). `lora_dropout` drops entries of A in training: the weight-space form has no separate
 input path to drop, unlike PEFT's.
 
-Adapter files: `adapter.safetensors` (tensors named `<weight>.lora_A` / `.lora_B` in the local
-layout) and `adapter.json` (rank, alpha, targets and the base export's fingerprint).
+Adapter files (`adapter.safetensors` + `adapter.json`, and the names adapted parameters take) are an
+on-disk format: `neuraflex_ray/checkpoint/adapters.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from neuraflex_ray.checkpoint.adapters import (  # noqa: F401 - the adapter file format, used with LoRA
+    ADAPTER_FILE,
+    ADAPTER_META,
+    LORA_SUFFIXES,
+    fingerprint,
+    plain_name,
+    read_adapter,
+    save_adapter,
+)
+
 TARGETS = ("attention", "dense", "experts", "router", "linear")
-ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
-LORA_SUFFIXES = (".lora_A", ".lora_B")  # an adapter tensor's name ends so (see plain_name)
 
 
 class LoRA(nn.Module):
@@ -110,54 +116,12 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def plain_name(key: str) -> str:
-    """A parametrized model's state-dict key as the plain model's: `x.parametrizations.w.original` -> `x.w`,
-    and an adapter's `x.parametrizations.w.0.A` -> `x.w.lora_A`."""
-    if ".parametrizations." not in key:
-        return key
-    head, tail = key.split(".parametrizations.", 1)
-    name, rest = tail.split(".", 1)
-    if rest == "original":
-        return f"{head}.{name}"
-    return f"{head}.{name}.lora_{rest.rsplit('.', 1)[1]}"
-
-
-def fingerprint(export_dir: str | Path) -> str:
-    """Identifies a base export by its weights' bytes (sha256 of model.safetensors, 16 hex digits)."""
-    h = hashlib.sha256()
-    with open(Path(export_dir) / "model.safetensors", "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def save_adapter(state: dict[str, torch.Tensor], meta: dict[str, Any], out_dir: str | Path) -> Path:
-    """Write adapter.safetensors + adapter.json atomically (the directory appears complete or not at all)."""
-    from safetensors.torch import save_file
-
-    from neuraflex_ray.atomic import atomic_dir
-
-    out = Path(out_dir).resolve()
-    with atomic_dir(out) as tmp:
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_FILE))
-        (tmp / ADAPTER_META).write_text(json.dumps(meta, indent=2))
-    return out
-
-
 def load_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
     """Give `model` (loaded from `base_dir`, local layout) the adapter in `adapter_dir`; returns its meta.
 
     Refuses an adapter trained on another base, naming both fingerprints."""
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    meta = json.loads((adapter_dir / ADAPTER_META).read_text())
-    have = fingerprint(base_dir)
-    if meta["base_fingerprint"] != have:
-        raise ValueError(f"adapter {adapter_dir} was trained on base {meta['base_fingerprint']}, but {base_dir} is "
-                         f"base {have}: load it onto the export it was fine-tuned from ({meta.get('base_export')})")
+    meta, state = read_adapter(adapter_dir, base_dir)
     apply_lora(model, meta["rank"], meta["alpha"], 0.0, meta["targets"])
-    state = load_file(str(adapter_dir / ADAPTER_FILE))
     mods = {f"{path}.{name}": lora for path, _, name, lora in lora_modules(model)}
     missing = sorted(set(mods) - {k.rsplit(".", 1)[0] for k in state})
     if missing:

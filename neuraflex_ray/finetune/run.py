@@ -17,37 +17,28 @@ from typing import Any
 
 import torch
 
+from neuraflex_ray.checkpoint import (
+    FSDP,
+    LORA_SUFFIXES,
+    consolidate_deepspeed_adapter,
+    consolidate_fsdp,
+    export_checkpoint,
+    fingerprint,
+    load_exported,
+    plain_name,
+    read_checkpoint_state,
+    save_adapter,
+    write_export,
+)
 from neuraflex_ray.config import JobConfig
-from neuraflex_ray.finetune.lora import LORA_SUFFIXES, fingerprint, plain_name, save_adapter
+from neuraflex_ray.finetune.lora import apply_lora
 
 
-def consolidate_adapter(checkpoint_dir: str | Path, num_experts: int) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a DeepSpeed checkpoint (any ep_size), in the local layout."""
-    from neuraflex_ray.checkpoint import _EXPERT_FILE, _main_file
-    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM, to_local_name
-    from neuraflex_ray.train.strategy import CKPT_TAG
-
-    module = torch.load(_main_file(checkpoint_dir), map_location="cpu", weights_only=False)["module"]
-    state = {to_local_name(plain_name(k)): v for k, v in module.items() if plain_name(k).endswith(LORA_SUFFIXES)}
-    experts: dict[str, dict[int, torch.Tensor]] = {}
-    for f in (Path(checkpoint_dir) / CKPT_TAG).iterdir():
-        if _EXPERT_FILE.match(f.name):
-            for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
-                m = DS_EXPERT_PARAM.match(plain_name(k))
-                if m and m.group(4):
-                    experts.setdefault(f"{m.group(1)}.{m.group(3)}.{m.group(4)}", {})[int(m.group(2))] = v
-    for key, per_expert in experts.items():
-        if sorted(per_expert) != list(range(num_experts)):
-            raise FileNotFoundError(f"{checkpoint_dir}: adapter {key} has experts {sorted(per_expert)} of {num_experts}")
-        state[key] = torch.stack([per_expert[e] for e in range(num_experts)])
-    return state
-
-
-def consolidate_fsdp_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of an FSDP2 (DCP) checkpoint: loaded into a model adapted as training adapted it."""
-    from neuraflex_ray.checkpoint import consolidate_fsdp
-    from neuraflex_ray.finetune.lora import apply_lora
-
+def consolidate_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
+    """The LoRA tensors of a fine-tune's checkpoint, in the local layout, whichever engine wrote it."""
+    if read_checkpoint_state(checkpoint_dir)["strategy"] != FSDP:
+        return consolidate_deepspeed_adapter(checkpoint_dir)
+    # FSDP2 (DCP): loaded into a model adapted as training adapted it.
     f = cfg.finetune
     state, _ = consolidate_fsdp(checkpoint_dir, adapt=lambda m: apply_lora(m, f.lora_rank, f.lora_alpha, 0.0,
                                                                            f.lora_targets))
@@ -56,15 +47,12 @@ def consolidate_fsdp_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict
 
 def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps: int) -> Path:
     """What a fine-tune produces: an adapter (lora) or a consolidated export (full)."""
-    from neuraflex_ray.workflows import export_checkpoint
-
     f = cfg.finetune
     meta = {"finetuned_from": f.from_export, "base_fingerprint": fingerprint(f.from_export), "run_dir": str(run_dir),
             "steps": steps, "method": f.method, "ewc_lambda": f.ewc_lambda}
     if f.method == "full":
         return export_checkpoint(checkpoint, cfg.data.output_dir, run_dir / "export", meta)
-    state = (consolidate_adapter(checkpoint, cfg.model.num_experts) if cfg.model_type == "moe_lm"
-             else consolidate_fsdp_adapter(checkpoint, cfg))
+    state = consolidate_adapter(checkpoint, cfg)
     base_params = sum(p.numel() for p in _base_model(f.from_export).parameters())
     adapter_params = sum(v.numel() for v in state.values())
     return save_adapter(state, {**meta, "rank": f.lora_rank, "alpha": f.lora_alpha, "targets": f.lora_targets,
@@ -73,8 +61,6 @@ def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps
 
 
 def _base_model(export: str | Path) -> torch.nn.Module:
-    from neuraflex_ray.checkpoint import load_exported
-
     return load_exported(export)[0]
 
 
@@ -96,17 +82,15 @@ def finetune(cfg: JobConfig, fresh: bool = False) -> dict[str, Any]:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
     """base export + adapter -> a full export (the adapter folded into the weights)."""
-    import json
-
-    from neuraflex_ray.checkpoint import export
     from neuraflex_ray.finetune.lora import load_adapter, merge
 
     base = Path(base).resolve()
-    model = _base_model(base)
+    model, base_meta = load_exported(base)
     meta = load_adapter(model, adapter, base)
     merge(model)
-    base_meta = json.loads((base / "config.json").read_text())
     extra = {k: v for k, v in base_meta.items() if k not in ("model_type", "model")}
-    tokenizer = base / "tokenizer.json"  # an LM's; NeuroFM has none
-    return export(model.state_dict(), model.cfg, tokenizer if tokenizer.is_file() else None, out_dir,
-                  {**extra, "merged_adapter": str(Path(adapter).resolve()), "adapter": meta})
+    # Whatever else the base export holds beside its weights (an LM's tokenizer.json) comes along.
+    files = {f.name: f for f in base.iterdir() if f.is_file() and f.name not in ("model.safetensors", "config.json")
+             and not f.name.startswith(("fisher.", "."))}
+    return write_export(model.state_dict(), model.cfg, base_meta["model_type"], out_dir,
+                        {**extra, "merged_adapter": str(Path(adapter).resolve()), "adapter": meta}, files)

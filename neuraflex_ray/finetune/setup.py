@@ -10,40 +10,27 @@ restored, so the anchor is the export): the EWC penalty.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig
+from neuraflex_ray.checkpoint import read_export_meta
+from neuraflex_ray.config import ConfigError, JobConfig, get_family
 
 
 def finetune_config(cfg: JobConfig) -> JobConfig:
-    """The job as it trains: model = the export's model; the Fisher file beside the export, if EWC is on."""
+    """The job as it trains: the export's model (its family says what else the new data must keep) and the
+    Fisher file beside the export, if EWC is on."""
     f = cfg.finetune
     export = Path(f.from_export).expanduser().resolve()
-    meta = json.loads((export / "config.json").read_text())
-    kind = meta.get("model_type", "moe_lm")
+    meta = read_export_meta(export)
+    kind = meta["model_type"]
     if kind != cfg.model_type:
         raise ConfigError(f"finetune.from_export={export}: a {kind} export, but the config says model_type="
                           f"{cfg.model_type}; set model_type={kind}")
-    if kind == "neurofm":
-        return _neurofm_finetune_config(cfg, export, meta)
-    model = ModelConfig(**meta["model"])
-    if cfg.data.tokenizer == "":  # the new corpus is read with the base's tokenizer, or token ids would mismatch
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(export / "tokenizer.json")))
-    cfg = dataclasses.replace(cfg, model=model, finetune=dataclasses.replace(f, from_export=str(export)))
-    _ensure_fisher(cfg, export, meta)
-    return cfg
-
-
-def _neurofm_finetune_config(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> JobConfig:
-    """NeuroFM: the export's model, and its channel table so the new recordings' channels keep their ids."""
-    f = cfg.finetune
-    model = JobConfig.from_dict({"model_type": "neurofm", "model": meta["model"]}).model
-    data = dataclasses.replace(cfg.data, channel_table=dict(meta.get("data", {}).get("channel_ids", {})))
-    cfg = dataclasses.replace(cfg, model=model, data=data, finetune=dataclasses.replace(f, from_export=str(export)))
+    cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(f, from_export=str(export)))
+    cfg = get_family(kind).finetune_config(cfg, export, meta)
     _ensure_fisher(cfg, export, meta)
     return cfg
 
@@ -92,9 +79,8 @@ def ewc_for_finetune(model: nn.Module, cfg: JobConfig) -> Any:
     import torch.distributed as dist
     from safetensors.torch import load_file
 
-    from neuraflex_ray.checkpoint import to_local_name
     from neuraflex_ray.finetune.ewc import EWC, FISHER_FILE
-    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM
+    from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT_PARAM, to_local_name
 
     fisher = load_file(str(Path(f.from_export) / FISHER_FILE))
     ep = cfg.train.ep_size

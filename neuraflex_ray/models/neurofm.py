@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -359,3 +361,19 @@ def neurofm_flops_per_window(cfg: NeuroFMConfig, tokens: int, *, channels: int |
     heads = tokens * d * p + ch * d * k * p + ar + contrastive_modalities * 2 * d * d  # recon, forecast, projection
     macs = tokens * p * d + cfg.n_cross_layers * cross + backbone + decoder + heads
     return 3 * 2 * macs
+
+
+def window_inputs(arrays: dict[str, Any], rows: slice) -> dict[str, SeriesInput]:
+    """Rows `rows` of a global batch ({modality: arrays with numpy x, chan, present}, as the time-series
+    pipeline reads them) as model inputs: only the modalities present somewhere in the batch, and only
+    as many channels as the batch uses."""
+    window = {}
+    for m, a in arrays.items():
+        if not a.present.any():
+            continue
+        # Channels are stored padded to the modality's max_channels (64 for EEG); keep only as many
+        # as the global batch uses, so a batch of 2-electrode headbands costs 2, not 64.
+        used = int(np.flatnonzero((a.chan > 0).any(0)).max()) + 1
+        window[m] = SeriesInput(x=torch.from_numpy(a.x[rows, :used]), chan=torch.from_numpy(a.chan[rows, :used]),
+                                present=torch.from_numpy(a.present[rows]))
+    return window

@@ -71,7 +71,7 @@ def _mean_over_modalities(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tor
 
 
 # Per-rank copies of a tensor (no gradient) and this rank's index among them: how the training task
-# lends the objective more negatives (neuraflex_ray/train/tasks.py); the model stays unaware of ranks.
+# lends the objective more negatives (NeuroTask in neuraflex_ray/families/neurofm/task.py); the model stays unaware of ranks.
 Gather = Callable[[torch.Tensor], tuple[list[torch.Tensor], int]]
 
 

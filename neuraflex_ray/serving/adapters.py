@@ -10,7 +10,7 @@ share a replica and its decode steps; they do not share one matmul (that would t
 low-rank kernels, as in S-LoRA or Punica).
 
 Adapters are checked against the base by fingerprint when the replica loads them
-(finetune/lora.py), so an adapter trained on another export is refused before serving starts.
+(checkpoint/adapters.py), so an adapter trained on another export is refused before serving starts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from neuraflex_ray.finetune.lora import ADAPTER_FILE, ADAPTER_META, fingerprint
+from neuraflex_ray.checkpoint import ADAPTER_FILE, ADAPTER_META, fingerprint
 
 
 class MultiLoRA(nn.Module):

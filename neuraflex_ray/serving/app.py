@@ -44,14 +44,15 @@ from neuraflex_ray.serving import openapi as api_doc
 from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.logprobs import token_text
 from neuraflex_ray.serving.models import (
+    OPENAI,
     LMModel,
     NeuroModel,
     ServeOptions,
-    _model_type,
     check_adapters,
     check_draft,
     load_model,
     resolve_models,
+    serves,
 )
 from neuraflex_ray.serving.neuro import NeuroRequest
 from pipelines.text import EOS
@@ -151,8 +152,9 @@ class NeuraFlexServer:
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         self.check_health()
-        return {"status": "ok", "models": {n: (m.engine.load() if isinstance(m, LMModel) else {"model_type": "neurofm"})
-                                           for n, m in self.models.items()}}
+        return {"status": "ok", "models": {
+            n: m.engine.load() if isinstance(m, LMModel) else {"model_type": m.meta["model_type"]}
+            for n, m in self.models.items()}}
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
@@ -324,4 +326,4 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
 
 
 def _is_lm(path: str) -> bool:
-    return _model_type(Path(path)) == "moe_lm"
+    return serves(path) == OPENAI

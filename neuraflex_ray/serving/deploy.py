@@ -1,4 +1,5 @@
-"""Deploy exports on Ray Serve from Python (the `serve` CLI command, quickstart, tests, benchmarks)."""
+"""Deploy exports on Ray Serve from Python (the `serve` CLI command, quickstart, tests, benchmarks), and
+the quickstart's one HTTP round trip (`serve_and_call`)."""
 
 from __future__ import annotations
 
@@ -88,3 +89,21 @@ def post_json(url: str, body: dict[str, Any], timeout_s: float = 120) -> dict[st
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         return json.loads(r.read())
+
+
+def serve_and_call(export_dir: str | Path, prompt: str, max_tokens: int, seed: int, port: int = 8000) -> dict[str, Any]:
+    """Deploy an LM export on Ray Serve, send it one OpenAI completions request over HTTP, take it down."""
+    from ray import serve
+
+    from neuraflex_ray.serving.models import default_name
+
+    url = deploy([str(export_dir)], port=free_port(port))
+    request = {"model": default_name(Path(export_dir)), "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.7,
+               "top_k": 50, "seed": seed}
+    t0 = time.perf_counter()
+    reply = post_json(f"{url}/v1/completions", request)
+    latency = time.perf_counter() - t0
+    serve.shutdown()
+    print(f"[serve] POST {url}/v1/completions -> {reply['choices'][0]['text']!r} ({latency * 1e3:.0f} ms)", flush=True)
+    return {"url": f"{url}/v1/completions", "request": request, "completion": reply["choices"][0]["text"],
+            "usage": reply["usage"], "latency_ms": latency * 1e3}

@@ -1,7 +1,9 @@
 """The models a Serve replica holds: an LM with its engine and tokenizer, or a NeuroFM predictor.
 
 `resolve_models` checks export directories before any replica starts; `load_model` loads one
-export onto the replica's device. The routes that use them are in `serving/app.py`.
+export onto the replica's device the way its family says (`Family.load_served`: `load_lm` for a
+family that `serves` "openai", `load_series` for "series"). The routes that use them are in
+`serving/app.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any
 
 import torch
 
-from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.checkpoint import fingerprint, load_exported, read_export_meta
+from neuraflex_ray.config import get_family
 from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving.engine import LMEngine
@@ -22,9 +25,7 @@ from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.quantize import MODES as QUANT_MODES
 from pipelines.text import EOS, load_tokenizer
 
-DEFAULT_NAMES = {"moe_lm": "neuraflex-moe", "neurofm": "neurofm"}
-
-
+OPENAI, SERIES = "openai", "series"  # what a family serves (`Family.serves`): the routes its models take
 
 
 @dataclass
@@ -66,7 +67,7 @@ class LMModel:
 
     def card(self) -> dict[str, Any]:
         cfg = self.engine.model.cfg
-        return {"model_type": "moe_lm", "config": self.meta["model"], "context_length": cfg.max_seq_len,
+        return {"model_type": self.meta["model_type"], "config": self.meta["model"], "context_length": cfg.max_seq_len,
                 "parameters": param_counts(cfg), "tokenizer": {"vocab_size": self.tokenizer.get_vocab_size(),
                                                                "eos": EOS if self.eos is not None else None},
                 "chat_template": oai.apply_chat_template([{"role": "user", "content": "{content}"}]),
@@ -88,7 +89,7 @@ class NeuroModel:
     def card(self) -> dict[str, Any]:
         from neuraflex_ray.serving.neuro import card
 
-        return {"model_type": "neurofm", **card(self.meta)}
+        return card(self.meta)
 
 
 def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
@@ -98,12 +99,12 @@ def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
     if isinstance(models, dict):
         out = {name: Path(p).expanduser().resolve() for name, p in models.items()}
         for path in out.values():
-            _model_type(path)  # checks it is an export
+            read_export_meta(path)  # checks it is an export
     else:
         out = {}
         for p in models:
             path = Path(p).expanduser().resolve()
-            name = DEFAULT_NAMES.get(_model_type(path), "model")
+            name = default_name(path)
             if name in out:
                 raise ValueError(f"models: two {name} exports; give them names ({{name: path}})")
             out[name] = path
@@ -112,12 +113,14 @@ def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
     return out
 
 
-def _model_type(path: Path) -> str:
-    cfg = path / "config.json"
-    if not (path / "model.safetensors").is_file() or not cfg.is_file():
-        raise FileNotFoundError(f"{path} is not a model export (model.safetensors + config.json): pass the directory "
-                                f"`neuraflex-ray export` or `quickstart` wrote (<run dir>/export)")
-    return json.loads(cfg.read_text()).get("model_type", "moe_lm")
+def default_name(path: Path) -> str:
+    """What Serve calls an export it was not given a name for: its family's `serve_name`."""
+    return get_family(read_export_meta(path)["model_type"]).serve_name
+
+
+def serves(path: str | Path) -> str:
+    """Which routes an export's models take: its family's `serves` ("openai", "series" or "")."""
+    return get_family(read_export_meta(path)["model_type"]).serves
 
 
 def _device(device: str) -> str:
@@ -177,7 +180,7 @@ class ServeOptions:
         o.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in o.adapters.items()}
         if o.draft:
             o.draft = str(Path(o.draft).expanduser().resolve())
-            if _model_type(Path(o.draft)) != "moe_lm":
+            if serves(o.draft) != OPENAI:
                 raise ValueError(f"draft: {o.draft} is not an LM export")
         return o
 
@@ -192,13 +195,23 @@ def check_draft(draft: Path, target: Path) -> None:
 
 
 def load_model(name: str, path: Path, options: ServeOptions | None = None) -> LMModel | NeuroModel:
-    o = options or ServeOptions()
-    dev = _device(o.device)
-    model, meta = load_exported(path, device=dev)
-    if meta.get("model_type") == "neurofm":
-        from neuraflex_ray.serving.neuro import NeuroPredictor
+    """One export on the replica's device, loaded the way its family serves it."""
+    return get_family(read_export_meta(path)["model_type"]).load_served(name, path, options or ServeOptions())
 
-        return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
+
+def load_series(name: str, path: Path, options: ServeOptions) -> NeuroModel:
+    """A time-series foundation model behind /v1/neuro/embed and /forecast."""
+    from neuraflex_ray.serving.neuro import NeuroPredictor
+
+    model, meta = load_exported(path, device=_device(options.device))
+    return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
+
+
+def load_lm(name: str, path: Path, options: ServeOptions) -> LMModel:
+    """An LM behind the OpenAI routes: its continuous-batching engine, quantised, speculative and with
+    adapters as `options` say."""
+    o, dev = options, _device(options.device)
+    model, meta = load_exported(path, device=dev)
     if dev.startswith("cuda"):
         _to_bf16(model)
     if o.quantize:
@@ -218,7 +231,6 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
     """The adapters trained on this export (matched by fingerprint), attached to its model."""
     if not o.adapters:
         return None
-    from neuraflex_ray.finetune.lora import fingerprint
     from neuraflex_ray.serving.adapters import AdapterSet
 
     mine = fingerprint(path)
@@ -229,8 +241,6 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
 
 def check_adapters(adapters: dict[str, str], lm_exports: list[str]) -> None:
     """Each adapter must belong to one of the served LMs: refused before any replica starts."""
-    from neuraflex_ray.finetune.lora import fingerprint
-
     prints = {fingerprint(p): p for p in lm_exports}
     for name, path in adapters.items():
         base = json.loads((Path(path) / "adapter.json").read_text())["base_fingerprint"]

@@ -168,12 +168,12 @@ def card(meta: dict[str, Any]) -> dict[str, Any]:
     from neuraflex_ray.config import JobConfig
 
     data = meta["data"]
-    cfg = JobConfig.from_dict({"model_type": "neurofm", "model": meta["model"]}).model
+    cfg = JobConfig.from_dict({"model_type": meta["model_type"], "model": meta["model"]}).model
     with torch.device("meta"):  # shapes only: counts parameters without allocating them
         n_params = param_count(NeuroFM(cfg))
     names = training_channels(data)
     return {
-        "model_type": "neurofm",
+        "model_type": meta["model_type"],
         "modalities": {m: {"sampling_rate": spec["rate"], "channels": names[m], "max_channels": spec["max_channels"],
                            "patch_len": spec["patch_len"]} for m, spec in data["modalities"].items()},
         "context_s": data["context_s"],
@@ -208,9 +208,9 @@ class NeuroPredictor:
     """
 
     def __init__(self, model: NeuroFM, meta: dict[str, Any]):
-        if meta.get("model_type") != "neurofm" or "data" not in meta:
-            raise ValueError("not a NeuroFM export: config.json needs model_type=neurofm and the dataset's `data` "
-                             "section (written by `neuraflex-ray export` from an FSDP checkpoint)")
+        if "data" not in meta:
+            raise ValueError("not a NeuroFM export: config.json needs the dataset's `data` section (written by "
+                             "`neuraflex-ray export` from an FSDP checkpoint)")
         self.model = model.eval()  # no dropout in NeuroFM, but eval() is the contract for inference
         self.data = meta["data"]
         self.layout = self.data["modalities"]  # m -> rate, max_channels, patch_len, context_samples, ...

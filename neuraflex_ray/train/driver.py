@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 
 from neuraflex_ray import console
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
-from neuraflex_ray.config import ConfigError, JobConfig, ModelConfig, NeuroFMConfig, TrainConfig, validate
+from neuraflex_ray.config import ConfigError, JobConfig, TrainConfig, get_family, validate
 from neuraflex_ray.train.loop import train_loop_per_worker
 
 RAY_RUN_NAME = "train"
@@ -87,63 +87,14 @@ def remove_incomplete_checkpoints(run_dir: Path) -> list[Path]:
     return removed
 
 
-def model_for_data(model: ModelConfig, manifest: dict[str, Any]) -> ModelConfig:
-    """Fill model.vocab_size from the dataset's tokenizer (rounded up to a multiple of 64)."""
-    vocab = manifest["vocab_size"]
-    if model.vocab_size == 0:
-        return dataclasses.replace(model, vocab_size=-(-vocab // 64) * 64)
-    if model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's {vocab}; "
-                          f"set model.vocab_size=0 to take it from the tokenizer")
-    return model
-
-
-def neurofm_for_data(model: NeuroFMConfig, manifest: dict[str, Any]) -> NeuroFMConfig:
-    """The modalities, patch sizes, context/horizon lengths and channel ids come from the dataset.
-
-    A model whose data fields are already set (an export being fine-tuned) keeps them: the data
-    must fit it, or the error names the data field that differs.
-    """
-    mods = manifest["modalities"]
-    fitted = dataclasses.replace(
-        model, modalities=list(mods), patch_lens=[int(m["patch_len"]) for m in mods.values()],
-        context_patches=int(manifest["context_patches"]), horizon_patches=[int(k) for k in manifest["horizon_patches"]],
-        n_channel_ids=int(manifest["n_channel_ids"]))
-    if not model.modalities:
-        return fitted
-    patch_of = dict(zip(model.modalities, model.patch_lens, strict=True))
-    for m, p in zip(fitted.modalities, fitted.patch_lens, strict=True):
-        if patch_of.get(m) != p:
-            raise ConfigError(f"data: modality {m} has {p} samples per patch here, the model was trained with "
-                              f"{patch_of.get(m, 'no such modality')}; use the export's data.patch_s and "
-                              f"data.modalities.{m}.rate")
-    for name in ("context_patches", "horizon_patches", "n_channel_ids"):
-        if getattr(fitted, name) != getattr(model, name):
-            raise ConfigError(f"data: {name} is {getattr(fitted, name)} here and {getattr(model, name)} in the model; "
-                              f"use the export's data.context_s, data.horizons_s and data.patch_s")
-    return model
-
-
 def prepare_data(cfg: JobConfig) -> tuple[JobConfig, Any, Any, dict[str, Any], dict[str, Any]]:
-    """Build (or reuse) the model type's dataset: (config with data-derived model fields, train, val,
+    """Build (or reuse) the family's dataset: (config with data-derived model fields, train, val,
     manifest, what the worker loop needs from the manifest)."""
-    if cfg.model_type == "neurofm":
-        from pipelines.timeseries import build_series_dataset, load_series_datasets
-
-        manifest = build_series_dataset(cfg.data)
-        train_ds, val_ds, _ = load_series_datasets(cfg.data.output_dir)
-        cfg = dataclasses.replace(cfg, model=neurofm_for_data(cfg.model, manifest))
-        return cfg, train_ds, val_ds, manifest, {"manifest": manifest}
-
-    from pipelines.text import build_text_dataset, load_text_datasets
-
-    manifest = build_text_dataset(cfg.data)
-    cfg = dataclasses.replace(cfg, model=model_for_data(cfg.model, manifest))
-    if manifest["seq_len"] != cfg.data.seq_len:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} but the dataset in {cfg.data.output_dir} was built "
-                          f"with {manifest['seq_len']}; rebuild it or use another data.output_dir")
-    train_ds, val_ds, _ = load_text_datasets(cfg.data.output_dir)
-    return cfg, train_ds, val_ds, manifest, {k: manifest[k] for k in ("val_bytes_per_token", "train_bytes_per_token")}
+    family = get_family(cfg.model_type)
+    manifest = family.build_data(cfg.data)
+    cfg = dataclasses.replace(cfg, model=family.fit_to_data(cfg, manifest))
+    train_ds, val_ds = family.open_data(cfg.data.output_dir)
+    return cfg, train_ds, val_ds, manifest, family.loop_data(manifest)
 
 
 def _hold_in_memory(cfg: JobConfig, train_ds: Any, val_ds: Any, manifest: dict[str, Any]) -> tuple[Any, Any]:
@@ -258,15 +209,8 @@ def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = 
     if out.get("diverged_at_step") is not None:
         raise TrainingDiverged(f"training diverged: non-finite gradient norm at step {out['diverged_at_step']}; "
                                f"lower train.lr or raise train.warmup_steps")
-    if cfg.model_type == "moe_lm":
-        from neuraflex_ray.models.moe_lm import flops_per_token
-
-        parallel = {"ep_size": t.ep_size, "zero_stage": t.zero_stage,
-                    "flops_per_token": flops_per_token(cfg.model, cfg.data.seq_len)}
-    else:
-        parallel = {}
     out.update({
-        "strategy": t.strategy, "workers": t.num_workers, **parallel,
+        "strategy": t.strategy, "workers": t.num_workers, **get_family(cfg.model_type).run_summary(cfg),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "run_dir": str(run_dir), "model_config": dataclasses.asdict(cfg.model), "manifest": manifest,
     })

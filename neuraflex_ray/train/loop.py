@@ -1,4 +1,4 @@
-"""The Ray Train worker loop, written once against a task (tasks.py) and a strategy (strategy.py).
+"""The Ray Train worker loop, written once against a task (task.py) and a strategy (strategy.py).
 
 The task knows the model and its data (tokens or time-series windows); the strategy knows the
 engine (DeepSpeed or FSDP2). Every rank iterates the same global batches and keeps its slice, so
@@ -26,11 +26,12 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from neuraflex_ray.checkpoint import read_train_state
 from neuraflex_ray.config import JobConfig
 from neuraflex_ray.train.metrics import MetricsWriter, format_eta, measure_peak_flops
 from neuraflex_ray.train.prefetch import EpochPrefetcher
-from neuraflex_ray.train.strategy import build_strategy, read_train_state
-from neuraflex_ray.train.tasks import build_task
+from neuraflex_ray.train.strategy import build_strategy
+from neuraflex_ray.train.task import build_task
 
 
 def lr_at(step: int, cfg: JobConfig) -> float:
@@ -75,215 +76,280 @@ def log(line: str) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
-    cfg = JobConfig.from_dict(config["job"])
-    t = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(t.cpus_per_worker)
-    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    """One rank's training run: set up (data position, prefetcher, model, peak, weights), then steps,
+    each followed by its progress line and evaluation/report when they are due."""
+    run = WorkerRun(config)
+    run.read_position()
+    run.start_feed()
+    run.build_model()
+    run.load_weights()
+    while run.step < run.t.max_steps:
+        if not run.train_step():
+            break
+        run.log_progress()
+        run.evaluate_and_report()
+    return run.finish()
 
-    task = build_task(cfg, config, rank)
-    strategy = build_strategy(cfg)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    global_batch = t.micro_batch_size * world  # rows per global micro-batch
-    restored_from = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None and config.get("resume_from"):
-        ckpt = ray.train.Checkpoint.from_directory(config["resume_from"])
-    # One local copy of the checkpoint, held from here until the strategy has loaded it: the data
-    # position is read before the model is built, the weights after (a cloud checkpoint downloads once).
-    restore = contextlib.ExitStack()
-    if ckpt is not None:  # where the data resumes is known before the model is built
-        ckpt_dir = restore.enter_context(ckpt.as_directory())
-        state = read_train_state(ckpt_dir)
-        step, epoch = state["step"], state["epoch"]
+
+@dataclasses.dataclass
+class Interval:
+    """What the loop counts between progress lines (this rank's; summed over ranks when logged)."""
+
+    steps: int = 0
+    units: float = 0.0  # tokens / patches processed
+    flops: float = 0.0  # model FLOPs spent
+    wait: float = 0.0  # seconds waiting for the next batch
+    # Seconds in forward+backward and in the optimizer step (gradient reduction included: ZeRO and
+    # FSDP overlap it with both, so it is not a separate figure).
+    phase: dict[str, float] = dataclasses.field(default_factory=lambda: {"fwd_bwd": 0.0, "optimizer": 0.0})
+    loss: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # summed on the device: no host sync
+
+
+class WorkerRun:
+    """The state of one rank's run, and the named steps of `train_loop_per_worker`."""
+
+    def __init__(self, config: dict[str, Any]):
+        self.config = config
+        self.cfg = JobConfig.from_dict(config["job"])
+        self.t = t = self.cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.set_num_threads(t.cpus_per_worker)
+        torch.manual_seed(t.seed)  # identical initial weights on every rank
+        self.task = build_task(self.cfg, config, self.rank)
+        self.strategy = build_strategy(self.cfg)
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.global_batch = t.micro_batch_size * self.world  # rows per global micro-batch
+        self.restored_from: int | None = None
+        self.diverged_at: int | None = None
+        self.val_batches: list[Any] | None = None
+        self.val: dict[str, float] = {"loss": float("nan")}  # the latest evaluation, and the step it ran at
+        self.val_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.batch_ids: list[int] = []  # fingerprint of each micro-batch this rank trained on (tests check resume)
+        self.interval = Interval()
+        self.totals = {"units": 0.0, "flops": 0.0, "wait": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
+        self.pause = 0.0  # eval and checkpoint time, kept out of throughput
+        self.t_start = self.t_log = 0.0  # set when training starts (load_weights): set-up is not timed
+        self.grad_norm = self.lr = 0.0
+        self.ckpt: Any = None
+        self.ckpt_dir = ""
+        # One local copy of the checkpoint, held from read_position until load_weights: the data
+        # position is read before the model is built, the weights after (a cloud checkpoint downloads once).
+        self.restore = contextlib.ExitStack()
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def read_position(self) -> None:
+        """Where the data resumes, from the checkpoint (Train's own after a failure, else resume_from)."""
+        self.ckpt = ray.train.get_checkpoint()
+        if self.ckpt is None and self.config.get("resume_from"):
+            self.ckpt = ray.train.Checkpoint.from_directory(self.config["resume_from"])
+        if self.ckpt is None:
+            return
+        self.ckpt_dir = self.restore.enter_context(self.ckpt.as_directory())
+        state = read_train_state(self.ckpt_dir)
+        self.step, self.epoch = state["step"], state["epoch"]
         # The position is kept in samples so a resume with another micro_batch_size or world
         # size lands on the same data, or refuses when it cannot.
-        if state["samples_in_epoch"] % global_batch:
-            raise ValueError(f"checkpoint is {state['samples_in_epoch']} samples into epoch {epoch}, not a multiple of "
-                             f"train.micro_batch_size x workers = {global_batch}: resume with a batch layout that divides it")
-        batch_in_epoch = state["samples_in_epoch"] // global_batch
-    train_ds = ray.train.get_dataset_shard("train")
-    # Read ahead on a background thread, across epoch boundaries (train/prefetch.py), started before
-    # the model is built so the pipeline's first read (seconds) overlaps the set-up, not step 1.
-    feed = EpochPrefetcher(
-        lambda skip: task.batches(train_ds, t.micro_batch_size, rank, world, skip=skip, train=True),
-        epoch, skip=batch_in_epoch)
+        if state["samples_in_epoch"] % self.global_batch:
+            raise ValueError(f"checkpoint is {state['samples_in_epoch']} samples into epoch {self.epoch}, not a multiple "
+                             f"of train.micro_batch_size x workers = {self.global_batch}: resume with a batch layout "
+                             f"that divides it")
+        self.batch_in_epoch = state["samples_in_epoch"] // self.global_batch
 
-    model = strategy.setup(task.build_model(), adapt=task.adapt)
-    task.after_setup(model)  # before any restore: a fine-tune's EWC anchors at the export's weights
-    device = strategy.device
-    # The first read's remainder is waited out here, in set-up, so the peak below is timed with the
-    # prefetcher idle (it then only tops up its queue); the wait is logged, not hidden.
-    first_read_wait = feed.wait_ready()
-    # The MFU denominator: per worker, in this run, at its thread count, on matrices shaped like the model's.
-    peak = measure_peak_flops(device, t.cpus_per_worker, shape=task.peak_shape())
-    # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
-    node = ray.get_runtime_context().get_node_id()
-    log(f"[train] rank {rank}/{world} on node {node} ({socket.gethostname()}), device {device}, first batch "
-        f"{first_read_wait:.1f} s after the model was built")
-    # Reported with every evaluation: a sweep releases an ended trial's group by this id (sweep.py).
-    pg = ray.util.get_current_placement_group()
-    placement_group = pg.id.hex() if pg is not None else ""
+    def start_feed(self) -> None:
+        """Read ahead on a background thread, across epoch boundaries (train/prefetch.py), started before
+        the model is built so the pipeline's first read (seconds) overlaps the set-up, not step 1."""
+        t, train_ds = self.t, ray.train.get_dataset_shard("train")
+        self.feed = EpochPrefetcher(
+            lambda skip: self.task.batches(train_ds, t.micro_batch_size, self.rank, self.world, skip=skip, train=True),
+            self.epoch, skip=self.batch_in_epoch)
 
-    if ckpt is not None:
-        with restore:
-            strategy.load(ckpt_dir)
-        restored_from = step
-        if rank == 0:
-            log(f"[train] resumed from checkpoint at step {step} (epoch {epoch}, batch {batch_in_epoch})")
+    def build_model(self) -> None:
+        """The model in the strategy's hands, the MFU peak, and where this rank landed."""
+        self.model = self.strategy.setup(self.task.build_model(), adapt=self.task.adapt)
+        self.task.after_setup(self.model)  # before any restore: a fine-tune's EWC anchors at the export's weights
+        self.device = device = self.strategy.device
+        # The first read's remainder is waited out here, in set-up, so the peak below is timed with the
+        # prefetcher idle (it then only tops up its queue); the wait is logged, not hidden.
+        first_read_wait = self.feed.wait_ready()
+        # The MFU denominator: per worker, in this run, at its thread count, on matrices shaped like the model's.
+        self.peak = measure_peak_flops(device, self.t.cpus_per_worker, shape=self.task.peak_shape())
+        # Where each rank landed (placement across nodes is a config choice: train.placement_strategy).
+        node = ray.get_runtime_context().get_node_id()
+        log(f"[train] rank {self.rank}/{self.world} on node {node} ({socket.gethostname()}), device {device}, first "
+            f"batch {first_read_wait:.1f} s after the model was built")
+        # Reported with every evaluation: a sweep releases an ended trial's group by this id (tune/).
+        pg = ray.util.get_current_placement_group()
+        self.placement_group = pg.id.hex() if pg is not None else ""
+        self.writer = MetricsWriter(self.config["tensorboard_dir"]) if self.rank == 0 else None
 
-    writer = MetricsWriter(config["tensorboard_dir"]) if rank == 0 else None
+    def load_weights(self) -> None:
+        """The checkpoint's weights and optimizer state, if the run resumes; then the model trains and the
+        run's clock starts (throughput, MFU and the ETA leave set-up out)."""
+        if self.ckpt is not None:
+            with self.restore:
+                self.strategy.load(self.ckpt_dir)
+            self.restored_from = self.step
+            if self.rank == 0:
+                log(f"[train] resumed from checkpoint at step {self.step} (epoch {self.epoch}, batch "
+                    f"{self.batch_in_epoch})")
+        self.strategy.train(True)
+        self.t_start = self.t_log = time.perf_counter()
 
-    val_loss = float("nan")
-    val: dict[str, float] = {"loss": val_loss}  # the latest evaluation, and the step it ran at
-    val_step = 0
-    diverged_at = None
-    val_batches: list[Any] | None = None
-    history: list[dict[str, Any]] = []
-    first_batch_ids: list[int] = []  # fingerprint of each micro-batch this rank trained on (tests check resume)
-    t_start = t_log = time.perf_counter()
-    steps_since_log = 0
-    loss_acc: dict[str, torch.Tensor] = {}  # summed on the device: no host sync per micro-batch
-    units = flops = 0.0  # since the last log line, this rank
-    total_units = total_flops = 0.0
-    pause = 0.0  # eval and checkpoint time, kept out of throughput
-    wait = total_wait = 0.0  # seconds spent waiting for the next batch, since the last log line / in all
-    # Seconds in forward+backward and in the optimizer step (gradient reduction included: ZeRO and
-    # FSDP overlap it with both, so it is not a separate figure), since the last log line / in all.
-    phase = {"fwd_bwd": 0.0, "optimizer": 0.0}
-    phase_total = dict(phase)
-
-    def clock() -> float:
-        if device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
-            torch.cuda.synchronize(device)
+    # ---- one step ---------------------------------------------------------------------------
+    def _clock(self) -> float:
+        if self.device.type == "cuda":  # kernels run asynchronously: wait for them before reading the clock
+            torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def next_micro() -> Any:
-        nonlocal epoch, batch_in_epoch
-        e, batch = feed.next()
-        if e != epoch:
-            epoch, batch_in_epoch = e, 0
-        batch_in_epoch += 1
+    def _next_micro(self) -> Any:
+        e, batch = self.feed.next()
+        if e != self.epoch:
+            self.epoch, self.batch_in_epoch = e, 0
+        self.batch_in_epoch += 1
         return batch
 
-    strategy.train(True)
-    while step < t.max_steps:
-        injected = t.inject_failure_at_step and step == t.inject_failure_at_step
-        if injected and restored_from is None and rank == world - 1:
-            raise RuntimeError(f"injected failure at step {step} (train.inject_failure_at_step)")
-        lr = lr_at(step, cfg)
+    def train_step(self) -> bool:
+        """grad_accum_steps micro-batches, then the optimizer step; False when the gradient norm is not finite."""
+        t, it = self.t, self.interval
+        injected = t.inject_failure_at_step and self.step == t.inject_failure_at_step
+        if injected and self.restored_from is None and self.rank == self.world - 1:
+            raise RuntimeError(f"injected failure at step {self.step} (train.inject_failure_at_step)")
+        self.lr = lr_at(self.step, self.cfg)
         for _ in range(t.grad_accum_steps):
             t_wait = time.perf_counter()
-            batch = next_micro()
-            wait += time.perf_counter() - t_wait
-            first_batch_ids.append(task.fingerprint(batch))
-            t_fb = clock()
-            out = task.step(model, batch, step, device)
-            strategy.backward(out.loss)
-            phase["fwd_bwd"] += clock() - t_fb
+            batch = self._next_micro()
+            it.wait += time.perf_counter() - t_wait
+            self.batch_ids.append(self.task.fingerprint(batch))
+            t_fb = self._clock()
+            out = self.task.step(self.model, batch, self.step, self.device)
+            self.strategy.backward(out.loss)
+            it.phase["fwd_bwd"] += self._clock() - t_fb
             for k, v in {"loss": out.loss.detach(), **out.parts}.items():
-                loss_acc[k] = loss_acc[k] + v if k in loss_acc else v.clone()
-            units += out.units
-            flops += out.flops
-        t_opt = clock()
-        grad_norm = strategy.step(lr)
-        phase["optimizer"] += clock() - t_opt
-        if not math.isfinite(grad_norm):
+                it.loss[k] = it.loss[k] + v if k in it.loss else v.clone()
+            it.units += out.units
+            it.flops += out.flops
+        t_opt = self._clock()
+        self.grad_norm = self.strategy.step(self.lr)
+        it.phase["optimizer"] += self._clock() - t_opt
+        if not math.isfinite(self.grad_norm):
             # The norm is global, so every rank stops here together. Returning (instead of raising)
             # keeps Ray Train from restarting a run that would diverge again from its last checkpoint;
             # the driver turns this into an error (a Tune trial is then marked failed).
-            diverged_at = step
-            if rank == 0:
-                log(f"[train] non-finite gradient norm at step {step}: stopping")
-            break
-        task.after_update(model)
-        step += 1
-        steps_since_log += 1
+            self.diverged_at = self.step
+            if self.rank == 0:
+                log(f"[train] non-finite gradient norm at step {self.step}: stopping")
+            return False
+        self.task.after_update(self.model)
+        self.step += 1
+        it.steps += 1
+        return True
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            now = time.perf_counter()
-            dt = now - t_log
-            # Throughput and FLOPs summed over every rank (ranks see different modalities and channels).
-            totals = torch.tensor([units, flops], dtype=torch.float64, device=device)
-            dist.all_reduce(totals)
-            avg = {k: float(v) / (steps_since_log * t.grad_accum_steps) for k, v in loss_acc.items()}
-            rate = float(totals[0]) / dt
-            mfu = float(totals[1]) / dt / world / peak
-            # The slowest rank's wait is what holds a synchronous step back.
-            slowest = torch.tensor([wait], dtype=torch.float64, device=device)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            data_wait = min(1.0, float(slowest) / dt)
-            total_wait, wait = total_wait + float(slowest), 0.0
-            total_units, total_flops = total_units + float(totals[0]), total_flops + float(totals[1])
-            shares = {k: min(1.0, v / dt) for k, v in phase.items()}  # rank 0's, of the interval's wall time
-            for k in phase:
-                phase_total[k], phase[k] = phase_total[k] + phase[k], 0.0
-            eta = (now - t_start - pause) / max(1, step - (restored_from or 0)) * (t.max_steps - step)
-            extras, text = task.log_extras(avg, writer, step)
-            rec = {"step": step, **avg, "lr": lr, "grad_norm": grad_norm, f"{task.unit}_per_s": rate, "mfu": mfu,
-                   "data_wait": data_wait, **shares, **extras}
-            history.append(rec)
-            if writer is not None:
-                log(f"[train] step {step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {lr:.2e} "
-                    f"| gnorm {grad_norm:.3f} | {rate:,.0f} {task.unit}/s | mfu {100 * mfu:.2f}% "
-                    f"| data wait {100 * data_wait:.1f}% | fwd/bwd {100 * shares['fwd_bwd']:.0f}% "
-                    f"| optim {100 * shares['optimizer']:.0f}% | eta {format_eta(eta)}")
-                writer.scalars("train", rec, step)
-            loss_acc.clear()
-            units = flops = 0.0
-            steps_since_log, t_log = 0, now
+    # ---- progress ---------------------------------------------------------------------------
+    def log_progress(self) -> None:
+        """Every log_every steps (and at the last): the interval's loss, throughput, MFU, data wait, ETA."""
+        t, it, device = self.t, self.interval, self.device
+        if not (self.step % t.log_every == 0 or self.step == t.max_steps):
+            return
+        now = time.perf_counter()
+        dt = now - self.t_log
+        # Throughput and FLOPs summed over every rank (ranks see different modalities and channels).
+        sums = torch.tensor([it.units, it.flops], dtype=torch.float64, device=device)
+        dist.all_reduce(sums)
+        avg = {k: float(v) / (it.steps * t.grad_accum_steps) for k, v in it.loss.items()}
+        rate = float(sums[0]) / dt
+        mfu = float(sums[1]) / dt / self.world / self.peak
+        # The slowest rank's wait is what holds a synchronous step back.
+        slowest = torch.tensor([it.wait], dtype=torch.float64, device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+        data_wait = min(1.0, float(slowest) / dt)
+        shares = {k: min(1.0, v / dt) for k, v in it.phase.items()}  # rank 0's, of the interval's wall time
+        for key, value in (("units", float(sums[0])), ("flops", float(sums[1])), ("wait", float(slowest)), *it.phase.items()):
+            self.totals[key] += value
+        eta = (now - self.t_start - self.pause) / max(1, self.step - (self.restored_from or 0)) * (t.max_steps - self.step)
+        extras, text = self.task.log_extras(avg, self.writer, self.step)
+        unit = self.task.unit
+        rec = {"step": self.step, **avg, "lr": self.lr, "grad_norm": self.grad_norm, f"{unit}_per_s": rate, "mfu": mfu,
+               "data_wait": data_wait, **shares, **extras}
+        self.history.append(rec)
+        if self.writer is not None:
+            log(f"[train] step {self.step}/{t.max_steps} | loss {avg['loss']:.4f} | {text} | lr {self.lr:.2e} "
+                f"| gnorm {self.grad_norm:.3f} | {rate:,.0f} {unit}/s | mfu {100 * mfu:.2f}% "
+                f"| data wait {100 * data_wait:.1f}% | fwd/bwd {100 * shares['fwd_bwd']:.0f}% "
+                f"| optim {100 * shares['optimizer']:.0f}% | eta {format_eta(eta)}")
+            self.writer.scalars("train", rec, self.step)
+        self.interval = Interval()
+        self.t_log = now
 
+    # ---- evaluation, reports, checkpoints ---------------------------------------------------
+    def evaluate_and_report(self) -> None:
+        """Every evaluation is reported (Tune's schedulers decide on these); checkpoints ride along.
+        `report` is a barrier, and every rank reaches it at the same steps. Kept out of throughput."""
+        t, step = self.t, self.step
         is_last = step == t.max_steps
         t_pause = time.perf_counter()
         evaluated = step % t.eval_every == 0 or is_last
         if evaluated:
-            if val_batches is None:
-                # Every evaluation scores the same first eval_batches global batches: read them once
-                # (a fresh pass over the validation dataset costs seconds of pipeline start-up).
-                val_batches = list(itertools.islice(
-                    task.batches(ray.train.get_dataset_shard("val"), t.micro_batch_size, rank, world), t.eval_batches))
-            total, parts = evaluate(task, model, strategy, val_batches, step, device)
-            val = task.eval_metrics(total, parts)
-            val_loss, val_step = val["loss"], step
-            if writer is not None:
-                log(f"[eval] step {step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in val.items()))
-                writer.scalars("val", val, step)
-        # Every evaluation is reported (Tune's schedulers decide on these); checkpoints ride along.
-        # `report` is a barrier, and every rank reaches it at the same steps.
+            self._evaluate()
         if evaluated or step % t.checkpoint_every == 0:
-            metrics = {"step": step, "val_step": val_step, **{f"val_{k}": v for k, v in val.items()},
-                       "train_loss": history[-1][task.primary] if history else float("nan"),
-                       "placement_group": placement_group}
+            metrics = {"step": step, "val_step": self.val_step, **{f"val_{k}": v for k, v in self.val.items()},
+                       "train_loss": self.history[-1][self.task.primary] if self.history else float("nan"),
+                       "placement_group": self.placement_group}
             if step % t.checkpoint_every == 0 or is_last:
-                with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
-                    strategy.save(tmp, {"step": step, "epoch": epoch, "samples_in_epoch": batch_in_epoch * global_batch,
-                                        "model_type": cfg.model_type, "strategy": strategy.name, "world_size": world,
-                                        "model_config": dataclasses.asdict(cfg.model)})
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                self._report_with_checkpoint(metrics)
             else:
                 ray.train.report(metrics)
         dt_pause = time.perf_counter() - t_pause
-        t_log += dt_pause
-        pause += dt_pause
+        self.t_log += dt_pause
+        self.pause += dt_pause
 
-    feed.close()
-    if writer is not None:
-        writer.close()
-    elapsed = time.perf_counter() - t_start - pause
-    return {
-        "steps": step,
-        "diverged_at_step": diverged_at,
-        "optimizer_steps": strategy.optimizer_steps,
-        "restored_from_step": restored_from,
-        "data_position": {"epoch": epoch, "batch_in_epoch": batch_in_epoch},
-        "batch_fingerprints": first_batch_ids,
-        "final_loss": history[-1][task.primary] if history else float("nan"),
-        "val_loss": val_loss,
-        f"{task.unit}_per_s": total_units / elapsed if elapsed > 0 else 0.0,
-        "mfu": total_flops / elapsed / world / peak if elapsed > 0 else 0.0,
-        "peak_flops_per_worker": peak,
-        "data_wait_frac": min(1.0, total_wait / elapsed) if elapsed > 0 else 0.0,
-        **{f"{k}_frac": min(1.0, v / elapsed) if elapsed > 0 else 0.0 for k, v in phase_total.items()},
-        "history": history,
-    }
+    def _evaluate(self) -> None:
+        t = self.t
+        if self.val_batches is None:
+            # Every evaluation scores the same first eval_batches global batches: read them once
+            # (a fresh pass over the validation dataset costs seconds of pipeline start-up).
+            self.val_batches = list(itertools.islice(
+                self.task.batches(ray.train.get_dataset_shard("val"), t.micro_batch_size, self.rank, self.world),
+                t.eval_batches))
+        total, parts = evaluate(self.task, self.model, self.strategy, self.val_batches, self.step, self.device)
+        self.val, self.val_step = self.task.eval_metrics(total, parts), self.step
+        if self.writer is not None:
+            log(f"[eval] step {self.step} | " + " | ".join(f"val {k} {v:.4f}" for k, v in self.val.items()))
+            self.writer.scalars("val", self.val, self.step)
+
+    def _report_with_checkpoint(self, metrics: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="nfr-ckpt-") as tmp:
+            self.strategy.save(tmp, {"step": self.step, "epoch": self.epoch,
+                                     "samples_in_epoch": self.batch_in_epoch * self.global_batch,
+                                     "model_type": self.cfg.model_type, "strategy": self.strategy.name,
+                                     "world_size": self.world, "model_config": dataclasses.asdict(self.cfg.model)})
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # ---- the end ----------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        """What rank 0's loop returns to the driver (`Result.return_value`)."""
+        self.feed.close()
+        if self.writer is not None:
+            self.writer.close()
+        elapsed = time.perf_counter() - self.t_start - self.pause
+
+        def per_s(x: float) -> float:
+            return x / elapsed if elapsed > 0 else 0.0
+
+        return {
+            "steps": self.step,
+            "diverged_at_step": self.diverged_at,
+            "optimizer_steps": self.strategy.optimizer_steps,
+            "restored_from_step": self.restored_from,
+            "data_position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
+            "batch_fingerprints": self.batch_ids,
+            "final_loss": self.history[-1][self.task.primary] if self.history else float("nan"),
+            "val_loss": self.val["loss"],
+            f"{self.task.unit}_per_s": per_s(self.totals["units"]),
+            "mfu": per_s(self.totals["flops"]) / self.world / self.peak,
+            "peak_flops_per_worker": self.peak,
+            "data_wait_frac": min(1.0, per_s(self.totals["wait"])),
+            **{f"{k}_frac": min(1.0, per_s(self.totals[k])) for k in ("fwd_bwd", "optimizer")},
+            "history": self.history,
+        }

@@ -6,14 +6,15 @@ The Ray Train loop (`loop.py`) is written once against this small interface:
     backward(loss) per micro-batch      step(lr) -> grad norm      optimizer_steps
     save(dir, train_state)      load(dir) -> train_state
 
-`DeepSpeedStrategy` is ZeRO-1/2 + expert parallelism (NeuralFlex-MoE); `FSDPStrategy` is FSDP2
-(`fully_shard` per block and at the root, NeuroFM). Both write `train_state.json` (step, data
-position, model config) beside their own files, so tools read a checkpoint without an engine.
+`DeepSpeedStrategy` is ZeRO-1/2 + expert parallelism (the family lays out its expert layers:
+`Family.expert_parallel`); `FSDPStrategy` is FSDP2 (`fully_shard` on each of the family's
+`shard_units` and at the root). Both write `train_state.json` (step, data position, model config)
+beside their own files, so tools read a checkpoint without an engine (the layout:
+`neuraflex_ray/checkpoint/state.py`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -23,23 +24,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from neuraflex_ray.atomic import write_json_atomic
-from neuraflex_ray.config import JobConfig
+from neuraflex_ray.checkpoint import CKPT_TAG, DCP_DIR, DEEPSPEED, FSDP, read_train_state, write_train_state
+from neuraflex_ray.config import JobConfig, get_family
 from neuraflex_ray.train.compile import compile_blocks
-
-CKPT_TAG = "ds"  # DeepSpeed's sub-directory inside each checkpoint
-DCP_DIR = "dcp"  # torch.distributed.checkpoint's sub-directory inside each FSDP checkpoint
-TRAIN_STATE = "train_state.json"
-
-
-def write_train_state(directory: str | Path, state: dict[str, Any]) -> None:
-    """Rank 0 only: the data position and model config, readable without loading any weights."""
-    if dist.get_rank() == 0:
-        write_json_atomic(Path(directory) / TRAIN_STATE, state)
-
-
-def read_train_state(directory: str | Path) -> dict[str, Any]:
-    return json.loads((Path(directory) / TRAIN_STATE).read_text())
 
 
 def _bf16(cfg: JobConfig) -> bool:
@@ -62,7 +49,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class DeepSpeedStrategy:
-    name = "deepspeed"
+    name = DEEPSPEED
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -85,11 +72,11 @@ class DeepSpeedStrategy:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups
 
-        from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE, parallelize_deepspeed
+        from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE
 
         t = self.cfg.train
         rank = dist.get_rank()
-        model = parallelize_deepspeed(model, t.ep_size, rank).to(self.device)
+        model = get_family(self.cfg.model_type).expert_parallel(model, t.ep_size, rank).to(self.device)
         if adapt is not None:
             model = adapt(model)
         if t.compile:
@@ -153,7 +140,7 @@ class DeepSpeedStrategy:
 
 
 class FSDPStrategy:
-    """FSDP2: each block in the model's block lists is its own `fully_shard` unit, then the root.
+    """FSDP2: each of the family's `shard_units` (a model's blocks) is its own `fully_shard` unit, then the root.
 
     A unit's parameters are all-gathered just before its forward and freed after (re-gathered for
     backward), so a rank holds 1/world of every parameter between uses. Gradients are
@@ -162,8 +149,7 @@ class FSDPStrategy:
     `torch.distributed.checkpoint` (DCP), and a load re-shards onto any world size.
     """
 
-    name = "fsdp"
-    block_lists = ("cross_blocks", "blocks")  # NeuroFM's ModuleLists, sharded one block per unit
+    name = FSDP
 
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
@@ -186,15 +172,10 @@ class FSDPStrategy:
         if t.compile:  # before fully_shard, as torchtitan orders it
             compile_blocks(model)
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if _bf16(self.cfg) else None, reduce_dtype=torch.float32)
-        for attr in self.block_lists:
-            blocks = getattr(model, attr, None)
-            if not isinstance(blocks, nn.ModuleList):
-                continue
-            for i, block in enumerate(blocks):
-                if t.activation_checkpointing:
-                    block = _checkpointed(block)
-                    blocks[i] = block
-                fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
+        for block in get_family(self.cfg.model_type).shard_units(model):
+            if t.activation_checkpointing:
+                block = _checkpointed_in_place(model, block)
+            fully_shard(block, mp_policy=mp, reshard_after_forward=t.reshard_after_forward)
         # The root unit holds what is left (embeddings, encoders, heads); it is not resharded after
         # forward because backward needs it first.
         fully_shard(model, mp_policy=mp)
@@ -271,16 +252,22 @@ class FSDPStrategy:
         return train_state
 
 
-def _checkpointed(block: nn.Module) -> nn.Module:
-    """Activation checkpointing: keep only the block's input, recompute its inside in backward."""
+def _checkpointed_in_place(model: nn.Module, block: nn.Module) -> nn.Module:
+    """Activation checkpointing: `block` replaced, where it sits in `model`, by a wrapper that keeps only
+    its input and recomputes its inside in backward; returns the wrapper."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    return checkpoint_wrapper(block, preserve_rng_state=False)
+    path = next(name for name, m in model.named_modules() if m is block)
+    parent_path, _, attr = path.rpartition(".")
+    wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+    setattr(model.get_submodule(parent_path), attr, wrapped)
+    return wrapped
+
+
+STRATEGIES = {DEEPSPEED: DeepSpeedStrategy, FSDP: FSDPStrategy}
 
 
 def build_strategy(cfg: JobConfig) -> DeepSpeedStrategy | FSDPStrategy:
-    if cfg.train.strategy == "deepspeed":
-        return DeepSpeedStrategy(cfg)
-    if cfg.train.strategy == "fsdp":
-        return FSDPStrategy(cfg)
-    raise ValueError(f"train.strategy={cfg.train.strategy!r} is not known")
+    if cfg.train.strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy={cfg.train.strategy!r} is not known; use one of {sorted(STRATEGIES)}")
+    return STRATEGIES[cfg.train.strategy](cfg)

@@ -4,7 +4,7 @@ A sweep (jobs/configs/tune_*.yaml) names a base job config, a search space over 
 metric, the trial budget and each trial's resources. `load_sweep` merges the base with the sweep's
 overrides and resources and `check_sweep` refuses, naming the key, every problem it can see up front:
 an empty or inverted range, a corner of the space that makes an invalid training config, a searched
-key a trial may not change, a metric training does not report. `neuraflex_ray/sweep.py` runs it.
+key a trial may not change, a metric training does not report. `run.py` runs it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from neuraflex_ray.config import (
     load_raw,
     set_dotted,
 )
+from neuraflex_ray.config.validate import need
 
 
 @dataclass
@@ -155,30 +156,25 @@ def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     return out
 
 
-def _need(ok: bool, msg: str) -> None:
-    if not ok:
-        raise ConfigError(msg)
-
-
 def _corners(key: str, spec: ParamSpec) -> list[Any]:
     """Check the range itself; return the values that bound it (each must make a valid config)."""
     where = f"space.{key}"
     if spec.type in ("uniform", "loguniform", "int"):
-        _need(math.isfinite(spec.low) and math.isfinite(spec.high),
+        need(math.isfinite(spec.low) and math.isfinite(spec.high),
               f"{where}: type {spec.type} needs numbers low and high, e.g. {{type: {spec.type}, low: 1, high: 10}}")
-        _need(spec.low < spec.high, f"{where}: empty range, low={spec.low:g} must be below high={spec.high:g}")
-        _need(not spec.values, f"{where}: values belong to type choice; a {spec.type} range takes low and high")
+        need(spec.low < spec.high, f"{where}: empty range, low={spec.low:g} must be below high={spec.high:g}")
+        need(not spec.values, f"{where}: values belong to type choice; a {spec.type} range takes low and high")
         if spec.type == "loguniform":
-            _need(spec.low > 0, f"{where}: loguniform needs low > 0 (got {spec.low:g}); use uniform for ranges through 0")
+            need(spec.low > 0, f"{where}: loguniform needs low > 0 (got {spec.low:g}); use uniform for ranges through 0")
         if spec.type == "int":
-            _need(spec.low == int(spec.low) and spec.high == int(spec.high),
+            need(spec.low == int(spec.low) and spec.high == int(spec.high),
                   f"{where}: type int needs whole low and high (got {spec.low:g}, {spec.high:g})")
-            _need(not spec.log or spec.low >= 1, f"{where}: an int range with log: true needs low >= 1")
+            need(not spec.log or spec.low >= 1, f"{where}: an int range with log: true needs low >= 1")
             return [int(spec.low), int(spec.high)]
         return [spec.low, spec.high]
     if spec.type == "choice":
-        _need(bool(spec.values), f"{where}: choice with no values; list them, e.g. values: [1, 2]")
-        _need(math.isnan(spec.low) and math.isnan(spec.high), f"{where}: a choice takes values, not low/high")
+        need(bool(spec.values), f"{where}: choice with no values; list them, e.g. values: [1, 2]")
+        need(math.isnan(spec.low) and math.isnan(spec.high), f"{where}: a choice takes values, not low/high")
         return list(spec.values)
     raise ConfigError(f"{where}: type {spec.type!r} is not known; use uniform, loguniform, int or choice")
 
@@ -192,60 +188,60 @@ def _check_value(sweep: Sweep, key: str, value: Any, where: str) -> None:
 
 def check_sweep(sweep: Sweep) -> None:
     """Every problem a sweep can have before it starts, each naming the key (ConfigError)."""
-    from neuraflex_ray.train.tasks import reported_metrics
+    from neuraflex_ray.train.task import reported_metrics
 
     cfg, t = sweep.cfg, sweep.base.train
-    _need(bool(cfg.space), "space: empty; name at least one dotted config key to search, e.g. train.lr")
+    need(bool(cfg.space), "space: empty; name at least one dotted config key to search, e.g. train.lr")
     for key, spec in cfg.space.items():
-        _need(key not in FIXED_KEYS, f"space.{key}: a trial cannot change {key}" + (
+        need(key not in FIXED_KEYS, f"space.{key}: a trial cannot change {key}" + (
             "; set the resources of every trial in the resources section"
             if key.removeprefix("train.") in RESOURCE_KEYS else ""))
         # Augmentations act on batches in training, not on the dataset: they may be searched.
-        _need(not key.startswith("data.") or key.startswith("data.augment."),
+        need(not key.startswith("data.") or key.startswith("data.augment."),
               f"space.{key}: the dataset is built once per sweep, so data.* keys (other than data.augment.*) "
               f"cannot be searched; run one sweep per dataset setting")
-        _need(not (key.startswith("model.") and sweep.base.finetune.from_export),
+        need(not (key.startswith("model.") and sweep.base.finetune.from_export),
               f"space.{key}: a fine-tuning sweep trains the model of finetune.from_export as it is; search "
               f"finetune.* and train.* keys")
         for value in _corners(key, spec):
             _check_value(sweep, key, value, f"space.{key}")
     metrics = reported_metrics(sweep.base.model_type)
-    _need(cfg.metric in metrics, f"metric: {cfg.metric!r} is not reported by {sweep.base.model_type} training; "
+    need(cfg.metric in metrics, f"metric: {cfg.metric!r} is not reported by {sweep.base.model_type} training; "
                                  f"choose one of {metrics}")
-    _need(cfg.mode in ("min", "max"), f"mode: {cfg.mode!r}; use min or max")
-    _need(cfg.num_trials >= 1, f"num_trials must be >= 1 (got {cfg.num_trials})")
-    _need(cfg.max_concurrent_trials >= 0, f"max_concurrent_trials must be >= 0 (0: fit the cluster), got "
+    need(cfg.mode in ("min", "max"), f"mode: {cfg.mode!r}; use min or max")
+    need(cfg.num_trials >= 1, f"num_trials must be >= 1 (got {cfg.num_trials})")
+    need(cfg.max_concurrent_trials >= 0, f"max_concurrent_trials must be >= 0 (0: fit the cluster), got "
                                           f"{cfg.max_concurrent_trials}")
-    _need(cfg.search.algorithm in ("optuna", "random"), f"search.algorithm: {cfg.search.algorithm!r}; use optuna or random")
-    _need(cfg.search.n_startup_trials >= 1, f"search.n_startup_trials must be >= 1 (got {cfg.search.n_startup_trials})")
+    need(cfg.search.algorithm in ("optuna", "random"), f"search.algorithm: {cfg.search.algorithm!r}; use optuna or random")
+    need(cfg.search.n_startup_trials >= 1, f"search.n_startup_trials must be >= 1 (got {cfg.search.n_startup_trials})")
     for i, point in enumerate(cfg.search.points_to_evaluate):
         unknown = sorted(set(point) - set(cfg.space))
-        _need(not unknown, f"search.points_to_evaluate[{i}].{unknown[0] if unknown else ''}: not a key of space; "
+        need(not unknown, f"search.points_to_evaluate[{i}].{unknown[0] if unknown else ''}: not a key of space; "
                            f"a point sets searched keys only: {sorted(cfg.space)}")
         missing = sorted(set(cfg.space) - set(point))
-        _need(not missing, f"search.points_to_evaluate[{i}]: no value for {missing[0] if missing else ''}; "
+        need(not missing, f"search.points_to_evaluate[{i}]: no value for {missing[0] if missing else ''}; "
                            f"Optuna needs every searched key in a point: add {missing}")
         for key, value in point.items():
             _check_value(sweep, key, value, f"search.points_to_evaluate[{i}]")
     # Schedulers decide on reported evaluations; every report must carry a fresh one.
-    _need(t.checkpoint_every % t.eval_every == 0,
+    need(t.checkpoint_every % t.eval_every == 0,
           f"train.checkpoint_every={t.checkpoint_every} is not a multiple of train.eval_every={t.eval_every}: in a "
           f"sweep every checkpoint must come with an evaluation; make it a multiple")
     s = cfg.scheduler
-    _need(s.type in ("asha", "pbt", "fifo"), f"scheduler.type: {s.type!r}; use asha, pbt or fifo")
+    need(s.type in ("asha", "pbt", "fifo"), f"scheduler.type: {s.type!r}; use asha, pbt or fifo")
     if s.type == "asha":
-        _need(s.reduction_factor > 1, f"scheduler.reduction_factor must be > 1 (got {s.reduction_factor})")
-        _need(0 <= s.grace_period < t.max_steps, f"scheduler.grace_period={s.grace_period} must be in [0, "
+        need(s.reduction_factor > 1, f"scheduler.reduction_factor must be > 1 (got {s.reduction_factor})")
+        need(0 <= s.grace_period < t.max_steps, f"scheduler.grace_period={s.grace_period} must be in [0, "
                                                  f"train.max_steps={t.max_steps}) (0: train.eval_every)")
     if s.type == "pbt":
         interval = s.perturbation_interval or t.checkpoint_every
-        _need(interval % t.checkpoint_every == 0,
+        need(interval % t.checkpoint_every == 0,
               f"scheduler.perturbation_interval={interval} is not a multiple of train.checkpoint_every="
               f"{t.checkpoint_every}: PBT clones checkpoints, so it can only act where one was written")
-        _need(0 < s.quantile_fraction <= 0.5, f"scheduler.quantile_fraction must be in (0, 0.5] (got {s.quantile_fraction})")
-        _need(cfg.search.algorithm == "random",
+        need(0 < s.quantile_fraction <= 0.5, f"scheduler.quantile_fraction must be in (0, 0.5] (got {s.quantile_fraction})")
+        need(cfg.search.algorithm == "random",
               "search.algorithm: Ray Tune refuses a search algorithm beside PBT; with scheduler.type=pbt set "
               "search.algorithm=random (the initial population is sampled at random, and is not an Optuna study)")
         structural = [k for k in cfg.space if not k.startswith("train.")]
-        _need(not structural, f"space.{structural[0] if structural else ''}: PBT continues a trial from another "
+        need(not structural, f"space.{structural[0] if structural else ''}: PBT continues a trial from another "
                               f"trial's checkpoint, so it can only mutate train.* keys (the model must stay the same)")

@@ -1,5 +1,5 @@
 """A finished sweep's results: the table (results.csv / .parquet), best.yaml, the TensorBoard hparams
-view and summary.json, from Tune's result grid (`neuraflex_ray/sweep.py` runs the sweep).
+view and summary.json, from Tune's result grid (`run.py` runs the sweep).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import yaml
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import config_from_raw
-from neuraflex_ray.sweep import POINTER, error_line
-from neuraflex_ray.sweep_config import Sweep
+from neuraflex_ray.tune.config import Sweep
+from neuraflex_ray.tune.trial import POINTER, error_line
 
 
 def _train_checkpoint(result: Any) -> str | None:

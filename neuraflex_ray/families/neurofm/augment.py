@@ -1,5 +1,5 @@
 """Training-time augmentations of NeuroFM windows (config: `data.augment`, `AugmentConfig` in
-`neuraflex_ray/config/schema.py`), applied by `NeuroTask.step` on training micro-batches only.
+`neuraflex_ray/config/series.py`), applied by `NeuroTask.step` on training micro-batches only.
 
 They act on one micro-batch window {modality: SeriesInput} of FULL windows (context + future), so
 one change reaches the encoder's input and the loss targets alike, in this order:
@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from neuraflex_ray.config.schema import AugmentConfig
+from neuraflex_ray.config import AugmentConfig
 from neuraflex_ray.models.neurofm import SeriesInput
 
 Window = dict[str, SeriesInput]

@@ -1,0 +1,192 @@
+"""Model families as plug-ins: the interface every family implements, and the registry of them.
+
+A family is one object that knows everything the stages need about one kind of model: its config
+sections and their checks, how its data is built and how it sizes the model, how the model is
+built, its Train task (batches -> loss and metrics), how the engines shard it, how a checkpoint
+becomes an export, how an export is evaluated and served, and how it is fine-tuned. `train/`,
+`tune/`, `finetune/`, `serving/`, the workflows and the command line look the family up here by the
+config's `model_type` and never name one.
+
+A `model_type` is either a built-in name (the table below; each lives in
+`neuraflex_ray/families/<name>/`) or the import path of a family defined anywhere, as
+`"package.module:ATTRIBUTE"`: a family in a user's own package (or a test's) is used by writing
+that path in the job YAML. Ray Train workers and Serve replicas resolve the same string in their
+own processes, so nothing has to be registered there first. `register_family` adds a family under
+a short name in the current process (for a notebook; workers would not see it).
+
+This module sits at the bottom of the package (beside the config it serves): it imports nothing
+of the package, and a family's own module is imported only when its name is first looked up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the field and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A family that ships with the package: where it lives, and the command line's short name for it."""
+
+    path: str  # "package.module:ATTRIBUTE" of the Family object
+    alias: str  # `quickstart --model <alias>`
+    debug_config: str  # its small job YAML under jobs/configs/
+
+
+BUILTIN: dict[str, Builtin] = {
+    "moe_lm": Builtin("neuraflex_ray.families.moe_lm:FAMILY", "moe", "moe_debug.yaml"),
+    "neurofm": Builtin("neuraflex_ray.families.neurofm:FAMILY", "neurofm", "neurofm_debug.yaml"),
+}
+# A config without model_type, and files written before model_type was recorded in them (DeepSpeed
+# checkpoints without train_state.json, exports whose config.json lacks the key), are this family's.
+DEFAULT_MODEL_TYPE = "moe_lm"
+
+
+class Family:
+    """The interface of a model family. Subclass it, set the attributes, override what applies.
+
+    A method a family does not support keeps the default here, which raises a ConfigError naming the
+    family and the capability, so a user who asks for it is told, in one line, that it does not exist.
+    Paths are absolute by the time a family sees them. The stages call, in order:
+
+    config:   model_config / data_config / flavours (the YAML's sections), validate
+    data:     build_data (a Ray Data job writing Parquet shards and manifest.json with at least
+              `train_shards` and `val_shards`), open_data, fit_to_data (model fields the data decides),
+              loop_data (what workers need from the manifest)
+    train:    task (the Train task: see train/task.py), expert_parallel (DeepSpeed path) or
+              shard_units (FSDP2 path), run_summary
+    export:   export (a checkpoint -> a consolidated export), evaluate (an export on held-out data,
+              beside a baseline fitted on the training split), after_training (what the quickstart
+              does with a fresh export)
+    serve:    serves ("openai": the completions and chat routes; "series": /v1/neuro/*), serve_name,
+              load_served
+    finetune: finetune_methods, lora_targets, finetune_config, fisher_samples
+    """
+
+    name: str = ""  # the model_type; filled by the registry for a family named by import path
+    model_config: type = type(None)  # dataclass of the `model` section
+    data_config: type = type(None)  # dataclass of the `data` section
+    flavours: dict[str, dict[str, Any]] = {}  # named presets of the model section (`model.flavour`)
+    strategies: tuple[str, ...] = ("fsdp",)  # train.strategy values it trains with
+    task_class: Any = None  # its Train task (a train.task.Task subclass); `task()` builds one
+    serves: str = ""  # "openai" | "series" | "" (no Serve deployment)
+    serve_name: str = "model"  # what Serve calls an export of this family that was not given a name
+    finetune_methods: tuple[str, ...] = ("full",)
+    lora_targets: tuple[str, ...] = ()  # finetune.lora_targets it accepts (empty: no LoRA)
+    flops_convention: str = ""  # how its model FLOPs are counted (the MFU note of a run's summary)
+
+    def unsupported(self, what: str) -> ConfigError:
+        return ConfigError(f"model_type={self.name}: this family has no {what}")
+
+    # ---- config -----------------------------------------------------------------------------
+    def validate(self, cfg: Any, world: int) -> None:
+        """Raise ConfigError for an impossible combination in the model and data sections."""
+
+    # ---- data -------------------------------------------------------------------------------
+    def build_data(self, data: Any, force: bool = False) -> dict[str, Any]:
+        """Build (or reuse) the dataset that `data` describes; return its manifest."""
+        raise self.unsupported("dataset builder")
+
+    def open_data(self, output_dir: str) -> tuple[Any, Any]:
+        """(train, val) Ray Datasets of a built dataset."""
+        raise self.unsupported("dataset reader")
+
+    def fit_to_data(self, cfg: Any, manifest: dict[str, Any]) -> Any:
+        """The model section with the fields the dataset decides filled in (or checked against it)."""
+        return cfg.model
+
+    def loop_data(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """What each Train worker needs from the manifest (handed to `task()` as `loop_data`)."""
+        return {"manifest": manifest}
+
+    # ---- train ------------------------------------------------------------------------------
+    def build_model(self, model_cfg: Any) -> Any:
+        """A fresh model (an nn.Module) of this config, free of any parallelism."""
+        raise self.unsupported("model")
+
+    def task(self, cfg: Any, loop_data: dict[str, Any], rank: int) -> Any:
+        if self.task_class is None:
+            raise self.unsupported("Train task")
+        return self.task_class(cfg, loop_data, rank)
+
+    def expert_parallel(self, model: Any, ep_size: int, rank: int) -> Any:
+        """DeepSpeed path: the model with its expert layers laid out for `ep_size`-way expert parallelism."""
+        return model
+
+    def shard_units(self, model: Any) -> list[Any]:
+        """FSDP2 path: the sub-modules to shard as their own units, in order (the root is always one)."""
+        return []
+
+    def run_summary(self, cfg: Any) -> dict[str, Any]:
+        """Keys a training run's summary adds for this family (e.g. FLOPs per token)."""
+        return {}
+
+    # ---- export and evaluation --------------------------------------------------------------
+    def export(self, checkpoint: Path, data_dir: Path, out_dir: Path, metadata: dict[str, Any]) -> Path:
+        """A training checkpoint -> a consolidated export that `checkpoint.load_exported` reads back
+        (`checkpoint.export_consolidated` does it for a family whose export is its weights alone)."""
+        raise self.unsupported("export")
+
+    def evaluate(self, export_dir: Path, data_dir: Path) -> dict[str, Any]:
+        raise self.unsupported("held-out evaluation")
+
+    def after_training(self, cfg: Any, result: dict[str, Any], export_dir: Path) -> dict[str, Any]:
+        """The quickstart's stages after training and export: {stage: its result} for summary.json."""
+        return {"eval": self.evaluate(export_dir, Path(cfg.data.output_dir))}
+
+    # ---- serving ----------------------------------------------------------------------------
+    def load_served(self, name: str, path: Path, options: Any) -> Any:
+        raise self.unsupported("Serve deployment")
+
+    # ---- fine-tuning ------------------------------------------------------------------------
+    def finetune_config(self, cfg: Any, export: Path, meta: dict[str, Any]) -> Any:
+        """The fine-tune's job config: the export's model section, and what else its data must keep."""
+        raise self.unsupported("fine-tuning")
+
+    def fisher_samples(self, data_dir: Path, n: int, rng: Any) -> tuple[list[Any], Any]:
+        """EWC: up to n samples of the original training data and the loss of one sample, (samples, loss_of)."""
+        raise self.unsupported("EWC Fisher estimate")
+
+
+_registered: dict[str, Family] = {}
+
+
+def register_family(family: Family, name: str = "") -> Family:
+    """Make `family` known under `name` (default: family.name) in this process."""
+    name = name or family.name
+    if not name:
+        raise ValueError("register_family: give the family a name")
+    family.name = name
+    _registered[name] = family
+    return family
+
+
+def get_family(model_type: str) -> Family:
+    """The family of a `model_type`: registered here, built in, or a "package.module:ATTRIBUTE" path."""
+    if model_type in _registered:
+        return _registered[model_type]
+    path = BUILTIN[model_type].path if model_type in BUILTIN else model_type
+    if ":" not in path:
+        raise ConfigError(f"model_type: unknown model type {model_type!r}; choose one of {sorted(BUILTIN)} or give "
+                          f"a family's import path as package.module:ATTRIBUTE")
+    module, _, attr = path.partition(":")
+    try:
+        family = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"model_type={model_type!r}: cannot import the family ({type(e).__name__}: {e}); the module "
+                          f"must be importable where the job runs (installed, or on PYTHONPATH)") from None
+    if not isinstance(family, Family):
+        raise ConfigError(f"model_type={model_type!r}: {path} is a {type(family).__name__}, not a "
+                          f"neuraflex_ray.config.Family")
+    return register_family(family, model_type)
+
+
+def builtin_families() -> Iterator[tuple[str, Builtin]]:
+    yield from BUILTIN.items()

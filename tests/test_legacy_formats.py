@@ -87,3 +87,17 @@ def test_a_legacy_fsdp_checkpoint_resumes(ray_session, tmp_path, legacy_copy):
                        "train.checkpoint_every=4", f"train.resume_from={ckpt}"])
     out = train(cfg)
     assert out["restored_from_step"] == 2 and out["steps"] == 4
+
+
+def test_a_sweep_checkpoint_from_before_tune_held_copies_restores_through_its_pointer(tmp_path):
+    """Sweeps started before tune/trial.py kept copies reported a pointer file; --resume follows it."""
+    import json
+    from types import SimpleNamespace
+
+    from neuraflex_ray.tune.trial import POINTER, restore_point
+
+    tune_ckpt = tmp_path / "tune" / "t_00001" / "checkpoint_000003"
+    tune_ckpt.mkdir(parents=True)
+    (tune_ckpt / POINTER).write_text(json.dumps({"path": str(FIXTURES / "moe" / "checkpoint")}))
+    point = restore_point("t_00000", SimpleNamespace(path=str(tune_ckpt)))
+    assert (point.path, point.donor, point.step) == (str(FIXTURES / "moe" / "checkpoint"), "t_00001", 2)

@@ -230,3 +230,18 @@ def test_prose_sample_builds_by_verse_and_bigram_beats_uniform(ray_session, tmp_
     assert re.search(r"\b(the|and|of)\b", text), text[:200]
     bpb = bigram_bits_per_byte(train, val, m["vocab_size"], m["val_bytes_per_token"])
     assert 0 < bpb < math.log2(m["vocab_size"]) / m["val_bytes_per_token"]
+
+
+def test_a_257_token_vocabulary_is_one_token_per_byte(ray_session, corpus, tmp_path):
+    """The byte-level LM a BLT's entropy model is: 256 byte values + <|endoftext|>, no merges."""
+    from neuraflex_ray.config import ConfigError, load_config
+
+    manifest = build_text_dataset(_cfg(corpus, tmp_path / "bytes", vocab_size=257))
+    assert manifest["vocab_size"] == 257
+    # Every document's UTF-8 bytes are its tokens but for the one <|endoftext|> that ends it.
+    assert 0.99 < manifest["train_bytes_per_token"] < 1.0
+    tok = load_tokenizer(tmp_path / "bytes" / "tokenizer.json")
+    assert len(tok.encode("héllo ✓").ids) == len("héllo ✓".encode())
+    load_config("jobs/configs/moe_debug.yaml", ["data.vocab_size=257"])
+    with pytest.raises(ConfigError, match=r"data.vocab_size=256 is too small .* use >= 257"):
+        load_config("jobs/configs/moe_debug.yaml", ["data.vocab_size=256"])

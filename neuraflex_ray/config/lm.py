@@ -72,7 +72,7 @@ class DataConfig:
     source: str = "stdlib"
     text_field: str = "text"  # column / JSON key that holds the text for .jsonl and .parquet
     tokenizer: str = ""  # path to a Hugging Face tokenizer.json; empty: train a byte-level BPE
-    vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is empty
+    vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is empty; 257: one token per byte, no merges
     seq_len: int = 128  # tokens per training example; blocks hold seq_len + 1 tokens
     val_fraction: float = 0.05  # share of documents held out (split by document, deterministic)
     max_bytes: int = 0  # cap on the corpus size in bytes (0: no cap)

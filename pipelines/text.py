@@ -85,7 +85,7 @@ def build_text_dataset(cfg: DataConfig, *, force: bool = False) -> dict[str, Any
     keep = _num_to_keep(cols["nbytes"], cfg.max_bytes)
     if keep < len(cols["u"]):
         docs = docs.limit(keep)
-    threshold = _val_threshold(cols["u"][:keep], cfg.val_fraction)
+    threshold = _val_threshold(cols["u"][:keep], cfg.val_fraction, cfg.min_val_documents)
     _log(f"source {where}: {keep} documents, {cols['nbytes'][:keep].sum() / 1e6:.2f} MB from "
          f"{len(files)} files; {int((cols['u'][:keep] <= threshold).sum())} held out for validation")
 
@@ -210,6 +210,8 @@ def _fingerprint(cfg: DataConfig, files: list[_InputFile], user_tokenizer: bytes
         "tokenizer": hashlib.sha256(user_tokenizer).hexdigest() if user_tokenizer else None,
         "vocab_size": None if user_tokenizer else cfg.vocab_size,
         **{k: getattr(cfg, k) for k in ("seq_len", "val_fraction", "max_bytes", "seed")},
+        # Only when set, so that builds from before the setting existed keep their fingerprint.
+        **({"min_val_documents": cfg.min_val_documents} if cfg.min_val_documents else {}),
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
@@ -238,13 +240,17 @@ def _unit_hash(doc_id: str, seed: int) -> float:
     return (int.from_bytes(digest, "little") >> 11) / 2.0**53
 
 
-def _val_threshold(u: np.ndarray, fraction: float) -> float:
-    """Documents with u <= threshold are validation: about `fraction`, at least one, never all."""
+def _val_threshold(u: np.ndarray, fraction: float, min_documents: int = 0) -> float:
+    """Documents with u <= threshold are validation: about `fraction`, at least one (and at least
+    `min_documents`), never all."""
     if len(u) < 2:
         raise ValueError(f"data.source gave {len(u)} non-empty document(s); at least 2 are needed "
                          f"(one to train on, one to validate on)")
     s = np.sort(u)
-    return float(min(max(fraction, s[0]), s[-2]))
+    if min_documents >= len(u):
+        raise ValueError(f"data.min_val_documents={min_documents}, but data.source gave {len(u)} documents: "
+                         f"use a larger corpus (data.source, data.max_bytes) or hold out fewer")
+    return float(min(max(fraction, s[max(0, min_documents - 1)]), s[-2]))
 
 
 # --------------------------------------------------------------------------------------------

@@ -194,6 +194,11 @@ def test_split_and_cap_rules():
     assert text._val_threshold(np.array([0.01, 0.02, 0.03]), 0.5) == 0.02  # at least one train document
     with pytest.raises(ValueError, match="at least 2"):
         text._val_threshold(np.array([0.3]), 0.1)
+    # data.min_val_documents: at least that many held out, whatever the fraction.
+    assert text._val_threshold(np.array([0.5, 0.9, 0.7, 0.95]), 0.05, min_documents=2) == 0.7
+    assert text._val_threshold(np.array([0.5, 0.9, 0.7, 0.95]), 0.8, min_documents=2) == 0.8
+    with pytest.raises(ValueError, match="data.min_val_documents=3, but data.source gave 3 documents"):
+        text._val_threshold(np.array([0.5, 0.9, 0.7]), 0.05, min_documents=3)
 
 
 def test_bigram_matches_hand_computation():

@@ -75,6 +75,7 @@ class DataConfig:
     vocab_size: int = 4096  # size of the BPE trained when `tokenizer` is empty; 257: one token per byte, no merges
     seq_len: int = 128  # tokens per training example; blocks hold seq_len + 1 tokens
     val_fraction: float = 0.05  # share of documents held out (split by document, deterministic)
+    min_val_documents: int = 0  # hold out at least this many documents (a held-out figure needs enough of them)
     max_bytes: int = 0  # cap on the corpus size in bytes (0: no cap)
     output_dir: str = "data/text"  # Parquet shards + manifest.json go here
     seed: int = 0

@@ -30,6 +30,8 @@ def validate_moe_lm(cfg: JobConfig, world: int) -> None:
          f"data.seq_len={d.seq_len} is over the model's maximum model.max_seq_len={m.max_seq_len}; "
          f"lower data.seq_len or raise model.max_seq_len")
     need(0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    need(d.min_val_documents >= 0, f"data.min_val_documents must be >= 0 (0: data.val_fraction alone), got "
+                                   f"{d.min_val_documents}")
     # 257 = the 256 byte values + <|endoftext|>: a byte-level model with no merges (a BLT's entropy model).
     need(d.vocab_size >= 257, f"data.vocab_size={d.vocab_size} is too small for a byte-level BPE: use >= 257 "
                               f"(257: one token per byte)")

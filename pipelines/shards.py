@@ -26,6 +26,17 @@ def swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any], files: tuple
     write_json_atomic(out / "manifest.json", manifest)
 
 
+def rename_shards(tmp: Path, split: str) -> list[str]:
+    """Name the Parquet files Ray wrote into tmp/<split> `<split>-00000.parquet`, ... in task order (Ray's
+    own names sort that way); return them relative to tmp, as a manifest lists them."""
+    names = []
+    for i, f in enumerate(sorted((tmp / split).glob("*.parquet"))):
+        target = f.with_name(f"{split}-{i:05d}.parquet")
+        f.rename(target)
+        names.append(f"{split}/{target.name}")
+    return names
+
+
 def read_manifest(out: Path) -> dict[str, Any] | None:
     try:
         return json.loads((out / "manifest.json").read_text())

@@ -35,7 +35,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from neuraflex_ray.config import DataConfig
-from pipelines.shards import load_splits, reusable, swap_into_place
+from pipelines.shards import load_splits, rename_shards, reusable, swap_into_place
 from pipelines.text_sources import _cap_files, _file_documents, _filesystem, _InputFile, _list_inputs
 
 EOS = "<|endoftext|>"
@@ -285,6 +285,20 @@ def _tokenizer(cfg: DataConfig, user_tokenizer: bytes | None,
     return tok, tok.to_str(pretty=True).encode()
 
 
+@functools.lru_cache(maxsize=1)
+def byte_level_chars() -> dict[int, str]:
+    """GPT-2's byte-level table, as the ByteLevel pre-tokenizer uses it: each byte -> one printable character
+    (a byte-level BPE's tokens are strings of these)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
+
+
 def train_bpe(batches: Iterator[list[str]], vocab_size: int) -> Tokenizer:
     """GPT-2 style byte-level BPE: any input round-trips, no unknown tokens."""
     tok = Tokenizer(models.BPE())
@@ -341,13 +355,8 @@ def _write_split(packed: ray.data.Dataset, tmp: Path, split: str, est_blocks: in
     if shuffle_seed is not None:
         ds = ds.random_shuffle(seed=shuffle_seed)
     ds.repartition(max(1, min(MAX_SHARDS, est_blocks // SHARD_BLOCKS))).write_parquet(str(tmp / split))
-    names, rows = [], 0
-    for i, f in enumerate(sorted((tmp / split).glob("*.parquet"))):  # Ray's names sort in task order
-        target = f.with_name(f"{split}-{i:05d}.parquet")
-        f.rename(target)
-        names.append(f"{split}/{target.name}")
-        rows += pq.ParquetFile(target).metadata.num_rows
-    return names, rows
+    names = rename_shards(tmp, split)
+    return names, sum(pq.ParquetFile(tmp / name).metadata.num_rows for name in names)
 
 
 def _reusable(out: Path, fingerprint: str) -> dict[str, Any] | None:

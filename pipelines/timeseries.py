@@ -41,7 +41,7 @@ import ray
 from neuraflex_ray.config import SeriesDataConfig
 from pipelines.neuro_sources import BadRecording, Source, recording_source, sample_sources
 from pipelines.series_prep import plan_layout, prepare_session
-from pipelines.shards import load_splits, require_manifest, reusable, swap_into_place
+from pipelines.shards import load_splits, rename_shards, require_manifest, reusable, swap_into_place
 
 FORMAT_VERSION = 4  # bump when the output or the build logic changes: it invalidates old caches
 BUILD_HINT = "build_series_dataset or `neuraflex-ray data --model neurofm`"
@@ -316,12 +316,7 @@ def _write_split(windows: list[tuple[str, float]], tmp: Path, split: str, arrays
                      fn_kwargs={"arrays": arrays, "sessions": sessions, "layout": layout})
         .write_parquet(str(tmp / split))
     )
-    names = []
-    for i, f in enumerate(sorted((tmp / split).glob("*.parquet"))):  # Ray's names sort in task order
-        target = f.with_name(f"{split}-{i:05d}.parquet")
-        f.rename(target)
-        names.append(f"{split}/{target.name}")
-    return names
+    return rename_shards(tmp, split)
 
 
 def _window_rows(batch: pa.Table, arrays: ray.ObjectRef, sessions: dict[str, Any],

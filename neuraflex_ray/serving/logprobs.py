@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from pipelines.text import byte_level_chars
+
 
 @dataclass(frozen=True)
 class TokenScore:
@@ -60,14 +62,7 @@ def mean_logprob(scores: list[TokenScore]) -> float:
 @lru_cache(maxsize=1)
 def _byte_of_char() -> dict[str, int]:
     """The inverse of byte-level BPE's byte -> printable character table (GPT-2's)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+    return {c: b for b, c in byte_level_chars().items()}
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:

@@ -30,7 +30,7 @@ import ray
 from neuraflex_ray.config import DataConfig
 from neuraflex_ray.config.blt import ByteDataConfig
 from neuraflex_ray.families.blt.entropy import EntropyScorer, raw_bytes
-from pipelines.shards import load_splits, reusable, swap_into_place
+from pipelines.shards import load_splits, rename_shards, reusable, swap_into_place
 from pipelines.text import block_array, build_text_dataset, load_tokenizer
 
 FORMAT_VERSION = 1
@@ -82,7 +82,7 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
                                     concurrency=cfg.entropy_actors, num_cpus=1,
                                     fn_constructor_kwargs={"export": str(Path(cfg.entropy_model).resolve())})
             ds.write_parquet(str(tmp / split))
-            shards[split] = _rename_shards(tmp, split)
+            shards[split] = rename_shards(tmp, split)
             if cfg.entropy_model:
                 mean_entropy[split] = _mean_entropy(tmp, shards[split])
         manifest = {
@@ -109,15 +109,6 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
 
 def load_byte_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
     return load_splits(output_dir, "build_byte_dataset")
-
-
-def _rename_shards(tmp: Path, split: str) -> list[str]:
-    names = []
-    for i, f in enumerate(sorted((tmp / split).glob("*.parquet"))):  # Ray's names sort in task order
-        target = f.with_name(f"{split}-{i:05d}.parquet")
-        f.rename(target)
-        names.append(f"{split}/{target.name}")
-    return names
 
 
 def _mean_entropy(root: Path, shards: list[str]) -> float:

@@ -21,23 +21,12 @@ import torch.nn.functional as F
 
 from neuraflex_ray.models.blt_patching import EOS, N_IDS
 from pipelines.text import EOS as EOS_TOKEN
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level table, as `tokenizers`' ByteLevel pre-tokenizer uses it: byte -> one character."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {b: chr(c) for b, c in zip(keep, chars, strict=True)}
+from pipelines.text import byte_level_chars
 
 
 def model_ids(tokenizer: Any) -> np.ndarray:
     """int64 [257]: a raw id (byte value, or EOS = 256) -> the byte-level tokenizer's id for it."""
-    table = _bytes_to_unicode()
+    table = byte_level_chars()
     ids = [tokenizer.token_to_id(table[b]) for b in range(256)] + [tokenizer.token_to_id(EOS_TOKEN)]
     if None in ids or len(set(ids)) != N_IDS:
         raise ValueError(f"not a byte-level tokenizer (vocab {tokenizer.get_vocab_size()}): every byte must be one "

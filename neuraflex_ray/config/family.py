@@ -21,7 +21,6 @@ of the package, and a family's own module is imported only when its name is firs
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ class Family:
 
     A method a family does not support keeps the default here, which raises a ConfigError naming the
     family and the capability, so a user who asks for it is told, in one line, that it does not exist.
-    Paths are absolute by the time a family sees them. The stages call, in order:
+    The stages call, in order:
 
     config:   model_config / data_config / flavours (the YAML's sections), validate
     data:     build_data (a Ray Data job writing Parquet shards and manifest.json with at least
@@ -186,7 +185,3 @@ def get_family(model_type: str) -> Family:
         raise ConfigError(f"model_type={model_type!r}: {path} is a {type(family).__name__}, not a "
                           f"neuraflex_ray.config.Family")
     return register_family(family, model_type)
-
-
-def builtin_families() -> Iterator[tuple[str, Builtin]]:
-    yield from BUILTIN.items()

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neuraflex_ray.atomic import write_json_atomic
-from neuraflex_ray.checkpoint import export_checkpoint, read_export_meta
+from neuraflex_ray.checkpoint import export_checkpoint, export_family
 from neuraflex_ray.config import JobConfig, get_family
 
 __all__ = ["evaluate_export", "export_checkpoint", "quickstart", "train_and_export"]
@@ -24,8 +24,7 @@ __all__ = ["evaluate_export", "export_checkpoint", "quickstart", "train_and_expo
 
 def evaluate_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
     """The export's family evaluates it on the held-out part of `data_dir`."""
-    family = get_family(read_export_meta(export_dir)["model_type"])
-    return family.evaluate(Path(export_dir), Path(data_dir))
+    return export_family(export_dir).evaluate(Path(export_dir), Path(data_dir))
 
 
 def train_and_export(cfg: JobConfig) -> tuple[dict[str, Any], Path, Path]:

@@ -27,6 +27,7 @@ from neuraflex_ray.checkpoint.export import (
     consolidate,
     export_checkpoint,
     export_consolidated,
+    export_family,
     load_exported,
     read_export_meta,
     write_export,
@@ -46,6 +47,6 @@ from neuraflex_ray.checkpoint.state import (
 
 __all__ = ["ADAPTER_FILE", "ADAPTER_META", "CKPT_TAG", "DCP_DIR", "DEEPSPEED", "FSDP", "LORA_SUFFIXES", "TRAIN_STATE",
            "checkpoint_model_config", "consolidate", "consolidate_deepspeed", "consolidate_deepspeed_adapter",
-           "consolidate_fsdp", "export_checkpoint", "export_consolidated", "fingerprint", "is_complete",
+           "consolidate_fsdp", "export_checkpoint", "export_consolidated", "export_family", "fingerprint", "is_complete",
            "load_exported", "plain_name", "read_adapter", "read_adapter_meta", "read_checkpoint_state",
            "read_export_meta", "read_train_state", "save_adapter", "write_export", "write_train_state"]

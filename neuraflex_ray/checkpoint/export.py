@@ -88,6 +88,11 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def export_family(path: str | Path) -> Any:
+    """The family (`config.Family`) of an export, from its config.json."""
+    return get_family(read_export_meta(path)["model_type"])
+
+
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a consolidated export: (model in eval mode, config.json contents)."""
     p = Path(path)

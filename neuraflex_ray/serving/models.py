@@ -9,15 +9,13 @@ family that `serves` "openai", `load_series` for "series"). The routes that use 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuraflex_ray.checkpoint import fingerprint, load_exported, read_export_meta
-from neuraflex_ray.config import get_family
+from neuraflex_ray.checkpoint import export_family, fingerprint, load_exported, read_adapter_meta, read_export_meta
 from neuraflex_ray.models.moe_lm import param_counts
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving.engine import LMEngine
@@ -115,12 +113,12 @@ def resolve_models(models: dict[str, str] | list[str] | str) -> dict[str, Path]:
 
 def default_name(path: Path) -> str:
     """What Serve calls an export it was not given a name for: its family's `serve_name`."""
-    return get_family(read_export_meta(path)["model_type"]).serve_name
+    return export_family(path).serve_name
 
 
 def serves(path: str | Path) -> str:
     """Which routes an export's models take: its family's `serves` ("openai", "series" or "")."""
-    return get_family(read_export_meta(path)["model_type"]).serves
+    return export_family(path).serves
 
 
 def _device(device: str) -> str:
@@ -196,7 +194,7 @@ def check_draft(draft: Path, target: Path) -> None:
 
 def load_model(name: str, path: Path, options: ServeOptions | None = None) -> LMModel | NeuroModel:
     """One export on the replica's device, loaded the way its family serves it."""
-    return get_family(read_export_meta(path)["model_type"]).load_served(name, path, options or ServeOptions())
+    return export_family(path).load_served(name, path, options or ServeOptions())
 
 
 def load_series(name: str, path: Path, options: ServeOptions) -> NeuroModel:
@@ -235,7 +233,7 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
 
     mine = fingerprint(path)
     ours = {n: p for n, p in o.adapters.items()
-            if json.loads((Path(p) / "adapter.json").read_text())["base_fingerprint"] == mine}
+            if read_adapter_meta(p)["base_fingerprint"] == mine}
     return AdapterSet(model, path, ours, base_print=mine) if ours else None
 
 
@@ -243,7 +241,7 @@ def check_adapters(adapters: dict[str, str], lm_exports: list[str]) -> None:
     """Each adapter must belong to one of the served LMs: refused before any replica starts."""
     prints = {fingerprint(p): p for p in lm_exports}
     for name, path in adapters.items():
-        base = json.loads((Path(path) / "adapter.json").read_text())["base_fingerprint"]
+        base = read_adapter_meta(path)["base_fingerprint"]
         if base not in prints:
             raise ValueError(f"adapters.{name}: {path} was trained on base {base}, and no served LM is that export "
                              f"(served: {', '.join(f'{p} = {f}' for f, p in prints.items())})")

@@ -127,8 +127,9 @@ def run_trial(params: dict[str, Any], sweep: Sweep) -> None:
     raw = sweep.trial_raw(params)
     raw = {**raw, "name": f"start-{start}", "output_dir": str(trial_dir)}
     point = None
-    if tune.get_checkpoint() is not None:
-        point = restore_point(trial_id, tune.get_checkpoint())
+    held = tune.get_checkpoint()
+    if held is not None:
+        point = restore_point(trial_id, held)
         _lineage(trial_dir, start, point, params)
         if point.step >= sweep.base.train.max_steps:
             # PBT may perturb at the final report and restart the trial from a finished checkpoint:

@@ -74,11 +74,13 @@ def cmd_eval(args: argparse.Namespace) -> dict:
 
 def _export_meta(arg: str) -> tuple[Path, dict]:
     """--export DIR: the directory and its config.json, or a ConfigError saying what to pass."""
+    from neuraflex_ray.checkpoint import read_export_meta
+
     export = Path(arg).expanduser()
-    if not (export / "config.json").is_file() or not (export / "model.safetensors").is_file():
-        raise ConfigError(f"--export {arg}: no config.json + model.safetensors there; pass a directory written by "
-                          f"`neuraflex-ray export` (or quickstart)")
-    return export, json.loads((export / "config.json").read_text())
+    try:
+        return export, read_export_meta(export)
+    except FileNotFoundError as e:
+        raise ConfigError(f"--export {arg}: {e}") from None
 
 
 def cmd_probe(args: argparse.Namespace) -> dict:

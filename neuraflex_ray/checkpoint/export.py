@@ -96,9 +96,7 @@ def export_family(path: str | Path) -> Any:
 def load_exported(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load a consolidated export: (model in eval mode, config.json contents)."""
     p = Path(path)
-    if not (p / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{p}/model.safetensors not found: pass a directory written by `neuraflex-ray export`")
-    meta = read_export_meta(p)
+    meta = read_export_meta(p)  # refuses a directory without model.safetensors + config.json
     cfg = JobConfig.from_dict({"model_type": meta["model_type"], "model": meta["model"]}).model
     model = get_family(meta["model_type"]).build_model(cfg)
     load_model(model, str(p / "model.safetensors"), device=device)

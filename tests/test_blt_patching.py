@@ -31,9 +31,12 @@ def test_static_patches_every_k_bytes():
     assert mean_patch_bytes(starts) == 4.0 and patch_ids(starts)[1].tolist() == [0] * 4 + [1] * 4 + [2] * 4
 
 
-def test_space_patches_are_words_with_what_follows_them_and_never_cut_a_character():
+def test_space_patches_end_after_every_space_like_byte_and_never_cut_a_character():
     text = "héllo wörld,  foo.bar"
-    assert patches(text, patch_starts(ids_of(text), None, "space")) == ["héllo ", "wörld,  ", "foo.", "bar"]
+    assert patches(text, patch_starts(ids_of(text), None, "space")) == ["héllo ", "wörld,", " ", " ", "foo.", "bar"]
+    # With a minimum length, a run of spaces becomes one patch: the start one byte later is dropped.
+    assert patches(text, patch_starts(ids_of(text), None, "space", min_bytes=2)) == ["héllo ", "wörld,", "  ", "foo.",
+                                                                                   "bar"]
     eos = torch.tensor([[ord("a"), EOS, ord("b")]])
     assert patch_starts(eos, None, "space")[0].tolist() == [True, False, True]  # a document ends a patch
 
@@ -49,14 +52,21 @@ def test_entropy_patches_start_where_the_next_byte_is_hard_to_guess():
 
 
 @pytest.mark.parametrize("mode", ["entropy", "static", "space"])
-def test_every_rule_is_causal_and_within_its_patch_bound(mode):
-    """A prefix's boundaries are the prefix of the whole block's (incremental generation relies on it)."""
+def test_a_start_is_known_before_its_byte_and_within_the_patch_bound(mode):
+    """Whether byte k starts a patch depends on bytes < k and entropies <= k only (the model's position
+    k - 1 reads it; generation decides it before byte k exists); a prefix's boundaries are the prefix of
+    the whole block's."""
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 257, (4, 96), generator=g)
     h = torch.rand(4, 96, generator=g) * 4
     whole = patch_starts(ids, h, mode, threshold=2.5, size=5, min_bytes=3)
     for k in (1, 7, 40, 95):
         assert torch.equal(patch_starts(ids[:, :k], h[:, :k], mode, threshold=2.5, size=5, min_bytes=3), whole[:, :k])
+        other_ids, other_h = ids.clone(), h.clone()
+        other_ids[:, k:] = torch.randint(0, 257, (4, 96 - k), generator=g)  # byte k and after change
+        other_h[:, k + 1:] = torch.rand(4, 95 - k, generator=g) * 4  # entropies after k change
+        changed = patch_starts(other_ids, other_h, mode, threshold=2.5, size=5, min_bytes=3)
+        assert torch.equal(changed[:, :k + 1], whole[:, :k + 1])
     assert int(whole.sum(1).max()) <= max_patches(96, mode, size=5, min_bytes=3)
 
 

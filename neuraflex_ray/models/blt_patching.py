@@ -7,11 +7,15 @@ True when a new patch begins at byte t; byte 0 always starts one. Modes:
   decides. Global rule: a patch starts where H[t] > threshold, so patches end before bytes that are
   hard to guess. Monotonic rule: where H[t] - H[t-1] > threshold (a jump in uncertainty).
 - `static`: every `size` bytes.
-- `space`: after a space-like byte (ASCII whitespace, punctuation, EOS): a word and the punctuation or
-  spaces after it form one patch. A byte >= 0x80 counts as a letter, so no UTF-8 character is cut.
+- `space`: after every space-like byte (ASCII whitespace, punctuation, EOS), as the BLT paper's space
+  patching: a word and the space or punctuation byte after it form one patch. A byte >= 0x80 counts
+  as a letter, so no UTF-8 character is cut.
 
-Every rule is causal (a start at t depends on bytes and entropies up to t only), so incremental
-generation finds the same boundaries as a whole block. A patch is at least `min_bytes` long (a start
+Every rule is causal in the sense the model needs: whether byte t starts a patch depends on the bytes
+before t and on entropies up to t (the entropy of byte t is the entropy model's prediction of it, made
+from the bytes before it), never on byte t itself. So the start flag of a byte is known before the
+byte exists: position t - 1 may read the patch that byte t closes, and generation finds the same
+boundaries as a whole block. A patch is at least `min_bytes` long (a start
 closer than that to the previous one is dropped), which bounds a block of T bytes to
 ceil(T / min_bytes) patches: the fixed patch count expert parallelism needs (every rank passes the
 same number of patches to an MoE layer) is that bound, the rest padding under a mask.
@@ -48,9 +52,8 @@ def raw_starts(ids: torch.Tensor, entropies: torch.Tensor | None, mode: str, *, 
     if mode == "static":
         starts = (torch.arange(t) % size == 0).expand(b, t).clone()
     elif mode == "space":
-        sl = space_like(ids)
         starts = torch.zeros(b, t, dtype=torch.bool)
-        starts[:, 1:] = sl[:, :-1] & ~sl[:, 1:]  # a word starts after space-like bytes
+        starts[:, 1:] = space_like(ids[:, :-1])
     else:
         if entropies is None:
             raise ValueError("entropy patching needs the entropy model's per-byte entropies")

@@ -234,7 +234,7 @@ class NeuraFlexServer:
         else:
             text = req.prompt
         ids = lm.tokenizer.encode(text).ids
-        out = {"count": len(ids), "max_model_len": lm.context, "tokens": ids}
+        out = {"count": len(ids), "max_model_len": lm.context, "tokens": ids, "token_unit": lm.token_unit}
         if req.return_token_strs:
             out["token_strs"] = [token_text(lm.tokenizer, i) for i in ids]
         return out
@@ -243,7 +243,7 @@ class NeuraFlexServer:
     async def detokenize(self, request: Request) -> dict[str, Any]:
         req = oai.parse(api_doc.DetokenizeRequest, await _json(request))
         lm = self._lm(req.model)
-        vocab = lm.engine.model.cfg.vocab_size
+        vocab = lm.engine.vocab_size
         bad = [t for t in req.tokens if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"tokens: ids must be in [0, {vocab}), got {bad[:5]}", "tokens")
@@ -252,7 +252,7 @@ class NeuraFlexServer:
     @app.get("/tokenizer_info")
     async def tokenizer_info(self, model: str | None = None) -> dict[str, Any]:
         lm = self._lm(model)
-        return {"model": lm.name, "tokenizer_class": "ByteLevelBPETokenizer (Hugging Face tokenizers)",
+        return {"model": lm.name, "tokenizer_class": lm.tokenizer_class, "token_unit": lm.token_unit,
                 "vocab_size": lm.tokenizer.get_vocab_size(), "model_max_length": lm.context,
                 "eos_token": EOS if lm.eos is not None else None, "bos_token": None,
                 "chat_template": oai.apply_chat_template([{"role": "user", "content": "{content}"}])}

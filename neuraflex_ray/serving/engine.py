@@ -74,6 +74,7 @@ class Sequence:
     stopped_low_confidence: bool = False
     spec_proposed: int = 0  # speculative decoding: draft tokens proposed for this request ...
     spec_accepted: int = 0  # ... and accepted by the target model
+    state: Any = None  # what an engine keeps per sequence beside its cache slot (the BLT: its generator)
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -101,33 +102,30 @@ class Sequence:
         self.cancelled = True  # read by the engine thread; a no-op once finished
 
 
-class LMEngine:
-    """Continuous batching over a fixed pool of `max_batch_size` KV-cache slots.
+class SlotEngine:
+    """What every engine shares: `max_batch_size` slots, the waiting queue, the engine thread, and how a
+    sampled token is emitted and a sequence retired. A subclass sets its model up, implements
+    `_prefill(seq)` (a new sequence's prompt -> its first token) and `_step()` (one token for every live
+    sequence), and calls `_start()` last."""
 
-    `max_batch_size=1` is the unbatched baseline (requests decode one after another);
-    `kv_cache=False` recomputes the whole sequence for every token (the benchmark's baseline).
-    """
+    speculator: Any = None  # serving/speculative.py: drafts k tokens, verifies them in one pass
+    adapters: Any = None  # serving/adapters.py: LoRA adapters chosen per request
+    kv_cache = True
+    batch_invariant = False
 
-    def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True,
-                 calibration_temperature: float = 1.0, speculator: Any = None, adapters: Any = None):
+    def __init__(self, max_batch_size: int, max_len: int, vocab_size: int, device: torch.device,
+                 calibration_temperature: float = 1.0):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if speculator is not None and not kv_cache:
-            raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
-        self.speculator = speculator  # serving/speculative.py: drafts k tokens, verifies them in one pass
-        self.adapters = adapters  # serving/adapters.py: LoRA adapters chosen per request
-        self.model = model.eval()
-        self.max_batch_size, self.kv_cache = max_batch_size, kv_cache
-        self.batch_invariant = batch_invariant and max_batch_size > 1  # one slot: nothing to vary with
-        self.device = model.tok_embeddings.weight.device
-        self.max_len = model.cfg.max_seq_len
+        self.max_batch_size, self.max_len, self.vocab_size, self.device = max_batch_size, max_len, vocab_size, device
         self.calibration_temperature = calibration_temperature  # fitted at export (eval/calibration.py)
-        self.caches = model.new_caches(max_batch_size) if kv_cache else None
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()
         self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0, "peak_batch": 0}
         self.error: BaseException | None = None  # set only if the loop itself died (health check)
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lm-engine", daemon=True)
         self._thread.start()
 
@@ -192,83 +190,23 @@ class LMEngine:
                 seq.generator = torch.Generator(device=self.device)
                 seed = seq.params.seed if seq.params.seed is not None else int.from_bytes(os.urandom(8), "little")
                 seq.generator.manual_seed(seed % 2**64)
-                ids = torch.tensor([seq.prompt], device=self.device)
-                with self.adapter(seq.params.adapter):
-                    if self.caches is not None:  # prefill alone, into this slot's rows of the cache
-                        logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
-                    else:
-                        logits, _ = self.model(ids)
-                if seq.params.prompt_scores:
-                    seq.prompt_scores = [None, *score(logits[0, :-1], ids[0, 1:], seq.params.n_top,
-                                                      self.calibration_temperature)]
-                if seq.params.max_tokens == 0:  # echo alone: the prompt's scores were the whole job
-                    self._retire(seq, "length")
-                    continue
-                self._take(seq, logits[0, -1])
+                self._prefill(seq)
             except Exception as e:  # noqa: BLE001 - reported to that request's stream
                 self._fail(seq, e)
 
+    def _prefill(self, seq: Sequence) -> None:
+        """Run a new sequence's prompt (its scores, when asked) and take its first token."""
+        raise NotImplementedError
+
     def _step(self) -> None:
-        live = [s for s in self.slots if s is not None]
-        if not live:
-            return
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(live))
-        if self.speculator is not None:  # each sequence drafts and verifies on its own (speculative.py)
-            for seq in live:
-                try:
-                    self.speculator.step(self, seq)
-                except Exception as e:  # noqa: BLE001 - that request fails, the others go on
-                    self._fail(seq, e)
-            self.stats["steps"] += 1
-            return
-        if self.caches is None:  # baseline: recompute every live sequence in full
-            for seq in live:
-                with self.adapter(seq.params.adapter):
-                    logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
-                self._take(seq, logits[0, -1])
-            return
-        if not self.batch_invariant:
-            live = self._compact()  # live rows first: the step computes rows [0, len(live)) only
-        rows = self.max_batch_size if self.batch_invariant else len(live)
-        groups: dict[str | None, list[Sequence]] = {}
-        for seq in live:  # one forward per adapter among the live requests (usually one: the base)
-            groups.setdefault(seq.params.adapter, []).append(seq)
-        for adapter, members in groups.items():
-            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
-            positions = torch.zeros(rows, dtype=torch.long, device=self.device)
-            for seq in live:
-                tokens[seq.slot, 0] = seq.out[-1]
-                positions[seq.slot] = len(seq.prompt) + len(seq.out) - 1
-                if seq.params.adapter != adapter:
-                    # Another adapter's row: its key/value go to the last cache column, which no query
-                    # reads before its own forward rewrites it (reads are masked to positions <= the query's).
-                    positions[seq.slot] = self.max_len - 1
-            with self.adapter(adapter), (batch_invariant_experts(self.model) if self.batch_invariant
-                                         else contextlib.nullcontext()):
-                logits, _ = self.model(tokens, self.caches, positions)
-            for seq in members:
-                try:
-                    self._take(seq, logits[seq.slot, -1])
-                except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
-                    self._fail(seq, e)
-        self.stats["steps"] += 1
+        """One token for every live sequence."""
+        raise NotImplementedError
 
     def adapter(self, name: str | None) -> Any:
         """The context in which the model reads request adapter `name`'s weights (None: the base's)."""
         if self.adapters is None or name is None:
             return contextlib.nullcontext()
         return self.adapters.active(name)
-
-    def _compact(self) -> list[Sequence]:
-        """Move live sequences (and their cache rows) down into free slots, keeping their order."""
-        with self.cond:
-            live = [s for s in self.slots if s is not None]
-            for new, seq in enumerate(live):
-                if seq.slot != new:  # new < seq.slot: the row copied over is free
-                    for c in self.caches:
-                        c.k[new], c.v[new] = c.k[seq.slot], c.v[seq.slot]
-                    self.slots[seq.slot], self.slots[new], seq.slot = None, seq, new
-            return live
 
     def _take(self, seq: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token of `seq` from its logits [V], emit it, and retire `seq` when done."""
@@ -321,6 +259,99 @@ class LMEngine:
         """A batched step failed: every live request gets the error; the engine goes on."""
         for seq in [s for s in self.slots if s is not None]:
             self._fail(seq, error)
+
+
+class LMEngine(SlotEngine):
+    """Continuous batching over a fixed pool of `max_batch_size` KV-cache slots.
+
+    `max_batch_size=1` is the unbatched baseline (requests decode one after another);
+    `kv_cache=False` recomputes the whole sequence for every token (the benchmark's baseline).
+    """
+
+    def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True,
+                 calibration_temperature: float = 1.0, speculator: Any = None, adapters: Any = None):
+        if speculator is not None and not kv_cache:
+            raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
+        super().__init__(max_batch_size, model.cfg.max_seq_len, model.cfg.vocab_size, model.tok_embeddings.weight.device,
+                         calibration_temperature)
+        self.speculator, self.adapters = speculator, adapters
+        self.model = model.eval()
+        self.kv_cache = kv_cache
+        self.batch_invariant = batch_invariant and max_batch_size > 1  # one slot: nothing to vary with
+        self.caches = model.new_caches(max_batch_size) if kv_cache else None
+        self._start()
+
+    def _prefill(self, seq: Sequence) -> None:
+        ids = torch.tensor([seq.prompt], device=self.device)
+        with self.adapter(seq.params.adapter):
+            if self.caches is not None:  # prefill alone, into this slot's rows of the cache
+                logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
+            else:
+                logits, _ = self.model(ids)
+        if seq.params.prompt_scores:
+            seq.prompt_scores = [None, *score(logits[0, :-1], ids[0, 1:], seq.params.n_top,
+                                              self.calibration_temperature)]
+        if seq.params.max_tokens == 0:  # echo alone: the prompt's scores were the whole job
+            self._retire(seq, "length")
+            return
+        self._take(seq, logits[0, -1])
+
+    def _step(self) -> None:
+        live = [s for s in self.slots if s is not None]
+        if not live:
+            return
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(live))
+        if self.speculator is not None:  # each sequence drafts and verifies on its own (speculative.py)
+            for seq in live:
+                try:
+                    self.speculator.step(self, seq)
+                except Exception as e:  # noqa: BLE001 - that request fails, the others go on
+                    self._fail(seq, e)
+            self.stats["steps"] += 1
+            return
+        if self.caches is None:  # baseline: recompute every live sequence in full
+            for seq in live:
+                with self.adapter(seq.params.adapter):
+                    logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
+                self._take(seq, logits[0, -1])
+            return
+        if not self.batch_invariant:
+            live = self._compact()  # live rows first: the step computes rows [0, len(live)) only
+        rows = self.max_batch_size if self.batch_invariant else len(live)
+        groups: dict[str | None, list[Sequence]] = {}
+        for seq in live:  # one forward per adapter among the live requests (usually one: the base)
+            groups.setdefault(seq.params.adapter, []).append(seq)
+        for adapter, members in groups.items():
+            tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+            positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+            for seq in live:
+                tokens[seq.slot, 0] = seq.out[-1]
+                positions[seq.slot] = len(seq.prompt) + len(seq.out) - 1
+                if seq.params.adapter != adapter:
+                    # Another adapter's row: its key/value go to the last cache column, which no query
+                    # reads before its own forward rewrites it (reads are masked to positions <= the query's).
+                    positions[seq.slot] = self.max_len - 1
+            with self.adapter(adapter), (batch_invariant_experts(self.model) if self.batch_invariant
+                                         else contextlib.nullcontext()):
+                logits, _ = self.model(tokens, self.caches, positions)
+            for seq in members:
+                try:
+                    self._take(seq, logits[seq.slot, -1])
+                except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
+                    self._fail(seq, e)
+        self.stats["steps"] += 1
+
+    def _compact(self) -> list[Sequence]:
+        """Move live sequences (and their cache rows) down into free slots, keeping their order."""
+        with self.cond:
+            live = [s for s in self.slots if s is not None]
+            for new, seq in enumerate(live):
+                if seq.slot != new:  # new < seq.slot: the row copied over is free
+                    for c in self.caches:
+                        c.k[new], c.v[new] = c.k[seq.slot], c.v[seq.slot]
+                    self.slots[seq.slot], self.slots[new], seq.slot = None, seq, new
+            return live
+
 
 
 class batch_invariant_experts:  # noqa: N801 - used as a context manager, reads like a function

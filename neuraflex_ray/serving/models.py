@@ -34,13 +34,15 @@ class LMModel:
     engine: LMEngine
     tokenizer: Any
     eos: int | None
+    tokenizer_class: str = "ByteLevelBPETokenizer (Hugging Face tokenizers)"
+    token_unit: str = "token"  # what one id is (the BLT's: a byte)
 
     @property
     def context(self) -> int:
         return self.engine.max_len
 
     def encode(self, prompt: str | list[int], field: str) -> list[int]:
-        vocab = self.engine.model.cfg.vocab_size
+        vocab = self.engine.vocab_size
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt).ids
         else:
@@ -121,7 +123,8 @@ def serves(path: str | Path) -> str:
     return export_family(path).serves
 
 
-def _device(device: str) -> str:
+def replica_device(device: str) -> str:
+    """The torch device a replica runs on: `auto` is its GPU when it has one."""
     return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
@@ -201,14 +204,14 @@ def load_series(name: str, path: Path, options: ServeOptions) -> NeuroModel:
     """A time-series foundation model behind /v1/neuro/embed and /forecast."""
     from neuraflex_ray.serving.neuro import NeuroPredictor
 
-    model, meta = load_exported(path, device=_device(options.device))
+    model, meta = load_exported(path, device=replica_device(options.device))
     return NeuroModel(name, path, meta, NeuroPredictor(model, meta))
 
 
 def load_lm(name: str, path: Path, options: ServeOptions) -> LMModel:
     """An LM behind the OpenAI routes: its continuous-batching engine, quantised, speculative and with
     adapters as `options` say."""
-    o, dev = options, _device(options.device)
+    o, dev = options, replica_device(options.device)
     model, meta = load_exported(path, device=dev)
     if dev.startswith("cuda"):
         _to_bf16(model)

@@ -121,9 +121,10 @@ def cmd_inspect(args: argparse.Namespace) -> dict:
 
 
 def cmd_generate(args: argparse.Namespace) -> dict:
-    from neuraflex_ray.serving.local import generate_text
+    from neuraflex_ray.checkpoint import export_family
 
-    text = generate_text(args.export, args.prompt, args.max_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    text = export_family(args.export).generate_text(Path(args.export), args.prompt, args.max_tokens, args.temperature,
+                                                    args.top_k, args.top_p, args.seed)
     return {"prompt": args.prompt, "completion": text}
 
 

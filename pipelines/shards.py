@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 
 from neuraflex_ray.atomic import write_json_atomic
@@ -70,3 +71,30 @@ def load_splits(output_dir: str, build_hint: str) -> tuple[ray.data.Dataset, ray
     train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
     val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])
     return train, val, manifest
+
+
+def column(batch: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """A fixed-length list column of a numpy batch as one 2-D array (our shards hold a fixed-shape tensor
+    column, already 2-D; a plain list column arrives as an object array of rows and is stacked)."""
+    col = batch[name]
+    return np.stack(col) if col.dtype == object else col
+
+
+def read_columns(out: str | Path, shards: list[str], names: tuple[str, ...], limit: int = 0) -> dict[str, np.ndarray]:
+    """Fixed-length list columns of a split's shards (manifest order) as 2-D arrays, read in this
+    process with pyarrow; `limit` > 0: the first `limit` rows only."""
+    import pyarrow.parquet as pq
+
+    parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    rows = 0
+    for shard in shards:
+        table = pq.read_table(Path(out) / shard, columns=list(names))
+        for n in names:
+            col = table.column(n).combine_chunks()
+            col = getattr(col, "storage", col)  # Ray's tensor extension type wraps a fixed-size list
+            width = len(col[0]) if len(col) else 0
+            parts[n].append(np.asarray(col.flatten().to_numpy(zero_copy_only=False)).reshape(len(col), width))
+        rows += table.num_rows
+        if limit and rows >= limit:
+            break
+    return {n: np.concatenate(p)[:limit or None] if p else np.zeros((0, 0)) for n, p in parts.items()}

@@ -35,7 +35,7 @@ import ray
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from neuraflex_ray.config import DataConfig
-from pipelines.shards import load_splits, rename_shards, reusable, swap_into_place
+from pipelines.shards import column, load_splits, rename_shards, reusable, swap_into_place
 from pipelines.text_sources import _cap_files, _file_documents, _filesystem, _InputFile, _list_inputs
 
 EOS = "<|endoftext|>"
@@ -177,8 +177,7 @@ def block_array(batch: dict[str, np.ndarray]) -> np.ndarray:
     Our shards hold a fixed-shape tensor column (already 2-D); a plain list column arrives as an
     object array of rows and is stacked.
     """
-    col = batch["tokens"]
-    return np.stack(col) if col.dtype == object else col
+    return column(batch, "tokens")
 
 
 def read_blocks(ds: ray.data.Dataset) -> np.ndarray:

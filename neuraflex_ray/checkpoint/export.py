@@ -56,7 +56,8 @@ def write_export(state: dict[str, torch.Tensor], cfg: Any, model_type: str, out_
         save_model(model, str(tmp / "model.safetensors"))
         meta = {"model_type": model_type, "model": dataclasses.asdict(cfg), **(metadata or {})}
         (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        for name, source in (files or {}).items():
+        for name, source in (files or {}).items():  # a name may hold a folder: entropy_model/config.json
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, tmp / name)
     return out
 

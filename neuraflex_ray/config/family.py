@@ -42,6 +42,7 @@ class Builtin:
 BUILTIN: dict[str, Builtin] = {
     "moe_lm": Builtin("neuraflex_ray.families.moe_lm:FAMILY", "moe", "moe_debug.yaml"),
     "neurofm": Builtin("neuraflex_ray.families.neurofm:FAMILY", "neurofm", "neurofm_debug.yaml"),
+    "blt": Builtin("neuraflex_ray.families.blt:FAMILY", "blt", "blt_debug.yaml"),
 }
 # A config without model_type, and files written before model_type was recorded in them (DeepSpeed
 # checkpoints without train_state.json, exports whose config.json lacks the key), are this family's.
@@ -65,7 +66,7 @@ class Family:
               beside a baseline fitted on the training split), after_training (what the quickstart
               does with a fresh export)
     serve:    serves ("openai": the completions and chat routes; "series": /v1/neuro/*), serve_name,
-              load_served
+              load_served, generate_text
     finetune: finetune_methods, lora_targets, finetune_config, fisher_samples
     """
 
@@ -143,6 +144,11 @@ class Family:
     # ---- serving ----------------------------------------------------------------------------
     def load_served(self, name: str, path: Path, options: Any) -> Any:
         raise self.unsupported("Serve deployment")
+
+    def generate_text(self, export_dir: Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+        """A completion of `prompt` in this process, without Serve (`neuraflex-ray generate`)."""
+        raise self.unsupported("text generation")
 
     # ---- fine-tuning ------------------------------------------------------------------------
     def finetune_config(self, cfg: Any, export: Path, meta: dict[str, Any]) -> Any:

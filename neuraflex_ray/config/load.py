@@ -98,7 +98,7 @@ def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tru
         flavour = raw.get("flavour", cls.flavour)
         if flavour not in flavours:
             raise ConfigError(f"{prefix}flavour: unknown flavour {flavour!r}; choose one of {sorted(flavours)}")
-        raw = {**flavours[flavour], **raw}
+        raw = _over(flavours[flavour], raw)
     if cls is JobConfig:  # an absent section still takes its model type's class
         raw.setdefault("model", {})
         raw.setdefault("data", {})
@@ -111,6 +111,15 @@ def build(cls: type, raw: dict[str, Any], prefix: str, apply_flavour: bool = Tru
         else:
             kwargs[name] = _check_type(value, types_[name], f"{prefix}{name}", apply_flavour)
     return cls(**kwargs)
+
+
+def _over(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` over `base`, nested mappings merged key by key: a flavour's nested section (the BLT's
+    `global_model`) keeps the keys the YAML does not set."""
+    out = dict(base)
+    for k, v in raw.items():
+        out[k] = _over(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def set_dotted(raw: dict[str, Any], key: str, value: Any) -> dict[str, Any]:

@@ -72,6 +72,21 @@ def heldout_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 3
     return total / count
 
 
+@torch.no_grad()
+def token_losses(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """float64 [n, L - 1]: the cross entropy (nats) of each predicted token of each block, dropless local path."""
+    import torch.nn.functional as F
+
+    model.eval()
+    out = []
+    for i in range(0, len(blocks), batch_size):
+        tokens = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
+        logits, _ = model(tokens[:, :-1])
+        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
+        out.append(ce.view(tokens.shape[0], -1).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0))
+
+
 def evaluate_lm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:
     """Held-out bits/byte of an LM export beside a bigram fitted on the training blocks."""
     from neuraflex_ray.checkpoint import load_exported

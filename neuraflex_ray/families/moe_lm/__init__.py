@@ -119,6 +119,12 @@ class MoELMFamily(Family):
 
         return load_lm(name, path, options)
 
+    def generate_text(self, export_dir: Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> str:
+        from neuraflex_ray.serving.local import generate_text
+
+        return generate_text(export_dir, prompt, max_new_tokens, temperature, top_k, top_p, seed)
+
     def finetune_config(self, cfg: JobConfig, export: Path, meta: dict[str, Any]) -> JobConfig:
         """The export's model; the new corpus is read with the export's tokenizer (or token ids would not match)."""
         import dataclasses

@@ -24,7 +24,7 @@ def sweep_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("config", ["tune_moe_debug.yaml", "tune_neurofm_debug.yaml"])
+@pytest.mark.parametrize("config", ["tune_moe_debug.yaml", "tune_neurofm_debug.yaml", "tune_blt_debug.yaml"])
 def test_shipped_sweeps_load(config):
     sweep = load_sweep(REPO / "jobs" / "configs" / config)
     assert sweep.cfg.space and sweep.base.train.num_workers == 1

@@ -7,8 +7,9 @@
 
 Causality: position t predicts byte t+1 from bytes <= t. A patch's global state depends on all its
 bytes, so position t may read patches that end at or before t: k(t) = patch of byte t+1, minus one.
-That needs the start flag at t+1, which entropy patching decides from the entropy of byte t+1's
-prediction: known before byte t+1 exists, so generation can follow the same rule.
+That needs the start flag at t+1, which every patching rule decides before byte t+1 exists (entropy
+patching from the entropy model's prediction of it; models/blt_patching.py), so generation follows
+the same rule (models/blt_generate.py).
 
 Every block of a batch is given `max_patches` patch slots (the patch count a block can reach under
 its patching rule); slots past a block's last patch are zero, masked out of every cross-attention,
@@ -23,15 +24,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from neuraflex_ray.config.blt import BLTConfig
 from neuraflex_ray.config.lm import ModelConfig
-from neuraflex_ray.models.blt_patching import N_IDS, max_patches
+from neuraflex_ray.models.blt_patching import N_IDS, max_patches, patch_starts
 from neuraflex_ray.models.moe import MoE, MoEStats
-from neuraflex_ray.models.moe_lm import Block, RMSNorm, rope_tables
+from neuraflex_ray.models.moe_lm import Block, KVCache, RMSNorm, rope_tables
 
 _NO_BYTE = N_IDS  # what an n-gram holds before a block's first byte
 
@@ -45,6 +47,15 @@ def local_config(cfg: BLTConfig, n_layers: int) -> ModelConfig:
 
 def patch_slots(cfg: BLTConfig, n_bytes: int) -> int:
     return max_patches(n_bytes, cfg.patching, size=max(1, round(cfg.patch_size)), min_bytes=cfg.min_patch_bytes)
+
+
+def starts_of(cfg: BLTConfig, blocks: np.ndarray, entropy: np.ndarray | None) -> torch.Tensor:
+    """bool [B, L]: where the config's patching rule starts patches in these blocks of raw byte ids
+    (`entropy`: the entropy model's [B, L] entropies; entropy patching needs them)."""
+    ids = torch.from_numpy(np.array(blocks, dtype=np.int64))  # copies: Ray's batches are read-only
+    h = torch.from_numpy(np.array(entropy, dtype=np.float32)) if entropy is not None else None
+    return patch_starts(ids, h, cfg.patching, threshold=cfg.threshold, size=max(1, round(cfg.patch_size)),
+                        monotonic=cfg.monotonic, min_bytes=cfg.min_patch_bytes)
 
 
 class HashedNgrams(nn.Module):
@@ -101,13 +112,15 @@ class GlobalTransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, p: torch.Tensor) -> tuple[torch.Tensor, list[MoEStats]]:
-        n = p.shape[1]
+    def forward(self, p: torch.Tensor, caches: list[KVCache] | None = None,
+                start: int = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+        """p [B, P, g] patch vectors at patch positions start.. (with `caches`: those before are cached)."""
+        n = start + p.shape[1]
         if n > self.cfg.max_seq_len:
             raise ValueError(f"{n} patch slots exceed model.global_model.max_seq_len={self.cfg.max_seq_len}")
-        cos, sin, stats = self.rope_cos[:n], self.rope_sin[:n], []
-        for layer in self.layers:
-            p, s = layer(p, cos, sin, None, 0)
+        cos, sin, stats = self.rope_cos[start:n], self.rope_sin[start:n], []
+        for i, layer in enumerate(self.layers):
+            p, s = layer(p, cos, sin, caches[i] if caches is not None else None, start)
             if s is not None:
                 stats.append(s)
         return self.norm(p), stats
@@ -190,3 +203,38 @@ def blt_loss(logits: torch.Tensor, targets: torch.Tensor, stats: list[MoEStats],
 
     parts = lm_loss(logits, targets, stats, cfg.global_model)
     return {"total": parts.total, "ce": parts.ce, "aux": parts.aux, "z": parts.z}
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP accounting (torchtitan's convention, as models/moe_lm.flops_per_token: a matmul of an m x k by a
+# k x n matrix is 2mkn forward, attention is counted in full, training is 3x forward)
+# ---------------------------------------------------------------------------------------------
+
+
+def forward_flops(cfg: BLTConfig, n_bytes: int, n_patches: int) -> dict[str, float]:
+    """Forward FLOPs of one block of `n_bytes` bytes whose global transformer runs over `n_patches`
+    patch vectors, by part. In training `n_patches` is the padded slot count (padding costs as much as
+    a patch); in inference, the real patches. Hashed n-gram embeddings are lookups: no FLOPs."""
+    from neuraflex_ray.models.moe_lm import param_counts
+
+    d, f, g, t, p = cfg.dim, cfg.local_ffn_dim, cfg.global_model.dim, n_bytes, n_patches
+    per_local_layer = t * (2 * (4 * d * d + 3 * d * f) + 4 * d * t)  # projections + attention over t bytes
+    gm = dataclasses.replace(cfg.global_model, vocab_size=0)  # no embedding or head in the global part
+    return {
+        "encoder": cfg.encoder_layers * per_local_layer,
+        "pooling": p * 2 * (d * g + 2 * g * g) + t * 2 * (2 * d * g) + 4 * p * t * g,
+        "global": p * (2 * param_counts(gm)["active"] + 4 * gm.n_layers * g * p),
+        "reading": t * 2 * (2 * d * d) + (p + 1) * 2 * (2 * g * d) + 4 * t * (p + 1) * d,
+        "decoder": cfg.decoder_layers * per_local_layer,
+        "head": t * 2 * d * N_IDS,
+    }
+
+
+def train_flops_per_block(cfg: BLTConfig, n_bytes: int) -> float:
+    """Training FLOPs of one block: 3 x forward, the global transformer over every padded patch slot."""
+    return 3 * sum(forward_flops(cfg, n_bytes, patch_slots(cfg, n_bytes)).values())
+
+
+def inference_flops_per_byte(cfg: BLTConfig, n_bytes: int, mean_patch_bytes: float) -> float:
+    """Forward FLOPs per byte of a context of `n_bytes`, at `mean_patch_bytes` bytes per patch (no padding)."""
+    return sum(forward_flops(cfg, n_bytes, max(1, round(n_bytes / mean_patch_bytes))).values()) / n_bytes

@@ -147,6 +147,8 @@ def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     for key in ("tokenizer", "cache_dir"):
         if getattr(d, key, ""):
             data[key] = resolve(getattr(d, key))
+    if getattr(d, "entropy_model", "") not in ("", "train"):  # the BLT's: an export path, or a stage
+        data["entropy_model"] = resolve(d.entropy_model)
     if getattr(d, "recordings", None):
         data["recordings"] = [{**dataclasses.asdict(r), "path": resolve(r.path),
                                "align_to": resolve(r.align_to) if r.align_to else ""} for r in d.recordings]

@@ -30,10 +30,10 @@ import ray
 from neuraflex_ray.config import DataConfig
 from neuraflex_ray.config.blt import ByteDataConfig
 from neuraflex_ray.families.blt.entropy import EntropyScorer, raw_bytes
-from pipelines.shards import load_splits, rename_shards, reusable, swap_into_place
+from pipelines.shards import load_splits, read_columns, rename_shards, reusable, swap_into_place
 from pipelines.text import block_array, build_text_dataset, load_tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: bytes per id in the manifest (bits per byte), the entropy model trained as a stage
 ENTROPY_ROWS = 64  # blocks per entropy batch (an actor scores one batch at a time)
 
 
@@ -45,12 +45,12 @@ def text_config(cfg: ByteDataConfig) -> DataConfig:
                       seed=cfg.seed)
 
 
-def _fingerprint(cfg: ByteDataConfig, text_manifest: dict[str, Any]) -> str:
+def _fingerprint(entropy_model: str, text_manifest: dict[str, Any]) -> str:
     entropy = None
-    if cfg.entropy_model:
+    if entropy_model:
         from neuraflex_ray.checkpoint import fingerprint
 
-        entropy = fingerprint(cfg.entropy_model)  # the weights, wherever the export was copied to
+        entropy = fingerprint(entropy_model)  # the weights, wherever the export was copied to
     state = {"format_version": FORMAT_VERSION, "text": text_manifest["source_fingerprint"], "entropy_model": entropy}
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
 
@@ -65,7 +65,13 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
     t0 = time.perf_counter()
     out = Path(cfg.output_dir).expanduser().resolve()
     text_manifest = build_text_dataset(text_config(cfg), force=force)
-    fingerprint = _fingerprint(cfg, text_manifest)
+    entropy_model = cfg.entropy_model
+    if entropy_model == "train":
+        from neuraflex_ray.families.blt.entropy_stage import trained_entropy_model
+
+        entropy_model = str(trained_entropy_model(cfg, text_manifest, force=force))
+    entropy_model = str(Path(entropy_model).expanduser().resolve()) if entropy_model else ""
+    fingerprint = _fingerprint(entropy_model, text_manifest)
     if not force and (old := reusable(out, fingerprint)) is not None:
         print(f"[data] reusing {out} (bytes and entropy model unchanged)", flush=True)
         return old
@@ -77,22 +83,25 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
         shards, mean_entropy = {}, {}
         for split, ds in (("train", text_train), ("val", text_val)):
             ds = ds.map_batches(_to_bytes, batch_format="numpy", fn_kwargs={"table": table})
-            if cfg.entropy_model:
+            if entropy_model:
                 ds = ds.map_batches(EntropyScorer, batch_format="numpy", batch_size=ENTROPY_ROWS,
                                     concurrency=cfg.entropy_actors, num_cpus=1,
-                                    fn_constructor_kwargs={"export": str(Path(cfg.entropy_model).resolve())})
+                                    fn_constructor_kwargs={"export": entropy_model})
             ds.write_parquet(str(tmp / split))
             shards[split] = rename_shards(tmp, split)
-            if cfg.entropy_model:
+            if entropy_model:
                 mean_entropy[split] = _mean_entropy(tmp, shards[split])
         manifest = {
             "format_version": FORMAT_VERSION,
             "fingerprint": fingerprint,
             "block_bytes": cfg.block_bytes,
             **{k: text_manifest[k] for k in ("source", "num_documents", "train_documents", "val_documents",
-                                             "train_blocks", "val_blocks", "train_bytes", "val_bytes")},
+                                             "train_blocks", "val_blocks", "train_bytes", "val_bytes",
+                                             "train_bytes_per_token", "val_bytes_per_token")},
             "text_dir": str(out / "text"),
-            "entropy_model": str(Path(cfg.entropy_model).resolve()) if cfg.entropy_model else "",
+            "entropy_model": entropy_model,
+            # The training checkpoint that export came from (recorded by `neuraflex-ray export` / the stage).
+            "entropy_checkpoint": _source_checkpoint(entropy_model),
             "mean_entropy": mean_entropy,
             "train_shards": shards["train"],
             "val_shards": shards["val"],
@@ -101,10 +110,16 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
         swap_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    scored = f", entropies from {cfg.entropy_model}" if cfg.entropy_model else ""
+    scored = f", entropies from {entropy_model}" if entropy_model else ""
     print(f"[data] wrote {manifest['train_blocks']} train / {manifest['val_blocks']} val byte blocks of "
           f"{cfg.block_bytes + 1}{scored} to {out} in {time.perf_counter() - t0:.1f}s", flush=True)
     return manifest
+
+
+def _source_checkpoint(export: str) -> str:
+    if not export:
+        return ""
+    return json.loads((Path(export) / "config.json").read_text()).get("source_checkpoint", "")
 
 
 def load_byte_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
@@ -112,12 +127,4 @@ def load_byte_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Data
 
 
 def _mean_entropy(root: Path, shards: list[str]) -> float:
-    import pyarrow.parquet as pq
-
-    total, count = 0.0, 0
-    for s in shards:
-        col = pq.read_table(root / s, columns=["entropy"]).column("entropy").combine_chunks()
-        col = getattr(col, "storage", col)  # Ray's tensor extension type wraps a list array
-        values = np.asarray(col.flatten().to_numpy(zero_copy_only=False), dtype=np.float64)
-        total, count = total + float(values.sum()), count + values.size
-    return total / max(1, count)
+    return float(read_columns(root, shards, ("entropy",))["entropy"].astype(np.float64).mean())

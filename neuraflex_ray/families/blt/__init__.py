@@ -12,7 +12,6 @@ Evaluation (`eval/blt.py`): held-out bits per byte beside a bigram fitted on the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +82,9 @@ class BLTFamily(Family):
     def export(self, checkpoint: Path, data_dir: Path, out_dir: Path, metadata: dict[str, Any]) -> Path:
         """The weights, and the entropy model whose entropies decided the patches (generation needs it)."""
         from neuraflex_ray.checkpoint import export_consolidated
+        from pipelines.shards import require_manifest
 
-        manifest = json.loads((data_dir / "manifest.json").read_text())
+        manifest = require_manifest(data_dir, "the BLT's job (its data section), or `neuraflex-ray data --config ...`")
         files = {}
         if manifest.get("entropy_model"):
             source = Path(manifest["entropy_model"])

@@ -84,6 +84,8 @@ def build_byte_dataset(cfg: ByteDataConfig, *, force: bool = False) -> dict[str,
         for split, ds in (("train", text_train), ("val", text_val)):
             ds = ds.map_batches(_to_bytes, batch_format="numpy", fn_kwargs={"table": table})
             if entropy_model:
+                # Blocks for every actor to score at once (order is kept: reads are ordered).
+                ds = ds.repartition(4 * cfg.entropy_actors)
                 ds = ds.map_batches(EntropyScorer, batch_format="numpy", batch_size=ENTROPY_ROWS,
                                     concurrency=cfg.entropy_actors, num_cpus=1,
                                     fn_constructor_kwargs={"export": entropy_model})

@@ -12,6 +12,9 @@ models/blt.forward_flops: matmuls and attention, 3x forward; padding patch slots
                  entropy model's training too (a tiny byte-level MoE, trained once per corpus)
     static       every 4 bytes          space    after every space-like byte
     entropy_6, static_6: the same at 6 bytes per patch (budget 1 only, unless --all-cells)
+    static_same_steps (budget 1): a diagnostic, not the measure: static patching for as many steps
+                 (bytes) as the entropy cell, so its FLOPs are lower; it separates what the entropy
+                 rule buys from what its padded slots and entropy model cost
 
 Held-out bits per byte of each is measured in one process on the same documents (>= 20 held out), with
 a per-document bootstrap interval, beside a bigram fitted on the training split. Robustness: 5% of the
@@ -284,6 +287,13 @@ def run(corpus: str, out: Path, budgets: list[float], all_cells: bool) -> dict[s
                 "train_flops": c.train.max_steps * p + s, "steps": c.train.max_steps})
             exports[f"{tag}_{name}"] = cfg.run_dir / "export"
             log(f"{tag} {name}: {row['blt'][name]['bpb']:.4f} bpb vs bpe {row['bpe']['bpb']:.4f}")
+        if b == budgets[0]:  # a diagnostic beside the measure: static patching trained on as many bytes as entropy's
+            steps = row["blt"]["entropy"]["steps"]
+            cfg = blt_config(corpus, out, "static", 4.0, steps, f"blt-static-same-steps-{tag}")
+            per_blt = cfg.train.micro_batch_size * cfg.train.num_workers * train_flops_per_block(cfg.model, cfg.data.block_bytes)
+            row["blt"]["static_same_steps"] = cached(cells_dir / f"{tag}_static_same_steps.json", lambda c=cfg, p=per_blt: {
+                **blt_eval(run_cell(c), Path(c.data.output_dir), entropy_infer), "train_flops": c.train.max_steps * p,
+                "steps": c.train.max_steps})
         result["budgets"].append(row)
     first = f"{budgets[0]:g}x"
     result["noise"] = cached(cells_dir / f"{first}_noise.json", lambda: noise(

@@ -147,14 +147,15 @@ def blt_eval(export: Path, data_dir: Path, entropy_flops_per_byte: float) -> dic
 
 
 def perturb(text: str, rate: float, rng: np.random.Generator) -> str:
-    """About `rate` x bytes edits: flip a letter's case, delete a character, or swap it with the next."""
+    """About `rate` x bytes edits: flip an ASCII letter's case, delete a character, or swap it with the next
+    (never longer in bytes: the block must still fit the entropy model's context)."""
     chars = list(text)
     for _ in range(max(1, round(rate * len(text.encode())))):
         if len(chars) < 2:
             break
         i = int(rng.integers(0, len(chars) - 1))
         op = int(rng.integers(0, 3))
-        if op == 0 and chars[i].isalpha():
+        if op == 0 and chars[i].isascii() and chars[i].isalpha():  # ASCII: a flip keeps the byte count
             chars[i] = chars[i].swapcase()
         elif op == 1:
             del chars[i]

@@ -28,7 +28,8 @@ def model_ids(tokenizer: Any) -> np.ndarray:
     """int64 [257]: a raw id (byte value, or EOS = 256) -> the byte-level tokenizer's id for it."""
     table = byte_level_chars()
     ids = [tokenizer.token_to_id(table[b]) for b in range(256)] + [tokenizer.token_to_id(EOS_TOKEN)]
-    if None in ids or len(set(ids)) != N_IDS:
+    # Entropies are taken over logits[..., :257]: the byte ids must be exactly 0..256 (in any order).
+    if None in ids or set(ids) != set(range(N_IDS)):
         raise ValueError(f"not a byte-level tokenizer (vocab {tokenizer.get_vocab_size()}): every byte must be one "
                          f"token; train the entropy model with data.vocab_size=257")
     return np.asarray(ids, dtype=np.int64)

@@ -126,7 +126,7 @@ class BLTModel(LMModel):
 
     def card(self) -> dict[str, Any]:
         cfg = self.engine.model.cfg
-        return {"model_type": self.meta["model_type"], "config": self.meta["model"], "context_length": cfg.max_seq_len,
+        return {"model_type": self.meta["model_type"], "config": self.meta["model"], "context_length": self.context,
                 "parameters": param_count(cfg), "tokenizer": {"unit": "byte", "vocab_size": N_IDS, "eos": EOS_TEXT},
                 "patching": {"mode": cfg.patching, "threshold": cfg.threshold, "mean_patch_bytes": cfg.mean_patch_bytes,
                              "entropy_model": self.meta.get("entropy_model") or None},

@@ -99,7 +99,8 @@ def test_export_reproduces_the_distributed_validation_loss_and_carries_its_entro
 
 def _compare_global_paths(config: dict) -> dict:
     """In a Ray Train worker: the BLT on the local dropless path vs the same weights with its global
-    transformer under DeepSpeed expert parallelism, in eval and in training mode."""
+    transformer under DeepSpeed expert parallelism, in eval and in training mode, with padded patch
+    slots (routed nowhere on either path)."""
     import ray.train
 
     from neuraflex_ray.models.blt import BLT
@@ -114,7 +115,9 @@ def _compare_global_paths(config: dict) -> dict:
     strategy = DeepSpeedStrategy(cfg)
     engine = strategy.setup(BLT(cfg.model))
     x = torch.randint(0, 256, (3, BLOCK + 1), generator=torch.Generator().manual_seed(10 + rank))
-    starts = patch_starts(x, None, "static", size=3)
+    x[:, ::4] = 32  # spaces: patches of 1-4 bytes, so every block has empty (padded) slots
+    starts = patch_starts(x, None, "space", min_bytes=cfg.model.min_patch_bytes)
+    assert int(starts[:, :-1].sum(1).max()) < BLOCK // cfg.model.min_patch_bytes  # some slots stay empty
     worst = []
     for training in (False, True):
         local.train(training)
@@ -133,8 +136,7 @@ def test_the_deepspeed_expert_parallel_path_equals_the_local_path(ray_session, t
     from ray.train.torch import TorchTrainer
 
     # capacity_factor = num_experts / top_k: room for every patch at every expert, nothing dropped.
-    cfg = job(tmp_path, "model.patching=static", "model.patch_size=3", "data.entropy_model=",
-              "model.global_model.capacity_factor=2.0")
+    cfg = job(tmp_path, "model.patching=space", "data.entropy_model=", "model.global_model.capacity_factor=2.0")
     result = TorchTrainer(_compare_global_paths, train_loop_config=cfg.to_dict(),
                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
     out = result.return_value

@@ -52,6 +52,27 @@ def test_padded_patch_slots_change_nothing(model):
     torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("router", ["softmax_topk", "sinkhorn"])
+def test_padded_patch_slots_are_routed_nowhere(router):
+    """In training, too: the router losses and expert loads count real patches only, however many empty
+    slots follow them (padding would otherwise tune load balancing and, under expert parallelism, take
+    expert capacity)."""
+    cfg = tiny()
+    cfg.global_model.router = router
+    torch.manual_seed(0)
+    m = BLT(cfg).train()
+    x, starts = batch(3)
+    a, sa = m(x[:, :-1], starts)
+    b, sb = m(x[:, :-1], starts, n_slots=patch_slots(cfg, T) + 8)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    for s, t in zip(sa, sb, strict=True):
+        torch.testing.assert_close(s.aux_loss, t.aux_loss, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s.expert_fraction, t.expert_fraction, rtol=0, atol=0)
+    n_real = int(starts[:, :-1].sum())
+    assert float(sa[0].expert_fraction.sum()) == pytest.approx(1.0)
+    assert sa[0].expert_fraction.mul(n_real * cfg.global_model.top_k).round().sum() == n_real * cfg.global_model.top_k
+
+
 def test_more_patches_than_slots_is_an_error_naming_the_setting(model):
     x = torch.randint(0, 257, (1, T))
     every_byte = torch.ones(1, T + 1, dtype=torch.bool)

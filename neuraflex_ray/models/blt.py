@@ -13,8 +13,9 @@ the same rule (models/blt_generate.py).
 
 Every block of a batch is given `max_patches` patch slots (the patch count a block can reach under
 its patching rule); slots past a block's last patch are zero, masked out of every cross-attention,
-and sit after the real patches, so the causal global transformer never lets them reach a real one.
-That fixed count is what expert parallelism needs: every rank passes the same number of patches.
+sit after the real patches (the causal global transformer never lets them reach a real one), and
+are routed to no expert (no capacity, no part in the router losses). That fixed count is what
+expert parallelism needs: every rank passes the same number of patches to the all-to-all.
 Nothing here knows of process groups: `global_layers` has the `.layers`/`.cfg` shape that
 `parallel/deepspeed_moe.parallelize_deepspeed` lays out for expert parallelism.
 """
@@ -112,15 +113,16 @@ class GlobalTransformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def forward(self, p: torch.Tensor, caches: list[KVCache] | None = None,
-                start: int = 0) -> tuple[torch.Tensor, list[MoEStats]]:
-        """p [B, P, g] patch vectors at patch positions start.. (with `caches`: those before are cached)."""
+    def forward(self, p: torch.Tensor, caches: list[KVCache] | None = None, start: int = 0,
+                valid: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
+        """p [B, P, g] patch vectors at patch positions start.. (with `caches`: those before are cached);
+        `valid` [B, P]: the slots that hold a patch (the MoE layers route only those)."""
         n = start + p.shape[1]
         if n > self.cfg.max_seq_len:
             raise ValueError(f"{n} patch slots exceed model.global_model.max_seq_len={self.cfg.max_seq_len}")
         cos, sin, stats = self.rope_cos[start:n], self.rope_sin[start:n], []
         for i, layer in enumerate(self.layers):
-            p, s = layer(p, cos, sin, caches[i] if caches is not None else None, start)
+            p, s = layer(p, cos, sin, caches[i] if caches is not None else None, start, valid)
             if s is not None:
                 stats.append(s)
         return self.norm(p), stats
@@ -186,7 +188,7 @@ class BLT(nn.Module):
         query = self.pool_in(pooled)
         mask = member | ~real[..., None]  # an empty slot attends to everything, then is zeroed
         p = torch.where(real[..., None], query + self.pool(query, h, mask), torch.zeros_like(query))
-        g, stats = self.global_layers(p)
+        g, stats = self.global_layers(p, valid=real)
         # Reading: position t sees the start state and the patches that end at or before byte t.
         latest = pid[:, 1:] - 1  # [B, T]: the last complete patch for position t (-1: none yet)
         keys = torch.cat([self.start.expand(b, 1, -1), g], dim=1)  # slot 0: start; slot j + 1: patch j

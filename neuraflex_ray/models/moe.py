@@ -162,9 +162,15 @@ class MoE(nn.Module):
         nn.init.normal_(self.w3, std=std)
         nn.init.normal_(self.w2, std=out_std)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """x [..., d] -> (output [..., d], routing statistics). `valid` (bool, x's shape less d): rows that
+        hold a token; the others (padding) are not routed, take no part in the statistics, and get 0."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
+        if valid is not None:
+            rows = valid.reshape(-1).nonzero().squeeze(1)
+            y, stats = self.forward(x.index_select(0, rows))
+            return y.new_zeros(x.shape[0], y.shape[-1]).index_copy(0, rows, y).reshape(shape), stats
         r = self.route(x)
         y = self.experts_forward(x, r)
         if self.shared is not None:

@@ -141,9 +141,10 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.dim, ffn_width(cfg, layer_id))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                start_pos: int | torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
+                start_pos: int | torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """`valid` [B, T] (bool): positions that hold a token; an MoE layer routes only those (padding)."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
-        h = self.ffn(self.ffn_norm(x))
+        h = self.ffn(self.ffn_norm(x), valid) if self.is_moe and valid is not None else self.ffn(self.ffn_norm(x))
         stats = None
         if self.is_moe:
             h, stats = h

@@ -65,11 +65,14 @@ class Expert(nn.Module):
         return y.new_zeros(flat.shape[0], y.shape[-1]).index_copy(0, used, y).view(*x.shape[:-1], -1)
 
 
-def capacity_slots(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+def capacity_slots(experts: torch.Tensor, num_experts: int, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Each assignment's slot in its expert's buffer, [k, N]: first choices take the first slots in
-    token order, then second choices, and so on (GShard's order, as DeepSpeed's top-2 gate)."""
+    token order, then second choices, and so on (GShard's order, as DeepSpeed's top-2 gate). Rows
+    not `valid` (padding) take no slot (theirs are meaningless: they are never dispatched)."""
     k, n = experts.shape[1], experts.shape[0]
     one_hot = F.one_hot(experts.t().reshape(-1), num_experts)  # [k*N, E], rank-major
+    if valid is not None:
+        one_hot = one_hot * valid.reshape(1, n, 1).expand(k, n, 1).reshape(-1, 1).to(one_hot.dtype)
     slots = (one_hot.cumsum(0) - 1).gather(1, experts.t().reshape(-1, 1))
     return slots.view(k, n)
 
@@ -97,8 +100,16 @@ def _route_gate_class() -> type:
             logits = F.linear(input.float(), self.wg.weight.float())
             r = route(logits, self.k, self.router, self.balance_bias, self.training, self.sinkhorn_iters)
             n, e = logits.shape
-            counts = torch.bincount(r.experts.flatten(), minlength=e)
-            slots = capacity_slots(r.experts, e)
+            # Padding rows (used_token 0: the BLT's empty patch slots) are routed nowhere and count nowhere.
+            valid = used_token.reshape(-1).bool() if used_token is not None else None
+            if valid is not None:
+                r_valid = Routing(r.logits[valid], r.probs[valid], r.weights[valid], r.experts[valid])
+                if self.router == "sinkhorn" and self.training:  # the plan couples tokens: plan over real ones
+                    r_valid = route(logits[valid], self.k, self.router, self.balance_bias, True, self.sinkhorn_iters)
+                    r = Routing(r.logits, r.probs, r.weights.index_put((valid,), r_valid.weights),
+                                r.experts.index_put((valid,), r_valid.experts))
+            counts = torch.bincount((r_valid if valid is not None else r).experts.flatten(), minlength=e)
+            slots = capacity_slots(r.experts, e, valid)
             if self.drop_tokens and self.training:
                 # DeepSpeed's _capacity(): ceil(N / E * cf * k) in float32, at least min_capacity.
                 per_expert = torch.tensor(n / e, dtype=torch.float32)
@@ -112,11 +123,13 @@ def _route_gate_class() -> type:
                 capacity = int(top)
                 self.last_capacity = None
             kept = slots < capacity  # [k, N]
+            if valid is not None:
+                kept = kept & valid[None, :]
             gates = r.weights.t() * kept
             if self.k > 1 and not bool(kept.all()):  # a token that lost a route shares its weight among the rest
                 gates = gates / gates.sum(0, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
             indices = torch.where(kept, r.experts.t(), -1).to(torch.int32)
-            self.last_routing = r
+            self.last_routing = r_valid if valid is not None else r
             return (logits.new_zeros(()), capacity, e, indices, (slots * kept).to(torch.int32), gates,
                     counts.detach())
 
@@ -160,16 +173,20 @@ class DeepSpeedMoE(nn.Module):
     def gate_weight(self) -> torch.Tensor:
         return self.ds.deepspeed_moe.gate.wg.weight
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats]:
+        """As `MoE.forward`; `valid` rows stay in the all-to-all's shapes (every rank passes the same token
+        count) but padding is dispatched nowhere."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         gate = self.ds.deepspeed_moe.gate
         # Evaluation is dropless: the gate then sizes capacity to the busiest expert (an all-reduce
         # over the EP group, which is why every rank must run the eval forward).
         gate.drop_tokens = self.drop_tokens and self.training
-        y, _, _ = self.ds(x)
+        y, _, _ = self.ds(x, valid.reshape(-1) if valid is not None else None)
         if self.shared is not None:
             y = y + self.shared(x)
+        if valid is not None:  # as the local path: padding rows get nothing from the layer
+            y = y * valid.reshape(-1, 1).to(y.dtype)
         return y.reshape(shape), moe_stats(gate.last_routing, gate.last_capacity)
 
 

@@ -109,7 +109,9 @@ class BLTFamily(Family):
         print(f"[eval] held-out bits/byte {ev['val_bits_per_byte']:.4f} (95% CI {lo:.4f}-{hi:.4f} over "
               f"{ev['val_documents']} documents) vs bigram {ev['bigram_bits_per_byte']:.4f}; "
               f"{ev['mean_patch_bytes_val']:.2f} bytes per patch", flush=True)
-        completion = self.generate_text(export_dir, prompt, 96, temperature=0.7, top_k=50, seed=cfg.train.seed)
+        # 96 bytes, or what the context leaves after the prompt and the <|endoftext|> it continues from.
+        n = max(1, min(96, cfg.data.block_bytes - len(prompt.encode()) - 1))
+        completion = self.generate_text(export_dir, prompt, n, temperature=0.7, top_k=50, seed=cfg.train.seed)
         print(f"[generate] {prompt!r} -> {completion!r}", flush=True)
         manifest = result["manifest"]
         return {
@@ -122,7 +124,7 @@ class BLTFamily(Family):
             "export": {"path": str(export_dir)},
             "generate": {"prompt": prompt, "completion": completion, "temperature": 0.7, "top_k": 50,
                          "seed": cfg.train.seed},
-            "serve": serve_and_call(export_dir, prompt, max_tokens=96, seed=cfg.train.seed),
+            "serve": serve_and_call(export_dir, prompt, max_tokens=n, seed=cfg.train.seed),
         }
 
     # ---- serving ----------------------------------------------------------------------------

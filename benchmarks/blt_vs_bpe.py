@@ -124,15 +124,15 @@ def bpe_eval(export: Path, data_dir: Path) -> dict[str, Any]:
 
 
 def blt_eval(export: Path, data_dir: Path, entropy_flops_per_byte: float) -> dict[str, Any]:
+    from neuraflex_ray.checkpoint import read_export_meta
+    from neuraflex_ray.config import JobConfig
     from neuraflex_ray.eval.blt import evaluate_blt_export
     from neuraflex_ray.families.blt.accounting import param_count
     from neuraflex_ray.models.blt import inference_flops_per_byte
 
     ev = evaluate_blt_export(export, data_dir)
-    from neuraflex_ray.checkpoint import load_exported
-
-    model, meta = load_exported(export)
-    cfg, block = model.cfg, meta["data"]["block_bytes"]
+    meta = read_export_meta(export)  # the config, not the weights a second time
+    cfg, block = JobConfig.from_dict({"model_type": "blt", "model": meta["model"]}).model, meta["data"]["block_bytes"]
     infer = inference_flops_per_byte(cfg, block, ev["mean_patch_bytes_val"])
     counts = param_count(cfg)
     return {"bpb": ev["val_bits_per_byte"], "bpb_ci95": ev["val_bits_per_byte_ci95"],

@@ -14,25 +14,17 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neuraflex_ray.eval.bootstrap import ratio_interval, target_documents
-from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte
+from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte, position_losses
 from neuraflex_ray.models.blt import starts_of
 from neuraflex_ray.models.blt_patching import EOS, N_IDS, mean_patch_bytes
 
 
-@torch.no_grad()
 def byte_losses(model: torch.nn.Module, blocks: np.ndarray, starts: torch.Tensor, batch_size: int = 16) -> np.ndarray:
     """float64 [n, L - 1]: the model's cross entropy (nats) of bytes 1..L-1 of each block of raw ids [n, L]."""
     model.eval()
-    out = []
-    for i in range(0, len(blocks), batch_size):
-        x = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
-        logits, _ = model(x[:, :-1], starts[i:i + batch_size])
-        ce = F.cross_entropy(logits.float().reshape(-1, N_IDS), x[:, 1:].reshape(-1), reduction="none")
-        out.append(ce.view(x.shape[0], -1).double().numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0))
+    return position_losses(lambda x, rows: model(x, starts[rows])[0], blocks, batch_size)
 
 
 def evaluate_blt_export(export_dir: str | Path, data_dir: str | Path, limit: int = 0) -> dict[str, Any]:
@@ -41,7 +33,7 @@ def evaluate_blt_export(export_dir: str | Path, data_dir: str | Path, limit: int
     from neuraflex_ray.checkpoint import load_exported
     from pipelines.shards import read_columns, require_manifest
 
-    model, meta = load_exported(export_dir)
+    model, _ = load_exported(export_dir)
     manifest = require_manifest(Path(data_dir), "build_byte_dataset (`neuraflex-ray data`)")
     cfg = model.cfg
     entropy = cfg.patching == "entropy"
@@ -52,13 +44,14 @@ def evaluate_blt_export(export_dir: str | Path, data_dir: str | Path, limit: int
     nats = byte_losses(model, blocks, starts)
     per_id = manifest["val_bytes_per_token"]
     loss = float(nats.mean())
-    lo, hi = ratio_interval(nats / math.log(2), np.full(nats.shape, per_id), target_documents(blocks, EOS))
+    docs = target_documents(blocks, EOS)
+    lo, hi = ratio_interval(nats / math.log(2), np.full(nats.shape, per_id), docs)
     return {
         "val_loss": loss,
         "val_bits_per_byte": bits_per_byte(loss, per_id),
         "val_bits_per_byte_ci95": [lo, hi],
         "bigram_bits_per_byte": bigram_bits_per_byte(train, blocks, N_IDS, per_id),
-        "val_documents": int(target_documents(blocks, EOS).max()) + 1,
+        "val_documents": int(docs.max()) + 1,
         "val_bytes": int(nats.size),
         "patching": cfg.patching,
         "mean_patch_bytes_train": cfg.mean_patch_bytes,

@@ -9,6 +9,7 @@ training blocks only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -73,18 +74,25 @@ def heldout_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 3
 
 
 @torch.no_grad()
-def token_losses(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 32) -> np.ndarray:
-    """float64 [n, L - 1]: the cross entropy (nats) of each predicted token of each block, dropless local path."""
+def position_losses(logits_of: Callable[[torch.Tensor, slice], torch.Tensor], blocks: np.ndarray,
+                    batch_size: int) -> np.ndarray:
+    """float64 [n, L - 1]: the cross entropy (nats) of ids 1..L-1 of each block [n, L]; `logits_of(inputs,
+    rows)` is the model on inputs [b, L - 1], the blocks `rows` of `blocks`."""
     import torch.nn.functional as F
 
-    model.eval()
     out = []
     for i in range(0, len(blocks), batch_size):
-        tokens = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
-        logits, _ = model(tokens[:, :-1])
-        ce = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), reduction="none")
-        out.append(ce.view(tokens.shape[0], -1).double().numpy())
+        ids = torch.from_numpy(np.asarray(blocks[i:i + batch_size], dtype=np.int64))
+        logits = logits_of(ids[:, :-1], slice(i, i + batch_size))
+        ce = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+        out.append(ce.view(ids.shape[0], -1).double().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0))
+
+
+def token_losses(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    """float64 [n, L - 1]: the cross entropy (nats) of each predicted token of each block, dropless local path."""
+    model.eval()
+    return position_losses(lambda x, rows: model(x)[0], blocks, batch_size)
 
 
 def evaluate_lm_export(export_dir: str | Path, data_dir: str | Path) -> dict[str, Any]:

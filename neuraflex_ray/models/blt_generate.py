@@ -22,10 +22,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from neuraflex_ray.models.blt import BLT, patch_slots
-from neuraflex_ray.models.blt_patching import EOS, N_IDS, raw_starts
+from neuraflex_ray.models.blt_patching import EOS, next_byte_entropy, raw_starts
 from neuraflex_ray.models.moe_lm import KVCache, MoELM, sample_next
 
 
@@ -53,8 +52,7 @@ class CachedEntropy:
         ids = torch.tensor([[int(self.to_model[raw])]], device=self.model.output.weight.device)
         logits, _ = self.model(ids, self.caches, self.pos)
         self.pos += 1
-        logp = F.log_softmax(logits[0, -1, :N_IDS].float(), dim=-1)
-        return float(-(logp.exp() * logp).sum())
+        return float(next_byte_entropy(logits[0, -1]))
 
 
 class BLTGenerator:

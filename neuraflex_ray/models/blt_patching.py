@@ -38,6 +38,13 @@ for _b in range(128):
 _SPACE_LIKE[EOS] = True
 
 
+def next_byte_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (nats) of a byte-level LM's prediction, over the 257 byte ids only (a model's padded
+    vocabulary rows are left out): what entropy patching compares with its threshold. logits [..., V]."""
+    logp = torch.log_softmax(logits[..., :N_IDS].float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def space_like(ids: torch.Tensor) -> torch.Tensor:
     """Whether each id ends a word: ASCII whitespace or punctuation, or EOS."""
     return torch.from_numpy(_SPACE_LIKE)[ids.long()]

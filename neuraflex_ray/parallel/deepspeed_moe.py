@@ -102,13 +102,14 @@ def _route_gate_class() -> type:
             n, e = logits.shape
             # Padding rows (used_token 0: the BLT's empty patch slots) are routed nowhere and count nowhere.
             valid = used_token.reshape(-1).bool() if used_token is not None else None
+            counted = r  # the routes of real tokens: the statistics and the loads
             if valid is not None:
-                r_valid = Routing(r.logits[valid], r.probs[valid], r.weights[valid], r.experts[valid])
+                counted = Routing(r.logits[valid], r.probs[valid], r.weights[valid], r.experts[valid])
                 if self.router == "sinkhorn" and self.training:  # the plan couples tokens: plan over real ones
-                    r_valid = route(logits[valid], self.k, self.router, self.balance_bias, True, self.sinkhorn_iters)
-                    r = Routing(r.logits, r.probs, r.weights.index_put((valid,), r_valid.weights),
-                                r.experts.index_put((valid,), r_valid.experts))
-            counts = torch.bincount((r_valid if valid is not None else r).experts.flatten(), minlength=e)
+                    counted = route(logits[valid], self.k, self.router, self.balance_bias, True, self.sinkhorn_iters)
+                    r = Routing(r.logits, r.probs, r.weights.index_put((valid,), counted.weights),
+                                r.experts.index_put((valid,), counted.experts))
+            counts = torch.bincount(counted.experts.flatten(), minlength=e)
             slots = capacity_slots(r.experts, e, valid)
             if self.drop_tokens and self.training:
                 # DeepSpeed's _capacity(): ceil(N / E * cf * k) in float32, at least min_capacity.
@@ -129,7 +130,7 @@ def _route_gate_class() -> type:
             if self.k > 1 and not bool(kept.all()):  # a token that lost a route shares its weight among the rest
                 gates = gates / gates.sum(0, keepdim=True).clamp_min(torch.finfo(gates.dtype).eps)
             indices = torch.where(kept, r.experts.t(), -1).to(torch.int32)
-            self.last_routing = r_valid if valid is not None else r
+            self.last_routing = counted
             return (logits.new_zeros(()), capacity, e, indices, (slots * kept).to(torch.int32), gates,
                     counts.detach())
 

@@ -353,7 +353,6 @@ class LMEngine(SlotEngine):
             return live
 
 
-
 class batch_invariant_experts:  # noqa: N801 - used as a context manager, reads like a function
     """Run every MoE layer of `model` in its batch-invariant mode inside the block."""
 

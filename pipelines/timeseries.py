@@ -39,7 +39,8 @@ import pyarrow.parquet as pq
 import ray
 
 from neuraflex_ray.config import SeriesDataConfig
-from pipelines.neuro_sources import BadRecording, Source, recording_source, sample_sources
+from pipelines.neuro_samples import sample_sources
+from pipelines.neuro_sources import BadRecording, Source, recording_source
 from pipelines.series_prep import plan_layout, prepare_session
 from pipelines.shards import load_splits, rename_shards, require_manifest, reusable, swap_into_place
 

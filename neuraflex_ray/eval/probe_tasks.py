@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from neuraflex_ray.config import ConfigError, ModalitySpec, SeriesDataConfig
-from pipelines.neuro_sources import PACKAGES, fetch_package, sample_sources
+from pipelines.neuro_samples import PACKAGES, fetch_package, sample_sources
 from pipelines.series_prep import MAX_DENOMINATOR, plan_layout, prepare_session
 
 SESSION = "systole_task1"  # the session name sample_sources("systole") gives

@@ -132,8 +132,8 @@ def test_results_table_in_csv_and_parquet(sweep):
     d = Path(sweep["summary"]["dir"])
     csv, parquet = pd.read_csv(d / "results.csv"), pd.read_parquet(d / "results.parquet")
     assert len(csv) == len(parquet) == TRIALS
-    for col in ("trial_id", "status", "config/train.lr", "config/model.router", "val_loss", "best_val_loss", "steps",
-                "time_s", "cpu_s", "checkpoint", "error"):
+    for col in ("trial_id", "status", "config/train.lr", "config/model.router", "val_loss", "best_val_loss",
+                "val_bits_per_byte", "steps", "time_s", "cpu_s", "checkpoint", "error"):  # every val_* the family reports
         assert col in parquet.columns, col
     assert set(parquet["config/model.router"]) <= {"softmax_topk", "aux_free", "sinkhorn"}
     assert list(csv.trial_id) == list(parquet.trial_id)
@@ -149,6 +149,11 @@ def test_optuna_storage_holds_every_trial(sweep):
     assert study.trials[0].params == {"train.lr": 1e30, "model.router": "softmax_topk"}  # the point to evaluate came first
     best = study.best_trial
     assert best.value == pytest.approx(sweep["summary"]["best"]["val_loss"])
+    # What each run measured rides along as user attributes, pruned trials included (not the failed one:
+    # it never reported), so the dashboard can plot a searched value against any of them.
+    assert best.user_attrs["val_bits_per_byte"] > 0 and best.user_attrs["step"] == STEPS
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert all(0 < t.user_attrs["step"] < STEPS and "val_loss" in t.user_attrs for t in pruned)
 
 
 def test_tensorboard_has_every_trial_under_one_directory(sweep):

@@ -32,8 +32,11 @@ def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
     better = min if c.mode == "min" else max
     from ray.tune import ExperimentAnalysis
 
+    from neuraflex_ray.train.task import reported_metrics
+
     # A trial restored from disk by --resume may come back without its config: take it from the state.
     configs = {t.trial_id: t.config for t in ExperimentAnalysis(str(sweep.dir / "tune")).trials}
+    reported = [k for k in reported_metrics(sweep.base.model_type) if k.startswith("val_")]
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -49,7 +52,7 @@ def results_table(sweep: Sweep, grid: Any) -> list[dict[str, Any]]:
             **{f"config/{k}": config.get(k) for k in c.space},
             c.metric: m.get(c.metric, math.nan),
             f"best_{c.metric}": better(values) if values else math.nan,
-            "val_loss": m.get("val_loss", math.nan),
+            **{k: m.get(k, math.nan) for k in reported if k != c.metric},  # every val_* the family reports
             "train_loss": m.get("train_loss", math.nan),
             "steps": step,
             "reports": int(m.get("training_iteration", 0) or 0),

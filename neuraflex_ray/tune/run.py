@@ -23,6 +23,7 @@ forwarded to Tune. Everything a sweep writes lives under <output_dir>/<name>:
 from __future__ import annotations
 
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,14 @@ def _search(sweep: Sweep) -> Any:
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             stopped = result is not None and result.get("step", max_steps) < max_steps
+            if result and trial_id in self._ot_trials:
+                # Every validation metric the family reports (a BLT's measured mean patch size beside
+                # its bits per byte), kept as user attributes: the dashboard plots a searched value
+                # against what the run measured, pruned trials included.
+                for key, value in result.items():
+                    if (key.startswith("val_") or key == "step") and isinstance(value, int | float) \
+                            and math.isfinite(value):
+                        self._ot_trials[trial_id].set_user_attr(key, float(value))
             super().on_trial_complete(trial_id, None if error or stopped else result, error)
 
     c = sweep.cfg

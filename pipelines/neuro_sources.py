@@ -11,8 +11,11 @@ problem and the fix.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
+import gzip
 import os
+from datetime import datetime
 from pathlib import Path
 
 import h5py
@@ -21,6 +24,7 @@ import pyarrow.parquet as pq
 import pyedflib
 
 from neuraflex_ray.config import ModalitySpec, RecordingSpec
+from pipelines.fnirs import read_fnirs_netcdf
 
 
 class BadRecording(ValueError):
@@ -55,10 +59,12 @@ class Source:
     name: str
     path: str
     modality: str
-    reader: str  # edf | hdf5 | npy | npz | parquet | fmri_csv | spike_times
+    reader: str  # edf | hdf5 | npy | npz | parquet | text | fnirs_netcdf | fmri_csv | spike_times
     rate: float = 0.0  # Hz; 0: from the file
     channels: tuple[str, ...] = ()  # expected (or, with `select`, given) channel names; empty: from the file
-    select: tuple[str, ...] = ()  # hdf5 PLUX: raw channel keys to keep, e.g. "channel_5" or "<mac>/raw/channel_1"
+    select: tuple[str, ...] = ()  # hdf5 PLUX: raw channel keys to keep, e.g. "channel_5" or "<mac>/raw/channel_1";
+    # text: columns to keep, by header name or (no header) by 0-based index
+    time_column: str = ""  # text: a column of time stamps (seconds or ISO date-times); the rate is measured from it
     start_s: float = 0.0
     align_to: str = ""
     max_lag_s: float = 0.0
@@ -70,7 +76,7 @@ class Source:
 # --------------------------------------------------------------------------------------------
 
 READERS = {".edf": "edf", ".bdf": "edf", ".h5": "hdf5", ".hdf5": "hdf5", ".npy": "npy", ".npz": "npz",
-           ".parquet": "parquet"}
+           ".parquet": "parquet", ".csv": "text", ".tsv": "text", ".txt": "text"}
 
 
 def recording_source(spec: RecordingSpec, index: int) -> Source:
@@ -80,7 +86,7 @@ def recording_source(spec: RecordingSpec, index: int) -> Source:
     reader = READERS.get(Path(path).suffix.lower(), "")
     if not reader:
         raise BadRecording(f"{what}: {path}: unknown file type {Path(path).suffix!r}; "
-                           f"use one of {sorted(READERS)} (EDF, HDF5, NPY/NPZ, Parquet)")
+                           f"use one of {sorted(READERS)} (EDF, HDF5, NPY/NPZ, Parquet, delimited text)")
     return Source(session=spec.session or Path(path).stem, name=Path(path).stem, path=path, modality=spec.modality,
                   reader=reader, rate=spec.rate, channels=tuple(spec.channels), start_s=spec.start_s, what=what,
                   align_to=Path(spec.align_to).stem if spec.align_to else "", max_lag_s=spec.max_lag_s)
@@ -260,6 +266,58 @@ def _read_parquet(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, floa
     return data, src.rate, _names(src, len(wanted), wanted)
 
 
+def _read_text(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, float, list[str]]:
+    """A delimited text table (tab, comma or spaces; .bz2/.gz compressed too), one row per sample. A
+    first line that is not numbers is the header; `select` picks columns by name or 0-based index.
+    With `time_column`, the rate is measured from its stamps: (rows - 1) / (last - first)."""
+    with _open_text(src.path) as fh:
+        lines = [ln for ln in (raw.strip() for raw in fh) if ln and not ln.startswith("#")]
+    delim = "\t" if "\t" in lines[0] else ("," if "," in lines[0] else None)
+    first = [c.strip().strip('"') for c in lines[0].split(delim)]
+    header = [] if all(_is_number(c) for c in first) else first
+    rows = [[c.strip() for c in ln.split(delim)] for ln in lines[1 if header else 0:]]
+    names = header or [str(i) for i in range(len(rows[0]))]
+    wanted = list(src.select) or [n for n in names if n != src.time_column]
+    missing = [w for w in [*wanted, *([src.time_column] if src.time_column else [])] if w not in names]
+    if missing:
+        raise _bad(src, f"no column {missing[0]!r} (columns: {names})", "name columns by header or 0-based index")
+    data = np.array([[float(r[names.index(w)]) for w in wanted] for r in rows]).T
+    rate = src.rate
+    if src.time_column:
+        t = np.array([_seconds(r[names.index(src.time_column)]) for r in rows])
+        if not t[-1] > t[0]:
+            raise _bad(src, f"column {src.time_column!r} does not increase", "give time stamps in order")
+        rate = (len(t) - 1) / (t[-1] - t[0])
+    return data, rate, _names(src, len(wanted), wanted if header else None)
+
+
+def _open_text(path: str):
+    if path.endswith(".bz2"):
+        return bz2.open(path, "rt")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt")
+    return open(path)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _seconds(stamp: str) -> float:
+    """Seconds from a number or an ISO date-time (with or without fractional seconds)."""
+    return float(stamp) if _is_number(stamp) else datetime.fromisoformat(stamp).timestamp()
+
+
+def _read_fnirs_netcdf(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, float, list[str]]:
+    """fNIRS raw intensity at two wavelengths, converted to HbO then HbR per channel (pipelines/fnirs.py)."""
+    data, rate, names, _ = read_fnirs_netcdf(src.path)
+    return data, rate, _names(src, data.shape[0], names)
+
+
 def _read_fmri_csv(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, float, list[str]]:
     """nitime's fmri_timeseries.csv: a header of quoted ROI names, then one row per scan."""
     with open(src.path) as fh:
@@ -279,4 +337,5 @@ def _read_spike_times(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, 
 GRASSHOPPER_TRIAL_S = 10.0  # each trial's stimulus file is 200000 samples at 20 kHz; spikes lie in [0, 10) s
 
 _READ = {"edf": _read_edf, "hdf5": _read_hdf5, "npy": _read_npy, "npz": _read_npz, "parquet": _read_parquet,
-         "fmri_csv": _read_fmri_csv, "spike_times": _read_spike_times}
+         "text": _read_text, "fnirs_netcdf": _read_fnirs_netcdf, "fmri_csv": _read_fmri_csv,
+         "spike_times": _read_spike_times}

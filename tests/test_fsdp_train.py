@@ -66,6 +66,12 @@ def test_two_worker_fsdp_run_trains_on_windows_with_missing_modalities(baseline)
     assert all(math.isfinite(v) for v in losses) and math.isfinite(baseline["val_loss"])
     assert losses[-1] < losses[0], losses
     assert baseline["mfu"] > 0 and baseline["patches_per_s"] > 0
+    # Collapse measured at every evaluation, over every rank's windows: the fused embedding and, with
+    # the contrastive term on, each modality's projection (eval/embedding_stats.py).
+    dim = baseline["model_config"]["dim"]
+    for m in ("", "_eeg", "_ecg"):
+        assert 0 < baseline[f"val_spread{m}"] <= 2, (m, baseline[f"val_spread{m}"])
+        assert 1 <= baseline[f"val_effective_rank{m}"] <= dim, (m, baseline[f"val_effective_rank{m}"])
     ckpt = latest_checkpoint(baseline["run_dir"])
     assert ckpt is not None and is_complete(ckpt)
     assert sorted(p.name for p in (ckpt / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

@@ -22,6 +22,7 @@ import tempfile
 import time
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
@@ -52,6 +53,7 @@ def evaluate(task: Any, model: Any, strategy: Any, batches: list[Any], step: int
     strategy.train(False)
     names: list[str] = []
     sums = None  # [loss * units, part * units..., units]; NCCL reduces only device tensors
+    rows: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for batch in batches:
             out = task.step(model, batch, step, device, train=False)
@@ -59,10 +61,22 @@ def evaluate(task: Any, model: Any, strategy: Any, batches: list[Any], step: int
             vals = torch.stack([out.loss.detach().double(), *(p.double() for p in out.parts.values())]) * out.units
             row = torch.cat([vals, torch.tensor([float(out.units)], dtype=torch.float64, device=device)])
             sums = row if sums is None else sums + row
+            for key, value in out.rows.items():
+                rows.setdefault(key, []).append(value.detach().float().cpu())
     dist.all_reduce(sums)
     strategy.train(True)
     mean = (sums[:-1] / sums[-1]).tolist()
-    return mean[0], dict(zip(names, mean[1:], strict=True))
+    parts = dict(zip(names, mean[1:], strict=True))
+    if rows:
+        parts.update(task.eval_set_metrics(gather_rows({k: torch.cat(v).numpy() for k, v in rows.items()})))
+    return mean[0], parts
+
+
+def gather_rows(mine: dict[str, Any]) -> dict[str, Any]:
+    """Every rank's arrays, concatenated in rank order (each rank gets all of them)."""
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    return {k: np.concatenate([part[k] for part in every]) for k in mine}
 
 
 def log(line: str) -> None:
@@ -345,7 +359,7 @@ class WorkerRun:
             "data_position": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch},
             "batch_fingerprints": self.batch_ids,
             "final_loss": self.history[-1][self.task.primary] if self.history else float("nan"),
-            "val_loss": self.val["loss"],
+            **{f"val_{k}": v for k, v in self.val.items()},  # the last evaluation, every metric of it
             f"{self.task.unit}_per_s": per_s(self.totals["units"]),
             "mfu": per_s(self.totals["flops"]) / self.world / self.peak,
             "peak_flops_per_worker": self.peak,

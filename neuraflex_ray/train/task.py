@@ -36,6 +36,9 @@ class StepOutput:
     parts: dict[str, torch.Tensor]  # detached components for the log (summed over micro-batches)
     units: int  # tokens / patches this rank processed (throughput)
     flops: float  # model training FLOPs this rank spent (MFU)
+    # Evaluation only: per-sample rows (name -> [B, ...]) that the loop gathers from every batch and
+    # rank and hands to Task.eval_set_metrics, for measures of a whole set (an embedding's spread).
+    rows: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
 class Task:
@@ -84,6 +87,11 @@ class Task:
 
     def eval_metrics(self, total: float, parts: dict[str, float]) -> dict[str, float]:
         return {"loss": total, **parts}
+
+    def eval_set_metrics(self, rows: dict[str, np.ndarray]) -> dict[str, float]:
+        """Metrics of the whole evaluation set from the `rows` its steps returned, every rank's
+        concatenated in rank order (called on every rank); merged into the validation metrics."""
+        return {}
 
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         """Extra metrics for the progress record, and the text they add to the progress line."""

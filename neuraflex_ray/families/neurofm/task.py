@@ -7,12 +7,14 @@ import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from neuraflex_ray.config import JobConfig
+from neuraflex_ray.eval.embedding_stats import embedding_report
 from neuraflex_ray.families.neurofm.augment import augment_window
 from neuraflex_ray.finetune.hooks import FinetuneHooks
-from neuraflex_ray.models.neurofm import neurofm_flops_per_window, window_inputs
+from neuraflex_ray.models.neurofm import SeriesInput, neurofm_flops_per_window, window_inputs
 from neuraflex_ray.models.neurofm_objectives import contrastive_views, neurofm_loss
 from neuraflex_ray.train.task import StepOutput, Task, gather_across_ranks, global_batches
 from pipelines.modality_buckets import bucket_by_modality
@@ -27,7 +29,10 @@ class NeuroTask(FinetuneHooks, Task):
     """
 
     unit = "patches"
-    val_metrics = ("loss", "recon", "forecast", "contrastive", "variance")
+    # spread / effective_rank: of the fused window embedding the probes read, over the evaluation's
+    # windows (eval/embedding_stats.py); per modality as spread_<m> / effective_rank_<m> of the
+    # projection retrieval uses, when the contrastive term trains it.
+    val_metrics = ("loss", "recon", "forecast", "contrastive", "variance", "spread", "effective_rank")
     primary = "loss"  # the weighted sum of the objectives
 
     def __init__(self, cfg: JobConfig, loop_data: dict[str, Any], rank: int = 0):
@@ -95,7 +100,36 @@ class NeuroTask(FinetuneHooks, Task):
         parts = {"recon": loss.recon.detach(), "forecast": loss.forecast.detach(), "contrastive": loss.contrastive.detach(),
                  "variance": loss.variance.detach()}
         total = self.with_penalty(loss.total, train)
-        return StepOutput(total, parts, tokens, flops)
+        return StepOutput(total, parts, tokens, flops, rows={} if train else self._embedding_rows(model, window))
+
+    def _embedding_rows(self, model: Callable, window: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The window embeddings of the unmasked context, as the probes and retrieval compute them:
+        the fused one and, when the contrastive term trains the projection, each modality's alone."""
+        m_cfg = self.cfg.model
+        patch = dict(zip(m_cfg.modalities, m_cfg.patch_lens, strict=True))
+        inputs = {}
+        for m, w in window.items():
+            x = w.x[..., : m_cfg.context_patches * patch[m]]
+            if w.hide is not None:
+                x = x.masked_fill(w.hide[..., : x.shape[-1]], 0.0)
+            inputs[m] = SeriesInput(x=x, chan=w.chan, present=w.present)
+        # Decided by config and the batch's modality keys only, which every FSDP rank shares.
+        per_modality = len(inputs) >= 2 and m_cfg.contrastive_weight > 0
+        out = model(inputs, decode=False, per_modality=per_modality)
+        rows = {"embedding": out.embedding, "present:any": torch.stack([w.present for w in window.values()]).any(0)}
+        for m, z in out.modality_embeddings.items():
+            rows[f"projection:{m}"], rows[f"present:{m}"] = z, window[m].present
+        return rows
+
+    def eval_set_metrics(self, rows: dict[str, np.ndarray]) -> dict[str, float]:
+        """Collapse measures over the evaluation's windows (every rank's): spread and effective rank."""
+        fused = embedding_report(rows["embedding"][rows["present:any"] > 0.5])
+        out = {"spread": fused["spread"], "effective_rank": fused["effective_rank"]}
+        for key in sorted(k for k in rows if k.startswith("projection:")):
+            m = key.split(":", 1)[1]
+            report = embedding_report(rows[key][rows[f"present:{m}"] > 0.5])
+            out[f"spread_{m}"], out[f"effective_rank_{m}"] = report["spread"], report["effective_rank"]
+        return out
 
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         text = (f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f} "

@@ -68,6 +68,17 @@ class NeuroFMConfig:
     # rms-normalised embedding should spread across a batch's windows by at least this much.
     variance_weight: float = 0.0
     variance_target: float = 0.5
+    # VICReg on each modality's projection (the space retrieval reads), across the windows where the
+    # modality is present, every rank's included: the variance term (same target as above, on the
+    # rms-normalised projection, so scale cannot meet it) and the covariance term (off-diagonal
+    # covariance squared, / dim) that keeps its dimensions from carrying one signal.
+    vicreg_weight: float = 0.0
+    vicreg_cov_weight: float = 0.0
+    # A window-specific target: a head on the window embedding predicts each present modality's
+    # log band powers of the context (channel-averaged, `spectral_bands` log-spaced bands), so the
+    # embedding must say what this window holds (the spectral targets of LaBraM, at window level).
+    spectral_weight: float = 0.0
+    spectral_bands: int = 8
     curriculum: list[CurriculumStage] = field(default_factory=list)  # empty: multimodal from step 0
     # After the latents, decoder queries also read the visible tokens at their own patch in every
     # channel and in their own channel at every patch (models/neurofm_local.py); false: latents only.

@@ -67,6 +67,16 @@ class NeuroOutput:
     # m -> [B, d] projected embedding of the window seen through modality m alone; filled only
     # when forward(per_modality=True) (the contrastive objective), else empty.
     modality_embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+    # m -> [B, bands_m] predicted log band powers of the window's context in modality m; filled only
+    # when cfg.spectral_weight > 0 (the spectral target, models/neurofm_objectives.py).
+    spectral: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def spectral_bands(cfg: NeuroFMConfig, modality: str) -> int:
+    """Bands of modality's spectral target: cfg.spectral_bands, at most one per frequency bin of its
+    context (DC left out)."""
+    samples = cfg.context_patches * cfg.patch_lens[cfg.modalities.index(modality)]
+    return max(1, min(cfg.spectral_bands, samples // 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,6 +135,10 @@ class NeuroFM(nn.Module):
         self.ar = nn.ModuleDict({m: nn.Linear(self.ar_patches * p, k * p) for m, p in self.patch_len.items()})
         # Contrastive projection (SimCLR): the loss acts on z, the embedding stays more general.
         self.projection = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+        # Window-specific target: embedding -> each modality's log band powers (only when trained,
+        # so models without it keep their parameter set).
+        self.spectral_head = nn.ModuleDict({m: nn.Linear(d, spectral_bands(cfg, m)) for m in cfg.modalities}) \
+            if cfg.spectral_weight > 0 else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -264,6 +278,8 @@ class NeuroFM(nn.Module):
         if per_modality:
             pooled = self.norm(latents[:, 1:]).mean(2)  # [B, M, d]
             out.modality_embeddings = {m: self.projection(pooled[:, j]) for j, m in enumerate(mods)}
+        if self.spectral_head is not None and decode:
+            out.spectral = {m: self.spectral_head[m](out.embedding) for m in mods}
         return out
 
     def _decode(self, inputs: dict[str, SeriesInput], mods: list[str], latents: torch.Tensor,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +28,10 @@ class NeuroLoss:
     forecast: torch.Tensor  # per sample on the K horizon patches, mean over modalities: MSE / persistence's or MSE
     contrastive: torch.Tensor  # symmetric InfoNCE, mean over modality pairs (0 when off or no pair)
     variance: torch.Tensor  # how far the embedding's spread across windows falls short of the target (0 when off)
+    # VICReg on each modality's projection, mean over modalities (0 when off): variance and covariance terms
+    proj_variance: torch.Tensor
+    proj_covariance: torch.Tensor
+    spectral: torch.Tensor  # MSE of the predicted log band powers, mean over modalities (0 when off)
 
 
 def active_stage(cfg: NeuroFMConfig, step: int) -> CurriculumStage:
@@ -191,9 +196,73 @@ def neurofm_loss(model: nn.Module, window: dict[str, SeriesInput], cfg: NeuroFMC
         contrastive = (torch.stack(losses) * ok).sum() / ok.sum().clamp_min(1) + 0.0 * sum(v.sum() for v in z.values())
 
     variance = embedding_variance(out.embedding, cfg.variance_target) if cfg.variance_weight > 0 else recon.new_zeros(())
+    proj_variance, proj_covariance = recon.new_zeros(()), recon.new_zeros(())
+    if contrastive_on and (cfg.vicreg_weight > 0 or cfg.vicreg_cov_weight > 0):
+        terms = [vicreg_terms(out.modality_embeddings[m], present[m], cfg.variance_target, gather) for m in mods]
+        proj_variance = _mean_over_modalities([(v, n) for v, _, n in terms])
+        proj_covariance = _mean_over_modalities([(c, n) for _, c, n in terms])
+    spectral = recon.new_zeros(())
+    if out.spectral:
+        parts = []
+        for m in mods:
+            target = window_band_power(ctx_patches[m].flatten(2), valid[m], out.spectral[m].shape[-1])
+            parts.append(_masked_mean((out.spectral[m].float() - target).pow(2).mean(-1), present[m].float()))
+        spectral = _mean_over_modalities(parts)
     total = (cfg.recon_weight * recon + cfg.forecast_weight * forecast + cfg.contrastive_weight * contrastive
-             + cfg.variance_weight * variance)
-    return NeuroLoss(total=total, recon=recon, forecast=forecast, contrastive=contrastive, variance=variance)
+             + cfg.variance_weight * variance + cfg.vicreg_weight * proj_variance
+             + cfg.vicreg_cov_weight * proj_covariance + cfg.spectral_weight * spectral)
+    return NeuroLoss(total=total, recon=recon, forecast=forecast, contrastive=contrastive, variance=variance,
+                     proj_variance=proj_variance, proj_covariance=proj_covariance, spectral=spectral)
+
+
+def vicreg_terms(z: torch.Tensor, rows: torch.Tensor, target: float,
+                 gather: Gather | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """VICReg's variance and covariance terms of z [B, d] over the rows where `rows` is True (every
+    rank's, with `gather`; the others' without gradient), and that row count. Rows are rms-normalised
+    first (z / rms(z) has unit mean square), since the contrastive loss that reads z normalises it
+    too: a larger scale must not meet the target. Weighted, not indexed: no data-dependent shapes."""
+    z = z.float()
+    z = z / z.pow(2).mean(-1, keepdim=True).add(1e-8).sqrt()
+    w = rows.float()
+    if gather is not None:
+        parts_z, rank = gather(z.detach())
+        parts_w, _ = gather(w)
+        parts_z[rank] = z
+        z, w = torch.cat(parts_z), torch.cat(parts_w)
+    n = w.sum()
+    mean = (w[:, None] * z).sum(0) / n.clamp_min(1)
+    centred = (z - mean) * w[:, None]
+    var = centred.pow(2).sum(0) / (n - 1).clamp_min(1)
+    variance = torch.relu(target - (var + 1e-4).sqrt()).mean()
+    cov = centred.T @ centred / (n - 1).clamp_min(1)
+    off = cov - torch.diag(torch.diagonal(cov))
+    covariance = off.pow(2).sum() / z.shape[1]
+    usable = (n >= 2).float()  # one window has no spread to measure
+    return variance * usable, covariance * usable, n * usable
+
+
+def band_edges(n_bins: int, bands: int) -> list[int]:
+    """bands + 1 increasing edges over bins 0..n_bins, log-spaced where there is room, every band
+    at least one bin wide (low bands are narrow, as frequency resolution is finest there)."""
+    bands = max(1, min(bands, n_bins))
+    edges = [int(round(e)) for e in np.geomspace(1, n_bins + 1, bands + 1) - 1]
+    edges[0], edges[-1] = 0, n_bins
+    for i in range(1, bands + 1):
+        edges[i] = max(edges[i], edges[i - 1] + 1)
+    for i in range(bands - 1, 0, -1):
+        edges[i] = min(edges[i], edges[i + 1] - 1)
+    return edges
+
+
+def window_band_power(x: torch.Tensor, valid: torch.Tensor, bands: int) -> torch.Tensor:
+    """[B, bands] log mean power per band of x [B, C, T] (DC left out), averaged over valid channels
+    ([B, C] bool): what the spectral head predicts from the window embedding."""
+    power = torch.fft.rfft(x.float(), dim=-1).abs().pow(2)[..., 1:] / x.shape[-1]  # [B, C, F]
+    edges = band_edges(power.shape[-1], bands)
+    per_band = torch.stack([power[..., a:b].mean(-1) for a, b in zip(edges[:-1], edges[1:], strict=True)], -1)
+    logp = torch.log(per_band + 1e-6)  # [B, C, bands]
+    w = valid.float()[..., None]
+    return (logp * w).sum(1) / w.sum(1).clamp_min(1)
 
 
 def embedding_variance(e: torch.Tensor, target: float) -> torch.Tensor:

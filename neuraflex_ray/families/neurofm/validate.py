@@ -21,8 +21,10 @@ def validate_neurofm(cfg: JobConfig, world: int) -> None:
                                    f"the default is {getattr(NeuroFMConfig, name)}")
     need(0.0 < m.mask_ratio < 1.0, f"model.mask_ratio must be in (0, 1), got {m.mask_ratio}")
     need(0.0 <= m.channel_mask_prob <= 1.0, f"model.channel_mask_prob must be in [0, 1], got {m.channel_mask_prob}")
-    for name in ("recon_weight", "forecast_weight", "contrastive_weight", "variance_weight", "variance_target"):
+    for name in ("recon_weight", "forecast_weight", "contrastive_weight", "variance_weight", "variance_target",
+                 "vicreg_weight", "vicreg_cov_weight", "spectral_weight"):
         need(getattr(m, name) >= 0, f"model.{name} must be >= 0 (got {getattr(m, name)})")
+    need(m.spectral_bands >= 1, f"model.spectral_bands must be >= 1 (got {m.spectral_bands})")
     need(m.recon_weight + m.forecast_weight + m.contrastive_weight > 0,
          "model.recon_weight, model.forecast_weight and model.contrastive_weight are all 0: nothing to train")
     need(m.contrastive_temperature > 0, f"model.contrastive_temperature must be > 0 (got {m.contrastive_temperature})")

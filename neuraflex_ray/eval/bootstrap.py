@@ -1,10 +1,12 @@
-"""Confidence intervals by resampling whole units (documents, recordings), not single positions.
+"""Confidence intervals by resampling whole units (documents, recordings, runs of windows), not single positions.
 
 Neighbouring bytes of one document are not independent, so an interval over positions would be far
 too narrow; resampling documents with replacement keeps each document's positions together.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,3 +34,38 @@ def target_documents(blocks: np.ndarray, eos: int) -> np.ndarray:
     flat = np.asarray(blocks).reshape(-1)
     doc = np.concatenate([[0], np.cumsum(flat[:-1] == eos)]).reshape(np.shape(blocks))
     return doc[:, 1:]
+
+
+def paired_block_interval(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred_a: np.ndarray,
+                          pred_b: np.ndarray, *, block: int, n_boot: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> dict[str, float]:
+    """metric(y, pred_a) - metric(y, pred_b) on one test set in time order, with a percentile interval
+    from a paired moving-block bootstrap (Kuensch 1989): both predictions are scored on the same
+    resampled windows, drawn as runs of `block` consecutive windows so that neighbouring windows,
+    which overlap and share slow physiology, stay together. A resample that `metric` cannot score
+    (say, one class missing: it returns NaN or raises ValueError) is left out and counted.
+
+    Returns {"diff", "ci_low", "ci_high", "block", "n_boot", "skipped"}."""
+    y, pred_a, pred_b = np.asarray(y), np.asarray(pred_a), np.asarray(pred_b)
+    n = len(y)
+    if n < 2 or not (len(pred_a) == len(pred_b) == n):
+        raise ValueError(f"need >= 2 windows and one prediction of each per window (got {n}, {len(pred_a)}, {len(pred_b)})")
+    block = int(min(max(1, block), n))
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, n - block + 1, size=(n_boot, -(-n // block)))
+    picks = (starts[..., None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
+    diffs = []
+    for idx in picks:
+        try:
+            d = metric(y[idx], pred_a[idx]) - metric(y[idx], pred_b[idx])
+        except ValueError:
+            d = float("nan")
+        diffs.append(d)
+    diffs = np.asarray(diffs, dtype=np.float64)
+    ok = diffs[np.isfinite(diffs)]
+    if len(ok) < n_boot // 2:
+        raise ValueError(f"only {len(ok)} of {n_boot} resamples could be scored: the test set is too small or one-sided")
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(ok, [tail, 100 - tail])
+    return {"diff": float(metric(y, pred_a) - metric(y, pred_b)), "ci_low": float(lo), "ci_high": float(hi),
+            "block": block, "n_boot": n_boot, "skipped": int(n_boot - len(ok))}

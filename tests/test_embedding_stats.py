@@ -40,3 +40,19 @@ def test_effective_rank_counts_the_directions_used():
 def test_report_on_too_few_windows_is_nan_not_an_error():
     r = embedding_report(np.ones((1, 4)))
     assert r["windows"] == 1 and math.isnan(r["spread"]) and math.isnan(r["effective_rank"])
+
+
+def test_retrieval_permutation_p_value():
+    from neuraflex_ray.eval.retrieval import permutation_p, top_k
+
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(40, 8))
+    b = a + 0.1 * rng.normal(size=(40, 8))
+    matched = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    # cosine similarity: every window nearest its own partner
+    assert top_k(matched, 1) == 1.0
+    assert permutation_p([matched], 1, n_perm=199) == pytest.approx(1 / 200)  # no re-pairing does as well
+    unrelated = rng.normal(size=(40, 40))
+    assert permutation_p([unrelated], 1, n_perm=199) > 0.05
+    # Pooled over pairs: one informative pair beside one unrelated one still beats chance.
+    assert permutation_p([matched, unrelated], 1, n_perm=199) < 0.01

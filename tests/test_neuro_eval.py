@@ -169,9 +169,13 @@ def test_oracle_is_perfect_and_ridge_beats_persistence(data):
     assert r2["zero_shot"] == pytest.approx(1) and r2["ridge"] > 0.99 and r2["adapted"] is None
     assert [c["id"] for c in r2["channels"]] == [1, 9]  # every 8th eeg channel id
     rt = res["retrieval_top1"]
-    assert rt["model"] == 1.0 and rt["pairs"] == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.1}]
-    assert res["retrieval_top5"]["pairs"] == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.5}]
-    assert rt["chance"] == pytest.approx(0.1)
+    p_min = 1 / 1001  # no random re-pairing of the 10 windows retrieves as well (permutation test)
+    assert rt["model"] == 1.0 and rt["pairs"] == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.1,
+                                                   "p_value": pytest.approx(p_min)}]
+    top5 = res["retrieval_top5"]["pairs"]  # top-5 of 10 is sometimes perfect by chance too
+    assert top5 == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.5, "p_value": top5[0]["p_value"]}]
+    assert top5[0]["p_value"] < 0.01
+    assert rt["chance"] == pytest.approx(0.1) and rt["p_value"] == pytest.approx(p_min)
     assert "Masked-channel" in format_table(res)
 
 
@@ -184,6 +188,7 @@ def test_zero_model_loses_to_ridge_and_retrieves_at_chance(data):
     assert res["masked_channel_r2"]["zero_shot"] < 0.01
     rt = res["retrieval_top1"]  # a constant embedding ties everywhere: expected top-k is exactly chance
     assert rt["model"] == pytest.approx(rt["chance"]) and rt["chance"] == pytest.approx(1 / rt["pairs"][0]["n"])
+    assert rt["p_value"] == 1.0  # every re-pairing scores as well
     top5 = res["retrieval_top5"]
     assert top5["model"] == pytest.approx(top5["chance"]) and top5["chance"] == pytest.approx(5 / top5["pairs"][0]["n"])
 

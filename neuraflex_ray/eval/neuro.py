@@ -5,7 +5,8 @@ Three questions, each answered on the val windows (the late part of every record
 1. Forecasting (`forecast.py`): skill against persistence and a ridge autoregression, per modality and horizon.
 2. Masked-channel reconstruction (`spatial.py`): R^2 of a hidden EEG channel against a ridge from the other
    channels, zero-shot and after a short adaptation on the train windows (`adapt.py`).
-3. Cross-modal retrieval (`retrieval.py`): top-1 / top-5 of the matching window through another modality, against chance.
+3. Cross-modal retrieval (`retrieval.py`): top-1 / top-5 of the matching window through another modality, against
+   chance, with a permutation test's p-value.
 
 Inputs: `train`/`val` map modality -> SeriesArrays-like objects (see `common.py`).
 """
@@ -113,7 +114,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(f"Cross-modal retrieval: n/a ({top1.get('reason', '')})")
     else:
         lines.append(f"Cross-modal retrieval ({len(top1['pairs'])} pairs): top-1 {top1['model']:.4f} (chance "
-                     f"{top1['chance']:.4f})   top-5 {_fmt(top5.get('model'), 0)} (chance {_fmt(top5.get('chance'), 0)})")
+                     f"{top1['chance']:.4f}, permutation p {_fmt(top1.get('p_value'), 0)})   top-5 "
+                     f"{_fmt(top5.get('model'), 0)} (chance {_fmt(top5.get('chance'), 0)})")
         for p1, p5 in zip(top1["pairs"], top5.get("pairs", [{}] * len(top1["pairs"])), strict=True):
             lines.append(f"    {p1['a']}<->{p1['b']} (n={p1['n']}): top-1 {p1['model']:.4f} (chance {p1['chance']:.4f})"
                          f"   top-5 {_fmt(p5.get('model'), 0)} (chance {_fmt(p5.get('chance'), 0)})")

@@ -1,5 +1,6 @@
 """Cross-modal retrieval: a window embedded through modality a alone should be nearest (cosine) to
-the same window embedded through modality b alone; top-k accuracy next to chance (k/n).
+the same window embedded through modality b alone; top-k accuracy next to chance (k/n), with a
+permutation test's p-value (the columns re-paired at random).
 """
 
 from __future__ import annotations
@@ -20,6 +21,19 @@ def top_k(sim: np.ndarray, k: int) -> float:
     better = (sim > diag + tol).sum(1)
     ties = (np.abs(sim - diag) <= tol).sum(1)  # includes the diagonal itself
     return float(np.clip((k - better) / ties, 0.0, 1.0).mean())
+
+
+def permutation_p(sims: list[np.ndarray], k: int, *, n_perm: int = 1000, seed: int = 0) -> float:
+    """One-sided p-value of the mean top-k over the pairs' similarity matrices against chance: each
+    permutation re-pairs every matrix's columns at random (which window of b belongs to which of a),
+    as if the embeddings carried nothing about the window. (1 + count >= observed) / (1 + n_perm)."""
+    def stat(mats: list[np.ndarray]) -> float:
+        return float(np.mean([0.5 * (top_k(s, k) + top_k(s.T, k)) for s in mats]))
+
+    observed = stat(sims)
+    rng = np.random.default_rng(seed)
+    hits = sum(stat([s[:, rng.permutation(s.shape[1])] for s in sims]) >= observed - 1e-12 for _ in range(n_perm))
+    return (1 + hits) / (1 + n_perm)
 
 
 def _embed(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int, device) -> np.ndarray:
@@ -51,8 +65,9 @@ def retrieval(model, val, manifest, idx_val, batch_size, ks: tuple[int, ...] = (
             eb = _embed(model, val[b], windows, b, info(manifest, b)[1], batch_size, device)
             sim = ea @ eb.T
             n = len(windows)
-            pairs.append({"a": a, "b": b, "n": n, **{k: {"model": 0.5 * (top_k(sim, k) + top_k(sim.T, k)),
-                                                          "chance": min(k, n) / n} for k in ks}})
+            pairs.append({"a": a, "b": b, "n": n, "sim": sim,
+                          **{k: {"model": 0.5 * (top_k(sim, k) + top_k(sim.T, k)), "chance": min(k, n) / n,
+                                 "p_value": permutation_p([sim], k)} for k in ks}})
     out = {}
     for k in ks:
         if not pairs:
@@ -60,6 +75,7 @@ def retrieval(model, val, manifest, idx_val, batch_size, ks: tuple[int, ...] = (
             continue
         per_pair = [{"a": p["a"], "b": p["b"], "n": p["n"], **p[k]} for p in pairs]
         out[k] = {"model": float(np.mean([p["model"] for p in per_pair])),
-                  "chance": float(np.mean([p["chance"] for p in per_pair])), "pairs": per_pair,
+                  "chance": float(np.mean([p["chance"] for p in per_pair])),
+                  "p_value": permutation_p([p["sim"] for p in pairs], k), "pairs": per_pair,
                   "pooling": f"mean over pairs (each pair weighs the same); top-{k} averages a->b and b->a"}
     return out

@@ -38,6 +38,10 @@ VARIANTS: dict[str, list[str]] = {
     "curriculum_3stage": ["model.curriculum=[{start_step: 0, mode: unimodal}, {start_step: 100, mode: pairwise}, "
                           "{start_step: 200, mode: multimodal}]"],
     "latent_decoder": ["model.local_decoder=false"],  # the decoder before the local read, for reference
+    # Issue 27's objectives against collapse, one switch each (models/neurofm_objectives.py)
+    "variance": ["model.variance_weight=1.0"],  # VICReg's variance term on the fused embedding
+    "vicreg": ["model.vicreg_weight=1.0", "model.vicreg_cov_weight=0.04"],  # on every modality's projection
+    "spectral": ["model.spectral_weight=1.0"],  # the embedding predicts each modality's log band powers
 }
 
 
@@ -51,8 +55,11 @@ def summarize(result: dict[str, Any], ev: dict[str, Any], probes: dict[str, Any]
         "patches_per_s": result["patches_per_s"], "mfu": result["mfu"], "steps": result["steps"],
         "val_loss": result["val_loss"], "wall_s": wall_s,
         "masked_channel_r2": {k: r2.get(k) for k in ("zero_shot", "adapted", "ridge")},
-        "retrieval_top1": {k: ev["retrieval_top1"][k] for k in ("model", "chance")},
-        "retrieval_top5": {k: ev["retrieval_top5"][k] for k in ("model", "chance")},
+        "retrieval_top1": {k: ev["retrieval_top1"].get(k) for k in ("model", "chance", "p_value")},
+        "retrieval_top5": {k: ev["retrieval_top5"].get(k) for k in ("model", "chance", "p_value")},
+        # collapse, at the last evaluation of training (held-out windows): fused and per modality
+        "embedding": {k.removeprefix("val_"): v for k, v in result.items()
+                      if k.startswith(("val_spread", "val_effective_rank"))},
         "forecast_pooled": {str(row["horizon_s"]): {"skill_vs_persistence": row["skill_vs_persistence"],
                                                     "skill_vs_ridge": row["skill_vs_ridge"]} for row in ev["forecast"]},
         "forecast_skill_vs_persistence": skill,

@@ -176,6 +176,8 @@ def test_oracle_is_perfect_and_ridge_beats_persistence(data):
     assert top5 == [{"a": "eeg", "b": "ecg", "n": 10, "model": 1.0, "chance": 0.5, "p_value": top5[0]["p_value"]}]
     assert top5[0]["p_value"] < 0.01
     assert rt["chance"] == pytest.approx(0.1) and rt["p_value"] == pytest.approx(p_min)
+    emb = res["embedding"]  # random 16-dim vectors per window: spread out, many directions
+    assert emb["width"] == 16 and emb["fused"]["spread"] > 0.8 and emb["fused"]["effective_rank"] > 8
     assert "Masked-channel" in format_table(res)
 
 
@@ -189,6 +191,11 @@ def test_zero_model_loses_to_ridge_and_retrieves_at_chance(data):
     rt = res["retrieval_top1"]  # a constant embedding ties everywhere: expected top-k is exactly chance
     assert rt["model"] == pytest.approx(rt["chance"]) and rt["chance"] == pytest.approx(1 / rt["pairs"][0]["n"])
     assert rt["p_value"] == 1.0  # every re-pairing scores as well
+    emb = res["embedding"]  # one vector for every window: collapsed, by both measures
+    assert emb["width"] == 4 and emb["fused"]["windows"] == 12
+    assert emb["fused"]["spread"] == pytest.approx(0.0, abs=1e-9)
+    assert emb["fused"]["effective_rank"] == pytest.approx(1.0, rel=1e-3)
+    assert set(emb["spread"]) == {"eeg", "ecg"} and max(emb["spread"].values()) == pytest.approx(0.0, abs=1e-9)
     top5 = res["retrieval_top5"]
     assert top5["model"] == pytest.approx(top5["chance"]) and top5["chance"] == pytest.approx(5 / top5["pairs"][0]["n"])
 

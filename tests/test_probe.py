@@ -201,6 +201,25 @@ def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
         assert r["windows_s"]["test"][0] >= session.test_begin_s - EPS
         assert r["n_features"]["model"] == 32  # the tiny flavour's dim
     assert result[POST_VS_PRE]["n_test"] == {"pre": 13, "post": 13}
+    # Three time cuts, the last the pretraining's split; the mean difference and its interval over them.
+    for name, r in result.items():
+        cuts = [c["cut_s"] for c in r["splits"]]
+        assert cuts == sorted(cuts) and len(cuts) == 3 and cuts[-1] == pytest.approx(session.split_s), name
+        scored = [c for c in r["splits"] if "diff" in c]
+        assert r["diff"] == pytest.approx(np.mean([c["model"] - c["baseline"] for c in scored]))
+        assert r["ci_low"] <= r["ci_high"] and all(c["ci_low"] <= c["ci_high"] for c in scored)
+        assert r["splits"][-1]["model"] == r["model"] and r["splits"][-1]["test_seen_by_pretraining"] == 0.0
+        assert r["splits"][0]["test_seen_by_pretraining"] > 0  # an earlier cut tests on pretraining-train time
+    assert "time cuts" in printed
+
+
+def test_every_cut_keeps_train_and_test_windows_apart(session):
+    for cut in session.cuts_s():
+        for task in all_tasks(session, hop_s=1.0, cut_s=cut):
+            train, test = task.starts["train"], task.starts["test"]
+            assert len(train) and len(test) and task.cut_s == cut
+            assert train.max() + session.context_s <= cut - session.guard_s + EPS
+            assert test.min() >= cut + session.guard_s - EPS
 
 
 def test_cli_probe_bad_export(tmp_path, capsys):

@@ -36,36 +36,49 @@ def target_documents(blocks: np.ndarray, eos: int) -> np.ndarray:
     return doc[:, 1:]
 
 
-def paired_block_interval(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred_a: np.ndarray,
-                          pred_b: np.ndarray, *, block: int, n_boot: int = 2000, level: float = 0.95,
-                          seed: int = 0) -> dict[str, float]:
-    """metric(y, pred_a) - metric(y, pred_b) on one test set in time order, with a percentile interval
-    from a paired moving-block bootstrap (Kuensch 1989): both predictions are scored on the same
-    resampled windows, drawn as runs of `block` consecutive windows so that neighbouring windows,
-    which overlap and share slow physiology, stay together. A resample that `metric` cannot score
-    (say, one class missing: it returns NaN or raises ValueError) is left out and counted.
-
-    Returns {"diff", "ci_low", "ci_high", "block", "n_boot", "skipped"}."""
+def block_resampled_diffs(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred_a: np.ndarray,
+                          pred_b: np.ndarray, *, block: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
+    """[n_boot] metric(a) - metric(b) on paired moving-block resamples of one time-ordered test set
+    (Kuensch 1989): both predictions are scored on the same resampled windows, drawn as runs of
+    `block` consecutive windows so that neighbouring windows, which overlap and share slow physiology,
+    stay together. NaN where `metric` cannot score a resample (it returns NaN or raises ValueError,
+    say with one class missing)."""
     y, pred_a, pred_b = np.asarray(y), np.asarray(pred_a), np.asarray(pred_b)
     n = len(y)
     if n < 2 or not (len(pred_a) == len(pred_b) == n):
         raise ValueError(f"need >= 2 windows and one prediction of each per window (got {n}, {len(pred_a)}, {len(pred_b)})")
     block = int(min(max(1, block), n))
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, n - block + 1, size=(n_boot, -(-n // block)))
+    starts = np.random.default_rng(seed).integers(0, n - block + 1, size=(n_boot, -(-n // block)))
     picks = (starts[..., None] + np.arange(block)).reshape(n_boot, -1)[:, :n]
-    diffs = []
-    for idx in picks:
+    diffs = np.full(n_boot, np.nan)
+    for i, idx in enumerate(picks):
         try:
-            d = metric(y[idx], pred_a[idx]) - metric(y[idx], pred_b[idx])
+            diffs[i] = metric(y[idx], pred_a[idx]) - metric(y[idx], pred_b[idx])
         except ValueError:
-            d = float("nan")
-        diffs.append(d)
-    diffs = np.asarray(diffs, dtype=np.float64)
-    ok = diffs[np.isfinite(diffs)]
-    if len(ok) < n_boot // 2:
-        raise ValueError(f"only {len(ok)} of {n_boot} resamples could be scored: the test set is too small or one-sided")
+            pass
+    return diffs
+
+
+def interval_of_mean(draws: list[np.ndarray], *, level: float = 0.95) -> tuple[float, float, int]:
+    """(low, high, skipped): percentile interval of the mean over several estimates' bootstrap draws
+    ([n_boot] each, resampled independently, draw i of each averaged); draws with a NaN are left out."""
+    mean = np.mean(np.stack(draws), 0)
+    ok = mean[np.isfinite(mean)]
+    if len(ok) < len(mean) // 2:
+        raise ValueError(f"only {len(ok)} of {len(mean)} resamples could be scored: the test set is too small or one-sided")
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(ok, [tail, 100 - tail])
-    return {"diff": float(metric(y, pred_a) - metric(y, pred_b)), "ci_low": float(lo), "ci_high": float(hi),
-            "block": block, "n_boot": n_boot, "skipped": int(n_boot - len(ok))}
+    return float(lo), float(hi), int(len(mean) - len(ok))
+
+
+def paired_block_interval(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred_a: np.ndarray,
+                          pred_b: np.ndarray, *, block: int, n_boot: int = 2000, level: float = 0.95,
+                          seed: int = 0) -> dict[str, float]:
+    """metric(y, pred_a) - metric(y, pred_b) with its paired moving-block bootstrap interval
+    (block_resampled_diffs); resamples that cannot be scored are left out and counted.
+
+    Returns {"diff", "ci_low", "ci_high", "block", "n_boot", "skipped"}."""
+    draws = block_resampled_diffs(metric, y, pred_a, pred_b, block=block, n_boot=n_boot, seed=seed)
+    lo, hi, skipped = interval_of_mean([draws], level=level)
+    return {"diff": float(metric(np.asarray(y), np.asarray(pred_a)) - metric(np.asarray(y), np.asarray(pred_b))),
+            "ci_low": lo, "ci_high": hi, "block": int(min(max(1, block), len(y))), "n_boot": n_boot, "skipped": skipped}

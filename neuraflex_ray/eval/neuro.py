@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from neuraflex_ray.eval.adapt import adapt_masked_channel
+from neuraflex_ray.eval.collapse import embedding_collapse
 from neuraflex_ray.eval.common import n_windows, plain, subset
 from neuraflex_ray.eval.forecast import forecast_table
 from neuraflex_ray.eval.retrieval import retrieval
@@ -42,7 +43,8 @@ def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[st
 
     Returns {"forecast": [{horizon_s, mse, mse_persistence, mse_ridge, skill_vs_persistence, skill_vs_ridge,
     horizon_patches, n_values, per_modality}, ...], "masked_channel_r2": {zero_shot, adapted, ridge, ...},
-    "retrieval_top1": {model, chance, pairs, ...}, "retrieval_top5": {...}, ...}; a piece the data cannot
+    "retrieval_top1": {model, chance, p_value, pairs, ...}, "retrieval_top5": {...}, "embedding": {width, fused:
+    {spread, effective_rank}, spread: {m}, effective_rank: {m}} (eval/collapse.py), ...}; a piece the data cannot
     support has None values and a `reason`.
     """
     if not val:
@@ -67,6 +69,7 @@ def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[st
                                                        eeg_modality, channel_every), "adaptation": adaptation},
                 "retrieval_top1": top[1],
                 "retrieval_top5": top[5],
+                "embedding": embedding_collapse(model, val, manifest, idx_val, batch_size),
             }
     finally:
         model.train(was_training)
@@ -119,6 +122,11 @@ def format_table(result: dict[str, Any]) -> str:
         for p1, p5 in zip(top1["pairs"], top5.get("pairs", [{}] * len(top1["pairs"])), strict=True):
             lines.append(f"    {p1['a']}<->{p1['b']} (n={p1['n']}): top-1 {p1['model']:.4f} (chance {p1['chance']:.4f})"
                          f"   top-5 {_fmt(p5.get('model'), 0)} (chance {_fmt(p5.get('chance'), 0)})")
+    emb = result.get("embedding")
+    if emb:
+        per = "   ".join(f"{m} {emb['spread'][m]:.3f} / {emb['effective_rank'][m]:.1f}" for m in emb["spread"])
+        lines.append(f"Embedding collapse on held-out windows (spread / effective rank, width {emb['width']}): fused "
+                     f"{emb['fused']['spread']:.3f} / {emb['fused']['effective_rank']:.1f}   per modality: {per}")
     return "\n".join(lines)
 
 

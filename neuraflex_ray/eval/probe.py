@@ -8,6 +8,13 @@ windows (the pretraining's held-out part, after a guard):
 - baseline: per channel, mean, std, linear slope and Welch log band powers (BANDS_HZ), plus the heart rate
             from ECG R-peaks (`heart_rate_bpm`), all from the same normalised context samples.
 
+Every task is scored at three time cuts (`ProbeSession.cuts_s`: the pretraining's split and two
+earlier ones; train on the windows before a cut, test on those after it), and reports the mean
+difference model - baseline over the cuts with a 95 % interval from a paired moving-block bootstrap
+of each cut's test windows (blocks of about BLOCK_S seconds: overlapping windows and slow physiology
+are not independent), `splits` holding each cut's figures. `model` and `baseline` stay the scores
+at the pretraining's split.
+
 Classifier: median imputation (a window with too few R-peaks has no heart rate) + StandardScaler +
 LogisticRegression(class_weight="balanced", C=1 fixed). C is not tuned: time-ordered folds of the
 train side are long single-class stretches (400 s of rest, then blocks of trials), so a CV score would
@@ -32,11 +39,14 @@ from sklearn.preprocessing import StandardScaler
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ConfigError
+from neuraflex_ray.eval.bootstrap import block_resampled_diffs, interval_of_mean
 from neuraflex_ray.eval.common import device_of, make_input, plain, to_numpy
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 
 C = 1.0  # inverse L2 strength of the logistic regression, fixed (see the module docstring)
 BATCH = 64  # windows per embed call
+BLOCK_S = 30.0  # bootstrap blocks span about this many seconds of test windows
+N_BOOT = 2000
 
 # Welch band powers per modality (Hz, [lo, hi)). A 4 s context gives 0.25 Hz bins, so no band starts lower;
 # bands are clipped to the modality's Nyquist frequency and dropped when they lie above it.
@@ -118,6 +128,22 @@ def embeddings(model: torch.nn.Module, session: ProbeSession, starts: np.ndarray
     return np.concatenate(out) if out else np.zeros((0, model.cfg.dim), np.float32)
 
 
+class EmbeddingCache:
+    """Frozen embeddings by window start: the cuts score overlapping sets of the same labelled windows."""
+
+    def __init__(self, model: torch.nn.Module, session: ProbeSession, batch_size: int = BATCH):
+        self.model, self.session, self.batch_size = model, session, batch_size
+        self.rows: dict[int, np.ndarray] = {}
+
+    def __call__(self, starts: np.ndarray) -> np.ndarray:
+        keys = [round(float(t) / self.session.grid_s) for t in starts]
+        todo = sorted({k for k in keys if k not in self.rows})
+        if todo:
+            new = embeddings(self.model, self.session, np.array(todo) * self.session.grid_s, self.batch_size)
+            self.rows.update(zip(todo, new, strict=True))
+        return np.stack([self.rows[k] for k in keys]) if keys else np.zeros((0, self.model.cfg.dim), np.float32)
+
+
 # ---------------------------------------------------------------------------------------------
 # Classifier
 # ---------------------------------------------------------------------------------------------
@@ -139,13 +165,53 @@ def score(clf: Pipeline, x_test: np.ndarray, y_test: np.ndarray, classes: tuple[
 def decode(features: dict[str, np.ndarray], task: TaskWindows, c: float = C) -> dict[str, Any]:
     """features: side -> [W, F] rows in task.starts[side] order; fit on train, score on test."""
     clf = fit_classifier(features["train"], task.y["train"], c)
-    return {**score(clf, features["test"], task.y["test"], task.classes), "classifier": clf}
+    return {**score(clf, features["test"], task.y["test"], task.classes), "classifier": clf,
+            "pred": clf.predict(features["test"])}
+
+
+def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
+    """Balanced accuracy of two classes; a ValueError when one is missing (a resample it cannot score)."""
+    if len(np.unique(y)) < 2:
+        raise ValueError("one class only")
+    return float(balanced_accuracy_score(y, pred))
+
+
+def _counts_of(task: TaskWindows) -> dict[str, dict[str, int]]:
+    return {side: {cls: int((task.y[side] == k).sum()) for k, cls in enumerate(task.classes)} for side in ("train", "test")}
+
+
+def score_cut(embed: EmbeddingCache, session: ProbeSession, task: TaskWindows, c: float = C,
+              seed: int = 0) -> tuple[dict[str, Any], np.ndarray | None]:
+    """One cut of one task: both classifiers, the difference and its paired block-bootstrap interval.
+    Returns (the cut's figures, the bootstrap draws of the difference; None when it cannot be scored)."""
+    counts = _counts_of(task)
+    cut = session.split_s if task.cut_s is None else task.cut_s
+    out: dict[str, Any] = {"cut_s": cut, "n_train": counts["train"], "n_test": counts["test"],
+                           "test_seen_by_pretraining": float(np.mean(task.starts["test"] < session.split_s))
+                           if len(task.starts["test"]) else None}
+    empty = [f"{side}/{cls}" for side, n in counts.items() for cls, k in n.items() if k == 0]
+    if empty:
+        return {**out, "reason": f"no window of {empty}"}, None
+    preds = {}
+    for kind in ("model", "baseline"):
+        feats = {side: embed(starts) if kind == "model" else classical_features(session.cut(starts), session.rates)[0]
+                 for side, starts in task.starts.items()}
+        res = decode(feats, task, c)
+        out[kind], preds[kind] = res["bacc"], res["pred"]
+    test = task.starts["test"]
+    block = max(1, round(BLOCK_S * len(test) / max(float(test[-1] - test[0]), BLOCK_S)))
+    draws = block_resampled_diffs(balanced_accuracy, task.y["test"], preds["model"], preds["baseline"],
+                                  block=block, n_boot=N_BOOT, seed=seed)
+    lo, hi, skipped = interval_of_mean([draws])
+    out.update(diff=out["model"] - out["baseline"], ci_low=lo, ci_high=hi, block_windows=block, skipped_resamples=skipped)
+    return out, draws
 
 
 def probe_task(model: torch.nn.Module, session: ProbeSession, task: TaskWindows, *, c: float = C,
-               batch_size: int = BATCH) -> dict[str, Any]:
+               batch_size: int = BATCH, embed: EmbeddingCache | None = None) -> dict[str, Any]:
     """One task's result: balanced accuracy of the embedding and of the classical features, counts, labels."""
-    counts = {side: {cls: int((task.y[side] == k).sum()) for k, cls in enumerate(task.classes)} for side in ("train", "test")}
+    embed = embed or EmbeddingCache(model, session, batch_size)
+    counts = _counts_of(task)
     spans = {side: [float(s[0]), float(s[-1] + session.context_s)] if len(s) else None for side, s in task.starts.items()}
     out: dict[str, Any] = {
         "model": None, "baseline": None, "n_train": counts["train"], "n_test": counts["test"], "labels": task.labels,
@@ -159,7 +225,7 @@ def probe_task(model: torch.nn.Module, session: ProbeSession, task: TaskWindows,
         return {**out, "reason": f"no window of {empty}: both classes must occur on both sides of the split"}
     feats = {"model": {}, "baseline": {}}
     for side, starts in task.starts.items():
-        feats["model"][side] = embeddings(model, session, starts, batch_size)
+        feats["model"][side] = embed(starts)
         feats["baseline"][side], names = classical_features(session.cut(starts), session.rates)
     recall = {}
     for kind, f in feats.items():
@@ -181,7 +247,28 @@ def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c:
         raise ConfigError(f"a {meta['model_type']} export has no window embeddings; the probe decodes them from a "
                           f"time-series foundation model (NeuroFM)")
     session = load_session(meta, cache_dir)
-    return plain({t.name: probe_task(model, session, t, c=c, batch_size=batch_size) for t in all_tasks(session, hop_s)})
+    embed = EmbeddingCache(model, session, batch_size)
+    out = {t.name: probe_task(model, session, t, c=c, embed=embed) for t in all_tasks(session, hop_s)}
+    per_cut = [{t.name: t for t in all_tasks(session, hop_s, cut)} for cut in session.cuts_s()]
+    for name, result in out.items():
+        result.update(across_cuts(embed, session, [tasks[name] for tasks in per_cut], c))
+    return plain(out)
+
+
+def across_cuts(embed: EmbeddingCache, session: ProbeSession, tasks: list[TaskWindows], c: float = C) -> dict[str, Any]:
+    """{"diff", "ci_low", "ci_high", "splits"}: model - baseline averaged over the cuts that can be
+    scored, its interval from the cuts' bootstrap draws averaged draw by draw, and each cut's figures."""
+    splits, draws = [], []
+    for k, task in enumerate(tasks):
+        figures, d = score_cut(embed, session, task, c, seed=k)
+        splits.append(figures)
+        if d is not None:
+            draws.append(d)
+    if not draws:
+        return {"diff": None, "ci_low": None, "ci_high": None, "splits": splits}
+    lo, hi, _ = interval_of_mean(draws)
+    return {"diff": float(np.mean([s["diff"] for s in splits if "diff" in s])), "ci_low": lo, "ci_high": hi,
+            "splits": splits}
 
 
 def _num(v: float | None) -> str:
@@ -201,6 +288,11 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{_counts(r['n_test']):<24}")
         if r.get("reason"):
             lines.append(f"    ({r['reason']})")
+        if r.get("diff") is not None:
+            spans = r["ci_low"] <= 0 <= r["ci_high"]
+            lines.append(f"    model - baseline over {len(r['splits'])} time cuts: {r['diff']:+.3f} "
+                         f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] 95% block bootstrap"
+                         + (" (spans zero: no difference shown)" if spans else ""))
         lines.append(f"    labels: {r['labels']}")
     return "\n".join(lines)
 

@@ -35,6 +35,7 @@ SESSION = "systole_task1"  # the session name sample_sources("systole") gives
 STIM_FILE = "Task1_Stim.npy"
 STIM_RATE = 1000.0  # Task1_Stim.npy is sampled with the ECG/EDA/respiration files, at 1 kHz from their first sample
 EPS = 1e-6  # seconds: slack for float window times that lie on the sample grid
+CUT_STEP = 0.1  # the earlier time cuts lie this share of the session before the pretraining's split
 
 
 @dataclass
@@ -73,12 +74,20 @@ class ProbeSession:
             out[m] = a[:, first[:, None] + np.arange(self.context_samples(m))].transpose(1, 0, 2)
         return out
 
-    def side(self, starts: np.ndarray) -> np.ndarray:
-        """'train', 'test' or '' (the window reaches into the guard or past the end) per window start."""
+    def cuts_s(self) -> list[float]:
+        """The time cuts every probe is scored on: the pretraining's split and CUT_STEP x the session's
+        length before it, twice (train on what precedes a cut, test on what follows)."""
+        step = CUT_STEP * self.duration_s
+        return [self.split_s - 2 * step, self.split_s - step, self.split_s]
+
+    def side(self, starts: np.ndarray, cut_s: float | None = None) -> np.ndarray:
+        """'train', 'test' or '' (the window reaches into the guard around the cut, default the
+        pretraining's split, or past the end) per window start."""
+        cut = self.split_s if cut_s is None else cut_s
         starts = np.asarray(starts, dtype=np.float64)
         end = starts + self.context_s
-        train = (starts >= -EPS) & (end <= self.train_end_s + EPS)
-        test = (starts >= self.test_begin_s - EPS) & (end <= self.duration_s + EPS)
+        train = (starts >= -EPS) & (end <= cut - self.guard_s + EPS)
+        test = (starts >= cut + self.guard_s - EPS) & (end <= self.duration_s + EPS)
         return np.where(train, "train", np.where(test, "test", ""))
 
 
@@ -93,6 +102,7 @@ class TaskWindows:
     y: dict[str, np.ndarray]  # "train" / "test" -> int64 [W]
     rejected: dict[str, int]  # windows dropped by the artifact rule, per side
     dropped_at_split: int  # labelled windows that reach into the guard around the split
+    cut_s: float | None = None  # the time cut the sides are split at (None: the pretraining's split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,7 +209,7 @@ TASK_VS_REST = "systole_task_vs_rest"
 POST_VS_PRE = "systole_post_vs_pre_onset"
 
 
-def task_vs_rest(session: ProbeSession, hop_s: float = 1.0) -> TaskWindows:
+def task_vs_rest(session: ProbeSession, hop_s: float = 1.0, cut_s: float | None = None) -> TaskWindows:
     """Windows every hop_s: 'task' when the window lies inside a block of trials, 'rest' when it touches
     none (so no onset lies in the window nor in the trial period before it); windows that straddle a
     block's edge are left out."""
@@ -216,10 +226,10 @@ def task_vs_rest(session: ProbeSession, hop_s: float = 1.0) -> TaskWindows:
               f"({period:.2f} s); a block = onsets less than 2 periods apart, spanning [first onset, last onset + period) "
               f"({len(spans)} blocks); task = the {ctx:g} s window lies inside a block; rest = it overlaps no block (no onset "
               f"within it nor in the period before it); windows straddling a block edge are unlabelled; hop {hop:g} s")
-    return _by_side(session, TASK_VS_REST, ("rest", "task"), labels, starts[keep], inside[keep].astype(np.int64))
+    return _by_side(session, TASK_VS_REST, ("rest", "task"), labels, starts[keep], inside[keep].astype(np.int64), cut_s)
 
 
-def post_vs_pre_onset(session: ProbeSession) -> TaskWindows:
+def post_vs_pre_onset(session: ProbeSession, cut_s: float | None = None) -> TaskWindows:
     """Per image onset: 'post' = the window starting at the first grid time at or after the onset, 'pre' =
     the window ending at the last grid time at or before it (neither holds a sample from the other side)."""
     g, ctx = session.grid_s, session.context_s
@@ -230,14 +240,15 @@ def post_vs_pre_onset(session: ProbeSession) -> TaskWindows:
               f"or before it (start grid {g:g} s)")
     starts = np.concatenate([pre, post])
     y = np.concatenate([np.zeros(len(pre), np.int64), np.ones(len(post), np.int64)])
-    return _by_side(session, POST_VS_PRE, ("pre", "post"), labels, starts, y)
+    return _by_side(session, POST_VS_PRE, ("pre", "post"), labels, starts, y, cut_s)
 
 
 def _by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels: str, starts: np.ndarray,
-             y: np.ndarray) -> TaskWindows:
-    """Labelled windows -> per side (windows touching the guard dropped), then the pretraining's artifact
-    rule (a window with any |normalised sample| > reject_abs_z is dropped, the same rule on both sides)."""
-    side = session.side(starts)
+             y: np.ndarray, cut_s: float | None = None) -> TaskWindows:
+    """Labelled windows -> per side of the cut (windows touching its guard dropped), then the
+    pretraining's artifact rule (a window with any |normalised sample| > reject_abs_z is dropped,
+    the same rule on both sides)."""
+    side = session.side(starts, cut_s)
     out_starts, out_y, rejected = {}, {}, {}
     for part in ("train", "test"):
         sel = side == part
@@ -246,7 +257,7 @@ def _by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels:
         s, lab = s[order], lab[order]
         ok = _clean(session, s)
         out_starts[part], out_y[part], rejected[part] = s[ok], lab[ok], int((~ok).sum())
-    return TaskWindows(name, classes, labels, out_starts, out_y, rejected, int((side == "").sum()))
+    return TaskWindows(name, classes, labels, out_starts, out_y, rejected, int((side == "").sum()), cut_s)
 
 
 def _clean(session: ProbeSession, starts: np.ndarray) -> np.ndarray:
@@ -258,5 +269,6 @@ def _clean(session: ProbeSession, starts: np.ndarray) -> np.ndarray:
     return ok
 
 
-def all_tasks(session: ProbeSession, hop_s: float = 1.0) -> list[TaskWindows]:
-    return [task_vs_rest(session, hop_s), post_vs_pre_onset(session)]
+def all_tasks(session: ProbeSession, hop_s: float = 1.0, cut_s: float | None = None) -> list[TaskWindows]:
+    """Every labelled task, split at `cut_s` (default: the pretraining's split)."""
+    return [task_vs_rest(session, hop_s, cut_s), post_vs_pre_onset(session, cut_s)]

@@ -36,7 +36,8 @@ def permutation_p(sims: list[np.ndarray], k: int, *, n_perm: int = 1000, seed: i
     return (1 + hits) / (1 + n_perm)
 
 
-def _embed(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int, device) -> np.ndarray:
+def embed_modality(model, a: Any, windows: np.ndarray, m: str, ctx: int, batch_size: int, device) -> np.ndarray:
+    """[W, d] L2-normalised embeddings of `windows` seen through modality m alone (NeuroFM: its projection)."""
     out = []
     for batch in chunks(windows, batch_size):
         x = np.asarray(a.x[batch])[:, :, :ctx]
@@ -61,8 +62,8 @@ def retrieval(model, val, manifest, idx_val, batch_size, ks: tuple[int, ...] = (
             windows = idx_val[has[a] & has[b]]
             if len(windows) < 2:
                 continue
-            ea = _embed(model, val[a], windows, a, info(manifest, a)[1], batch_size, device)
-            eb = _embed(model, val[b], windows, b, info(manifest, b)[1], batch_size, device)
+            ea = embed_modality(model, val[a], windows, a, info(manifest, a)[1], batch_size, device)
+            eb = embed_modality(model, val[b], windows, b, info(manifest, b)[1], batch_size, device)
             sim = ea @ eb.T
             n = len(windows)
             pairs.append({"a": a, "b": b, "n": n, "sim": sim,

@@ -29,6 +29,7 @@ class NeuroTask(FinetuneHooks, Task):
     """
 
     unit = "patches"
+    # proj_variance / proj_covariance / spectral: only when their weight is > 0.
     # spread / effective_rank: of the fused window embedding the probes read, over the evaluation's
     # windows (eval/embedding_stats.py); per modality as spread_<m> / effective_rank_<m> of the
     # projection retrieval uses, when the contrastive term trains it.
@@ -98,8 +99,13 @@ class NeuroTask(FinetuneHooks, Task):
         loss = neurofm_loss(model, window, self.cfg.model, stage_step, gen, gather=gather_across_ranks())
         views = contrastive_views(self.cfg.model, stage_step, len(window))
         flops = neurofm_flops_per_window(self.cfg.model, tokens // max(1, batch), contrastive_modalities=views) * batch
-        parts = {name: getattr(loss, name).detach() for name in ("recon", "forecast", "contrastive", "variance",
-                                                                  "proj_variance", "proj_covariance", "spectral")}
+        parts = {name: getattr(loss, name).detach() for name in ("recon", "forecast", "contrastive", "variance")}
+        # Issue 27's terms only when switched on: a line of zeros says nothing.
+        m = self.cfg.model
+        for name, weight in (("proj_variance", m.vicreg_weight), ("proj_covariance", m.vicreg_cov_weight),
+                             ("spectral", m.spectral_weight)):
+            if weight > 0:
+                parts[name] = getattr(loss, name).detach()
         total = self.with_penalty(loss.total, train)
         return StepOutput(total, parts, tokens, flops, rows={} if train else self._embedding_rows(model, window))
 
@@ -135,10 +141,7 @@ class NeuroTask(FinetuneHooks, Task):
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         text = (f"recon {parts['recon']:.4f} | forecast {parts['forecast']:.4f} | contrastive {parts['contrastive']:.4f} "
                 f"| variance {parts['variance']:.4f}")
-        # The collapse terms of issue 27 only when one is on: the line stays short for the others.
-        m = self.cfg.model
-        for name, on in (("proj_variance", m.vicreg_weight), ("proj_covariance", m.vicreg_cov_weight),
-                         ("spectral", m.spectral_weight)):
-            if on > 0:
+        for name in ("proj_variance", "proj_covariance", "spectral"):  # present when switched on
+            if name in parts:
                 text += f" | {name} {parts[name]:.4f}"
         return {}, text

@@ -42,6 +42,7 @@ VARIANTS: dict[str, list[str]] = {
     "variance": ["model.variance_weight=1.0"],  # VICReg's variance term on the fused embedding
     "vicreg": ["model.vicreg_weight=1.0", "model.vicreg_cov_weight=0.04"],  # on every modality's projection
     "spectral": ["model.spectral_weight=1.0"],  # the embedding predicts each modality's log band powers
+    "hard_negatives": ["data.hard_negatives=4"],  # batches hold runs of one recording's windows 4-20 s apart
 }
 
 

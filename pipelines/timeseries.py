@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import ray
 
 from neuraflex_ray.config import SeriesDataConfig
+from pipelines.hard_negatives import hard_negative_order
 from pipelines.neuro_samples import sample_sources
 from pipelines.neuro_sources import BadRecording, Source, recording_source
 from pipelines.series_prep import plan_layout, prepare_session
@@ -134,7 +135,10 @@ def build_series_dataset(cfg: SeriesDataConfig, *, force: bool = False) -> dict[
             # Shuffled once, seeded, so a batch read in file order mixes sessions: training batches, and
             # the first eval_batches of the held-out split that training evaluates on.
             rng = np.random.default_rng(cfg.seed + (split == "val"))
-            windows = [windows[i] for i in rng.permutation(len(windows))]
+            if split == "train" and cfg.hard_negatives > 1:
+                windows = hard_negative_order(windows, cfg.hard_negatives, cfg.hop_s, rng)
+            else:
+                windows = [windows[i] for i in rng.permutation(len(windows))]
             shards[split] = _write_split(windows, tmp, split, arrays, sessions_info, layout)
         manifest = {
             "version": FORMAT_VERSION,
@@ -264,6 +268,7 @@ def _fingerprint(cfg: SeriesDataConfig, sources: list[Source]) -> str:
         "modalities": {k: dataclasses.asdict(v) for k, v in cfg.modalities.items()},
         **{k: getattr(cfg, k) for k in ("context_s", "horizons_s", "hop_s", "patch_s", "val_fraction",
                                         "on_bad_input", "reject_abs_z", "seed", "channel_table")},
+        **({"hard_negatives": cfg.hard_negatives} if cfg.hard_negatives > 1 else {}),  # older builds stay reusable
     }
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()
 

@@ -200,6 +200,10 @@ class SeriesDataConfig:
     channel_table: dict[str, int] = field(default_factory=dict)
     # Training-time only, not part of the dataset (so not in the build's fingerprint).
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # Hard negatives for the contrastive loss: the training split is written as units of this many
+    # windows of one recording, 4-20 s apart, shuffled (pipelines/hard_negatives.py), so a batch
+    # holds neighbours to tell apart. 0: off (plain shuffle). Part of the dataset: changing it rebuilds.
+    hard_negatives: int = 0
     # Each training batch holds windows of one modality set and channel count, so nothing is padded
     # (pipelines/modality_buckets.py); evaluation batches stay as stored.
     batch_by_modality: bool = False

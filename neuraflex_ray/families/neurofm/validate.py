@@ -6,6 +6,8 @@ import math
 
 from neuraflex_ray.config import CURRICULUM_MODES, JobConfig, NeuroFMConfig
 from neuraflex_ray.config.validate import need
+from pipelines.hard_negatives import MAX_GAP_S, MIN_GAP_S
+from pipelines.neuro_samples import SAMPLE_SETS
 
 
 def validate_neurofm(cfg: JobConfig, world: int) -> None:
@@ -35,9 +37,8 @@ def validate_neurofm(cfg: JobConfig, world: int) -> None:
          f"model.curriculum: stages must have increasing start_step (got {starts})")
 
     need(d.samples or d.recordings, "data.samples and data.recordings are both empty: name sample sets or add recordings")
-    known = ("physionet_eeg", "plux", "systole", "nitime")
     for s in d.samples:
-        need(s in known, f"data.samples: unknown sample set {s!r}; choose from {list(known)}")
+        need(s in SAMPLE_SETS, f"data.samples: unknown sample set {s!r}; choose from {list(SAMPLE_SETS)}")
     for name in ("context_s", "hop_s", "patch_s"):
         need(getattr(d, name) > 0, f"data.{name} must be > 0 (got {getattr(d, name)})")
     need(d.horizons_s and all(h > 0 for h in d.horizons_s), f"data.horizons_s must be positive lead times (got {d.horizons_s})")
@@ -64,6 +65,17 @@ def validate_neurofm(cfg: JobConfig, world: int) -> None:
                              f"{r.modality!r} recording with session {r.session!r}; cross-correlation needs the same "
                              f"signal seen by both devices: name such a file of the same session")
     need(_whole(d.hop_s / d.patch_s), f"data.hop_s={d.hop_s} is not a whole number of patches of data.patch_s={d.patch_s}")
+    if d.hard_negatives:
+        stride = math.ceil(MIN_GAP_S / d.hop_s - 1e-9) * d.hop_s
+        longest = 1 + int(MAX_GAP_S // stride + 1e-9)  # neighbours stride apart, the farthest within MAX_GAP_S
+        need(2 <= d.hard_negatives <= longest,
+             f"data.hard_negatives={d.hard_negatives}: use 0 (off) or 2..{longest} windows per run (with "
+             f"data.hop_s={d.hop_s}, neighbours are {stride:g} s apart and a run must span <= {MAX_GAP_S:g} s)")
+        need(not d.batch_by_modality, "data.hard_negatives and data.batch_by_modality both regroup training "
+                                      "windows; turn one off")
+        need(cfg.train.micro_batch_size % d.hard_negatives == 0,
+             f"train.micro_batch_size={cfg.train.micro_batch_size} is not a multiple of data.hard_negatives="
+             f"{d.hard_negatives}: a run of neighbours must land whole in one rank's micro-batch")
     # data.augment: written as `lo <= x <= hi` so that NaN (YAML .nan) fails too.
     a = d.augment
     need(0.0 <= a.modality_dropout < 1.0,

@@ -65,7 +65,7 @@ def summarize(result: dict[str, Any], ev: dict[str, Any], probes: dict[str, Any]
                                                     "skill_vs_ridge": row["skill_vs_ridge"]} for row in ev["forecast"]},
         "forecast_skill_vs_persistence": skill,
         "forecast_worst": {"skill_vs_persistence": worst[0], "modality": worst[1], "horizon_s": float(worst[2])},
-        "probes": {t: {"model": p["model"], "baseline": p["baseline"]} for t, p in probes.items()},
+        "probes": {t: {k: p.get(k) for k in ("model", "baseline", "diff", "ci_low", "ci_high")} for t, p in probes.items()},
     }
 
 

@@ -19,15 +19,18 @@ from neuraflex_ray.checkpoint import DCP_DIR, TRAIN_STATE, export_checkpoint
 from neuraflex_ray.cli import main
 from neuraflex_ray.config import ConfigError, SeriesDataConfig, load_config, neurofm_for_data
 from neuraflex_ray.eval.probe import classical_features, decode, fit_classifier, heart_rate_bpm
-from neuraflex_ray.eval.probe_tasks import (
+from neuraflex_ray.eval.probe_labels import (
+    FMRI_EVENT,
+    FNIRS_TAPPING,
+    HRF_DELAY_S,
+    HRF_TAIL_S,
     POST_VS_PRE,
-    SESSION,
+    REST_AFTER_S,
+    SOURCES,
+    SYSTOLE,
     TASK_VS_REST,
-    all_tasks,
-    data_config_from_export,
-    load_session,
-    sample_grid_s,
 )
+from neuraflex_ray.eval.probe_tasks import all_tasks, data_config_from_export, load_session, sample_grid_s
 from neuraflex_ray.models.neurofm import NeuroFM
 from pipelines.neuro_samples import PACKAGES, fetch_package
 from pipelines.timeseries import build_series_dataset
@@ -41,7 +44,8 @@ def export_dir(tmp_path_factory, ray_session):
 
     root = tmp_path_factory.mktemp("probe")
     # hop 16 s: the pretraining windows are not what the probe reads, only the manifest is
-    manifest = build_series_dataset(SeriesDataConfig(samples=["systole"], hop_s=16.0, output_dir=str(root / "data")))
+    manifest = build_series_dataset(SeriesDataConfig(samples=["systole", "pyphysio", "nitime_events"], hop_s=16.0,
+                                                     output_dir=str(root / "data")))
     cfg = neurofm_for_data(load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]).model,
                            manifest)
     torch.manual_seed(0)
@@ -59,7 +63,7 @@ def meta(export_dir):
 
 @pytest.fixture(scope="module")
 def session(meta):
-    return load_session(meta)
+    return load_session(meta, SYSTOLE)
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +81,7 @@ def onsets(session):
 
 
 def test_the_probe_keeps_the_pretrainings_split(session, meta):
-    rec = next(r for r in meta["data"]["recordings"] if r["name"] == SESSION)
+    rec = next(r for r in meta["data"]["recordings"] if r["name"] == SYSTOLE.session)
     assert session.split_s == pytest.approx(rec["split_s"] - rec["start_s"])
     assert session.guard_s == pytest.approx(rec["split_guard_s"]) and session.guard_s > 0
     assert session.pretrained_on is True
@@ -182,7 +186,7 @@ def test_an_export_without_the_split_is_refused(meta):
         data_config_from_export({**meta, "data": data})
     ids = {k: v for k, v in meta["data"]["channel_ids"].items() if k != "resp:RESP"}
     with pytest.raises(ConfigError, match="resp:RESP"):
-        load_session({**meta, "data": {**meta["data"], "channel_ids": ids}})
+        load_session({**meta, "data": {**meta["data"], "channel_ids": ids}}, SYSTOLE)
 
 
 def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
@@ -191,20 +195,23 @@ def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
     printed = capsys.readouterr().out
     assert "balanced accuracy" in printed and TASK_VS_REST in printed
     result = json.loads(out.read_text())
-    assert set(result) == {TASK_VS_REST, POST_VS_PRE}
+    assert set(result) == {TASK_VS_REST, POST_VS_PRE, FNIRS_TAPPING, FMRI_EVENT}
     for name, r in result.items():
         assert 0.0 <= r["model"] <= 1.0 and 0.0 <= r["baseline"] <= 1.0, name
-        assert r["labels"].startswith("Task1_Stim.npy onsets")
         for side in ("n_train", "n_test"):
             assert len(r[side]) == 2 and min(r[side].values()) > 0, (name, r[side])
-        assert r["windows_s"]["train"][1] <= session.train_end_s + EPS
-        assert r["windows_s"]["test"][0] >= session.test_begin_s - EPS
+        split = r["split"]  # each task on its own recording's split
+        assert r["windows_s"]["train"][1] <= split["train_end_s"] + EPS
+        assert r["windows_s"]["test"][0] >= split["test_begin_s"] - EPS
         assert r["n_features"]["model"] == 32  # the tiny flavour's dim
+    for name in (TASK_VS_REST, POST_VS_PRE):
+        assert result[name]["labels"].startswith("Task1_Stim.npy onsets")
+        assert result[name]["split"]["split_s"] == pytest.approx(session.split_s)
     assert result[POST_VS_PRE]["n_test"] == {"pre": 13, "post": 13}
     # Three time cuts, the last the pretraining's split; the mean difference and its interval over them.
     for name, r in result.items():
         cuts = [c["cut_s"] for c in r["splits"]]
-        assert cuts == sorted(cuts) and len(cuts) == 3 and cuts[-1] == pytest.approx(session.split_s), name
+        assert cuts == sorted(cuts) and len(cuts) == 3 and cuts[-1] == pytest.approx(r["split"]["split_s"]), name
         scored = [c for c in r["splits"] if "diff" in c]
         assert r["diff"] == pytest.approx(np.mean([c["model"] - c["baseline"] for c in scored]))
         assert r["ci_low"] <= r["ci_high"] and all(c["ci_low"] <= c["ci_high"] for c in scored)
@@ -232,10 +239,27 @@ def test_fewshot_scores_lora_and_the_linear_probe_without_touching_the_export(ex
     from neuraflex_ray.finetune.lora import fingerprint
 
     before = fingerprint(export_dir)
-    session = load_session(meta)
+    session = load_session(meta, SYSTOLE)
     task = next(t for t in all_tasks(session) if t.name == TASK_VS_REST)
     out = fewshot_task(export_dir, session, task, shots=(1, 5), repeats=1, steps=2)
     assert set(out["shots"]) == {"1", "5"} and out["n_test"] == len(task.y["test"])
     for row in out["shots"].values():
         assert 0.0 <= row["linear"] <= 1.0 and 0.0 <= row["lora"] <= 1.0 and row["draws"] == 1
     assert fingerprint(export_dir) == before  # adapters live in memory; the base export is unchanged
+
+
+@pytest.mark.parametrize(("source", "events", "duration_s"), [("fnirs_tapping", 31, 4.915), ("fmri_events", 576, 0.0)])
+def test_haemodynamic_labels_follow_the_protocol_events(meta, source, events, duration_s):
+    """Response windows lie where the haemodynamic response is, rest windows clear of every response;
+    the events are read from the recording's own label file, on the session clock."""
+    session = load_session(meta, SOURCES[source])
+    assert len(session.onsets_s) == events and np.allclose(session.durations_s, duration_s, atol=0.01)
+    on, end = session.onsets_s, session.onsets_s + session.durations_s
+    for task in all_tasks(session, hop_s=1.0):
+        for side in ("train", "test"):
+            assert (np.bincount(task.y[side], minlength=2) > 0).all(), (task.name, side)
+            for t, y in zip(task.starts[side], task.y[side], strict=True):
+                if y == 1:
+                    assert ((on + HRF_DELAY_S <= t + EPS) & (t + session.context_s <= end + HRF_TAIL_S + EPS)).any(), t
+                else:
+                    assert not ((t < end + REST_AFTER_S - EPS) & (t + session.context_s > on + EPS)).any(), t

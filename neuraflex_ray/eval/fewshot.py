@@ -1,6 +1,6 @@
 """Few-shot NeuroFM: the probe tasks learned from 1, 5 and 25 labelled windows per class.
 
-For each labelled task of `probe_tasks.py` and each shot count k, `repeats` draws of k train-side
+For each labelled task of the systole recording (`probe_labels.py`) and each shot count k, `repeats` draws of k train-side
 windows per class (seeded) are scored on the whole probe-test side (balanced accuracy) by:
 
 - linear: the frozen-embedding probe of `probe.py` (same classifier), fitted on the 2k windows;
@@ -23,6 +23,7 @@ from sklearn.metrics import balanced_accuracy_score
 
 from neuraflex_ray.eval.common import device_of, make_input, plain
 from neuraflex_ray.eval.probe import decode, embeddings
+from neuraflex_ray.eval.probe_labels import SYSTOLE
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 
 SHOTS = (1, 5, 25)
@@ -101,6 +102,6 @@ def fewshot(export_dir: str | Path, *, cache_dir: str = "", shots: tuple[int, ..
     import json
 
     meta = json.loads((Path(export_dir) / "config.json").read_text())
-    session = load_session(meta, cache_dir)
+    session = load_session(meta, SYSTOLE, cache_dir)
     return plain({t.name: fewshot_task(export_dir, session, t, shots=shots, repeats=repeats, rank=rank, steps=steps)
                   for t in all_tasks(session)})

@@ -1,8 +1,9 @@
 """Downstream decoding from FROZEN NeuroFM embeddings, beside the features a physiologist would use.
 
-For each labelled task of `probe_tasks.py` (labels from the recording's own protocol, never from the
-signals), the same classifier is fitted twice on the probe-train windows and scored on the probe-test
-windows (the pretraining's held-out part, after a guard):
+For each labelled task of every recording in `probe_labels.py` that the export was pretrained on
+(labels from the recording's own protocol, never from the signals), the same classifier is fitted
+twice on the probe-train windows and scored on the probe-test windows (the pretraining's held-out
+part, after a guard):
 
 - model:    the window's embedding, `NeuroFM.embed` over all the session's modalities together, no gradient;
 - baseline: per channel, mean, std, linear slope and Welch log band powers (BANDS_HZ), plus the heart rate
@@ -41,6 +42,7 @@ from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ConfigError
 from neuraflex_ray.eval.bootstrap import block_resampled_diffs, interval_of_mean
 from neuraflex_ray.eval.common import device_of, make_input, plain, to_numpy
+from neuraflex_ray.eval.probe_labels import SOURCES
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 
 C = 1.0  # inverse L2 strength of the logistic regression, fixed (see the module docstring)
@@ -246,13 +248,31 @@ def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c:
     if not hasattr(model, "embed"):
         raise ConfigError(f"a {meta['model_type']} export has no window embeddings; the probe decodes them from a "
                           f"time-series foundation model (NeuroFM)")
-    session = load_session(meta, cache_dir)
+    out: dict[str, Any] = {}
+    missing = []
+    for source in SOURCES.values():
+        try:
+            session = load_session(meta, source, cache_dir)
+        except ConfigError as e:  # not pretrained on this recording: its channels have no embedding
+            missing.append(f"{source.name} ({e})")
+            continue
+        out.update(probe_session(model, session, hop_s=hop_s, c=c, batch_size=batch_size))
+    if not out:
+        raise ConfigError("the export was pretrained on none of the labelled recordings:\n  " + "\n  ".join(missing))
+    for line in missing:
+        print(f"[probe] skipped {line.split(' (')[0]}: the export was not pretrained on its recording", flush=True)
+    return plain(out)
+
+
+def probe_session(model: torch.nn.Module, session: ProbeSession, *, hop_s: float = 1.0, c: float = C,
+                  batch_size: int = BATCH) -> dict[str, Any]:
+    """{task: result} for every task of one labelled session: at the pretraining's split, and across cuts."""
     embed = EmbeddingCache(model, session, batch_size)
     out = {t.name: probe_task(model, session, t, c=c, embed=embed) for t in all_tasks(session, hop_s)}
     per_cut = [{t.name: t for t in all_tasks(session, hop_s, cut)} for cut in session.cuts_s()]
     for name, result in out.items():
         result.update(across_cuts(embed, session, [tasks[name] for tasks in per_cut], c))
-    return plain(out)
+    return out
 
 
 def across_cuts(embed: EmbeddingCache, session: ProbeSession, tasks: list[TaskWindows], c: float = C) -> dict[str, Any]:

@@ -1,18 +1,17 @@
-"""Labelled windows for the frozen-embedding probe (`probe.py`), from the systole task recording.
+"""Labelled windows for the frozen-embedding probe (`probe.py`): a recording's session as the
+pretraining prepared it, and its labelled windows split at a time cut.
 
-The session: systole==0.3.1's `Task1_{ECG,EDA,Respiration}.npy` (one participant, 1 kHz, 25.6 min) rating
-the valence of neutral and disgusting pictures (Legrand et al. 2020, Sci. Rep. 10, as systole's
-`import_dataset1` describes it). `Task1_Stim.npy` on the same clock is 0 except at the 72 trial onsets
-(1 = neutral image, 2 = disgusting image): 6 blocks of 12 trials ~10.65 s apart, ~40 s of rest between
-blocks, ~400 s of rest before the first trial. Labels come from those onsets only, never from the
-signals the model sees.
+Which recordings have labels, where the labels come from and the rules that turn them into windows
+are in `probe_labels.py` (a `ProbeSource` each); labels come from the recordings' own protocol,
+never from the signals the model sees.
 
 The arrays are the pretraining's own: `prepare_session` (pipelines/series_prep.py) with a plan rebuilt
 from the export's config.json["data"] gives the same resampling, the same time split and the same
 train-part normalisation (checked against the export's norm_stats and split when it holds them). The
 probe keeps to that split: probe-train windows lie wholly before split - guard (the part the model was
 pre-trained on), probe-test windows wholly after split + guard (held out from pretraining too), so no
-window of one side overlaps a window of the other and the classifier never sees a test window.
+window of one side overlaps a window of the other and the classifier never sees a test window. The
+earlier time cuts (`ProbeSession.cuts_s`) keep the same guard around themselves.
 """
 
 from __future__ import annotations
@@ -21,26 +20,38 @@ import dataclasses
 import json
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuraflex_ray.config import ConfigError, ModalitySpec, SeriesDataConfig
-from pipelines.neuro_samples import PACKAGES, fetch_package, sample_sources
+from pipelines.neuro_samples import sample_sources
 from pipelines.series_prep import MAX_DENOMINATOR, plan_layout, prepare_session
 
-SESSION = "systole_task1"  # the session name sample_sources("systole") gives
-STIM_FILE = "Task1_Stim.npy"
-STIM_RATE = 1000.0  # Task1_Stim.npy is sampled with the ECG/EDA/respiration files, at 1 kHz from their first sample
 EPS = 1e-6  # seconds: slack for float window times that lie on the sample grid
 CUT_STEP = 0.1  # the earlier time cuts lie this share of the session before the pretraining's split
 
 
+@dataclass(frozen=True)
+class ProbeSource:
+    """A recording with labels: its sample set and session, where its events are, and its tasks."""
+
+    name: str
+    sample_set: str
+    session: str  # the session name sample_sources(sample_set) gives
+    # (the sample set's cache directory) -> (onsets s, codes, durations s), on the clock of the session's
+    # files (0 = their first sample)
+    events: Callable[[Path], tuple[np.ndarray, np.ndarray, np.ndarray]]
+    tasks: Callable[[ProbeSession, float, float | None], list[TaskWindows]]  # (session, hop_s, cut_s)
+
+
 @dataclass
 class ProbeSession:
-    """The session's normalised arrays on the session clock (0 = first common sample) and its trial onsets."""
+    """The session's normalised arrays on the session clock (0 = first common sample) and its events."""
 
     arrays: dict[str, np.ndarray]  # modality -> float32 [C, N] at rates[m]
     rates: dict[str, float]
@@ -51,9 +62,11 @@ class ProbeSession:
     split_s: float  # session clock; the pretraining's split
     guard_s: float  # no window within this of the split, either side
     reject_abs_z: float  # the pretraining's artifact rule (0: none)
-    onsets_s: np.ndarray  # trial onsets, session clock
-    onset_codes: np.ndarray  # 1 neutral image, 2 disgusting image
+    onsets_s: np.ndarray  # event onsets, session clock
+    onset_codes: np.ndarray  # what each event is (the source's codes)
     pretrained_on: bool | None  # the export's norm_stats name this session (None: the export does not say)
+    source: ProbeSource | None = None
+    durations_s: np.ndarray | None = None  # how long each event lasts (None: instants)
 
     @property
     def train_end_s(self) -> float:
@@ -134,8 +147,8 @@ def sample_grid_s(rates: list[float]) -> float:
     return float(Fraction(math.lcm(*(f.denominator for f in fr)), math.gcd(*(f.numerator for f in fr))))
 
 
-def load_session(meta: dict[str, Any], cache_dir: str = "") -> ProbeSession:
-    """The systole session prepared exactly as for pretraining, plus its trial onsets.
+def load_session(meta: dict[str, Any], source: ProbeSource, cache_dir: str = "") -> ProbeSession:
+    """The source's session prepared exactly as for pretraining, plus its events.
 
     Raises ConfigError when the export does not know a stream's modality or channel (its channel
     embedding would be missing), and ValueError when the prepared session contradicts the export's
@@ -144,22 +157,22 @@ def load_session(meta: dict[str, Any], cache_dir: str = "") -> ProbeSession:
     cfg = data_config_from_export(meta)
     plan = plan_layout(cfg)
     ids: dict[str, int] = meta["data"]["channel_ids"]
-    sources = sample_sources("systole", cache_dir)
+    sources = [s for s in sample_sources(source.sample_set, cache_dir) if s.session == source.session]
     unknown = [f"{s.modality}:{c}" for s in sources for c in s.channels
                if s.modality not in plan["modalities"] or f"{s.modality}:{c}" not in ids]
     if unknown:
-        raise ConfigError(f"the export was not trained with the channels {unknown} of session {SESSION!r} (its channel_ids: "
-                          f"{sorted(ids)}); the probe needs a NeuroFM trained with data.samples including systole")
-    row = {"session": SESSION, "sources": json.dumps([dataclasses.asdict(s) for s in sources])}
+        raise ConfigError(f"the export was not trained with the channels {unknown} of session {source.session!r} (its "
+                          f"channel_ids: {sorted(ids)}); the probe needs a NeuroFM trained with data.samples including "
+                          f"{source.sample_set}")
+    row = {"session": source.session, "sources": json.dumps([dataclasses.asdict(s) for s in sources])}
     out = prepare_session(row, plan)
     prep = json.loads(out["meta"])
     if prep["skipped"] or not out["payload"]:
-        raise ValueError(f"session {SESSION!r} could not be prepared: {prep['skipped'] or prep.get('short_s')}")
+        raise ValueError(f"session {source.session!r} could not be prepared: {prep['skipped'] or prep.get('short_s')}")
     arrays = pickle.loads(out["payload"])
-    _check_against_export(meta["data"], prep)
+    _check_against_export(meta["data"], prep, source.session)
     start = float(prep["start_s"])
-    stim = np.load(fetch_package("systole", *PACKAGES["systole"], cache_dir=cache_dir) / STIM_FILE)
-    idx = np.flatnonzero(stim)
+    onsets, codes, durations = source.events(Path(sources[0].path).parent)
     rates = {m: float(plan["modalities"][m]["rate"]) for m in arrays}
     return ProbeSession(
         arrays=arrays, rates=rates,
@@ -168,82 +181,48 @@ def load_session(meta: dict[str, Any], cache_dir: str = "") -> ProbeSession:
         duration_s=min(a.shape[1] / rates[m] for m, a in arrays.items()),
         split_s=float(prep["split_s"]) - start,  # prepare_session's split_s is on the file clock, like start_s
         guard_s=float(prep["split_guard_s"]), reject_abs_z=float(plan["reject_abs_z"] or 0.0),
-        onsets_s=idx / STIM_RATE - start,  # the stim file's sample 0 is the streams' sample 0 (start_s 0)
-        onset_codes=stim[idx].astype(np.int64),
-        pretrained_on=SESSION in meta["data"]["norm_stats"] if "norm_stats" in meta["data"] else None)
+        onsets_s=np.asarray(onsets, np.float64) - start, onset_codes=np.asarray(codes, np.int64),
+        pretrained_on=source.session in meta["data"]["norm_stats"] if "norm_stats" in meta["data"] else None,
+        source=source, durations_s=np.asarray(durations, np.float64))
 
 
-def _check_against_export(data: dict[str, Any], prep: dict[str, Any]) -> None:
+def _check_against_export(data: dict[str, Any], prep: dict[str, Any], session: str) -> None:
     """The export's own record of the session (when it has one) must match what was just prepared."""
-    stats = data.get("norm_stats", {}).get(SESSION)
+    stats = data.get("norm_stats", {}).get(session)
     if stats is not None:
         for m, s in prep["norm_stats"].items():
             ref = stats.get(m)
             if ref is None or not (np.allclose(ref["mean"], s["mean"], rtol=1e-9, atol=0)
                                    and np.allclose(ref["std"], s["std"], rtol=1e-9, atol=0)):
-                raise ValueError(f"{SESSION!r}/{m}: the normalisation differs from the one the export was trained with; "
+                raise ValueError(f"{session!r}/{m}: the normalisation differs from the one the export was trained with; "
                                  f"the probe's inputs would not be the pretraining's")
     for rec in data.get("recordings", []):
-        if rec["name"] == SESSION and (abs(rec["split_s"] - prep["split_s"]) > EPS
+        if rec["name"] == session and (abs(rec["split_s"] - prep["split_s"]) > EPS
                                        or abs(rec["split_guard_s"] - prep["split_guard_s"]) > EPS):
-            raise ValueError(f"{SESSION!r}: split {prep['split_s']} s (guard {prep['split_guard_s']} s) differs from the "
+            raise ValueError(f"{session!r}: split {prep['split_s']} s (guard {prep['split_guard_s']} s) differs from the "
                              f"pretraining's {rec['split_s']} s (guard {rec['split_guard_s']} s)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Label rules
+# Labelled windows -> sides of a cut
 # ---------------------------------------------------------------------------------------------
 
 
-def trial_blocks(onsets_s: np.ndarray) -> tuple[float, np.ndarray]:
-    """(trial period, block spans [K, 2]): the period is the median onset-to-onset interval; a gap of more
-    than two periods starts a new block; a block spans [first onset, last onset + period)."""
-    gaps = np.diff(onsets_s)
-    period = float(np.median(gaps))
-    cuts = np.flatnonzero(gaps > 2 * period) + 1
-    spans = [(b[0], b[-1] + period) for b in np.split(onsets_s, cuts)]
-    return period, np.array(spans, dtype=np.float64)
-
-
-TASK_VS_REST = "systole_task_vs_rest"
-POST_VS_PRE = "systole_post_vs_pre_onset"
-
-
-def task_vs_rest(session: ProbeSession, hop_s: float = 1.0, cut_s: float | None = None) -> TaskWindows:
-    """Windows every hop_s: 'task' when the window lies inside a block of trials, 'rest' when it touches
-    none (so no onset lies in the window nor in the trial period before it); windows that straddle a
-    block's edge are left out."""
-    period, spans = trial_blocks(session.onsets_s)
+def span_windows(session: ProbeSession, inside: np.ndarray, clear: np.ndarray,
+                 hop_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, labels) of windows every hop_s: 1 when the window lies inside one of the `inside` spans
+    [K, 2], 0 when it overlaps none of the `clear` spans, unlabelled (left out) otherwise."""
     g, ctx = session.grid_s, session.context_s
     hop = max(1, round(hop_s / g)) * g
-    starts = np.arange(math.floor((session.duration_s - ctx) / hop + EPS) + 1) * hop
-    starts = np.round(starts / g) * g
+    starts = np.round(np.arange(math.floor((session.duration_s - ctx) / hop + EPS) + 1) * hop / g) * g
     ends = starts + ctx
-    inside = ((spans[:, 0] <= starts[:, None] + EPS) & (ends[:, None] <= spans[:, 1] + EPS)).any(1)
-    clear = ((ends[:, None] <= spans[:, 0] + EPS) | (starts[:, None] >= spans[:, 1] - EPS)).all(1)
-    keep = inside | clear
-    labels = (f"{STIM_FILE} onsets (systole==0.3.1, picture valence-rating task): trial period = median onset interval "
-              f"({period:.2f} s); a block = onsets less than 2 periods apart, spanning [first onset, last onset + period) "
-              f"({len(spans)} blocks); task = the {ctx:g} s window lies inside a block; rest = it overlaps no block (no onset "
-              f"within it nor in the period before it); windows straddling a block edge are unlabelled; hop {hop:g} s")
-    return _by_side(session, TASK_VS_REST, ("rest", "task"), labels, starts[keep], inside[keep].astype(np.int64), cut_s)
+    inside_any = ((inside[:, 0] <= starts[:, None] + EPS) & (ends[:, None] <= inside[:, 1] + EPS)).any(1)
+    clear_all = ((ends[:, None] <= clear[:, 0] + EPS) | (starts[:, None] >= clear[:, 1] - EPS)).all(1)
+    keep = inside_any | clear_all
+    return starts[keep], inside_any[keep].astype(np.int64)
 
 
-def post_vs_pre_onset(session: ProbeSession, cut_s: float | None = None) -> TaskWindows:
-    """Per image onset: 'post' = the window starting at the first grid time at or after the onset, 'pre' =
-    the window ending at the last grid time at or before it (neither holds a sample from the other side)."""
-    g, ctx = session.grid_s, session.context_s
-    post = np.ceil(session.onsets_s / g - EPS) * g
-    pre = np.floor(session.onsets_s / g + EPS) * g - ctx
-    labels = (f"{STIM_FILE} onsets (systole==0.3.1, {len(session.onsets_s)} image onsets): post = the {ctx:g} s window "
-              f"starting at the first sample at or after an onset, pre = the {ctx:g} s window ending at the last sample at "
-              f"or before it (start grid {g:g} s)")
-    starts = np.concatenate([pre, post])
-    y = np.concatenate([np.zeros(len(pre), np.int64), np.ones(len(post), np.int64)])
-    return _by_side(session, POST_VS_PRE, ("pre", "post"), labels, starts, y, cut_s)
-
-
-def _by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels: str, starts: np.ndarray,
+def by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels: str, starts: np.ndarray,
              y: np.ndarray, cut_s: float | None = None) -> TaskWindows:
     """Labelled windows -> per side of the cut (windows touching its guard dropped), then the
     pretraining's artifact rule (a window with any |normalised sample| > reject_abs_z is dropped,
@@ -270,5 +249,5 @@ def _clean(session: ProbeSession, starts: np.ndarray) -> np.ndarray:
 
 
 def all_tasks(session: ProbeSession, hop_s: float = 1.0, cut_s: float | None = None) -> list[TaskWindows]:
-    """Every labelled task, split at `cut_s` (default: the pretraining's split)."""
-    return [task_vs_rest(session, hop_s, cut_s), post_vs_pre_onset(session, cut_s)]
+    """Every labelled task of the session's source, split at `cut_s` (default: the pretraining's split)."""
+    return session.source.tasks(session, hop_s, cut_s)

@@ -18,7 +18,8 @@ import torch
 from neuraflex_ray.checkpoint import DCP_DIR, TRAIN_STATE, export_checkpoint
 from neuraflex_ray.cli import main
 from neuraflex_ray.config import ConfigError, SeriesDataConfig, load_config, neurofm_for_data
-from neuraflex_ray.eval.probe import classical_features, decode, fit_classifier, heart_rate_bpm
+from neuraflex_ray.eval.probe import classical_features, heart_rate_bpm
+from neuraflex_ray.eval.probe_classifier import decode, fit_classifier
 from neuraflex_ray.eval.probe_labels import (
     FMRI_EVENT,
     FNIRS_TAPPING,
@@ -263,3 +264,22 @@ def test_haemodynamic_labels_follow_the_protocol_events(meta, source, events, du
                     assert ((on + HRF_DELAY_S <= t + EPS) & (t + session.context_s <= end + HRF_TAIL_S + EPS)).any(), t
                 else:
                     assert not ((t < end + REST_AFTER_S - EPS) & (t + session.context_s > on + EPS)).any(), t
+
+
+def test_basic_motions_probe_on_the_archive_split_and_two_reshuffles():
+    """The case-level probe: four activities, the accelerometer as the export's acc X/Y/Z; an untrained
+    tiny model beside summary statistics, which tell standing from running easily."""
+    from neuraflex_ray.eval.probe_cases import probe_basic_motions
+
+    cfg = dataclasses.replace(load_config(None, ["model_type=neurofm", "train.strategy=fsdp", "model.flavour=tiny"]).model,
+                              modalities=["acc"], patch_lens=[8], context_patches=16, horizon_patches=[1],
+                              n_channel_ids=4)
+    torch.manual_seed(0)
+    meta = {"data": {"channel_ids": {"acc:X": 1, "acc:Y": 2, "acc:Z": 3}, "modalities": {"acc": {"rate": 32.0}},
+                     "context_s": 4.0}}
+    r = probe_basic_motions(NeuroFM(cfg).eval(), meta)
+    assert r["chance"] == 0.25 and len(r["splits"]) == 3 and r["splits"][0]["split"] == "archive"
+    assert r["n_test"] == {"Standing": 10, "Running": 10, "Walking": 10, "Badminton": 10}
+    assert r["baseline"] > 0.6 and 0.0 <= r["model"] <= 1.0
+    assert r["ci_low"] <= r["ci_high"] and r["diff"] == pytest.approx(np.mean([s["diff"] for s in r["splits"]]))
+    assert probe_basic_motions(NeuroFM(cfg).eval(), {"data": {**meta["data"], "channel_ids": {}}}) is None

@@ -22,7 +22,8 @@ import torch
 from sklearn.metrics import balanced_accuracy_score
 
 from neuraflex_ray.eval.common import device_of, make_input, plain
-from neuraflex_ray.eval.probe import decode, embeddings
+from neuraflex_ray.eval.probe import embeddings
+from neuraflex_ray.eval.probe_classifier import decode
 from neuraflex_ray.eval.probe_labels import SYSTOLE
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 

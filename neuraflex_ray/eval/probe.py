@@ -32,23 +32,18 @@ from typing import Any
 import numpy as np
 import torch
 from scipy import signal
-from sklearn.impute import SimpleImputer
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, recall_score
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.config import ConfigError
 from neuraflex_ray.eval.bootstrap import block_resampled_diffs, interval_of_mean
 from neuraflex_ray.eval.common import device_of, make_input, plain, to_numpy
+from neuraflex_ray.eval.probe_cases import BASIC_MOTIONS, probe_basic_motions
+from neuraflex_ray.eval.probe_classifier import N_BOOT, C, balanced_accuracy, decode
 from neuraflex_ray.eval.probe_labels import SOURCES
 from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
 
-C = 1.0  # inverse L2 strength of the logistic regression, fixed (see the module docstring)
 BATCH = 64  # windows per embed call
 BLOCK_S = 30.0  # bootstrap blocks span about this many seconds of test windows
-N_BOOT = 2000
 
 # Welch band powers per modality (Hz, [lo, hi)). A 4 s context gives 0.25 Hz bins, so no band starts lower;
 # bands are clipped to the modality's Nyquist frequency and dropped when they lie above it.
@@ -146,38 +141,6 @@ class EmbeddingCache:
         return np.stack([self.rows[k] for k in keys]) if keys else np.zeros((0, self.model.cfg.dim), np.float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Classifier
-# ---------------------------------------------------------------------------------------------
-
-
-def fit_classifier(x_train: np.ndarray, y_train: np.ndarray, c: float = C) -> Pipeline:
-    """The one pipeline both feature sets get; it only ever sees train rows."""
-    clf = make_pipeline(SimpleImputer(strategy="median"), StandardScaler(),
-                        LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
-    return clf.fit(x_train, y_train)
-
-
-def score(clf: Pipeline, x_test: np.ndarray, y_test: np.ndarray, classes: tuple[str, str]) -> dict[str, Any]:
-    pred = clf.predict(x_test)
-    recall = recall_score(y_test, pred, labels=[0, 1], average=None, zero_division=0.0)
-    return {"bacc": float(balanced_accuracy_score(y_test, pred)), "recall": dict(zip(classes, map(float, recall), strict=True))}
-
-
-def decode(features: dict[str, np.ndarray], task: TaskWindows, c: float = C) -> dict[str, Any]:
-    """features: side -> [W, F] rows in task.starts[side] order; fit on train, score on test."""
-    clf = fit_classifier(features["train"], task.y["train"], c)
-    return {**score(clf, features["test"], task.y["test"], task.classes), "classifier": clf,
-            "pred": clf.predict(features["test"])}
-
-
-def balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    """Balanced accuracy of two classes; a ValueError when one is missing (a resample it cannot score)."""
-    if len(np.unique(y)) < 2:
-        raise ValueError("one class only")
-    return float(balanced_accuracy_score(y, pred))
-
-
 def _counts_of(task: TaskWindows) -> dict[str, dict[str, int]]:
     return {side: {cls: int((task.y[side] == k).sum()) for k, cls in enumerate(task.classes)} for side in ("train", "test")}
 
@@ -257,6 +220,11 @@ def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c:
             missing.append(f"{source.name} ({e})")
             continue
         out.update(probe_session(model, session, hop_s=hop_s, c=c, batch_size=batch_size))
+    cases = probe_basic_motions(model, meta, cache_dir, c)
+    if cases is not None:
+        out[BASIC_MOTIONS] = cases
+    else:
+        missing.append("basic_motions (the export has no acc channels X, Y, Z)")
     if not out:
         raise ConfigError("the export was pretrained on none of the labelled recordings:\n  " + "\n  ".join(missing))
     for line in missing:
@@ -301,7 +269,8 @@ def _counts(n: dict[str, int]) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """A readable table of probe()'s result."""
-    lines = ["NeuroFM frozen-embedding probe: logistic regression, balanced accuracy on the held-out late part (chance 0.5)",
+    lines = ["NeuroFM frozen-embedding probe: logistic regression, balanced accuracy on held-out data (chance 1 / classes: "
+             "0.5, BasicMotions 0.25)",
              f"{'task':<28} {'model':>7} {'baseline':>8}   {'train windows':<24} {'test windows':<24}"]
     for name, r in result.items():
         lines.append(f"{name:<28} {_num(r['model']):>7} {_num(r['baseline']):>8}   {_counts(r['n_train']):<24} "

@@ -58,6 +58,8 @@ def summarize(result: dict[str, Any], ev: dict[str, Any], probes: dict[str, Any]
         "masked_channel_r2": {k: r2.get(k) for k in ("zero_shot", "adapted", "ridge")},
         "retrieval_top1": {k: ev["retrieval_top1"].get(k) for k in ("model", "chance", "p_value")},
         "retrieval_top5": {k: ev["retrieval_top5"].get(k) for k in ("model", "chance", "p_value")},
+        "retrieval_by_session": {name: {k: {f: r[k].get(f) for f in ("model", "chance", "p_value")} for k in ("top1", "top5")}
+                                 | {"n": r["top1"]["pairs"][0]["n"]} for name, r in ev.get("retrieval_by_session", {}).items()},
         # collapse, at the last evaluation of training (held-out windows): fused and per modality
         "embedding": {k.removeprefix("val_"): v for k, v in result.items()
                       if k.startswith(("val_spread", "val_effective_rank"))},

@@ -260,3 +260,19 @@ def test_adaptation_learns_from_train_windows_only():
     other_val["eeg"].x[:] *= -5.0
     again = evaluate_neurofm(model, train, other_val, manifest, adapt_steps=40)["masked_channel_r2"]["adaptation"]
     assert again == r2["adaptation"]  # same losses to the last digit: held-out data never entered
+
+
+def test_retrieval_within_each_session(data):
+    """Per held-out session: a window among its own session's windows only."""
+    from neuraflex_ray.eval.neuro import retrieval_by_session
+
+    manifest, _, val = data
+    n = len(next(iter(val.values())).present)
+    recordings = np.array(["a"] * (n // 2) + ["b"] * (n - n // 2))
+    with torch.no_grad():
+        out = retrieval_by_session(Oracle(val).eval(), val, manifest, recordings, batch_size=7)
+    both = out  # the sessions where eeg and ecg co-occur in >= 2 windows
+    assert both and all(r["top1"]["model"] == 1.0 for r in both.values())
+    for name, r in both.items():
+        held = int(((recordings == name) & val["eeg"].present & val["ecg"].present).sum())
+        assert r["top1"]["pairs"][0]["n"] == held and r["top1"]["chance"] == pytest.approx(1 / held)

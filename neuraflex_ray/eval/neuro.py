@@ -30,7 +30,7 @@ from neuraflex_ray.eval.spatial import MIN_MONTAGE_CHANNELS, masked_channel
 def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[str, Any], manifest: dict, *,
                      batch_size: int = 16, max_windows: int | None = 512, max_train_windows: int | None = 4096,
                      lag_patches: int = 4, eeg_modality: str = "eeg", channel_every: int = 8,
-                     adapt_steps: int = 300, seed: int = 0) -> dict[str, Any]:
+                     adapt_steps: int = 300, seed: int = 0, val_recordings: np.ndarray | None = None) -> dict[str, Any]:
     """Score `model` on the val windows against baselines fitted on the train windows only.
 
     max_windows / max_train_windows cap the val windows scored and the train windows the baselines see
@@ -71,6 +71,8 @@ def evaluate_neurofm(model: torch.nn.Module, train: dict[str, Any], val: dict[st
                 "retrieval_top5": top[5],
                 "embedding": embedding_collapse(model, val, manifest, idx_val, batch_size),
             }
+            if val_recordings is not None:
+                result["retrieval_by_session"] = retrieval_by_session(model, val, manifest, val_recordings, batch_size)
     finally:
         model.train(was_training)
     result["masked_channel_r2"].setdefault("adapted", None)
@@ -122,12 +124,29 @@ def format_table(result: dict[str, Any]) -> str:
         for p1, p5 in zip(top1["pairs"], top5.get("pairs", [{}] * len(top1["pairs"])), strict=True):
             lines.append(f"    {p1['a']}<->{p1['b']} (n={p1['n']}): top-1 {p1['model']:.4f} (chance {p1['chance']:.4f})"
                          f"   top-5 {_fmt(p5.get('model'), 0)} (chance {_fmt(p5.get('chance'), 0)})")
+    for name, r in result.get("retrieval_by_session", {}).items():
+        pairs = ", ".join(f"{p['a']}<->{p['b']}" for p in r["top1"]["pairs"])
+        lines.append(f"    within {name} ({pairs}; n={r['top1']['pairs'][0]['n']}): top-1 {r['top1']['model']:.4f} "
+                     f"(chance {r['top1']['chance']:.4f}, p {_fmt(r['top1'].get('p_value'), 0)})   top-5 "
+                     f"{r['top5']['model']:.4f} (chance {r['top5']['chance']:.4f})")
     emb = result.get("embedding")
     if emb:
         per = "   ".join(f"{m} {emb['spread'][m]:.3f} / {emb['effective_rank'][m]:.1f}" for m in emb["spread"])
         lines.append(f"Embedding collapse on held-out windows (spread / effective rank, width {emb['width']}): fused "
                      f"{emb['fused']['spread']:.3f} / {emb['fused']['effective_rank']:.1f}   per modality: {per}")
     return "\n".join(lines)
+
+
+def retrieval_by_session(model: torch.nn.Module, val: dict[str, Any], manifest: dict, recordings: np.ndarray,
+                         batch_size: int) -> dict[str, Any]:
+    """Top-1 / top-5 within each held-out session that has two modalities together (every one of its
+    windows): a window must be told from the same session's other windows, the harder question."""
+    out = {}
+    for name in sorted(set(recordings.tolist())):
+        top = retrieval(model, val, manifest, np.flatnonzero(recordings == name), batch_size, ks=(1, 5))
+        if top[1]["model"] is not None:
+            out[name] = {"top1": top[1], "top5": top[5]}
+    return out
 
 
 def evaluate_neurofm_export(export_dir: Any, data_dir: Any, *, seed: int = 0) -> dict[str, Any]:
@@ -152,8 +171,8 @@ def evaluate_neurofm_export(export_dir: Any, data_dir: Any, *, seed: int = 0) ->
     order = np.lexsort((starts, recordings))
     train_arrays = {m: dataclasses.replace(a, x=a.x[order], chan=a.chan[order], present=a.present[order])
                     for m, a in train_arrays.items()}
-    val_arrays, _, _ = read_series(str(data_dir), "val")
+    val_arrays, val_recordings, _ = read_series(str(data_dir), "val")
     # No torch.no_grad() here: the masked-channel adaptation trains a copy (evaluate_neurofm scores under no_grad).
-    result = evaluate_neurofm(model, train_arrays, val_arrays, manifest, seed=seed)
+    result = evaluate_neurofm(model, train_arrays, val_arrays, manifest, seed=seed, val_recordings=val_recordings)
     print(format_table(result), flush=True)
     return result

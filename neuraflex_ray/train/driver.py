@@ -133,10 +133,16 @@ def _check_resumable(saved: dict[str, Any], cfg: JobConfig, path: Path) -> None:
         if saved.get(key, want) != want:
             raise ConfigError(f"train.resume_from: {path} holds a {key}={saved[key]!r} checkpoint, this config has {want!r}")
     now = dataclasses.asdict(cfg.model)
-    diff = sorted(k for k in now if k != "flavour" and saved["model_config"].get(k) != now[k])
+    # A field the checkpoint's config lacks did not exist when it was written: the model it holds
+    # behaved as that field's default (a new capability ships switched off).
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cfg.model)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    then = {k: saved["model_config"].get(k, defaults.get(k)) for k in now}
+    diff = sorted(k for k in now if k != "flavour" and then[k] != now[k])
     if diff:
         raise ConfigError(f"train.resume_from: {path} was trained with a different model: model.{diff[0]} is "
-                          f"{saved['model_config'].get(diff[0])!r} there and {now[diff[0]]!r} here (differs: {diff}); "
+                          f"{then[diff[0]]!r} there and {now[diff[0]]!r} here (differs: {diff}); "
                           f"resume with the same model config and dataset, or start a new run")
 
 

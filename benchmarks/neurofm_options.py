@@ -43,6 +43,7 @@ VARIANTS: dict[str, list[str]] = {
     "vicreg": ["model.vicreg_weight=1.0", "model.vicreg_cov_weight=0.04"],  # on every modality's projection
     "spectral": ["model.spectral_weight=1.0"],  # the embedding predicts each modality's log band powers
     "hard_negatives": ["data.hard_negatives=4"],  # batches hold runs of one recording's windows 4-20 s apart
+    "vicreg_spectral": ["model.vicreg_weight=1.0", "model.vicreg_cov_weight=0.04", "model.spectral_weight=1.0"],
 }
 
 

@@ -188,6 +188,14 @@ def test_an_export_without_the_split_is_refused(meta):
     ids = {k: v for k, v in meta["data"]["channel_ids"].items() if k != "resp:RESP"}
     with pytest.raises(ConfigError, match="resp:RESP"):
         load_session({**meta, "data": {**meta["data"], "channel_ids": ids}}, SYSTOLE)
+    # An export never trained on a modality (the quickstart's has no fNIRS): a ConfigError, which the
+    # probe turns into a skipped recording, never a crash inside the session's preparation.
+    mods = {k: v for k, v in meta["data"]["modalities"].items() if k != "fnirs"}
+    with pytest.raises(ConfigError, match=r"\['fnirs'\] of session 'pyphysio_fnirs'.*data.samples including pyphysio"):
+        load_session({**meta, "data": {**meta["data"], "modalities": mods}}, SOURCES["fnirs_tapping"])
+    fnirs_ids = {k: v for k, v in meta["data"]["channel_ids"].items() if k != "fnirs:S1_D1 hbo"}
+    with pytest.raises(ConfigError, match="fnirs:S1_D1 hbo"):  # a channel named by the file, not the source
+        load_session({**meta, "data": {**meta["data"], "channel_ids": fnirs_ids}}, SOURCES["fnirs_tapping"])
 
 
 def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):

@@ -158,17 +158,21 @@ def load_session(meta: dict[str, Any], source: ProbeSource, cache_dir: str = "")
     plan = plan_layout(cfg)
     ids: dict[str, int] = meta["data"]["channel_ids"]
     sources = [s for s in sample_sources(source.sample_set, cache_dir) if s.session == source.session]
-    unknown = [f"{s.modality}:{c}" for s in sources for c in s.channels
-               if s.modality not in plan["modalities"] or f"{s.modality}:{c}" not in ids]
+    # Modalities first (a source may name no channels: they come from its file), channels once read.
+    unknown = sorted({s.modality for s in sources if s.modality not in plan["modalities"]})
+    unknown += [f"{s.modality}:{c}" for s in sources for c in s.channels
+                if s.modality in plan["modalities"] and f"{s.modality}:{c}" not in ids]
+    if not unknown:
+        row = {"session": source.session, "sources": json.dumps([dataclasses.asdict(s) for s in sources])}
+        out = prepare_session(row, plan)
+        prep = json.loads(out["meta"])
+        if prep["skipped"] or not out["payload"]:
+            raise ValueError(f"session {source.session!r} could not be prepared: {prep['skipped'] or prep.get('short_s')}")
+        unknown = [f"{m}:{c}" for m, mod in prep["modalities"].items() for c in mod["channels"] if f"{m}:{c}" not in ids]
     if unknown:
-        raise ConfigError(f"the export was not trained with the channels {unknown} of session {source.session!r} (its "
+        raise ConfigError(f"the export was not trained with {unknown} of session {source.session!r} (its "
                           f"channel_ids: {sorted(ids)}); the probe needs a NeuroFM trained with data.samples including "
                           f"{source.sample_set}")
-    row = {"session": source.session, "sources": json.dumps([dataclasses.asdict(s) for s in sources])}
-    out = prepare_session(row, plan)
-    prep = json.loads(out["meta"])
-    if prep["skipped"] or not out["payload"]:
-        raise ValueError(f"session {source.session!r} could not be prepared: {prep['skipped'] or prep.get('short_s')}")
     arrays = pickle.loads(out["payload"])
     _check_against_export(meta["data"], prep, source.session)
     start = float(prep["start_s"])

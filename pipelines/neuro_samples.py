@@ -123,7 +123,7 @@ PACKAGES = {  # package -> (version, files needed, by their path inside the pack
     "biosignalsnotebooks": (BSN[1], [BSN[2] + "S001R02.edf"] + sorted({BSN[2] + row[0] for table in (PLUX, PLUX_EXTRA)
                                                                        for rows in table.values() for row in rows})),
     # Task1_Stim.npy is no stream: it holds the task's trial onsets (1 neutral, 2 disgusting image), which
-    # neuraflex_ray/eval/probe_tasks.py turns into labels for the frozen-embedding probe.
+    # neuraflex_ray/eval/probe_labels.py turns into labels for the frozen-embedding probe.
     "systole": ("0.3.1", [f"systole/datasets/Task1_{m}.npy" for m in ("ECG", "EDA", "Respiration", "Stim")]
                 + ["systole/datasets/ppg.npy"]),
     "nitime": ("0.12.1", ["nitime/data/fmri_timeseries.csv", "nitime/data/grasshopper_spike_times1.txt",

@@ -26,6 +26,7 @@ accuracy (chance 0.5 whatever the class counts), with per-class recall and windo
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +146,18 @@ def _counts_of(task: TaskWindows) -> dict[str, dict[str, int]]:
     return {side: {cls: int((task.y[side] == k).sum()) for k, cls in enumerate(task.classes)} for side in ("train", "test")}
 
 
-def score_cut(embed: EmbeddingCache, session: ProbeSession, task: TaskWindows, c: float = C,
-              seed: int = 0) -> tuple[dict[str, Any], np.ndarray | None]:
-    """One cut of one task: both classifiers, the difference and its paired block-bootstrap interval.
-    Returns (the cut's figures, the bootstrap draws of the difference; None when it cannot be scored)."""
+@dataclass
+class CutScore:
+    """One task scored at one time cut."""
+
+    figures: dict[str, Any]  # what the task's `splits` holds for this cut
+    draws: np.ndarray | None  # bootstrap draws of model - baseline; None when the cut cannot be scored
+    fits: dict[str, dict[str, Any]]  # "model" / "baseline" -> decode()'s result, with the feature count
+    baseline_features: list[str]
+
+
+def score_cut(embed: EmbeddingCache, session: ProbeSession, task: TaskWindows, c: float = C, seed: int = 0) -> CutScore:
+    """One cut of one task: both classifiers, the difference and its paired block-bootstrap interval."""
     counts = _counts_of(task)
     cut = session.split_s if task.cut_s is None else task.cut_s
     out: dict[str, Any] = {"cut_s": cut, "n_train": counts["train"], "n_test": counts["test"],
@@ -156,26 +165,29 @@ def score_cut(embed: EmbeddingCache, session: ProbeSession, task: TaskWindows, c
                            if len(task.starts["test"]) else None}
     empty = [f"{side}/{cls}" for side, n in counts.items() for cls, k in n.items() if k == 0]
     if empty:
-        return {**out, "reason": f"no window of {empty}"}, None
-    preds = {}
+        return CutScore({**out, "reason": f"no window of {empty}"}, None, {}, [])
+    fits, names = {}, []
     for kind in ("model", "baseline"):
-        feats = {side: embed(starts) if kind == "model" else classical_features(session.cut(starts), session.rates)[0]
-                 for side, starts in task.starts.items()}
-        res = decode(feats, task, c)
-        out[kind], preds[kind] = res["bacc"], res["pred"]
+        feats = {}
+        for side, starts in task.starts.items():
+            if kind == "model":
+                feats[side] = embed(starts)
+            else:
+                feats[side], names = classical_features(session.cut(starts), session.rates)
+        fits[kind] = {**decode(feats, task, c), "n_features": int(feats["train"].shape[1])}
+        out[kind] = fits[kind]["bacc"]
     test = task.starts["test"]
     block = max(1, round(BLOCK_S * len(test) / max(float(test[-1] - test[0]), BLOCK_S)))
-    draws = block_resampled_diffs(balanced_accuracy, task.y["test"], preds["model"], preds["baseline"],
+    draws = block_resampled_diffs(balanced_accuracy, task.y["test"], fits["model"]["pred"], fits["baseline"]["pred"],
                                   block=block, n_boot=N_BOOT, seed=seed)
     lo, hi, skipped = interval_of_mean([draws])
     out.update(diff=out["model"] - out["baseline"], ci_low=lo, ci_high=hi, block_windows=block, skipped_resamples=skipped)
-    return out, draws
+    return CutScore(out, draws, fits, names)
 
 
-def probe_task(model: torch.nn.Module, session: ProbeSession, task: TaskWindows, *, c: float = C,
-               batch_size: int = BATCH, embed: EmbeddingCache | None = None) -> dict[str, Any]:
-    """One task's result: balanced accuracy of the embedding and of the classical features, counts, labels."""
-    embed = embed or EmbeddingCache(model, session, batch_size)
+def task_result(session: ProbeSession, task: TaskWindows, at_split: CutScore, c: float = C) -> dict[str, Any]:
+    """One task's result at the pretraining's split: balanced accuracy of the embedding and of the
+    classical features, counts, labels."""
     counts = _counts_of(task)
     spans = {side: [float(s[0]), float(s[-1] + session.context_s)] if len(s) else None for side, s in task.starts.items()}
     out: dict[str, Any] = {
@@ -185,19 +197,12 @@ def probe_task(model: torch.nn.Module, session: ProbeSession, task: TaskWindows,
                   "test_begin_s": session.test_begin_s, "context_s": session.context_s},
         "pretrained_on_session": session.pretrained_on, "classifier": f"impute median + standardise + logistic regression "
                                                                       f"(L2, C={c:g}, class_weight=balanced)"}
-    empty = [f"{side}/{cls}" for side, n in counts.items() for cls, k in n.items() if k == 0]
-    if empty:
+    if at_split.draws is None:
+        empty = [f"{side}/{cls}" for side, n in counts.items() for cls, k in n.items() if k == 0]
         return {**out, "reason": f"no window of {empty}: both classes must occur on both sides of the split"}
-    feats = {"model": {}, "baseline": {}}
-    for side, starts in task.starts.items():
-        feats["model"][side] = embed(starts)
-        feats["baseline"][side], names = classical_features(session.cut(starts), session.rates)
-    recall = {}
-    for kind, f in feats.items():
-        res = decode(f, task, c)
-        out[kind], recall[kind] = res["bacc"], res["recall"]
-    out.update(recall=recall, n_features={"model": feats["model"]["train"].shape[1], "baseline": len(names)},
-               baseline_features=names)
+    fits = at_split.fits
+    out.update({kind: fits[kind]["bacc"] for kind in fits}, recall={kind: fits[kind]["recall"] for kind in fits},
+               n_features={kind: fits[kind]["n_features"] for kind in fits}, baseline_features=at_split.baseline_features)
     return out
 
 
@@ -234,28 +239,27 @@ def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c:
 
 def probe_session(model: torch.nn.Module, session: ProbeSession, *, hop_s: float = 1.0, c: float = C,
                   batch_size: int = BATCH) -> dict[str, Any]:
-    """{task: result} for every task of one labelled session: at the pretraining's split, and across cuts."""
+    """{task: result} for every task of one labelled session: at the pretraining's split (the last of
+    its cuts, scored once), and across the cuts."""
     embed = EmbeddingCache(model, session, batch_size)
-    out = {t.name: probe_task(model, session, t, c=c, embed=embed) for t in all_tasks(session, hop_s)}
-    per_cut = [{t.name: t for t in all_tasks(session, hop_s, cut)} for cut in session.cuts_s()]
-    for name, result in out.items():
-        result.update(across_cuts(embed, session, [tasks[name] for tasks in per_cut], c))
+    earlier = [{t.name: t for t in all_tasks(session, hop_s, cut)} for cut in session.cuts_s()[:-1]]
+    out = {}
+    for task in all_tasks(session, hop_s):
+        at_split = score_cut(embed, session, task, c, seed=len(earlier))
+        scores = [score_cut(embed, session, tasks[task.name], c, seed=k) for k, tasks in enumerate(earlier)]
+        out[task.name] = {**task_result(session, task, at_split, c), **across_cuts([*scores, at_split])}
     return out
 
 
-def across_cuts(embed: EmbeddingCache, session: ProbeSession, tasks: list[TaskWindows], c: float = C) -> dict[str, Any]:
+def across_cuts(scores: list[CutScore]) -> dict[str, Any]:
     """{"diff", "ci_low", "ci_high", "splits"}: model - baseline averaged over the cuts that can be
     scored, its interval from the cuts' bootstrap draws averaged draw by draw, and each cut's figures."""
-    splits, draws = [], []
-    for k, task in enumerate(tasks):
-        figures, d = score_cut(embed, session, task, c, seed=k)
-        splits.append(figures)
-        if d is not None:
-            draws.append(d)
+    splits = [s.figures for s in scores]
+    draws = [s.draws for s in scores if s.draws is not None]
     if not draws:
         return {"diff": None, "ci_low": None, "ci_high": None, "splits": splits}
     lo, hi, _ = interval_of_mean(draws)
-    return {"diff": float(np.mean([s["diff"] for s in splits if "diff" in s])), "ci_low": lo, "ci_high": hi,
+    return {"diff": float(np.mean([f["diff"] for f in splits if "diff" in f])), "ci_low": lo, "ci_high": hi,
             "splits": splits}
 
 

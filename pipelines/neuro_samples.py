@@ -147,7 +147,7 @@ def _systole(root: Path, what: str) -> list[Source]:
 
 
 def _nitime(root: Path, what: str) -> list[Source]:
-    return [Source("nitime_fmri", "fmri", str(root / "fmri_timeseries.csv"), "fmri", "fmri_csv",
+    return [Source("nitime_fmri", "fmri", str(root / "fmri_timeseries.csv"), "fmri", "text",
                    rate=1 / FMRI_TR_S, what=what)] + [
         Source("nitime_grasshopper", f"unit_co{co}", str(root / f"grasshopper_spike_times{i}.txt"), "spikes",
                "spike_times", channels=(f"unit_co{co}",), what=what)

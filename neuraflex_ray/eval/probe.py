@@ -41,7 +41,7 @@ from neuraflex_ray.eval.common import device_of, make_input, plain, to_numpy
 from neuraflex_ray.eval.probe_cases import BASIC_MOTIONS, probe_basic_motions
 from neuraflex_ray.eval.probe_classifier import N_BOOT, C, balanced_accuracy, decode
 from neuraflex_ray.eval.probe_labels import SOURCES
-from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, all_tasks, load_session
+from neuraflex_ray.eval.probe_tasks import ProbeSession, TaskWindows, dense_hops, load_session, tasks_at
 
 BATCH = 64  # windows per embed call
 BLOCK_S = 30.0  # bootstrap blocks span about this many seconds of test windows
@@ -209,7 +209,8 @@ def task_result(session: ProbeSession, task: TaskWindows, at_split: CutScore, c:
 def probe(export_dir: str | Path, *, cache_dir: str = "", hop_s: float = 1.0, c: float = C, batch_size: int = BATCH,
           device: str = "cpu") -> dict[str, Any]:
     """Score a NeuroFM export's frozen embeddings on every labelled task: {task: {model, baseline, n_train,
-    n_test, labels, ...}}. `hop_s` spaces the task-vs-rest windows; `cache_dir` holds the sample packages."""
+    n_test, labels, ...}}. `hop_s` spaces the labelled windows (halved per task while a class has fewer than
+    MIN_TEST_PER_CLASS test windows: `dense_hops`); `cache_dir` holds the sample packages."""
     from neuraflex_ray.checkpoint import load_exported
 
     model, meta = load_exported(export_dir, device=device)
@@ -242,12 +243,14 @@ def probe_session(model: torch.nn.Module, session: ProbeSession, *, hop_s: float
     """{task: result} for every task of one labelled session: at the pretraining's split (the last of
     its cuts, scored once), and across the cuts."""
     embed = EmbeddingCache(model, session, batch_size)
-    earlier = [{t.name: t for t in all_tasks(session, hop_s, cut)} for cut in session.cuts_s()[:-1]]
+    hops = dense_hops(session, hop_s)
+    earlier = [{t.name: t for t in tasks_at(session, hops, cut)} for cut in session.cuts_s()[:-1]]
     out = {}
-    for task in all_tasks(session, hop_s):
+    for task in tasks_at(session, hops):
         at_split = score_cut(embed, session, task, c, seed=len(earlier))
         scores = [score_cut(embed, session, tasks[task.name], c, seed=k) for k, tasks in enumerate(earlier)]
-        out[task.name] = {**task_result(session, task, at_split, c), **across_cuts([*scores, at_split])}
+        out[task.name] = {**task_result(session, task, at_split, c), "hop_s": hops[task.name],
+                          **across_cuts([*scores, at_split])}
     return out
 
 

@@ -34,6 +34,11 @@ from pipelines.series_prep import MAX_DENOMINATOR, plan_layout, prepare_session
 
 EPS = 1e-6  # seconds: slack for float window times that lie on the sample grid
 CUT_STEP = 0.1  # the earlier time cuts lie this share of the session before the pretraining's split
+# Issue 27: test sets of at least this many windows per class where the data holds them. Windows closer
+# than the context overlap, so a finer hop adds windows, not independent evidence: the block bootstrap's
+# blocks span the same seconds whatever the hop, which keeps the interval honest about that.
+MIN_TEST_PER_CLASS = 40
+MIN_HOP_S = 0.25  # no finer than this (and never finer than the session's sample grid)
 
 
 @dataclass(frozen=True)
@@ -255,3 +260,31 @@ def _clean(session: ProbeSession, starts: np.ndarray) -> np.ndarray:
 def all_tasks(session: ProbeSession, hop_s: float = 1.0, cut_s: float | None = None) -> list[TaskWindows]:
     """Every labelled task of the session's source, split at `cut_s` (default: the pretraining's split)."""
     return session.source.tasks(session, hop_s, cut_s)
+
+
+def _fewest_test(task: TaskWindows) -> int:
+    return min(int((task.y["test"] == k).sum()) for k in range(len(task.classes)))
+
+
+def dense_hops(session: ProbeSession, hop_s: float = 1.0, min_per_class: int = MIN_TEST_PER_CLASS) -> dict[str, float]:
+    """{task: hop_s} per task: the largest of hop_s, hop_s / 2, ... at which every class holds
+    `min_per_class` test windows at the pretraining's split; where none does, the finest hop that still
+    added windows (the grid and MIN_HOP_S bound it; a task whose windows do not depend on the hop keeps
+    hop_s)."""
+    finest = max(session.grid_s, MIN_HOP_S)
+    hops, fewest = {}, {}
+    hop = hop_s
+    while True:
+        for task in all_tasks(session, hop):
+            n = _fewest_test(task)
+            if task.name not in hops or (fewest[task.name] < min_per_class and n > fewest[task.name]):
+                hops[task.name], fewest[task.name] = hop, n
+        if hop / 2 < finest - EPS or all(n >= min_per_class for n in fewest.values()):
+            return hops
+        hop /= 2
+
+
+def tasks_at(session: ProbeSession, hops: dict[str, float], cut_s: float | None = None) -> list[TaskWindows]:
+    """Every labelled task split at `cut_s`, each at its own hop (`dense_hops`)."""
+    return [t for hop in sorted(set(hops.values()), reverse=True) for t in all_tasks(session, hop, cut_s)
+            if hops[t.name] == hop]

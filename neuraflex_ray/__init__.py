@@ -8,6 +8,7 @@ package) imports only units of the layers below its own, never above and never b
     models                          the models, free of any parallelism
     parallel, pipelines             DeepSpeed expert parallelism; the Ray Data pipelines
     checkpoint                      every on-disk format: training checkpoints, exports, adapter files
+    memory                          retrieval memories an LM reads (kNN-LM): datastores, FAISS indexes, mixing
     train                           the Train loop, its task interface, the strategies, the driver
     finetune                        LoRA, EWC, and the hooks a family's task plugs them in with
     eval, tune                      held-out evaluation beside baselines; Ray Tune sweeps
@@ -28,6 +29,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("models",),
     ("parallel", "pipelines"),
     ("checkpoint",),
+    ("memory",),
     ("train",),
     ("finetune",),
     ("eval", "tune"),

@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | probe | inspect | generate | tune | dashboard |
+"""`neuraflex-ray` command line: data | train | export | eval | datastore | probe | inspect | generate | tune | dashboard |
 finetune | merge | serve | quickstart. `python -m neuraflex_ray ...` is the same.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
@@ -33,6 +33,7 @@ from neuraflex_ray.cli.commands import (
     cmd_train,
     cmd_tune,
 )
+from neuraflex_ray.cli.datastore import add_datastore_parser
 from neuraflex_ray.config import BUILTIN, DEFAULT_MODEL_TYPE, ConfigError
 
 
@@ -91,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_export)
     sp = with_config("eval", "Evaluate an export on held-out data beside its baselines, in one process.")
     sp.add_argument("--export", help="export directory (default: <run dir>/export)")
+    sp.add_argument("--datastore", action="append", default=[], metavar="[NAME=]DIR",
+                    help="also score held-out bits/byte with this kNN-LM datastore attached (repeatable: each corpus "
+                         "with its own and with all; neuraflex_ray/eval/knn_lm.py)")
+    sp.add_argument("--index", choices=["flat", "ivfpq", "hnsw"], default="flat", help="which of its indexes to search")
     sp.set_defaults(fn=cmd_eval)
+    add_datastore_parser(sub)
     sp = sub.add_parser("probe", help="Decode labelled tasks from a NeuroFM export's frozen embeddings, beside classical "
                                       "features.",
                         description="Logistic regression on frozen NeuroFM embeddings vs on classical physiological "

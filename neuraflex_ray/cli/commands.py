@@ -58,7 +58,13 @@ def cmd_eval(args: argparse.Namespace) -> dict:
     from neuraflex_ray.workflows import evaluate_export
 
     cfg = _config(args)
-    return evaluate_export(args.export or cfg.run_dir / "export", Path(cfg.data.output_dir).resolve())
+    export = Path(args.export or cfg.run_dir / "export")
+    out = evaluate_export(export, Path(cfg.data.output_dir).resolve())
+    if args.datastore:
+        from neuraflex_ray.cli.datastore import knn_eval
+
+        out["knn"] = knn_eval(export, args.datastore, args.index)
+    return out
 
 
 def _export_meta(arg: str) -> tuple[Path, dict]:

@@ -191,6 +191,17 @@ class MoELM(nn.Module):
                 start_pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, list[MoEStats]]:
         """tokens [B, T] -> logits [B, T, V]. With caches, the tokens continue at `start_pos`: an int
         for the whole batch, or a [B] tensor of per-row positions for a one-token decode step."""
+        h, stats = self.hidden_states(tokens, caches, start_pos)
+        return self.logits(h), stats
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on hidden_states()'s result: [..., D] -> [..., V]."""
+        return self.output(hidden)
+
+    def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
+                      start_pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+        """tokens [B, T] -> the final normalised hidden states [B, T, D] that the output layer reads
+        (a retrieval memory's keys), with forward()'s arguments."""
         t = tokens.shape[1]
         end = int(start_pos.max()) + t if isinstance(start_pos, torch.Tensor) else start_pos + t
         if end > self.cfg.max_seq_len:
@@ -205,7 +216,7 @@ class MoELM(nn.Module):
             h, s = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
             if s is not None:
                 stats.append(s)
-        return self.output(self.norm(h)), stats
+        return self.norm(h), stats
 
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         c = self.cfg

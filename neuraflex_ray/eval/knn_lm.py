@@ -1,0 +1,168 @@
+"""Held-out bits/byte of an LM export with retrieval memories attached (kNN-LM), beside the export alone.
+
+Each datastore's corpus has held-out documents (its own split's validation side; for the export's
+own corpus, the documents the export never trained on). They are split by document into a fitting
+half, on which the gates (λ, temperature, the adaptive slope) are fitted, and a reported half, on
+which every figure is given with a per-document bootstrap interval. Near-copies flatter a datastore
+(the stdlib's `encodings/cp*.py`, repeated KJV verses), so the reported half is also scored on its
+documents whose 8-grams the datastore mostly lacks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from neuraflex_ray.eval.bootstrap import ratio_interval, target_documents
+from neuraflex_ray.memory.fit import StoreRows, fit_gates, mixed_target_log_probs
+from neuraflex_ray.memory.store import Datastore, Neighbours
+
+NGRAM = 8
+LOW_OVERLAP = 0.2  # a document is "little overlapping" when at most this share of its 8-grams is in the datastore
+BATCH_ROWS = 16
+
+
+@dataclass
+class HeldOut:
+    """The held-out positions of one corpus: what the export predicts, and where each position belongs."""
+
+    keys: np.ndarray  # float32 [q, D]
+    lm_target: np.ndarray  # float64 [q] the export's log-prob of each target
+    targets: np.ndarray  # int64 [q]
+    docs: np.ndarray  # int64 [q] document of each position
+    seen: np.ndarray  # float64 [q] 1 if the 8-gram ending at the target occurs in the datastore's text, NaN if < 8 tokens
+    bytes_per_token: float
+
+
+@torch.no_grad()
+def scored_positions(model: torch.nn.Module, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(keys float32 [q, D], log-prob of each target float64 [q]) over every predicted position of blocks."""
+    keys, logp = [], []
+    for i in range(0, len(blocks), BATCH_ROWS):
+        ids = torch.from_numpy(np.asarray(blocks[i:i + BATCH_ROWS], dtype=np.int64))
+        h, _ = model.hidden_states(ids[:, :-1])
+        lp = F.log_softmax(model.logits(h).float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+        keys.append(h.float().reshape(-1, h.shape[-1]).numpy())
+        logp.append(lp.double().reshape(-1).numpy())
+    return np.concatenate(keys), np.concatenate(logp)
+
+
+def ngram_hashes(blocks: np.ndarray, n: int = NGRAM) -> np.ndarray:
+    """uint64 [rows, L - 1]: a hash of the n-gram ending at each predicted position (0 where the block
+    holds fewer than n tokens up to it)."""
+    b = np.asarray(blocks, dtype=np.uint64)
+    out = np.zeros((b.shape[0], b.shape[1] - 1), np.uint64)
+    with np.errstate(over="ignore"):
+        h = np.zeros((b.shape[0], b.shape[1] - n + 1), np.uint64)
+        for i in range(n):
+            h = h * np.uint64(1_000_003) + b[:, i:b.shape[1] - n + 1 + i] + np.uint64(1)
+    out[:, n - 2:] = h  # the n-gram of tokens [t - n + 2, t + 1] ends at predicted position t
+    return out
+
+
+def held_out(model: torch.nn.Module, store: Datastore) -> HeldOut:
+    from pipelines.text import load_text_datasets, read_blocks
+
+    text = Path(store.manifest["text"])
+    text = text if text.is_absolute() else store.path / text
+    train_ds, val_ds, manifest = load_text_datasets(str(text))
+    val = read_blocks(val_ds)
+    keys, lm_target = scored_positions(model, val)
+    seen_grams = np.unique(ngram_hashes(read_blocks(train_ds)))
+    grams = ngram_hashes(val).reshape(-1)
+    seen = np.where(grams == 0, np.nan, np.isin(grams, seen_grams).astype(np.float64))
+    return HeldOut(keys, lm_target, val[:, 1:].reshape(-1).astype(np.int64),
+                   target_documents(val, manifest["eos_id"]).reshape(-1), seen, manifest["val_bytes_per_token"])
+
+
+def document_halves(docs: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(fit, report) boolean masks over positions: the documents shuffled and cut in two."""
+    ids = np.unique(docs)
+    if len(ids) < 4:
+        raise ValueError(f"{len(ids)} held-out documents: fitting and reporting need at least 2 each; hold out more "
+                         f"(data.min_val_documents)")
+    order = np.random.default_rng(seed).permutation(ids)
+    fit_docs = order[: len(ids) // 2]
+    fit = np.isin(docs, fit_docs)
+    return fit, ~fit
+
+
+def bpb(log_probs: np.ndarray, docs: np.ndarray, bytes_per_token: float) -> dict[str, Any]:
+    """Bits/byte of log-probs (nats) with its per-document 95 % bootstrap interval."""
+    bits = -np.asarray(log_probs) / math.log(2)
+    den = np.full(len(bits), bytes_per_token)
+    lo, hi = ratio_interval(bits, den, docs)
+    return {"bpb": float(bits.sum() / den.sum()), "ci95": [lo, hi]}
+
+
+def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str | Path], *, index: str = "flat",
+                             seed: int = 0, **search: Any) -> dict[str, Any]:
+    """{"domains": {name: figures on its corpus's reported half}, "mixed_delta": {name: with every store
+    attached (adaptive λ) minus the best with only its own}, "gates": ...}."""
+    from neuraflex_ray.checkpoint import load_exported
+
+    model, _ = load_exported(export_dir)
+    stores = {name: Datastore(path, index, export_dir=export_dir, **search) for name, path in datastores.items()}
+    names = list(stores)
+    data = {name: held_out(model, s) for name, s in stores.items()}
+    rows = {d: [StoreRows.of(stores[s].search(data[d].keys, per_row=False), data[d].targets) for s in names]
+            for d in names}
+    halves = {d: document_halves(data[d].docs, seed) for d in names}
+    own = {d: {kind: fit_gates(data[d].lm_target[halves[d][0]], [rows[d][i].take(halves[d][0])], kind == "adaptive")[0]
+               for kind in ("fixed", "adaptive")} for i, d in enumerate(names)}
+    joint = None
+    if len(names) > 1:  # every store attached, gates fitted on every domain's fitting half at once
+        fit_lm = np.concatenate([data[d].lm_target[halves[d][0]] for d in names])
+        fit_rows = [_concat([rows[d][i].take(halves[d][0]) for d in names]) for i in range(len(names))]
+        joint = fit_gates(fit_lm, fit_rows, adaptive=True)
+    out: dict[str, Any] = {"index": index, "k": stores[names[0]].k, "domains": {}, "gates": {}}
+    for i, d in enumerate(names):
+        h, rep = data[d], halves[d][1]
+        low = rep & _low_overlap_docs(h)
+        mine = [rows[d][i].take(rep)]
+        scores = {"base": h.lm_target[rep],
+                  "knn": mixed_target_log_probs(h.lm_target[rep], mine, [own[d]["fixed"]]),
+                  "knn_adaptive": mixed_target_log_probs(h.lm_target[rep], mine, [own[d]["adaptive"]])}
+        if joint is not None:
+            scores["mixed"] = mixed_target_log_probs(h.lm_target[rep], [r.take(rep) for r in rows[d]], joint)
+        fig = {k: bpb(v, h.docs[rep], h.bytes_per_token) for k, v in scores.items()}
+        lows = None
+        if _docs(low, h.docs) >= 2:
+            lows = {k: bpb(v[low[rep]], h.docs[low], h.bytes_per_token) for k, v in scores.items()}
+        out["domains"][d] = {**fig, "low_overlap": lows, "documents": {"fit": _docs(halves[d][0], h.docs),
+                                                                       "report": _docs(rep, h.docs),
+                                                                       "low_overlap": _docs(low, h.docs)},
+                             "positions": int(rep.sum()), "corpus": stores[d].manifest["corpus"]}
+        out["gates"][d] = {k: g.as_dict() for k, g in own[d].items()}
+    if joint is not None:
+        out["gates"]["joint"] = {n: g.as_dict() for n, g in zip(names, joint, strict=True)}
+        out["mixed_delta"] = {d: out["domains"][d]["mixed"]["bpb"] - min(out["domains"][d]["knn"]["bpb"],
+                                                                          out["domains"][d]["knn_adaptive"]["bpb"])
+                              for d in names}
+    return out
+
+
+def _docs(mask: np.ndarray, docs: np.ndarray) -> int:
+    return len(np.unique(docs[mask]))
+
+
+def _low_overlap_docs(h: HeldOut) -> np.ndarray:
+    """bool [q]: positions of documents whose known 8-grams lie in the datastore at most LOW_OVERLAP of the time."""
+    ids, inv = np.unique(h.docs, return_inverse=True)
+    known = ~np.isnan(h.seen)
+    share = np.bincount(inv[known], weights=h.seen[known], minlength=len(ids)) / np.maximum(
+        np.bincount(inv[known], minlength=len(ids)), 1)
+    return share[inv] <= LOW_OVERLAP
+
+
+def _concat(parts: list[StoreRows]) -> StoreRows:
+    fields = ("dist", "values", "counts")
+    return StoreRows(Neighbours(*(np.concatenate([getattr(p.neighbours, f) for p in parts]) for f in fields)),
+                     np.concatenate([p.match for p in parts]))
+

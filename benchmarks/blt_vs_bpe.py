@@ -104,9 +104,9 @@ def run_cell(cfg: Any) -> Path:
 
 def bpe_eval(export: Path, data_dir: Path) -> dict[str, Any]:
     from neuraflex_ray.checkpoint import load_exported
-    from neuraflex_ray.eval.bootstrap import ratio_interval, target_documents
+    from neuraflex_ray.eval.bootstrap import ratio_interval
     from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte, token_losses
-    from pipelines.text import EOS, load_text_datasets, load_tokenizer, read_blocks
+    from pipelines.text import EOS, load_text_datasets, load_tokenizer, read_blocks, target_documents
 
     model, _ = load_exported(export)
     train_ds, val_ds, manifest = load_text_datasets(str(data_dir))

@@ -166,6 +166,14 @@ def load_text_datasets(output_dir: str) -> tuple[ray.data.Dataset, ray.data.Data
     return load_splits(output_dir, "build_text_dataset or `neuraflex-ray data`")
 
 
+def target_documents(blocks: np.ndarray, eos: int) -> np.ndarray:
+    """int [n, L - 1]: the document of each predicted position of blocks [n, L] that hold a split's
+    documents in order, each followed by `eos` (which belongs to the document it ends)."""
+    flat = np.asarray(blocks).reshape(-1)
+    doc = np.concatenate([[0], np.cumsum(flat[:-1] == eos)]).reshape(np.shape(blocks))
+    return doc[:, 1:]
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """The tokenizer of a built dataset: pass its output_dir or a tokenizer.json path (or URI)."""
     return Tokenizer.from_str(_read_tokenizer_bytes(str(path), "tokenizer path").decode())

@@ -25,7 +25,7 @@ from neuraflex_ray.memory.fit import StoreRows, mixed_target_log_probs
 from neuraflex_ray.memory.keys import block_keys, read_keys
 from neuraflex_ray.memory.mixing import Gate, knn_log_probs, mix_log_probs, nearest
 from neuraflex_ray.memory.store import Datastore, Neighbours
-from pipelines.text import load_text_datasets, read_blocks
+from pipelines.text import load_text_datasets, load_tokenizer, read_blocks
 
 CFG = DatastoreConfig(k=8, shard_blocks=8, actors=2, pq_m=8, recall_queries=64)
 SPLIT = {"val_fraction": 0.25, "min_val_documents": 8}
@@ -183,3 +183,73 @@ def test_bad_datastore_settings_name_the_field(export, tmp_path):
     assert not (tmp_path / "ds").exists()  # nothing half-written
     with pytest.raises(ConfigError, match="no manifest.json"):
         Datastore(tmp_path / "nowhere")
+
+
+# ---- Serve: requests name a datastore as model "<base>+NAME" ------------------------------------------
+
+LM = "neuraflex-moe"
+PROMPT = "def parse(self, text):\n    return"
+
+
+@pytest.fixture(scope="module")
+def served(export, stores):
+    from openai import OpenAI
+    from ray import serve
+
+    from neuraflex_ray.serving.deploy import deploy, free_port
+
+    url = deploy({LM: str(export)}, port=free_port(), num_cpus=0.5, name="knn",
+                 datastores={k: str(v) for k, v in stores.items()})
+    yield {"url": url, "client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)}
+    serve.delete("knn")
+
+
+def first_token_logprobs(client, model: str) -> tuple[str, float, dict]:
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    return r.choices[0].text, lp.token_logprobs[0], lp.top_logprobs[0]
+
+
+def test_serve_lists_each_datastore_and_refuses_an_unknown_one(served):
+    from openai import NotFoundError
+
+    ids = {m.id for m in served["client"].models.list().data}
+    assert ids == {LM, f"{LM}+email", f"{LM}+asyncio"}
+    with pytest.raises(NotFoundError, match="no datastore 'nowhere'"):
+        served["client"].completions.create(model=f"{LM}+nowhere", prompt="x", max_tokens=1)
+    card = served["client"].models.retrieve(f"{LM}+email")
+    assert card.model_extra["datastore"]["gate"]["kind"] == "adaptive"
+
+
+def test_serve_mixes_each_requests_own_datastore_batched_together(served, export, stores):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neuraflex_ray.serving.memory import Memories
+
+    client = served["client"]
+    models = [LM, f"{LM}+email", f"{LM}+asyncio"] * 3
+    with ThreadPoolExecutor(len(models)) as pool:  # batched in the engine, each row its own store
+        together = list(pool.map(lambda m: first_token_logprobs(client, m), models))
+    alone = {m: first_token_logprobs(client, m) for m in models[:3]}
+    for m, got in zip(models, together, strict=True):
+        assert got == alone[m], m  # nobody else in the batch changes a request's distribution
+    # The served distribution is the in-process mixture of the export and the store with its built gate.
+    model, _ = load_exported(export)
+    tok = load_tokenizer(export / "tokenizer.json")
+    ids = torch.tensor([tok.encode(PROMPT).ids])
+    with torch.no_grad():
+        h, _ = model.hidden_states(ids)
+        logits = model.logits(h)[0, -1:]
+    memories = Memories(export, {k: str(v) for k, v in stores.items()})
+    for name in (None, "email", "asyncio"):
+        expected = torch.log_softmax(logits.double(), -1)[0] if name is None else memories.mix(name, h[0, -1:], logits)[0]
+        _, best, _ = alone[LM if name is None else f"{LM}+{name}"]
+        assert best == pytest.approx(float(expected.max()), abs=1e-4), name
+    assert len({alone[m][1] for m in models[:3]}) == 3  # three different distributions
+
+
+def test_serve_streams_the_mixture(served):
+    client = served["client"]
+    text = client.completions.create(model=f"{LM}+email", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
+    stream = client.completions.create(model=f"{LM}+email", prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == text

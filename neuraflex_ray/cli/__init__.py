@@ -160,6 +160,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per verify step")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="a LoRA adapter of a served LM (`finetune` wrote it); requests pick it as model <base>:NAME")
+    sp.add_argument("--datastore", action="append", default=[], metavar="NAME=DIR",
+                    help="a retrieval memory of a served LM (`datastore build` wrote it); requests pick it as model "
+                         "<base>+NAME, or <base>:ADAPTER+NAME with an adapter")
+    sp.add_argument("--datastore-index", choices=["flat", "ivfpq", "hnsw"], default="flat",
+                    help="which index of each datastore is searched (default flat: exact)")
     sp.add_argument("--replicas", type=int, default=1)
     sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")

@@ -192,12 +192,14 @@ def cmd_serve(args: argparse.Namespace) -> dict:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     ensure_ray()
-    bad = [a for a in args.adapter if "=" not in a]
-    if bad:
-        raise ConfigError(f"--adapter {bad[0]}: give NAME=DIR (requests then ask for model <base>:NAME)")
+    for flag, items, ask in (("--adapter", args.adapter, "<base>:NAME"), ("--datastore", args.datastore, "<base>+NAME")):
+        bad = [a for a in items if "=" not in a]
+        if bad:
+            raise ConfigError(f"{flag} {bad[0]}: give NAME=DIR (requests then ask for model {ask})")
     serving = {"quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
                "num_speculative_tokens": args.num_speculative_tokens,
-               "adapters": dict(a.split("=", 1) for a in args.adapter)}
+               "adapters": dict(a.split("=", 1) for a in args.adapter),
+               "datastores": dict(a.split("=", 1) for a in args.datastore), "datastore_index": args.datastore_index}
     try:  # every serving option and a draft's tokenizer, checked before Serve starts
         from neuraflex_ray.serving.app import bind_app
 

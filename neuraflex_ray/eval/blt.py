@@ -15,10 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuraflex_ray.eval.bootstrap import ratio_interval, target_documents
+from neuraflex_ray.eval.bootstrap import ratio_interval
 from neuraflex_ray.eval.lm import bigram_bits_per_byte, bits_per_byte, position_losses
 from neuraflex_ray.models.blt import starts_of
 from neuraflex_ray.models.blt_patching import EOS, N_IDS, mean_patch_bytes
+from pipelines.text import target_documents
 
 
 def byte_losses(model: torch.nn.Module, blocks: np.ndarray, starts: torch.Tensor, batch_size: int = 16) -> np.ndarray:

@@ -28,14 +28,6 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, groups: np.ndarray, *, n_bo
     return float(lo), float(hi)
 
 
-def target_documents(blocks: np.ndarray, eos: int) -> np.ndarray:
-    """int [n, L - 1]: the held-out document of each predicted position of blocks [n, L] that hold a split's
-    documents in order, each followed by `eos` (which belongs to the document it ends)."""
-    flat = np.asarray(blocks).reshape(-1)
-    doc = np.concatenate([[0], np.cumsum(flat[:-1] == eos)]).reshape(np.shape(blocks))
-    return doc[:, 1:]
-
-
 def block_resampled_diffs(metric: Callable[[np.ndarray, np.ndarray], float], y: np.ndarray, pred_a: np.ndarray,
                           pred_b: np.ndarray, *, block: int, n_boot: int = 2000, seed: int = 0) -> np.ndarray:
     """[n_boot] metric(a) - metric(b) on paired moving-block resamples of one time-ordered test set

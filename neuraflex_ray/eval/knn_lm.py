@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from neuraflex_ray.eval.bootstrap import ratio_interval, target_documents
+from neuraflex_ray.eval.bootstrap import ratio_interval
 from neuraflex_ray.memory.fit import StoreRows, fit_gates, mixed_target_log_probs
+from neuraflex_ray.memory.heldout import document_halves, scored_positions, text_dir
 from neuraflex_ray.memory.store import Datastore, Neighbours
+from pipelines.text import target_documents
 
 NGRAM = 8
 LOW_OVERLAP = 0.2  # a document is "little overlapping" when at most this share of its 8-grams is in the datastore
-BATCH_ROWS = 16
 
 
 @dataclass
@@ -38,19 +38,6 @@ class HeldOut:
     docs: np.ndarray  # int64 [q] document of each position
     seen: np.ndarray  # float64 [q] 1 if the 8-gram ending at the target occurs in the datastore's text, NaN if < 8 tokens
     bytes_per_token: float
-
-
-@torch.no_grad()
-def scored_positions(model: torch.nn.Module, blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(keys float32 [q, D], log-prob of each target float64 [q]) over every predicted position of blocks."""
-    keys, logp = [], []
-    for i in range(0, len(blocks), BATCH_ROWS):
-        ids = torch.from_numpy(np.asarray(blocks[i:i + BATCH_ROWS], dtype=np.int64))
-        h, _ = model.hidden_states(ids[:, :-1])
-        lp = F.log_softmax(model.logits(h).float(), dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
-        keys.append(h.float().reshape(-1, h.shape[-1]).numpy())
-        logp.append(lp.double().reshape(-1).numpy())
-    return np.concatenate(keys), np.concatenate(logp)
 
 
 def ngram_hashes(blocks: np.ndarray, n: int = NGRAM) -> np.ndarray:
@@ -69,9 +56,7 @@ def ngram_hashes(blocks: np.ndarray, n: int = NGRAM) -> np.ndarray:
 def held_out(model: torch.nn.Module, store: Datastore) -> HeldOut:
     from pipelines.text import load_text_datasets, read_blocks
 
-    text = Path(store.manifest["text"])
-    text = text if text.is_absolute() else store.path / text
-    train_ds, val_ds, manifest = load_text_datasets(str(text))
+    train_ds, val_ds, manifest = load_text_datasets(str(text_dir(store)))
     val = read_blocks(val_ds)
     keys, lm_target = scored_positions(model, val)
     seen_grams = np.unique(ngram_hashes(read_blocks(train_ds)))
@@ -79,18 +64,6 @@ def held_out(model: torch.nn.Module, store: Datastore) -> HeldOut:
     seen = np.where(grams == 0, np.nan, np.isin(grams, seen_grams).astype(np.float64))
     return HeldOut(keys, lm_target, val[:, 1:].reshape(-1).astype(np.int64),
                    target_documents(val, manifest["eos_id"]).reshape(-1), seen, manifest["val_bytes_per_token"])
-
-
-def document_halves(docs: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(fit, report) boolean masks over positions: the documents shuffled and cut in two."""
-    ids = np.unique(docs)
-    if len(ids) < 4:
-        raise ValueError(f"{len(ids)} held-out documents: fitting and reporting need at least 2 each; hold out more "
-                         f"(data.min_val_documents)")
-    order = np.random.default_rng(seed).permutation(ids)
-    fit_docs = order[: len(ids) // 2]
-    fit = np.isin(docs, fit_docs)
-    return fit, ~fit
 
 
 def bpb(log_probs: np.ndarray, docs: np.ndarray, bytes_per_token: float) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Layout of a built datastore (written whole or not at all):
     counts.npy         int32 [n] how many entries each kept entry stands for (1 without de-duplication)
     positions.npy      int64 [n] each kept entry's position
     flat.faiss, ivfpq.faiss, hnsw.faiss
+    gate.json          λ and temperature (fixed and adaptive) fitted on half the held-out documents
     text/              the corpus's token blocks, when it is not the export's own training data
 """
 
@@ -30,8 +31,10 @@ from neuraflex_ray.config import ConfigError
 from neuraflex_ray.config.lm import DataConfig
 from neuraflex_ray.memory.config import DatastoreConfig
 from neuraflex_ray.memory.dedup import merge_near_duplicates
+from neuraflex_ray.memory.heldout import fit_own_gates, write_gates
 from neuraflex_ray.memory.index import build_indexes, configure, recall_at_k
 from neuraflex_ray.memory.keys import KeyWriter, block_keys, read_keys
+from neuraflex_ray.memory.store import Datastore
 from pipelines.shards import read_manifest
 from pipelines.text import build_text_dataset, load_text_datasets, read_blocks
 
@@ -130,6 +133,8 @@ def build_datastore(export_dir: str | Path, corpus: str, out_dir: str | Path, cf
             "index_build_s": round(index_s, 2), "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        # The gates Serve applies when a request names this store: fitted on half the held-out documents.
+        write_gates(tmp, fit_own_gates(model, Datastore(tmp)))
     _log(f"{manifest['tokens']} entries ({manifest['deduplicated']} merged as near-duplicates) -> {out} in "
          f"{manifest['build_s']:.1f}s; index bytes " + ", ".join(f"{k} {v['bytes']:,}" for k, v in index_info.items()))
     return manifest

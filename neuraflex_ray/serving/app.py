@@ -43,6 +43,7 @@ from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving import openapi as api_doc
 from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.logprobs import token_text
+from neuraflex_ray.serving.memory import check_datastores
 from neuraflex_ray.serving.models import (
     OPENAI,
     LMModel,
@@ -158,21 +159,38 @@ class NeuraFlexServer:
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        names = [*self.models, *(f"{n}:{a}" for n, m in self.models.items() if isinstance(m, LMModel)
-                                 for a in m.adapter_names())]
+        names = list(self.models)
+        for n, m in self.models.items():
+            if isinstance(m, LMModel):
+                bases = [n, *(f"{n}:{a}" for a in m.adapter_names())]
+                names += bases[1:] + [f"{b}+{d}" for b in bases for d in m.datastore_names()]
         return {"object": "list", "data": [self._model_object(n) for n in names]}
 
     @app.get("/v1/models/{model_id}")
     async def model_card(self, model_id: str) -> dict[str, Any]:
-        m, adapter = self._get_adapted(model_id)
-        if adapter is not None:
-            return {**self._model_object(model_id), "base": model_id.split(":", 1)[0],
-                    "adapter": m.engine.adapters.meta[adapter]}
+        m, adapter, datastore = self._route(model_id)
+        if adapter is not None or datastore is not None:
+            return {**self._model_object(model_id), "base": model_id.split("+", 1)[0].split(":", 1)[0],
+                    "adapter": m.engine.adapters.meta[adapter] if adapter else None,
+                    "datastore": m.engine.memories.card(datastore) if datastore else None}
         training = {k: m.meta.get(k) for k in ("source_checkpoint", "run_dir", "steps") if k in m.meta}
         return {**self._model_object(model_id), **m.card(), "export": str(m.path), "training": training}
 
     def _model_object(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "neuraflex-ray"}
+
+    def _route(self, name: str) -> tuple[LMModel | NeuroModel, str | None, str | None]:
+        """`base[:adapter][+datastore]`: the model, the LoRA adapter and the retrieval memory a request names."""
+        if "+" not in name or name in self.models:
+            return (*self._get_adapted(name), None)
+        head, store = name.rsplit("+", 1)
+        m, adapter = self._get_adapted(head)
+        if not isinstance(m, LMModel):
+            self._get(head, LMModel)  # the error naming the right route
+        if store not in m.datastore_names():
+            raise RequestError(f"model {name!r}: {head} has no datastore {store!r}; its datastores are "
+                               f"{m.datastore_names()}", "model", status=404, code="model_not_found")
+        return m, adapter, store
 
     def _get_adapted(self, name: str) -> tuple[LMModel | NeuroModel, str | None]:
         """`base` or `base:adapter` (a LoRA adapter of an LM, chosen per request)."""
@@ -200,23 +218,23 @@ class NeuraFlexServer:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         req = oai.parse(oai.CompletionRequest, await _json(request))
-        lm, adapter = self._lm_for(req.model)
+        lm, adapter, datastore = self._lm_for(req.model)
         prompts = req.prompts()
         ids = [lm.encode(p, "prompt" if len(prompts) == 1 else f"prompt[{i}]") for i, p in enumerate(prompts)]
-        return await generation.run("text", lm, req, ids, req.max_tokens, adapter)
+        return await generation.run("text", lm, req, ids, req.max_tokens, adapter, datastore)
 
     @app.post("/v1/chat/completions")
     async def chat(self, request: Request) -> Any:
         req = oai.parse(oai.ChatRequest, await _json(request))
-        lm, adapter = self._lm_for(req.model)
+        lm, adapter, datastore = self._lm_for(req.model)
         text = oai.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages])
-        return await generation.run("chat", lm, req, [lm.encode(text, "messages")], req.limit(), adapter)
+        return await generation.run("chat", lm, req, [lm.encode(text, "messages")], req.limit(), adapter, datastore)
 
-    def _lm_for(self, name: str) -> tuple[LMModel, str | None]:
-        m, adapter = self._get_adapted(name)
+    def _lm_for(self, name: str) -> tuple[LMModel, str | None, str | None]:
+        m, adapter, datastore = self._route(name)
         if not isinstance(m, LMModel):
             self._get(name, LMModel)  # the error naming the right route
-        return m, adapter
+        return m, adapter, datastore
 
     # ---- tokenizer (vLLM's routes: evaluation clients look for a server-side tokenizer) ---------
 
@@ -302,7 +320,8 @@ def build_app(args: dict[str, Any]) -> serve.Application:
 
     args: models ({name: export dir}, or a path / list of paths) and the fields of
     `serving/models.py:ServeOptions` (max_batch_size, kv_cache, device, batch_invariant, quantize,
-    speculative, draft, num_speculative_tokens). Serve calls an app builder with exactly this one
+    speculative, draft, num_speculative_tokens, adapters, datastores, datastore_index, datastore_gate).
+    Serve calls an app builder with exactly this one
     argument; deployment options (replicas, ray_actor_options, autoscaling) come from the config's
     `deployments:` section.
     """
@@ -318,6 +337,8 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
     models = {n: str(p) for n, p in resolve_models(args["models"]).items()}
     if serving.adapters:
         check_adapters(serving.adapters, [p for p in models.values() if _is_lm(p)])
+    if serving.datastores:
+        check_datastores(serving.datastores, [p for p in models.values() if _is_lm(p)])
     if serving.draft:
         for path in models.values():
             if _is_lm(path):

@@ -54,6 +54,7 @@ class SamplingParams:
     confidence_threshold: float | None = None  # with scores: a token below it ...
     low_confidence: str = "stop"  # ... ends the sequence there ("stop") or is only flagged ("flag")
     adapter: str | None = None  # a LoRA adapter of the served model (serving/adapters.py)
+    datastore: str | None = None  # a retrieval memory the model reads (serving/memory.py)
 
 
 @dataclass
@@ -269,12 +270,13 @@ class LMEngine(SlotEngine):
     """
 
     def __init__(self, model: MoELM, max_batch_size: int = 16, kv_cache: bool = True, batch_invariant: bool = True,
-                 calibration_temperature: float = 1.0, speculator: Any = None, adapters: Any = None):
+                 calibration_temperature: float = 1.0, speculator: Any = None, adapters: Any = None,
+                 memories: Any = None):
         if speculator is not None and not kv_cache:
             raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
         super().__init__(max_batch_size, model.cfg.max_seq_len, model.cfg.vocab_size, model.tok_embeddings.weight.device,
                          calibration_temperature)
-        self.speculator, self.adapters = speculator, adapters
+        self.speculator, self.adapters, self.memories = speculator, adapters, memories
         self.model = model.eval()
         self.kv_cache = kv_cache
         self.batch_invariant = batch_invariant and max_batch_size > 1  # one slot: nothing to vary with
@@ -285,16 +287,28 @@ class LMEngine(SlotEngine):
         ids = torch.tensor([seq.prompt], device=self.device)
         with self.adapter(seq.params.adapter):
             if self.caches is not None:  # prefill alone, into this slot's rows of the cache
-                logits, _ = self.model(ids, [c.slot(seq.slot) for c in self.caches], 0)
+                logits, hidden = self._forward(ids, [c.slot(seq.slot) for c in self.caches], 0)
             else:
-                logits, _ = self.model(ids)
+                logits, hidden = self._forward(ids)
+        rows = slice(None) if seq.params.prompt_scores else slice(-1, None)  # the memory reads only what is used
+        logits = self.read_memory(seq, hidden[0, rows], logits[0, rows])
         if seq.params.prompt_scores:
-            seq.prompt_scores = [None, *score(logits[0, :-1], ids[0, 1:], seq.params.n_top,
-                                              self.calibration_temperature)]
+            seq.prompt_scores = [None, *score(logits[:-1], ids[0, 1:], seq.params.n_top, self.calibration_temperature)]
         if seq.params.max_tokens == 0:  # echo alone: the prompt's scores were the whole job
             self._retire(seq, "length")
             return
-        self._take(seq, logits[0, -1])
+        self._take(seq, logits[-1])
+
+    def _forward(self, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, final normalised hidden states): the model's forward, keeping what a memory reads."""
+        hidden, _ = self.model.hidden_states(*args)
+        return self.model.logits(hidden), hidden
+
+    def read_memory(self, seq: Sequence, hidden: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Rows [n, V] of `seq`'s logits, mixed with its datastore's distribution when it names one."""
+        if seq.params.datastore is None:
+            return logits
+        return self.memories.mix(seq.params.datastore, hidden, logits)
 
     def _step(self) -> None:
         live = [s for s in self.slots if s is not None]
@@ -312,8 +326,8 @@ class LMEngine(SlotEngine):
         if self.caches is None:  # baseline: recompute every live sequence in full
             for seq in live:
                 with self.adapter(seq.params.adapter):
-                    logits, _ = self.model(torch.tensor([seq.prompt + seq.out], device=self.device))
-                self._take(seq, logits[0, -1])
+                    logits, hidden = self._forward(torch.tensor([seq.prompt + seq.out], device=self.device))
+                self._take(seq, self.read_memory(seq, hidden[0, -1:], logits[0, -1:])[0])
             return
         if not self.batch_invariant:
             live = self._compact()  # live rows first: the step computes rows [0, len(live)) only
@@ -333,10 +347,10 @@ class LMEngine(SlotEngine):
                     positions[seq.slot] = self.max_len - 1
             with self.adapter(adapter), (batch_invariant_experts(self.model) if self.batch_invariant
                                          else contextlib.nullcontext()):
-                logits, _ = self.model(tokens, self.caches, positions)
+                logits, hidden = self._forward(tokens, self.caches, positions)
             for seq in members:
                 try:
-                    self._take(seq, logits[seq.slot, -1])
+                    self._take(seq, self.read_memory(seq, hidden[seq.slot, -1:], logits[seq.slot, -1:])[0])
                 except Exception as e:  # noqa: BLE001 - one request's sampling fails that request only
                     self._fail(seq, e)
         self.stats["steps"] += 1

@@ -71,18 +71,19 @@ class Job:
 
 
 def _params(req: Any, lm: LMModel, prompt: list[int], max_tokens: int | None, sample: int,
-            adapter: str | None) -> SamplingParams:
+            adapter: str | None, datastore: str | None = None) -> SamplingParams:
     scored = bool(req.want_scores() or req.best_of_count() > req.n)
     return SamplingParams(
         max_tokens=lm.context - len(prompt) if max_tokens is None else max_tokens, temperature=req.temperature,
         top_p=req.top_p, top_k=max(req.top_k, 0), seed=None if req.seed is None else req.seed + sample,
         stop_ids=(lm.eos,) if lm.eos is not None and not req.ignore_eos else (),
         scores=scored, n_top=req.n_top(), prompt_scores=bool(getattr(req, "echo", False) and req.logprobs is not None),
-        confidence_threshold=req.confidence_threshold, low_confidence=req.low_confidence, adapter=adapter)
+        confidence_threshold=req.confidence_threshold, low_confidence=req.low_confidence, adapter=adapter,
+        datastore=datastore)
 
 
 async def run(kind: Kind, lm: LMModel, req: Any, prompts: list[list[int]], max_tokens: int | None,
-              adapter: str | None = None) -> Any:
+              adapter: str | None = None, datastore: str | None = None) -> Any:
     longest = max(len(p) for p in prompts)
     if max_tokens is not None and longest + max_tokens > lm.context:
         field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
@@ -90,7 +91,7 @@ async def run(kind: Kind, lm: LMModel, req: Any, prompts: list[list[int]], max_t
                            f"{lm.context}-token context window: lower {field}", field, code="context_length_exceeded")
     stops = req.stop + (list(oai.CHAT_STOP) if kind == "chat" else [])
     samples = req.best_of_count()
-    jobs = [Job(i * samples + j, ids, _params(req, lm, ids, max_tokens, j, adapter))
+    jobs = [Job(i * samples + j, ids, _params(req, lm, ids, max_tokens, j, adapter, datastore))
             for i, ids in enumerate(prompts) for j in range(samples)]
     for job in jobs:
         job.seq = lm.engine.submit(job.prompt, job.params)

@@ -65,6 +65,9 @@ class LMModel:
     def adapter_names(self) -> list[str]:
         return self.engine.adapters.names() if self.engine.adapters is not None else []
 
+    def datastore_names(self) -> list[str]:
+        return self.engine.memories.names() if self.engine.memories is not None else []
+
     def card(self) -> dict[str, Any]:
         cfg = self.engine.model.cfg
         return {"model_type": self.meta["model_type"], "config": self.meta["model"], "context_length": cfg.max_seq_len,
@@ -76,6 +79,7 @@ class LMModel:
                             "batch_invariant": self.engine.batch_invariant,
                             "quantization": self.meta.get("quantization"),
                             "speculative": self.engine.speculator.report() if self.engine.speculator else None,
+                            "datastores": self.datastore_names(),
                             "device": str(self.engine.device), "dtype": str(self.engine.model.output.weight.dtype)}}
 
 
@@ -141,6 +145,9 @@ class ServeOptions:
     draft: str = ""  # the draft model's export (same tokenizer), for speculative: draft | both
     num_speculative_tokens: int = 4  # k: tokens drafted per verify step
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # {name: adapter dir} (serving/adapters.py)
+    datastores: dict[str, str] = dataclasses.field(default_factory=dict)  # {name: datastore dir} (serving/memory.py)
+    datastore_index: str = "flat"  # which of each datastore's indexes is searched: flat | ivfpq | hnsw
+    datastore_gate: str = "adaptive"  # adaptive | fixed: which of the gates fitted at build
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeOptions:
@@ -179,6 +186,18 @@ class ServeOptions:
                                  f"adapter.json, from `neuraflex-ray finetune` with finetune.method=lora), or the "
                                  f"name has a ':'")
         o.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in o.adapters.items()}
+        for name, path in o.datastores.items():
+            if any(c in name for c in ":+") or not (Path(path).expanduser() / "manifest.json").is_file():
+                raise ValueError(f"datastores.{name}: {path} is not a datastore directory (manifest.json, from "
+                                 f"`neuraflex-ray datastore build`), or the name has a ':' or '+'")
+        o.datastores = {n: str(Path(p).expanduser().resolve()) for n, p in o.datastores.items()}
+        if o.datastore_index not in ("flat", "ivfpq", "hnsw"):
+            raise ValueError(f"datastore_index: {o.datastore_index!r}; use flat, ivfpq or hnsw")
+        if o.datastore_gate not in ("adaptive", "fixed"):
+            raise ValueError(f"datastore_gate: {o.datastore_gate!r}; use adaptive or fixed")
+        if o.datastores and o.speculative:
+            raise ValueError("datastores and speculative decoding do not combine yet (the verifier scores drafts "
+                             "with the LM alone): serve them in separate applications")
         if o.draft:
             o.draft = str(Path(o.draft).expanduser().resolve())
             if serves(o.draft) != OPENAI:
@@ -224,7 +243,8 @@ def load_lm(name: str, path: Path, options: ServeOptions) -> LMModel:
     # an export made before calibration existed: the raw distribution).
     temperature = float(meta.get("calibration", {}).get("temperature", 1.0))
     engine = LMEngine(model, o.max_batch_size, o.kv_cache, o.batch_invariant, calibration_temperature=temperature,
-                      speculator=_speculator(o, path, model, dev), adapters=_adapters(o, path, model))
+                      speculator=_speculator(o, path, model, dev), adapters=_adapters(o, path, model),
+                      memories=_memories(o, path))
     return LMModel(name, path, meta, engine, tok, tok.token_to_id(EOS))
 
 
@@ -238,6 +258,16 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
     ours = {n: p for n, p in o.adapters.items()
             if read_adapter_meta(p)["base_fingerprint"] == mine}
     return AdapterSet(model, path, ours, base_print=mine) if ours else None
+
+
+def _memories(o: ServeOptions, path: Path) -> Any:
+    """The datastores built for this export (matched by fingerprint)."""
+    if not o.datastores:
+        return None
+    from neuraflex_ray.serving.memory import Memories
+
+    memories = Memories(path, o.datastores, o.datastore_index, o.datastore_gate)
+    return memories if memories.names() else None
 
 
 def check_adapters(adapters: dict[str, str], lm_exports: list[str]) -> None:

@@ -4,6 +4,7 @@ merge without changing p_kNN, and held-out scoring keeps its fitting and reporte
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -253,3 +254,16 @@ def test_serve_streams_the_mixture(served):
     text = client.completions.create(model=f"{LM}+email", prompt=PROMPT, max_tokens=4, temperature=0).choices[0].text
     stream = client.completions.create(model=f"{LM}+email", prompt=PROMPT, max_tokens=4, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == text
+
+
+def test_a_tune_sweep_scores_trials_on_one_half_and_the_best_on_the_other(export, stores, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["datastore", "tune", "--export", str(export), "--datastore", str(stores["email"]), "--out", str(out),
+            "--trials", "3"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["pareto"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 3 and all(float(r["bpb"]) > 0 and float(r["ms_per_token"]) > 0 for r in rows)
+    assert summary["best_on_fit_half"]["bpb"] == min(float(r["bpb"]) for r in rows)
+    assert summary["reported_half"]["knn"] > 0 and (out / "study.db").is_file()

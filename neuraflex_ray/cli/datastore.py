@@ -38,6 +38,16 @@ def cmd_datastore_build(args: argparse.Namespace) -> dict[str, Any]:
     return build_datastore(export, args.corpus, args.out, cfg, data)
 
 
+def cmd_datastore_tune(args: argparse.Namespace) -> dict[str, Any]:
+    from neuraflex_ray.train.driver import ensure_ray
+    from neuraflex_ray.tune.knn import run_knn_sweep
+
+    if args.trials < 1:
+        raise ConfigError(f"--trials {args.trials}: run at least one trial")
+    ensure_ray(None, min_cpus=args.concurrent + 1)
+    return run_knn_sweep(args.export, args.datastore, args.out, trials=args.trials, concurrent=args.concurrent)
+
+
 def knn_eval(export: Path, datastores: list[str], index: str) -> dict[str, Any]:
     from neuraflex_ray.eval.knn_lm import evaluate_with_datastores
 
@@ -64,3 +74,13 @@ def add_datastore_parser(sub: Any) -> None:
     b.add_argument("settings", nargs="*", metavar="FIELD=VALUE",
                    help="DatastoreConfig fields (neuraflex_ray/memory/config.py), e.g. k=16 dedup_distance=0.01 pq_m=16")
     b.set_defaults(fn=cmd_datastore_build)
+    t = verbs.add_parser("tune", help="Ray Tune (OptunaSearch, two objectives) over k, λ, temperature and the index: "
+                                      "held-out bits/byte and search milliseconds per token.",
+                         description="Trials score half of the held-out documents; the best is then scored on the other "
+                                     "half (neuraflex_ray/tune/knn.py). Writes results.csv, study.db, summary.json.")
+    t.add_argument("--export", required=True, help="the LM export the datastore was built by")
+    t.add_argument("--datastore", required=True, help="the datastore directory")
+    t.add_argument("--out", required=True, help="the sweep directory")
+    t.add_argument("--trials", type=int, default=24)
+    t.add_argument("--concurrent", type=int, default=2, help="trials at once (one CPU each)")
+    t.set_defaults(fn=cmd_datastore_tune)

@@ -107,3 +107,18 @@ def recall_at_k(exact: faiss.Index, approx: faiss.Index, queries: np.ndarray, k:
     _, truth = exact.search(queries, k)
     _, found = approx.search(queries, k)
     return float(np.mean([len(set(t[t >= 0]) & set(f[f >= 0])) / k for t, f in zip(truth, found, strict=True)]))
+
+
+def single_index(kind: str, keys: np.ndarray, cfg: DatastoreConfig) -> faiss.Index:
+    """One index of `kind` over keys held in memory, in one process (a sweep's trial builds its own)."""
+    if kind == "flat":
+        index = faiss.IndexFlatL2(keys.shape[1])
+    elif kind == "ivfpq":
+        sample = keys[np.random.default_rng(0).permutation(len(keys))[:65536]]
+        index = trained_ivfpq(sample, len(keys), cfg)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(keys.shape[1], cfg.hnsw_m)
+    else:
+        raise ConfigError(f"index kind {kind!r}: expected flat, ivfpq or hnsw")
+    index.add(keys)
+    return configure(index, cfg)

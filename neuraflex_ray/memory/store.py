@@ -43,6 +43,20 @@ class Neighbours:
     counts: np.ndarray  # float32 [n, k] how many entries each neighbour stands for (0 where missing)
 
 
+def kept_keys(path: str | Path) -> np.ndarray:
+    """float32 [n, D]: the keys of a datastore's kept entries in index order, read back from its shards."""
+    from neuraflex_ray.memory.keys import read_keys
+
+    p = Path(path)
+    manifest = read_datastore_manifest(p)
+    kept = np.load(p / "positions.npy")
+    parts = []
+    for shard in manifest["shards"]:
+        s = read_keys(p / shard)
+        parts.append(s["key"][np.isin(s["position"], kept)])
+    return np.concatenate(parts)
+
+
 class Datastore:
     """One datastore: `search(queries)` -> Neighbours. Searches one query at a time by default, so a
     query's neighbours never depend on which other queries share its batch (FAISS's exact search

@@ -32,14 +32,14 @@ from neuraflex_ray.config.lm import DataConfig
 from neuraflex_ray.memory.config import DatastoreConfig
 from neuraflex_ray.memory.dedup import merge_near_duplicates
 from neuraflex_ray.memory.heldout import fit_own_gates, write_gates
-from neuraflex_ray.memory.index import build_indexes, configure, recall_at_k
+from neuraflex_ray.memory.index import PQ_POINTS_PER_CENTROID, build_indexes, configure, ivf_nlist, recall_at_k
 from neuraflex_ray.memory.keys import KeyWriter, block_keys, read_keys
 from neuraflex_ray.memory.store import Datastore
 from pipelines.shards import read_manifest
 from pipelines.text import build_text_dataset, load_text_datasets, read_blocks
 
 FORMAT_VERSION = 1
-TRAIN_SAMPLE = 65536  # keys that train the IVF-PQ quantizers
+TRAIN_SAMPLE = 65536  # keys that train the IVF-PQ quantizers (at least)
 
 
 def _log(msg: str) -> None:
@@ -111,7 +111,9 @@ def build_datastore(export_dir: str | Path, corpus: str, out_dir: str | Path, cf
         np.save(tmp / "values.npy", values[keep])
         np.save(tmp / "counts.npy", counts[keep])
         np.save(tmp / "positions.npy", positions[keep])
-        sample = keys[keep][np.sort(np.random.default_rng(0).permutation(int(keep.sum()))[:TRAIN_SAMPLE])]
+        # FAISS wants >= 39 training points per IVF cell (it warns below); at least TRAIN_SAMPLE for PQ.
+        n_train = max(TRAIN_SAMPLE, PQ_POINTS_PER_CENTROID * ivf_nlist(int(keep.sum()), cfg))
+        sample = keys[keep][np.sort(np.random.default_rng(0).permutation(int(keep.sum()))[:n_train])]
         t_index = time.perf_counter()
         indexes = build_indexes(files, per_shard, sample, cfg, tmp)
         index_s = time.perf_counter() - t_index

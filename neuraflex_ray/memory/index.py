@@ -114,7 +114,8 @@ def single_index(kind: str, keys: np.ndarray, cfg: DatastoreConfig) -> faiss.Ind
     if kind == "flat":
         index = faiss.IndexFlatL2(keys.shape[1])
     elif kind == "ivfpq":
-        sample = keys[np.random.default_rng(0).permutation(len(keys))[:65536]]
+        n_train = max(65536, PQ_POINTS_PER_CENTROID * ivf_nlist(len(keys), cfg))
+        sample = keys[np.random.default_rng(0).permutation(len(keys))[:n_train]]
         index = trained_ivfpq(sample, len(keys), cfg)
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(keys.shape[1], cfg.hnsw_m)

@@ -12,6 +12,7 @@ package) imports only units of the layers below its own, never above and never b
     train                           the Train loop, its task interface, the strategies, the driver
     finetune                        LoRA, EWC, and the hooks a family's task plugs them in with
     eval, tune                      held-out evaluation beside baselines; Ray Tune sweeps
+    interpret                       looking inside trained models: representation comparisons
     serving                         the Ray Serve applications
     families                        the model families: each glues its model, data, task, export, eval, serving
     workflows, dashboard, sweep     stages chained for users; sweep dashboards; an old path kept for --resume
@@ -33,6 +34,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("train",),
     ("finetune",),
     ("eval", "tune"),
+    ("interpret",),
     ("serving",),
     ("families",),
     ("workflows", "dashboard", "sweep"),

@@ -85,6 +85,16 @@ def reported_bpb(export: Path, store_dir: Path) -> dict[str, Any]:
     return bpb(lm_target[report], docs[report], manifest["val_bytes_per_token"])
 
 
+def reused(path: Path, base: Path) -> dict[str, Any] | None:
+    from neuraflex_ray.checkpoint import fingerprint
+
+    manifest = path / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = json.loads(manifest.read_text())
+    return m if m["export_fingerprint"] == fingerprint(base) else None
+
+
 def ms_per_token(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> float:
     """Mean over requests of latency / generated tokens, `concurrency` clients at once."""
     def one(i: int) -> float:
@@ -102,22 +112,27 @@ def ms_per_token(url: str, model: str, concurrency: int, requests: int, max_toke
 
 
 def serve_cost(base: Path, stores: dict[str, Path], max_tokens: int) -> dict[str, Any]:
+    """ms/token of the export alone and with the stdlib store (exact search: "knn"; the HNSW graph:
+    "knn_hnsw"), one replica at a time on the same machine."""
     from ray import serve
 
     from neuraflex_ray.serving.deploy import deploy, free_port
 
-    url = deploy({"neuraflex-moe": str(base)}, port=free_port(), name="knn-bench", num_cpus=1,
-                 datastores={k: str(v) for k, v in stores.items()})
-    try:
-        out = {}
-        for c in (1, 16):
-            n = max(4, 2 * c)
-            out[f"c{c}"] = {"base": ms_per_token(url, "neuraflex-moe", c, n, max_tokens),
-                            "knn": ms_per_token(url, "neuraflex-moe+stdlib", c, n, max_tokens)}
-            log(f"ms/token at concurrency {c}: {out[f'c{c}']}")
-        return out
-    finally:
-        serve.delete("knn-bench")
+    out: dict[str, Any] = {"c1": {}, "c16": {}}
+    port = free_port()
+    for index, key in (("flat", "knn"), ("hnsw", "knn_hnsw")):
+        url = deploy({"neuraflex-moe": str(base)}, port=port, name="knn-bench", num_cpus=1,
+                     datastores={k: str(v) for k, v in stores.items()}, datastore_index=index)
+        try:
+            for c in (1, 16):
+                n = max(4, 2 * c)
+                if index == "flat":
+                    out[f"c{c}"]["base"] = ms_per_token(url, "neuraflex-moe", c, n, max_tokens)
+                out[f"c{c}"][key] = ms_per_token(url, "neuraflex-moe+stdlib", c, n, max_tokens)
+                log(f"ms/token at concurrency {c}: {out[f'c{c}']}")
+        finally:
+            serve.delete("knn-bench")
+    return out
 
 
 def main() -> None:
@@ -127,6 +142,8 @@ def main() -> None:
     p.add_argument("--dedup-distance", type=float, default=1e-4, help="DatastoreConfig.dedup_distance")
     p.add_argument("--lora-export", default="", help="a merged LoRA-on-KJV export to score instead of training one")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request in the Serve cost measurement")
+    p.add_argument("--reuse-datastores", action="store_true",
+                   help="keep datastores already in the work dir that this base built (their build figures are the old run's)")
     args = p.parse_args()
     work = Path(args.work_dir).resolve()
 
@@ -142,8 +159,9 @@ def main() -> None:
         log(f"base export {base}")
         cfg = DatastoreConfig(dedup_distance=args.dedup_distance)
         stores = {"stdlib": work / "datastores" / "stdlib", "kjv": work / "datastores" / "kjv"}
-        manifests = {"stdlib": build_datastore(base, "stdlib", stores["stdlib"], cfg),
-                     "kjv": build_datastore(base, "kjv", stores["kjv"], cfg, KJV)}
+        manifests = {name: reused(stores[name], base) if args.reuse_datastores else None for name in stores}
+        manifests["stdlib"] = manifests["stdlib"] or build_datastore(base, "stdlib", stores["stdlib"], cfg)
+        manifests["kjv"] = manifests["kjv"] or build_datastore(base, "kjv", stores["kjv"], cfg, KJV)
         if not manifests["stdlib"]["own_training_data"]:
             log(f"warning: the stdlib datastore is not the export's own training split ({own_source.get('data')})")
         evals = {}
@@ -163,7 +181,9 @@ def main() -> None:
 
     def figs(d: dict[str, Any]) -> dict[str, Any]:
         return {"base": d["base"]["bpb"], "knn": d["knn"]["bpb"], "knn_adaptive": d["knn_adaptive"]["bpb"],
-                "mixed": d["mixed"]["bpb"], "ci95": {k: d[k]["ci95"] for k in ("base", "knn", "knn_adaptive", "mixed")},
+                "mixed": d["mixed"]["bpb"], "mixed_own_distance": d["mixed_own_distance"]["bpb"],
+                "ci95": {k: d[k]["ci95"] for k in ("base", "knn", "knn_adaptive", "mixed")},
+                "minus_base_ci95": {k: d[k]["minus_base_ci95"] for k in ("knn", "knn_adaptive", "mixed")},
                 "low_overlap": None if d["low_overlap"] is None else {k: v["bpb"] for k, v in d["low_overlap"].items()},
                 "documents": d["documents"]}
 

@@ -10,6 +10,7 @@ documents whose 8-grams the datastore mostly lacks.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from neuraflex_ray.eval.bootstrap import ratio_interval
-from neuraflex_ray.memory.fit import StoreRows, fit_gates, mixed_target_log_probs
+from neuraflex_ray.memory.fit import StoreRows, fit_cross_gates, fit_gates, mixed_target_log_probs
 from neuraflex_ray.memory.heldout import document_halves, scored_positions, text_dir
 from neuraflex_ray.memory.store import Datastore, Neighbours
 from pipelines.text import target_documents
@@ -74,10 +75,18 @@ def bpb(log_probs: np.ndarray, docs: np.ndarray, bytes_per_token: float) -> dict
     return {"bpb": float(bits.sum() / den.sum()), "ci95": [lo, hi]}
 
 
+def gain_interval(log_probs: np.ndarray, base: np.ndarray, docs: np.ndarray, bytes_per_token: float) -> tuple[float, float]:
+    """95 % interval of bits/byte(log_probs) - bits/byte(base) over the same positions, documents resampled."""
+    diff = (np.asarray(base) - np.asarray(log_probs)) / math.log(2)
+    return ratio_interval(diff, np.full(len(diff), bytes_per_token), docs)
+
+
 def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str | Path], *, index: str = "flat",
                              seed: int = 0, **search: Any) -> dict[str, Any]:
     """{"domains": {name: figures on its corpus's reported half}, "mixed_delta": {name: with every store
-    attached (adaptive λ) minus the best with only its own}, "gates": ...}."""
+    attached minus the best with only its own}, "gates": ...}. With several stores, "mixed" is every store
+    attached with gates that read every store's nearest distance (memory/fit.py CrossGates);
+    "mixed_own_distance" the same with each gate reading only its own store's distance."""
     from neuraflex_ray.checkpoint import load_exported
 
     model, _ = load_exported(export_dir)
@@ -89,11 +98,13 @@ def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str |
     halves = {d: document_halves(data[d].docs, seed) for d in names}
     own = {d: {kind: fit_gates(data[d].lm_target[halves[d][0]], [rows[d][i].take(halves[d][0])], kind == "adaptive")[0]
                for kind in ("fixed", "adaptive")} for i, d in enumerate(names)}
-    joint = None
+    joint = cross = None
     if len(names) > 1:  # every store attached, gates fitted on every domain's fitting half at once
         fit_lm = np.concatenate([data[d].lm_target[halves[d][0]] for d in names])
         fit_rows = [_concat([rows[d][i].take(halves[d][0]) for d in names]) for i in range(len(names))]
         joint = fit_gates(fit_lm, fit_rows, adaptive=True)
+        # Each store's gate may also read the other stores' distances, starting from the gates above.
+        cross = fit_cross_gates(fit_lm, fit_rows, joint)
     out: dict[str, Any] = {"index": index, "k": stores[names[0]].k, "domains": {}, "gates": {}}
     for i, d in enumerate(names):
         h, rep = data[d], halves[d][1]
@@ -103,8 +114,13 @@ def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str |
                   "knn": mixed_target_log_probs(h.lm_target[rep], mine, [own[d]["fixed"]]),
                   "knn_adaptive": mixed_target_log_probs(h.lm_target[rep], mine, [own[d]["adaptive"]])}
         if joint is not None:
-            scores["mixed"] = mixed_target_log_probs(h.lm_target[rep], [r.take(rep) for r in rows[d]], joint)
+            attached = [r.take(rep) for r in rows[d]]
+            scores["mixed_own_distance"] = mixed_target_log_probs(h.lm_target[rep], attached, joint)
+            scores["mixed"] = cross.target_log_probs(h.lm_target[rep], attached)
         fig = {k: bpb(v, h.docs[rep], h.bytes_per_token) for k, v in scores.items()}
+        for k, v in scores.items():  # the gain over the export alone, its interval paired by document
+            if k != "base":
+                fig[k]["minus_base_ci95"] = list(gain_interval(v, scores["base"], h.docs[rep], h.bytes_per_token))
         lows = None
         if _docs(low, h.docs) >= 2:
             lows = {k: bpb(v[low[rep]], h.docs[low], h.bytes_per_token) for k, v in scores.items()}
@@ -115,6 +131,7 @@ def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str |
         out["gates"][d] = {k: g.as_dict() for k, g in own[d].items()}
     if joint is not None:
         out["gates"]["joint"] = {n: g.as_dict() for n, g in zip(names, joint, strict=True)}
+        out["gates"]["cross"] = {"stores": names, **dataclasses.asdict(cross)}
         out["mixed_delta"] = {d: out["domains"][d]["mixed"]["bpb"] - min(out["domains"][d]["knn"]["bpb"],
                                                                           out["domains"][d]["knn_adaptive"]["bpb"])
                               for d in names}

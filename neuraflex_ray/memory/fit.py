@@ -80,5 +80,57 @@ def fit_gates(lm_target: np.ndarray, stores: list[StoreRows], adaptive: bool, st
         loss = -_mixture(lm, stores, logits, [log_t[i].exp() for i in range(len(stores))]).mean()
         loss.backward()
         opt.step()
+    log_t, a, b = log_t.detach(), a.detach(), b.detach()
     return [Gate(float(log_t[i].exp()), float(a[i]), float(b[i]) if adaptive else 0.0, centers[i] if adaptive else 0.0)
             for i in range(len(stores))]
+
+
+@dataclass
+class CrossGates:
+    """Gates of several stores attached at once, each a function of every store's nearest distance:
+    g_i = a_i + Σ_j B_ij (log d_min,j - c_j). A store can then step aside when another one holds the
+    context more closely, which a gate that sees only its own distance cannot do."""
+
+    temperatures: list[float]
+    a: list[float]
+    weights: list[list[float]]  # B [m, m]
+    centers: list[float]
+
+    def logits(self, stores: list[StoreRows]) -> torch.Tensor:
+        return _cross_logits(_features(stores, self.centers), torch.tensor(self.a, dtype=torch.float64),
+                             torch.tensor(self.weights, dtype=torch.float64))
+
+    def target_log_probs(self, lm_target: np.ndarray, stores: list[StoreRows]) -> np.ndarray:
+        lm = torch.as_tensor(lm_target, dtype=torch.float64)
+        temps = [torch.tensor(t, dtype=torch.float64) for t in self.temperatures]
+        return _mixture(lm, stores, self.logits(stores), temps).numpy()
+
+
+def _features(stores: list[StoreRows], centers: list[float]) -> torch.Tensor:
+    """[q, m]: each store's log nearest distance, centred (30 where a store returned nothing)."""
+    logd = torch.stack([torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores], 1)
+    logd = logd - torch.tensor(centers, dtype=torch.float64)
+    return torch.where(torch.isfinite(logd), logd, torch.full_like(logd, 30.0))
+
+
+def _cross_logits(feats: torch.Tensor, a: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return a + feats @ weights.T
+
+
+def fit_cross_gates(lm_target: np.ndarray, stores: list[StoreRows], start: list[Gate],
+                    steps: int = FIT_STEPS) -> CrossGates:
+    """CrossGates fitted from each store's own fitted gate (`start`: its temperature, λ and slope)."""
+    lm = torch.as_tensor(lm_target, dtype=torch.float64)
+    logd = [torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores]
+    centers = [float(x[torch.isfinite(x)].mean()) if bool(torch.isfinite(x).any()) else 0.0 for x in logd]
+    feats = _features(stores, centers)
+    log_t = torch.tensor([math.log(g.temperature) for g in start], dtype=torch.float64, requires_grad=True)
+    a = torch.tensor([g.a if math.isfinite(g.a) else -10.0 for g in start], dtype=torch.float64, requires_grad=True)
+    weights = torch.diag(torch.tensor([g.b for g in start], dtype=torch.float64)).requires_grad_(True)
+    opt = torch.optim.Adam([log_t, a, weights], lr=FIT_LR)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = -_mixture(lm, stores, _cross_logits(feats, a, weights), list(log_t.exp().unbind())).mean()
+        loss.backward()
+        opt.step()
+    return CrossGates(log_t.detach().exp().tolist(), a.detach().tolist(), weights.detach().tolist(), centers)

@@ -168,9 +168,14 @@ def test_held_out_scoring_fits_on_one_half_of_the_documents_and_reports_the_othe
         assert d["positions"] == int(report.sum())
         base = -h.lm_target[report].sum() / np.log(2) / (report.sum() * h.bytes_per_token)
         assert d["base"]["bpb"] == pytest.approx(base)
-        for kind in ("base", "knn", "knn_adaptive", "mixed"):
+        for kind in ("base", "knn", "knn_adaptive", "mixed", "mixed_own_distance"):
             lo, hi = d[kind]["ci95"]
             assert lo <= d[kind]["bpb"] <= hi
+            if kind != "base":  # the paired interval of the gain holds the gain
+                lo, hi = d[kind]["minus_base_ci95"]
+                assert lo <= d[kind]["bpb"] - d["base"]["bpb"] <= hi
+    cross = result["gates"].pop("cross")
+    assert cross["stores"] == ["email", "asyncio"] and np.array(cross["weights"]).shape == (2, 2)
     for gates in result["gates"].values():
         assert all(np.isfinite(g["temperature"]) and g["temperature"] > 0 for g in gates.values())
 

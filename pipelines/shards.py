@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from neuraflex_ray.atomic import write_json_atomic
@@ -98,3 +99,15 @@ def read_columns(out: str | Path, shards: list[str], names: tuple[str, ...], lim
         if limit and rows >= limit:
             break
     return {n: np.concatenate(p)[:limit or None] if p else np.zeros((0, 0)) for n, p in parts.items()}
+
+
+def vector_column(rows: np.ndarray) -> pa.FixedSizeListArray:
+    """float32 [n, d] -> a Parquet-ready fixed-size list column (any Arrow reader sees lists of d floats)."""
+    flat = pa.array(np.ascontiguousarray(rows, dtype=np.float32).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, rows.shape[1])
+
+
+def vector_rows(col: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """vector_column() read back: float32 [n, d]."""
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    return col.flatten().to_numpy().reshape(-1, col.type.list_size).astype(np.float32, copy=False)

@@ -1,5 +1,5 @@
-"""`neuraflex-ray` command line: data | train | export | eval | datastore | probe | inspect | generate | tune | dashboard |
-finetune | merge | serve | quickstart. `python -m neuraflex_ray ...` is the same.
+"""`neuraflex-ray` command line: data | train | export | eval | datastore | activations | probe | inspect |
+generate | tune | dashboard | finetune | merge | serve | quickstart. `python -m neuraflex_ray ...` is the same.
 
 Every command that takes --config also takes dotted overrides after it, e.g.
 
@@ -34,6 +34,7 @@ from neuraflex_ray.cli.commands import (
     cmd_tune,
 )
 from neuraflex_ray.cli.datastore import add_datastore_parser
+from neuraflex_ray.cli.interpret import add_interpret_parser
 from neuraflex_ray.config import BUILTIN, DEFAULT_MODEL_TYPE, ConfigError
 
 
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--index", choices=["flat", "ivfpq", "hnsw"], default="flat", help="which of its indexes to search")
     sp.set_defaults(fn=cmd_eval)
     add_datastore_parser(sub)
+    add_interpret_parser(sub)
     sp = sub.add_parser("probe", help="Decode labelled tasks from a NeuroFM export's frozen embeddings, beside classical "
                                       "features.",
                         description="Logistic regression on frozen NeuroFM embeddings vs on classical physiological "

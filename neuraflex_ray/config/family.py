@@ -137,6 +137,11 @@ class Family:
     def evaluate(self, export_dir: Path, data_dir: Path) -> dict[str, Any]:
         raise self.unsupported("held-out evaluation")
 
+    def activation_sites(self, model: Any) -> dict[str, Any]:
+        """{site name: the sub-module whose output is that site's activation} (`neuraflex-ray activations`,
+        interpretability): named so that the same site exists in every model of the family's shape."""
+        raise self.unsupported("activation sites")
+
     def after_training(self, cfg: Any, result: dict[str, Any], export_dir: Path) -> dict[str, Any]:
         """The quickstart's stages after training and export: {stage: its result} for summary.json."""
         return {"eval": self.evaluate(export_dir, Path(cfg.data.output_dir))}

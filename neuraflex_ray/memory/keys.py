@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.shards import vector_column, vector_rows
+
 BATCH_ROWS = 16  # blocks per forward pass
 
 
@@ -32,18 +34,15 @@ def block_keys(model: torch.nn.Module, blocks: np.ndarray, batch_rows: int = BAT
 def keys_table(keys: np.ndarray, values: np.ndarray, positions: np.ndarray) -> pa.Table:
     """One shard's rows: key (fixed-size list of float32), value (next token), position (index of the
     predicted token in the training split's blocks: block * (L - 1) + t)."""
-    flat = pa.array(np.ascontiguousarray(keys, dtype=np.float32).reshape(-1))
-    return pa.table({"key": pa.FixedSizeListArray.from_arrays(flat, keys.shape[1]),
-                     "value": pa.array(values.astype(np.int32)), "position": pa.array(positions.astype(np.int64))})
+    return pa.table({"key": vector_column(keys), "value": pa.array(values.astype(np.int32)),
+                     "position": pa.array(positions.astype(np.int64))})
 
 
 def read_keys(path: str | Path) -> dict[str, np.ndarray]:
     """A shard back as arrays: key float32 [n, D], value int32 [n], position int64 [n]."""
     t = pq.read_table(path)
-    col = t.column("key").combine_chunks()
-    width = col.type.list_size
-    return {"key": col.flatten().to_numpy().reshape(-1, width).astype(np.float32, copy=False),
-            "value": t.column("value").to_numpy(), "position": t.column("position").to_numpy()}
+    return {"key": vector_rows(t.column("key")), "value": t.column("value").to_numpy(),
+            "position": t.column("position").to_numpy()}
 
 
 class KeyWriter:

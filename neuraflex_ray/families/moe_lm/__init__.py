@@ -60,6 +60,16 @@ class MoELMFamily(Family):
 
         return MoELM(model_cfg)
 
+    def activation_sites(self, model: Any) -> dict[str, Any]:
+        """Per block i: attn_i (attention's output), ffn_i (the feed-forward's or MoE's output), resid_i (the
+        residual stream after the block), and moe_in_i (what a routed MoE layer reads, after its norm)."""
+        sites: dict[str, Any] = {}
+        for i, block in enumerate(model.layers):
+            sites.update({f"attn_{i}": block.attn, f"ffn_{i}": block.ffn, f"resid_{i}": block})
+            if block.is_moe:
+                sites[f"moe_in_{i}"] = block.ffn_norm
+        return sites
+
     def expert_parallel(self, model: Any, ep_size: int, rank: int) -> Any:
         from neuraflex_ray.parallel.deepspeed_moe import parallelize_deepspeed
 

@@ -123,7 +123,10 @@ def knn_trial(params: dict[str, Any], store_dir: str, halves: dict[str, HeldOutR
     index = cached_index(store, params["index"], cfg, Path(cache))
     rows = halves["fit"]
     gate = Gate.fixed(float(params["lam"]), float(params["temperature"]))
-    tune.report({"bpb": score(store, index, rows, cfg.k, gate), "ms_per_token": ms_per_query(index, rows.keys, cfg.k)})
+    result = {"bpb": score(store, index, rows, cfg.k, gate), "ms_per_token": ms_per_query(index, rows.keys, cfg.k)}
+    print(f"[tune] {params['index']} k={cfg.k} λ={params['lam']:.3f} T={params['temperature']:.2f}: "
+          f"{result['bpb']:.4f} bits/byte, {result['ms_per_token']:.3f} ms/token", flush=True)
+    tune.report(result)
 
 
 def run_knn_sweep(export_dir: str | Path, store_dir: str | Path, out_dir: str | Path, *, trials: int = 24,
@@ -147,7 +150,8 @@ def run_knn_sweep(export_dir: str | Path, store_dir: str | Path, out_dir: str | 
                                                          cache=str(out / "indexes")), {"CPU": 1})
     grid = tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=search, num_samples=trials,
                                                               max_concurrent_trials=concurrent),
-                      run_config=tune.RunConfig(name="tune", storage_path=str(out))).fit()
+                      # Tune's status tables would bury the result: one line per trial instead (knn_trial).
+                      run_config=tune.RunConfig(name="tune", storage_path=str(out), verbose=0)).fit()
     rows = [{**{k: r.config[k] for k in search_space(store)}, **{m: r.metrics.get(m) for m in METRICS}}
             for r in grid if r.error is None and r.metrics]
     if not rows:

@@ -207,7 +207,9 @@ def served(export, stores):
     url = deploy({LM: str(export)}, port=free_port(), num_cpus=0.5, name="knn",
                  datastores={k: str(v) for k, v in stores.items()})
     yield {"url": url, "client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)}
-    serve.delete("knn")
+    # Shut Serve down, proxies included, as test_serve.py does: a later deploy() on another port would
+    # otherwise find Serve already listening on this one and wait for an answer that never comes.
+    serve.shutdown()
 
 
 def first_token_logprobs(client, model: str) -> tuple[str, float, dict]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 
 from neuraflex_ray.models.sae import SAEConfig, TopKSAE, fvu, train_step
@@ -63,3 +66,41 @@ def test_parallel_gradient_removal_keeps_steps_on_the_unit_sphere():
     sae.remove_parallel_grads()
     assert torch.allclose((sae.W_dec.grad * sae.W_dec).sum(1), torch.zeros(sae.cfg.n_latents), atol=1e-6)
     assert float(fvu(x, x)) == 0.0
+
+
+def test_splicing_an_identity_sae_leaves_the_lm_loss_unchanged(tmp_path):
+    import numpy as np
+
+    from neuraflex_ray.checkpoint import export_family, load_exported
+    from neuraflex_ray.eval.lm import heldout_loss
+    from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
+    from neuraflex_ray.interpret.sae_eval import ce_loss_score, identity_sae, sae_stats
+
+    export = scratch_lm_export(tmp_path / "lm", vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                               num_experts=4, expert_ffn_dim=32, dense_ffn_dim=64, max_seq_len=64)
+    model, _ = load_exported(export)
+    blocks = np.random.default_rng(0).integers(0, 500, size=(8, 33))
+    site = export_family(export).activation_sites(model)["resid_1"]  # the last block's output
+    sae = identity_sae(32)
+    out = ce_loss_score(lambda: heldout_loss(model, blocks), site, sae)
+    assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-6)
+    # Zeroed, the last residual normalises to zero logits: the uniform distribution's ln V exactly. An untrained
+    # model is near uniform anyway, so zeroing barely moves its loss and no score is given (gap reported).
+    assert out["ce_zero"] == pytest.approx(math.log(model.cfg.vocab_size), abs=1e-5)
+    assert out["ce_loss_score"] is None or out["ce_loss_score"] == pytest.approx(1.0, abs=1e-5)
+    x = np.random.default_rng(1).normal(size=(2000, 32)).astype(np.float32)
+    stats = sae_stats(sae, x)
+    assert stats["explained_variance"] == pytest.approx(1.0, abs=1e-6) and stats["dead_frac"] == 0.0
+    assert stats["l0"] == pytest.approx(32.0)  # one of +e_j / -e_j per dimension
+
+
+def test_pca_baseline_explains_a_low_rank_signal_with_its_rank():
+    import numpy as np
+
+    from neuraflex_ray.interpret.sae_eval import pca_explained_variance
+
+    rng = np.random.default_rng(0)
+    mix = rng.normal(size=(3, 20))
+    train, test = rng.normal(size=(500, 3)) @ mix, rng.normal(size=(200, 3)) @ mix
+    assert pca_explained_variance(train, test, 3) == pytest.approx(1.0, abs=1e-9)
+    assert pca_explained_variance(train, test, 1) < 0.9

@@ -43,6 +43,7 @@ BUILTIN: dict[str, Builtin] = {
     "moe_lm": Builtin("neuraflex_ray.families.moe_lm:FAMILY", "moe", "moe_debug.yaml"),
     "neurofm": Builtin("neuraflex_ray.families.neurofm:FAMILY", "neurofm", "neurofm_debug.yaml"),
     "blt": Builtin("neuraflex_ray.families.blt:FAMILY", "blt", "blt_debug.yaml"),
+    "sae": Builtin("neuraflex_ray.families.sae:FAMILY", "sae", "sae_debug.yaml"),
 }
 # A config without model_type, and files written before model_type was recorded in them (DeepSpeed
 # checkpoints without train_state.json, exports whose config.json lacks the key), are this family's.

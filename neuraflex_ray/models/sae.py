@@ -19,7 +19,8 @@ from torch import nn
 
 @dataclass
 class SAEConfig:
-    d_in: int = 128  # the width of the activation site
+    flavour: str = "debug"  # the job config's flavour name (one size: the data decides d_in)
+    d_in: int = 0  # the width of the activation site (0: taken from the activations' manifest)
     expansion: int = 8  # latents = expansion * d_in
     k: int = 32  # latents active per input (L0)
     aux_k: int = 0  # latents AuxK may use on the residual (0: d_in // 2, as `sparsify`)

@@ -1,0 +1,109 @@
+"""A TopK sparse autoencoder as a model family: trained on an LM's activations at one site by the same
+Train loop, checkpoints, Tune sweeps and exports as any model (`model_type: sae`).
+
+Data: a `neuraflex-ray activations` directory, split by token block (families/sae/data.py). Model:
+models/sae.py. Training: FSDP2 (families/sae/task.py). Evaluation (interpret/sae_eval.py): explained
+variance, L0 and dead latents on the held-out rows beside PCA with as many components as the L0,
+and the LM's held-out loss with the SAE's reconstruction spliced in at its site (CE-loss score).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuraflex_ray.config import ConfigError, Family, JobConfig
+from neuraflex_ray.families.sae.data import SAEDataConfig, build_split, open_split
+from neuraflex_ray.families.sae.task import SAETask
+from neuraflex_ray.models.sae import SAEConfig
+
+EVAL_ROWS = 200_000  # held-out rows scored (all when fewer)
+PCA_ROWS = 50_000  # training rows PCA is fitted on
+
+
+class SAEFamily(Family):
+    model_config = SAEConfig
+    data_config = SAEDataConfig
+    flavours = {"debug": {}}
+    strategies = ("fsdp",)
+    task_class = SAETask
+
+    def validate(self, cfg: JobConfig, world: int) -> None:
+        m = cfg.model
+        if m.expansion < 1 or m.k < 1 or (m.d_in and m.k > m.expansion * m.d_in):
+            raise ConfigError(f"model.k={m.k} and model.expansion={m.expansion}: need expansion >= 1 and "
+                              f"1 <= k <= expansion * d_in (d_in {m.d_in or 'from the activations'})")
+        if not cfg.data.activations:
+            raise ConfigError("data.activations: the directory `neuraflex-ray activations` wrote is required")
+
+    def build_data(self, data: SAEDataConfig, force: bool = False) -> dict[str, Any]:
+        return build_split(data)
+
+    def open_data(self, output_dir: str) -> tuple[Any, Any]:
+        return open_split(output_dir)
+
+    def fit_to_data(self, cfg: JobConfig, manifest: dict[str, Any]) -> SAEConfig:
+        if cfg.model.d_in not in (0, manifest["width"]):
+            raise ConfigError(f"model.d_in={cfg.model.d_in} but the activations are {manifest['width']} wide; "
+                              f"leave d_in at 0")
+        return dataclasses.replace(cfg.model, d_in=manifest["width"])
+
+    def build_model(self, model_cfg: SAEConfig) -> Any:
+        from neuraflex_ray.models.sae import TopKSAE
+
+        return TopKSAE(model_cfg)
+
+    def export(self, checkpoint: Path, data_dir: Path, out_dir: Path, metadata: dict[str, Any]) -> Path:
+        from neuraflex_ray.checkpoint import export_consolidated
+
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+        return export_consolidated(checkpoint, self.name, out_dir, {
+            **metadata, "data": {"output_dir": str(data_dir)},
+            "activations": {k: manifest[k] for k in ("activations", "export", "site", "width")}})
+
+    def evaluate(self, export_dir: Path, data_dir: Path) -> dict[str, Any]:
+        from neuraflex_ray.checkpoint import load_exported
+        from neuraflex_ray.interpret.sae_eval import pca_explained_variance, sae_stats
+
+        sae, meta = load_exported(export_dir)
+        train_ds, val_ds = open_split(str(data_dir))
+        val = _rows(val_ds, EVAL_ROWS)
+        stats = sae_stats(sae, val)
+        components = max(1, round(stats["l0"]))
+        out = {**stats, "site": meta["activations"]["site"], "d_in": sae.cfg.d_in, "n_latents": sae.cfg.n_latents,
+               "k": sae.cfg.k, "pca_components": components,
+               "pca_explained_variance": pca_explained_variance(_rows(train_ds, PCA_ROWS), val, components)}
+        return {**out, **_spliced_loss(sae, meta["activations"])}
+
+
+def _rows(ds: Any, limit: int) -> np.ndarray:
+    from pipelines.shards import column
+
+    parts, n = [], 0
+    for batch in ds.iter_batches(batch_size=8192, batch_format="numpy"):
+        parts.append(column(batch, "activation").astype(np.float32))
+        n += len(parts[-1])
+        if n >= limit:
+            break
+    return np.concatenate(parts)[:limit]
+
+
+def _spliced_loss(sae: Any, acts: dict[str, Any]) -> dict[str, Any]:
+    """The LM's held-out cross entropy clean, with the SAE spliced in at its site, and with the site zeroed."""
+    from neuraflex_ray.checkpoint import export_family, load_exported
+    from neuraflex_ray.eval.lm import heldout_loss
+    from neuraflex_ray.interpret.sae_eval import ce_loss_score
+    from pipelines.text import load_text_datasets, read_blocks
+
+    lm, meta = load_exported(acts["export"])
+    site = export_family(acts["export"]).activation_sites(lm)[acts["site"]]
+    _, val_ds, _ = load_text_datasets(meta["data"]["output_dir"])
+    blocks = read_blocks(val_ds)
+    return ce_loss_score(lambda: heldout_loss(lm, blocks), site, sae)
+
+
+FAMILY = SAEFamily()

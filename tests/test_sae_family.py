@@ -1,0 +1,64 @@
+"""A TopK SAE trained on an LM's activations as a model family (`model_type: sae`): `neuraflex-ray train`
+(Ray Train, FSDP2 on 2 workers), `export` and `eval` on the same commands as any model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuraflex_ray.checkpoint import load_exported
+from neuraflex_ray.cli import main
+from neuraflex_ray.interpret.activations import collect_activations
+
+CONFIG = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sae_debug.yaml")
+
+
+@pytest.fixture(scope="module")
+def activations(tmp_path_factory, ray_session) -> Path:
+
+    root = tmp_path_factory.mktemp("sae")
+    lm = _lm_with_data(root)
+    out = root / "acts"
+    collect_activations(lm, "resid_1", "train", out, max_blocks=240)
+    return out
+
+
+def _lm_with_data(root: Path) -> Path:
+    import os
+
+    from neuraflex_ray.config.lm import DataConfig
+    from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
+    from pipelines.text import build_text_dataset
+
+    out = scratch_lm_export(root / "lm", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4,
+                            expert_ffn_dim=64, dense_ffn_dim=128, max_seq_len=64)
+    docs = root / "docs"
+    docs.mkdir()
+    for f in sorted((Path(os.__file__).parent / "email").glob("*.py"))[:16]:
+        (docs / f"{f.stem}.txt").write_text(f.read_text(errors="replace")[:4000])
+    build_text_dataset(DataConfig(source=str(docs), tokenizer=str(out / "tokenizer.json"), seq_len=32,
+                                  val_fraction=0.2, output_dir=str(root / "data")))
+    meta = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**meta, "data": {"output_dir": str(root / "data")}}))
+    return out
+
+
+def test_an_sae_trains_exports_and_evaluates_like_any_model(activations, tmp_path, capsys):
+    common = ["--config", CONFIG, f"output_dir={tmp_path / 'runs'}", f"data.activations={activations}",
+              f"data.output_dir={tmp_path / 'data'}", "model.expansion=2", "model.k=8", "model.dead_after=10",
+              "train.micro_batch_size=256", "train.max_steps=40", "train.eval_every=20", "train.checkpoint_every=20",
+              "train.log_every=10"]
+    assert main(["train", *common]) == 0
+    assert main(["export", *common]) == 0
+    capsys.readouterr()
+    assert main(["eval", *common]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert 0 < result["explained_variance"] <= 1 and 0 < result["l0"] <= 8 and 0 <= result["dead_frac"] < 1
+    assert result["d_in"] == 64 and result["n_latents"] == 128 and result["pca_components"] == round(result["l0"])
+    assert result["ce_clean"] < result["ce_zero"] and result["ce_sae"] > 0
+    sae, meta = load_exported(tmp_path / "runs" / "sae-debug" / "export")
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)  # unit rows after every step
+    assert meta["activations"]["site"] == "resid_1"

@@ -72,17 +72,13 @@ def reported_bpb(export: Path, store_dir: Path) -> dict[str, Any]:
     """An export alone on the reported half of a datastore's held-out documents (the halves eval uses)."""
     from neuraflex_ray.checkpoint import load_exported
     from neuraflex_ray.eval.knn_lm import bpb
-    from neuraflex_ray.memory.heldout import document_halves, scored_positions, text_dir
+    from neuraflex_ray.memory.heldout import document_halves, held_out
     from neuraflex_ray.memory.store import Datastore
-    from pipelines.text import load_text_datasets, read_blocks, target_documents
 
-    _, val_ds, manifest = load_text_datasets(str(text_dir(Datastore(store_dir))))
-    val = read_blocks(val_ds)
     model, _ = load_exported(export)
-    _, lm_target = scored_positions(model, val)
-    docs = target_documents(val, manifest["eos_id"]).reshape(-1)
-    _, report = document_halves(docs)
-    return bpb(lm_target[report], docs[report], manifest["val_bytes_per_token"])
+    h = held_out(model, Datastore(store_dir))
+    _, report = document_halves(h.docs)
+    return bpb(h.lm_target[report], h.docs[report], h.bytes_per_token)
 
 
 def reused(path: Path, base: Path) -> dict[str, Any] | None:

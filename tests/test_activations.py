@@ -20,21 +20,25 @@ from neuraflex_ray.interpret.activations import collect_activations, lm_activati
 from pipelines.text import build_text_dataset, load_text_datasets, read_blocks
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory, ray_session) -> Path:
-    """A scratch LM export whose config.json names a real dataset tokenized with its tokenizer."""
-    root = tmp_path_factory.mktemp("acts")
+def lm_with_dataset(root: Path, documents: int, chars: int) -> Path:
+    """A scratch LM export whose config.json names a real dataset (the first `chars` characters of
+    `documents` email/*.py files of the standard library) tokenized with its tokenizer."""
     out = scratch_lm_export(root / "export", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4,
                             expert_ffn_dim=64, dense_ffn_dim=128, max_seq_len=64)
     docs = root / "docs"
     docs.mkdir()
-    for f in sorted((Path(os.__file__).parent / "email").glob("*.py"))[:12]:
-        (docs / f"{f.stem}.txt").write_text(f.read_text(errors="replace")[:3000])
+    for f in sorted((Path(os.__file__).parent / "email").glob("*.py"))[:documents]:
+        (docs / f"{f.stem}.txt").write_text(f.read_text(errors="replace")[:chars])
     build_text_dataset(DataConfig(source=str(docs), tokenizer=str(out / "tokenizer.json"), seq_len=32,
                                   val_fraction=0.2, output_dir=str(root / "data")))
     meta = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**meta, "data": {"output_dir": str(root / "data")}}))
     return out
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory, ray_session) -> Path:
+    return lm_with_dataset(tmp_path_factory.mktemp("acts"), documents=12, chars=3000)
 
 
 def test_the_ray_data_job_writes_the_in_process_activations(export, tmp_path):

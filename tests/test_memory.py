@@ -17,12 +17,13 @@ import torch
 from neuraflex_ray.checkpoint import fingerprint, load_exported
 from neuraflex_ray.cli import main
 from neuraflex_ray.config import ConfigError
-from neuraflex_ray.eval.knn_lm import document_halves, evaluate_with_datastores, held_out
+from neuraflex_ray.eval.knn_lm import evaluate_with_datastores
 from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
 from neuraflex_ray.memory.build import build_datastore
 from neuraflex_ray.memory.config import DatastoreConfig
 from neuraflex_ray.memory.dedup import merge_near_duplicates
 from neuraflex_ray.memory.fit import StoreRows, mixed_target_log_probs
+from neuraflex_ray.memory.heldout import document_halves, held_out
 from neuraflex_ray.memory.keys import block_keys, read_keys
 from neuraflex_ray.memory.mixing import Gate, knn_log_probs, mix_log_probs, nearest
 from neuraflex_ray.memory.store import Datastore, Neighbours

@@ -12,6 +12,7 @@ import torch
 from neuraflex_ray.checkpoint import load_exported
 from neuraflex_ray.cli import main
 from neuraflex_ray.interpret.activations import collect_activations
+from tests.test_activations import lm_with_dataset
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sae_debug.yaml")
 
@@ -20,29 +21,9 @@ CONFIG = str(Path(__file__).resolve().parents[1] / "jobs" / "configs" / "sae_deb
 def activations(tmp_path_factory, ray_session) -> Path:
 
     root = tmp_path_factory.mktemp("sae")
-    lm = _lm_with_data(root)
+    lm = lm_with_dataset(root, documents=16, chars=4000)
     out = root / "acts"
     collect_activations(lm, "resid_1", "train", out, max_blocks=240)
-    return out
-
-
-def _lm_with_data(root: Path) -> Path:
-    import os
-
-    from neuraflex_ray.config.lm import DataConfig
-    from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
-    from pipelines.text import build_text_dataset
-
-    out = scratch_lm_export(root / "lm", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4,
-                            expert_ffn_dim=64, dense_ffn_dim=128, max_seq_len=64)
-    docs = root / "docs"
-    docs.mkdir()
-    for f in sorted((Path(os.__file__).parent / "email").glob("*.py"))[:16]:
-        (docs / f"{f.stem}.txt").write_text(f.read_text(errors="replace")[:4000])
-    build_text_dataset(DataConfig(source=str(docs), tokenizer=str(out / "tokenizer.json"), seq_len=32,
-                                  val_fraction=0.2, output_dir=str(root / "data")))
-    meta = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**meta, "data": {"output_dir": str(root / "data")}}))
     return out
 
 

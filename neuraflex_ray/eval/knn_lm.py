@@ -12,33 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from neuraflex_ray.eval.bootstrap import ratio_interval
 from neuraflex_ray.memory.fit import StoreRows, fit_cross_gates, fit_gates, mixed_target_log_probs
-from neuraflex_ray.memory.heldout import document_halves, scored_positions, text_dir
+from neuraflex_ray.memory.heldout import HeldOut, document_halves, held_out, text_dir
 from neuraflex_ray.memory.store import Datastore, Neighbours
-from pipelines.text import target_documents
 
 NGRAM = 8
 LOW_OVERLAP = 0.2  # a document is "little overlapping" when at most this share of its 8-grams is in the datastore
-
-
-@dataclass
-class HeldOut:
-    """The held-out positions of one corpus: what the export predicts, and where each position belongs."""
-
-    keys: np.ndarray  # float32 [q, D]
-    lm_target: np.ndarray  # float64 [q] the export's log-prob of each target
-    targets: np.ndarray  # int64 [q]
-    docs: np.ndarray  # int64 [q] document of each position
-    seen: np.ndarray  # float64 [q] 1 if the 8-gram ending at the target occurs in the datastore's text, NaN if < 8 tokens
-    bytes_per_token: float
 
 
 def ngram_hashes(blocks: np.ndarray, n: int = NGRAM) -> np.ndarray:
@@ -54,17 +39,15 @@ def ngram_hashes(blocks: np.ndarray, n: int = NGRAM) -> np.ndarray:
     return out
 
 
-def held_out(model: torch.nn.Module, store: Datastore) -> HeldOut:
+def seen_in_store(h: HeldOut, store: Datastore) -> np.ndarray:
+    """float64 [q]: 1 if the 8-gram ending at each held-out target occurs in the datastore's text, 0 if not,
+    NaN where the block holds fewer than 8 tokens up to it."""
     from pipelines.text import load_text_datasets, read_blocks
 
-    train_ds, val_ds, manifest = load_text_datasets(str(text_dir(store)))
-    val = read_blocks(val_ds)
-    keys, lm_target = scored_positions(model, val)
+    train_ds, _, _ = load_text_datasets(str(text_dir(store)))
     seen_grams = np.unique(ngram_hashes(read_blocks(train_ds)))
-    grams = ngram_hashes(val).reshape(-1)
-    seen = np.where(grams == 0, np.nan, np.isin(grams, seen_grams).astype(np.float64))
-    return HeldOut(keys, lm_target, val[:, 1:].reshape(-1).astype(np.int64),
-                   target_documents(val, manifest["eos_id"]).reshape(-1), seen, manifest["val_bytes_per_token"])
+    grams = ngram_hashes(h.val).reshape(-1)
+    return np.where(grams == 0, np.nan, np.isin(grams, seen_grams).astype(np.float64))
 
 
 def bpb(log_probs: np.ndarray, docs: np.ndarray, bytes_per_token: float) -> dict[str, Any]:
@@ -108,7 +91,7 @@ def evaluate_with_datastores(export_dir: str | Path, datastores: dict[str, str |
     out: dict[str, Any] = {"index": index, "k": stores[names[0]].k, "domains": {}, "gates": {}}
     for i, d in enumerate(names):
         h, rep = data[d], halves[d][1]
-        low = rep & _low_overlap_docs(h)
+        low = rep & _low_overlap_docs(h.docs, seen_in_store(h, stores[d]))
         mine = [rows[d][i].take(rep)]
         scores = {"base": h.lm_target[rep],
                   "knn": mixed_target_log_probs(h.lm_target[rep], mine, [own[d]["fixed"]]),
@@ -142,11 +125,11 @@ def _docs(mask: np.ndarray, docs: np.ndarray) -> int:
     return len(np.unique(docs[mask]))
 
 
-def _low_overlap_docs(h: HeldOut) -> np.ndarray:
+def _low_overlap_docs(docs: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """bool [q]: positions of documents whose known 8-grams lie in the datastore at most LOW_OVERLAP of the time."""
-    ids, inv = np.unique(h.docs, return_inverse=True)
-    known = ~np.isnan(h.seen)
-    share = np.bincount(inv[known], weights=h.seen[known], minlength=len(ids)) / np.maximum(
+    ids, inv = np.unique(docs, return_inverse=True)
+    known = ~np.isnan(seen)
+    share = np.bincount(inv[known], weights=seen[known], minlength=len(ids)) / np.maximum(
         np.bincount(inv[known], minlength=len(ids)), 1)
     return share[inv] <= LOW_OVERLAP
 

@@ -63,10 +63,8 @@ def fit_gates(lm_target: np.ndarray, stores: list[StoreRows], adaptive: bool, st
     """Gates (one per store) that maximise the mixture's log-likelihood of the targets: a fixed λ and a
     temperature per store, and with `adaptive` a slope in log d_min as well."""
     lm = torch.as_tensor(lm_target, dtype=torch.float64)
-    logd = [torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores]
-    finite = [torch.isfinite(x) for x in logd]
-    centers = [float(x[f].mean()) if bool(f.any()) else 0.0 for x, f in zip(logd, finite, strict=True)]
-    feats = [torch.where(f, x - c, torch.full_like(x, 30.0)) for x, f, c in zip(logd, finite, centers, strict=True)]
+    centers = _centers(stores)
+    feats = _features(stores, centers)
     first = [r.neighbours.dist[:, 0] for r in stores]
     log_t = torch.tensor([math.log(max(float(np.median(d[np.isfinite(d)])) if np.isfinite(d).any() else 1.0, 1e-3))
                           for d in first], dtype=torch.float64, requires_grad=True)
@@ -76,7 +74,7 @@ def fit_gates(lm_target: np.ndarray, stores: list[StoreRows], adaptive: bool, st
     opt = torch.optim.Adam(params, lr=FIT_LR)
     for _ in range(steps):
         opt.zero_grad()
-        logits = torch.stack([a[i] + b[i] * feats[i] for i in range(len(stores))], 1)
+        logits = a + feats * b
         loss = -_mixture(lm, stores, logits, [log_t[i].exp() for i in range(len(stores))]).mean()
         loss.backward()
         opt.step()
@@ -106,6 +104,12 @@ class CrossGates:
         return _mixture(lm, stores, self.logits(stores), temps).numpy()
 
 
+def _centers(stores: list[StoreRows]) -> list[float]:
+    """Each store's mean log nearest distance over the rows it returned something for."""
+    logd = [torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores]
+    return [float(x[torch.isfinite(x)].mean()) if bool(torch.isfinite(x).any()) else 0.0 for x in logd]
+
+
 def _features(stores: list[StoreRows], centers: list[float]) -> torch.Tensor:
     """[q, m]: each store's log nearest distance, centred (30 where a store returned nothing)."""
     logd = torch.stack([torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores], 1)
@@ -121,8 +125,7 @@ def fit_cross_gates(lm_target: np.ndarray, stores: list[StoreRows], start: list[
                     steps: int = FIT_STEPS) -> CrossGates:
     """CrossGates fitted from each store's own fitted gate (`start`: its temperature, λ and slope)."""
     lm = torch.as_tensor(lm_target, dtype=torch.float64)
-    logd = [torch.log(nearest(r.neighbours) + DIST_EPS) for r in stores]
-    centers = [float(x[torch.isfinite(x)].mean()) if bool(torch.isfinite(x).any()) else 0.0 for x in logd]
+    centers = _centers(stores)
     feats = _features(stores, centers)
     log_t = torch.tensor([math.log(g.temperature) for g in start], dtype=torch.float64, requires_grad=True)
     a = torch.tensor([g.a if math.isfinite(g.a) else -10.0 for g in start], dtype=torch.float64, requires_grad=True)

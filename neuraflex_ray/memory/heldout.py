@@ -4,6 +4,7 @@ position, cut by document into a half that fits the gates and a half that report
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,37 @@ def text_dir(store: Datastore) -> Path:
     return text if text.is_absolute() else store.path / text
 
 
-def fit_own_gates(model: torch.nn.Module, store: Datastore, seed: int = 0) -> dict[str, Any]:
-    """The store's gates fitted on the fitting half of its corpus's held-out documents (what Serve uses
-    when a request names the store): {"fixed": Gate, "adaptive": Gate, "fit_documents", "fit_positions"}."""
+@dataclass
+class HeldOut:
+    """The held-out positions of a store's corpus: what the export predicts, and where each belongs."""
+
+    val: np.ndarray  # int [n, L] the held-out token blocks
+    keys: np.ndarray  # float32 [q, D], q = n * (L - 1)
+    lm_target: np.ndarray  # float64 [q] the export's log-prob of each target
+    targets: np.ndarray  # int64 [q]
+    docs: np.ndarray  # int64 [q] document of each position
+    bytes_per_token: float
+
+
+def held_out(model: torch.nn.Module, store: Datastore) -> HeldOut:
+    """The export on every held-out position of the store's corpus (its text dataset's val split)."""
     from pipelines.text import load_text_datasets, read_blocks, target_documents
 
     _, val_ds, manifest = load_text_datasets(str(text_dir(store)))
     val = read_blocks(val_ds)
     keys, lm_target = scored_positions(model, val)
-    docs = target_documents(val, manifest["eos_id"]).reshape(-1)
-    fit, _ = document_halves(docs, seed)
-    rows = StoreRows.of(store.search(keys[fit], per_row=False), val[:, 1:].reshape(-1)[fit])
-    gates = {kind: fit_gates(lm_target[fit], [rows], kind == "adaptive")[0].as_dict() for kind in ("fixed", "adaptive")}
-    return {**gates, "fit_documents": int(len(np.unique(docs[fit]))), "fit_positions": int(fit.sum()), "seed": seed}
+    return HeldOut(val, keys, lm_target, val[:, 1:].reshape(-1).astype(np.int64),
+                   target_documents(val, manifest["eos_id"]).reshape(-1), manifest["val_bytes_per_token"])
+
+
+def fit_own_gates(model: torch.nn.Module, store: Datastore, seed: int = 0) -> dict[str, Any]:
+    """The store's gates fitted on the fitting half of its corpus's held-out documents (what Serve uses
+    when a request names the store): {"fixed": Gate, "adaptive": Gate, "fit_documents", "fit_positions"}."""
+    h = held_out(model, store)
+    fit, _ = document_halves(h.docs, seed)
+    rows = StoreRows.of(store.search(h.keys[fit], per_row=False), h.targets[fit])
+    gates = {kind: fit_gates(h.lm_target[fit], [rows], kind == "adaptive")[0].as_dict() for kind in ("fixed", "adaptive")}
+    return {**gates, "fit_documents": int(len(np.unique(h.docs[fit]))), "fit_positions": int(fit.sum()), "seed": seed}
 
 
 def write_gates(path: Path, gates: dict[str, Any]) -> None:

@@ -3,7 +3,6 @@ that the export asking is the one whose keys it holds."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,14 +80,6 @@ class Datastore:
     def k(self) -> int:
         return self.cfg.k
 
-    def with_search(self, **search: Any) -> Datastore:
-        """The same loaded index with other search parameters (k, nprobe, hnsw_ef_search)."""
-        other = object.__new__(Datastore)
-        other.__dict__.update(self.__dict__)
-        other.cfg = dataclasses.replace(self.cfg, **search)
-        other.cfg.validate()
-        return other
-
     def search(self, queries: np.ndarray, per_row: bool = True) -> Neighbours:
         """The k nearest entries of each query [n, D]. per_row=False searches the batch in one call
         (faster for evaluation; the exact index's rounding then depends on the batch size)."""
@@ -100,6 +91,10 @@ class Datastore:
             ids = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, self.k), np.int64)
         else:
             dist, ids = self.index.search(q, self.k)
+        return self.neighbours(dist, ids)
+
+    def neighbours(self, dist: np.ndarray, ids: np.ndarray) -> Neighbours:
+        """A FAISS search's (distances, ids) over this store's entries -> Neighbours (id -1: none there)."""
         found = ids >= 0
         safe = np.where(found, ids, 0)
         return Neighbours(np.where(found, dist, np.inf).astype(np.float32), np.where(found, self.values[safe], 0),

@@ -28,10 +28,10 @@ import numpy as np
 from neuraflex_ray.atomic import write_json_atomic
 from neuraflex_ray.memory.config import DatastoreConfig
 from neuraflex_ray.memory.fit import StoreRows, mixed_target_log_probs
-from neuraflex_ray.memory.heldout import GATE_FILE, document_halves, scored_positions, text_dir
-from neuraflex_ray.memory.index import ivf_nlist, single_index
+from neuraflex_ray.memory.heldout import GATE_FILE, document_halves, held_out
+from neuraflex_ray.memory.index import configure, ivf_nlist, single_index
 from neuraflex_ray.memory.mixing import Gate
-from neuraflex_ray.memory.store import Datastore, Neighbours, kept_keys
+from neuraflex_ray.memory.store import Datastore, kept_keys
 
 METRICS = ("bpb", "ms_per_token")
 FIT_POSITIONS = 4096  # held-out positions each trial scores
@@ -48,16 +48,11 @@ class HeldOutRows:
 
 def held_out_halves(model: Any, store: Datastore, seed: int = 0) -> dict[str, HeldOutRows]:
     """{"fit": a sample of FIT_POSITIONS positions of the fitting half, "report": the whole reported half}."""
-    from pipelines.text import load_text_datasets, read_blocks, target_documents
-
-    _, val_ds, manifest = load_text_datasets(str(text_dir(store)))
-    val = read_blocks(val_ds)
-    keys, lm_target = scored_positions(model, val)
-    targets = val[:, 1:].reshape(-1).astype(np.int64)
-    fit, report = document_halves(target_documents(val, manifest["eos_id"]).reshape(-1), seed)
+    h = held_out(model, store)
+    fit, report = document_halves(h.docs, seed)
     sample = np.sort(np.random.default_rng(seed).permutation(np.flatnonzero(fit))[:FIT_POSITIONS])
     rows = {"fit": sample, "report": np.flatnonzero(report)}
-    return {k: HeldOutRows(keys[r], lm_target[r], targets[r], manifest["val_bytes_per_token"]) for k, r in rows.items()}
+    return {k: HeldOutRows(h.keys[r], h.lm_target[r], h.targets[r], h.bytes_per_token) for k, r in rows.items()}
 
 
 def search_space(store: Datastore) -> dict[str, Any]:
@@ -85,18 +80,12 @@ def cached_index(store: Datastore, kind: str, cfg: DatastoreConfig, cache: Path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}")
         faiss.write_index(index, str(tmp))
         os.replace(tmp, path)  # two trials may build the same one: either copy is whole
-    from neuraflex_ray.memory.index import configure
-
     return configure(index, cfg)
 
 
 def score(store: Datastore, index: faiss.Index, rows: HeldOutRows, k: int, gate: Gate) -> float:
     """Bits/byte of the mixture on `rows`."""
-    dist, ids = index.search(np.ascontiguousarray(rows.keys, dtype=np.float32), k)
-    found = ids >= 0
-    safe = np.where(found, ids, 0)
-    n = Neighbours(np.where(found, dist, np.inf).astype(np.float32), np.where(found, store.values[safe], 0),
-                   np.where(found, store.counts[safe], 0.0).astype(np.float32))
+    n = store.neighbours(*index.search(np.ascontiguousarray(rows.keys, dtype=np.float32), k))
     logp = mixed_target_log_probs(rows.lm_target, [StoreRows.of(n, rows.targets)], [gate])
     return float(-logp.sum() / math.log(2) / (len(logp) * rows.bytes_per_token))
 

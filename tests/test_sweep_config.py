@@ -24,7 +24,8 @@ def sweep_file(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("config", ["tune_moe_debug.yaml", "tune_neurofm_debug.yaml", "tune_blt_debug.yaml"])
+@pytest.mark.parametrize("config", ["tune_moe_debug.yaml", "tune_neurofm_debug.yaml", "tune_blt_debug.yaml",
+                                    "tune_sae_debug.yaml"])
 def test_shipped_sweeps_load(config):
     sweep = load_sweep(REPO / "jobs" / "configs" / config)
     assert sweep.cfg.space and sweep.base.train.num_workers == 1
@@ -64,7 +65,10 @@ def test_invalid_space_fails_before_any_trial_naming_the_key(tmp_path, space, ne
     ({"num_trials": 0}, "num_trials must be >= 1"),
     ({"scheduler": {"type": "hyperband"}}, "scheduler.type: 'hyperband'"),
     ({"scheduler": {"reduction_factor": 1}}, "scheduler.reduction_factor must be > 1"),
-    ({"search": {"algorithm": "grid"}}, "search.algorithm: 'grid'"),
+    ({"search": {"algorithm": "bayes"}}, "search.algorithm: 'bayes'"),
+    ({"search": {"algorithm": "grid"}}, "space.train.lr: search.algorithm=grid takes choice parameters only"),
+    ({"search": {"algorithm": "grid"}, "num_trials": 3, "space": {"model.top_k": {"type": "choice", "values": [1, 2]}}},
+     "num_trials=3: the grid has 2 points"),
     ({"search": {"points_to_evaluate": [{"train.warmup_steps": 3}]}}, "points_to_evaluate[0].train.warmup_steps"),
     ({"search": {"points_to_evaluate": [{}]}}, "points_to_evaluate[0]: no value for"),
     ({"resources": {"gpus": 1}}, "resources.gpus: unknown"),

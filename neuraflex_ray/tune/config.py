@@ -40,7 +40,7 @@ class ParamSpec:
 
 @dataclass
 class SearchConfig:
-    algorithm: str = "optuna"  # optuna (TPE) | random (Optuna's random sampler: same storage, no model)
+    algorithm: str = "optuna"  # optuna (TPE) | random (Optuna's random sampler) | grid (every choice combination)
     n_startup_trials: int = 4  # TPE: random trials before its model takes over
     storage: str = ""  # Optuna storage URL (any RDB URL); empty: sqlite:///<sweep dir>/optuna.db
     points_to_evaluate: list[dict[str, Any]] = field(default_factory=list)  # first trials, {key: value}
@@ -214,7 +214,13 @@ def check_sweep(sweep: Sweep) -> None:
     need(cfg.num_trials >= 1, f"num_trials must be >= 1 (got {cfg.num_trials})")
     need(cfg.max_concurrent_trials >= 0, f"max_concurrent_trials must be >= 0 (0: fit the cluster), got "
                                           f"{cfg.max_concurrent_trials}")
-    need(cfg.search.algorithm in ("optuna", "random"), f"search.algorithm: {cfg.search.algorithm!r}; use optuna or random")
+    need(cfg.search.algorithm in ("optuna", "random", "grid"),
+         f"search.algorithm: {cfg.search.algorithm!r}; use optuna, random or grid")
+    if cfg.search.algorithm == "grid":
+        ranged = sorted(k for k, s in cfg.space.items() if s.type != "choice")
+        need(not ranged, f"space.{ranged[0] if ranged else ''}: search.algorithm=grid takes choice parameters only")
+        points = math.prod(len(s.values) for s in cfg.space.values())
+        need(cfg.num_trials == points, f"num_trials={cfg.num_trials}: the grid has {points} points; set num_trials={points}")
     need(cfg.search.n_startup_trials >= 1, f"search.n_startup_trials must be >= 1 (got {cfg.search.n_startup_trials})")
     for i, point in enumerate(cfg.search.points_to_evaluate):
         unknown = sorted(set(point) - set(cfg.space))

@@ -66,8 +66,10 @@ def _search(sweep: Sweep) -> Any:
             super().on_trial_complete(trial_id, None if error or stopped else result, error)
 
     c = sweep.cfg
-    sampler = (optuna.samplers.TPESampler(seed=c.seed, n_startup_trials=c.search.n_startup_trials)
-               if c.search.algorithm == "optuna" else optuna.samplers.RandomSampler(seed=c.seed))
+    sampler = {"optuna": lambda: optuna.samplers.TPESampler(seed=c.seed, n_startup_trials=c.search.n_startup_trials),
+               "random": lambda: optuna.samplers.RandomSampler(seed=c.seed),
+               "grid": lambda: optuna.samplers.GridSampler({k: s.values for k, s in c.space.items()}, seed=c.seed),
+               }[c.search.algorithm]()
     storage = optuna.storages.RDBStorage(sweep.storage_url)
     return Search(space=optuna_distributions(c.space), metric=c.metric, mode=c.mode, sampler=sampler,
                   study_name=c.name, storage=storage, points_to_evaluate=c.search.points_to_evaluate or None)

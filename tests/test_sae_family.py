@@ -40,6 +40,12 @@ def test_an_sae_trains_exports_and_evaluates_like_any_model(activations, tmp_pat
     assert 0 < result["explained_variance"] <= 1 and 0 < result["l0"] <= 8 and 0 <= result["dead_frac"] < 1
     assert result["d_in"] == 64 and result["n_latents"] == 128 and result["pca_components"] == round(result["l0"])
     assert result["ce_clean"] < result["ce_zero"] and result["ce_sae"] > 0
+    assert all(0 <= result[k] <= 1 for k in ("concept_latents", "concept_neurons", "concept_random"))
+    report = tmp_path / "runs" / "sae-debug" / "export" / "report"
+    assert "## Latents and their top-activating held-out tokens" in (report / "features.md").read_text()
+    assert (report / "features.png").stat().st_size > 0
+    concepts = json.loads((report / "concepts.json").read_text())
+    assert len(concepts["per_latent"]["firings"]) == 128 and concepts["tokens"] == result["rows"]
     sae, meta = load_exported(tmp_path / "runs" / "sae-debug" / "export")
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)  # unit rows after every step
     assert meta["activations"]["site"] == "resid_1"

@@ -1,4 +1,4 @@
-"""`neuraflex-ray` command line: data | train | export | eval | datastore | activations | probe | inspect |
+"""`neuraflex-ray` command line: data | train | export | eval | datastore | activations | sae | compare | probe | inspect |
 generate | tune | dashboard | finetune | merge | serve | quickstart. `python -m neuraflex_ray ...` is the same.
 
 Every command that takes --config also takes dotted overrides after it, e.g.

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuraflex_ray.eval.token_kinds import CODE_KINDS, PROSE_KINDS, token_kinds
+from neuraflex_ray.eval.token_kinds import kind_names, kinds_for, token_kinds
 from neuraflex_ray.models.moe import MoE
 
 
@@ -155,14 +155,14 @@ def inspect_export(export_dir: str | Path, data_dir: str | Path, out_dir: str | 
                          f"an MoE LM's tokens")
     _, val_ds, manifest = load_text_datasets(str(data_dir))
     if kinds == "auto":
-        kinds = "code" if manifest.get("source") == "stdlib" or str(manifest.get("source", "")).endswith(".py") else "prose"
+        kinds = kinds_for(manifest)
     blocks = read_blocks(val_ds)[:max_blocks, :-1]
     tok = load_tokenizer(Path(export_dir) / "tokenizer.json")
     labels: list[str] = []
     for row in blocks:
         labels += token_kinds([tok.decode([int(t)], skip_special_tokens=False) for t in row], kinds)
     experts, entropy = route_tokens(model, blocks)
-    table = specialisation(experts, entropy, labels, CODE_KINDS if kinds == "code" else PROSE_KINDS,
+    table = specialisation(experts, entropy, labels, kind_names(kinds),
                            model.cfg.num_experts)
     table.update(kinds=kinds, top_k=model.cfg.top_k, router=model.cfg.router, export=str(export_dir))
     out = Path(out_dir)

@@ -43,6 +43,16 @@ might must art wast shalt wilt not no
 _PROSE = re.compile(r"(?P<word>[^\W\d_]+(?:'[^\W\d_]+)?)|(?P<number>\d+(?:[.,:]\d+)*)|(?P<space>\s+)|(?P<punct>.)")
 
 
+def kinds_for(manifest: dict) -> str:
+    """Which lexer suits a text dataset (its manifest): "code" for Python sources, else "prose"."""
+    source = str(manifest.get("source", ""))
+    return "code" if source == "stdlib" or source.endswith(".py") else "prose"
+
+
+def kind_names(kinds: str) -> tuple[str, ...]:
+    return CODE_KINDS if kinds == "code" else PROSE_KINDS
+
+
 def _word_kind(w: str) -> str:
     lower = w.lower()
     if lower in FUNCTION_WORDS:

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 
 from neuraflex_ray.config import ConfigError, Family, JobConfig
-from neuraflex_ray.families.sae.data import SAEDataConfig, build_split, open_split
+from neuraflex_ray.families.sae.data import SAEDataConfig, build_split, held_out, open_split
 from neuraflex_ray.families.sae.task import SAETask
 from neuraflex_ray.models.sae import SAEConfig
 
-EVAL_ROWS = 200_000  # held-out rows scored (all when fewer)
+EVAL_ROWS = 600_000  # held-out rows scored (whole blocks; all when fewer)
 PCA_ROWS = 50_000  # training rows PCA is fitted on
 
 
@@ -67,17 +67,63 @@ class SAEFamily(Family):
 
     def evaluate(self, export_dir: Path, data_dir: Path) -> dict[str, Any]:
         from neuraflex_ray.checkpoint import load_exported
+        from neuraflex_ray.interpret.features import concept_table
         from neuraflex_ray.interpret.sae_eval import pca_explained_variance, sae_stats
 
         sae, meta = load_exported(export_dir)
-        train_ds, val_ds = open_split(str(data_dir))
-        val = _rows(val_ds, EVAL_ROWS)
-        stats = sae_stats(sae, val)
+        held = held_out_tokens(data_dir)
+        stats = sae_stats(sae, held.activation)
         components = max(1, round(stats["l0"]))
+        train_ds, _ = open_split(str(data_dir))
         out = {**stats, "site": meta["activations"]["site"], "d_in": sae.cfg.d_in, "n_latents": sae.cfg.n_latents,
                "k": sae.cfg.k, "pca_components": components,
-               "pca_explained_variance": pca_explained_variance(_rows(train_ds, PCA_ROWS), val, components)}
-        return {**out, **_spliced_loss(sae, meta["activations"])}
+               "pca_explained_variance": pca_explained_variance(_rows(train_ds, PCA_ROWS), held.activation, components)}
+        concepts = concept_table(sae, held)
+        out.update({k: concepts[k] for k in ("concept_latents", "concept_neurons", "concept_random")})
+        out = {**out, **_spliced_loss(sae, meta["activations"])}
+        out["report"] = [str(p) for p in _report(sae, meta, held, concepts, out, Path(export_dir) / "report")]
+        return out
+
+
+def held_out_tokens(data_dir: Path, limit: int = EVAL_ROWS) -> Any:
+    """The activation rows the SAE never trained on (whole token blocks), with each token's kind and
+    context: read from the activations directory through the split's block hash."""
+    from neuraflex_ray.checkpoint import read_export_meta
+    from neuraflex_ray.eval.token_kinds import kind_names, kinds_for
+    from neuraflex_ray.interpret.activations import read_activations
+    from neuraflex_ray.interpret.features import label_rows
+    from pipelines.shards import read_manifest
+    from pipelines.text import load_tokenizer
+
+    split = json.loads((Path(data_dir) / "manifest.json").read_text())
+    acts = read_activations(split["activations"])
+    keep = held_out(acts["block"], split["val_fraction"], split["seed"])
+    blocks = np.unique(acts["block"][keep])[:max(1, limit // (int(acts["position"].max()) + 1))]
+    keep &= np.isin(acts["block"], blocks)
+    acts = {k: v[keep] for k, v in acts.items()}
+    lm_data = read_export_meta(Path(split["export"]))["data"]["output_dir"]
+    kinds = kinds_for(read_manifest(Path(lm_data)) or {})
+    tok = load_tokenizer(Path(split["export"]) / "tokenizer.json")
+    pieces = [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())]
+    return label_rows(acts, lambda ids: [pieces[int(i)] for i in ids], kind_names(kinds), kinds)
+
+
+def _report(sae: Any, meta: dict[str, Any], held: Any, concepts: dict[str, Any], evaluation: dict[str, Any],
+            out_dir: Path, shown: int = 24) -> list[Path]:
+    """features.{md,png} and concepts.json: the concept fractions, and the most-firing concept latents (half
+    of `shown`), then the most-firing others, each with its top-activating held-out contexts."""
+    from neuraflex_ray.interpret.features import top_contexts, write_report
+    from pipelines.text import load_tokenizer
+
+    per = concepts["per_latent"]
+    by_firing = sorted(range(len(per["firings"])), key=lambda j: -per["firings"][j])
+    concept = [j for j in by_firing if (per["precision"][j] or 0) >= concepts["precision"]]
+    latents = (concept[:shown // 2] + [j for j in by_firing if j not in concept])[:shown]
+    tok = load_tokenizer(Path(meta["activations"]["export"]) / "tokenizer.json")
+    contexts = top_contexts(sae, held, latents, lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=False))
+    paths = write_report(concepts, contexts, evaluation, out_dir)
+    (out_dir / "concepts.json").write_text(json.dumps(concepts))
+    return [*paths, out_dir / "concepts.json"]
 
 
 def _rows(ds: Any, limit: int) -> np.ndarray:

@@ -35,14 +35,19 @@ def _paired(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _hsic_unbiased(gram_a: np.ndarray, gram_b: np.ndarray) -> float:
-    """Song et al. (2012)'s unbiased HSIC of two Gram matrices (their diagonals set to zero)."""
-    n = len(gram_a)
-    a, b = gram_a.copy(), gram_b.copy()
-    np.fill_diagonal(a, 0.0)
-    np.fill_diagonal(b, 0.0)
-    ab = a @ b
-    return float((np.trace(ab) + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2 * ab.sum() / (n - 2)) / (n * (n - 3)))
+def _zero_diagonal_gram(x: np.ndarray) -> np.ndarray:
+    g = x @ x.T
+    np.fill_diagonal(g, 0.0)
+    return g
+
+
+def _hsic_unbiased(a: np.ndarray, b: np.ndarray) -> float:
+    """Song et al. (2012)'s unbiased HSIC of two symmetric Gram matrices with zero diagonals, in O(n^2):
+    tr(AB) = sum(A * B) and 1^T A B 1 = (A 1) . (B 1) for symmetric A, B."""
+    n = len(a)
+    trace_ab = float((a * b).sum())
+    ones_ab_ones = float(a.sum(0) @ b.sum(0))
+    return (trace_ab + a.sum() * b.sum() / ((n - 1) * (n - 2)) - 2 * ones_ab_ones / (n - 2)) / (n * (n - 3))
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
@@ -51,12 +56,29 @@ def linear_cka(x: np.ndarray, y: np.ndarray, debiased: bool = True) -> float:
     if debiased:
         if len(x) < 4:
             raise ValueError("the debiased CKA needs at least 4 inputs")
-        gx, gy = x @ x.T, y @ y.T
-        den = np.sqrt(_hsic_unbiased(gx, gx) * _hsic_unbiased(gy, gy))
-        return float(_hsic_unbiased(gx, gy) / den) if den > 0 else 0.0
+        return float(cka_matrix([x], [y])[0, 0])
     cross = np.linalg.norm(x.T @ y) ** 2
     den = np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)
     return float(cross / den) if den > 0 else 0.0
+
+
+def cka_matrix(xs: list[np.ndarray], ys: list[np.ndarray]) -> np.ndarray:
+    """Debiased linear CKA between every x in xs and every y in ys (same inputs): each Gram matrix and
+    self-HSIC is computed once, so a sites x sites table costs O(sites^2 n^2), not O(sites^2 n^3)."""
+    gx = [_zero_diagonal_gram(_centred(x)) for x in xs]
+    gy = [_zero_diagonal_gram(_centred(y)) for y in ys]
+    if len({len(g) for g in gx + gy}) != 1:
+        raise ValueError("the representations must be of the same inputs (equal row counts)")
+    if len(gx[0]) < 4:
+        raise ValueError("the debiased CKA needs at least 4 inputs")
+    sx = [_hsic_unbiased(g, g) for g in gx]
+    sy = [_hsic_unbiased(g, g) for g in gy]
+    out = np.zeros((len(xs), len(ys)))
+    for i, a in enumerate(gx):
+        for j, b in enumerate(gy):
+            den = np.sqrt(sx[i] * sy[j]) if sx[i] > 0 and sy[j] > 0 else 0.0
+            out[i, j] = _hsic_unbiased(a, b) / den if den > 0 else 0.0
+    return out
 
 
 def rdm(x: np.ndarray) -> np.ndarray:

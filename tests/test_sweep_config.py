@@ -30,6 +30,8 @@ def test_shipped_sweeps_load(config):
     sweep = load_sweep(REPO / "jobs" / "configs" / config)
     assert sweep.cfg.space and sweep.base.train.num_workers == 1
     assert Path(sweep.base.data.output_dir).is_absolute()  # trials run in another working directory
+    if sweep.base.model_type == "sae":
+        assert Path(sweep.base.data.activations).is_absolute()
 
 
 def test_resources_and_overrides_reach_every_trial(tmp_path):

@@ -144,7 +144,7 @@ def _absolute_paths(raw: dict[str, Any], cfg: JobConfig) -> dict[str, Any]:
     data = {**raw.get("data", {}), "output_dir": resolve(d.output_dir)}
     if getattr(d, "source", "stdlib") not in ("stdlib", "", *TEXT_SAMPLES) and "://" not in d.source:
         data["source"] = resolve(d.source)
-    for key in ("tokenizer", "cache_dir"):
+    for key in ("tokenizer", "cache_dir", "activations"):  # activations: the SAE's input directory
         if getattr(d, key, ""):
             data[key] = resolve(getattr(d, key))
     if getattr(d, "entropy_model", "") not in ("", "train"):  # the BLT's: an export path, or a stage

@@ -57,11 +57,14 @@ def log(msg: str) -> None:
 
 
 def stage_sae(args: argparse.Namespace) -> dict[str, Any]:
-    summary = Path(args.sae) / "summary.json"
-    if not summary.is_file():
-        sys.exit(f"--sae {args.sae}: no summary.json; run `neuraflex-ray sae --activations DIR` first")
-    ev = json.loads(summary.read_text())["eval"]
-    return {"lm": {k: ev[k] for k in LM_KEYS}, "neurofm": None,
+    from neuraflex_ray.config import get_family
+
+    export = Path(args.sae) / "export"
+    if not (export / "model.safetensors").is_file():
+        sys.exit(f"--sae {args.sae}: no export there; run `neuraflex-ray sae --activations DIR` first")
+    ev = get_family("sae").evaluate(export, Path(_data_dir(export)))
+    return {"lm": {k: ev[k] for k in LM_KEYS}, "lm_more": {k: v for k, v in ev.items() if k not in LM_KEYS},
+            "neurofm": None,
             "neurofm_note": "not measured yet: NeuroFM's activation sites and spliced losses are still to come"}
 
 

@@ -43,5 +43,7 @@ def test_the_table_counts_latents_neurons_and_random_directions():
     table = concept_table(identity_sae(4), data, min_firings=20, precision=0.9)
     # latent 0 (+x_0) fires on all of kind 0 but also on half of the rest: not a concept; no latent is
     assert table["concept_latents"] == 0.0 and table["concept_neurons"] == 0.25
+    # at the SAE's own rate (1/2 here) neuron 0's top half is 2/3 kind 0: only the generous rule finds it
+    assert table["concept_neurons_plain"] == 0.0
     assert 0 <= table["concept_random"] <= 1 and table["tokens"] == 600
     assert len(table["per_latent"]["precision"]) == 8

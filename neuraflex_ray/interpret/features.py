@@ -83,15 +83,17 @@ def latent_kind_counts(sae: TopKSAE, x: np.ndarray, kind: np.ndarray, n_kinds: i
 
 
 def direction_concepts(x: np.ndarray, kind: np.ndarray, n_kinds: int, directions: np.ndarray, rate: float,
-                       min_firings: int, precision: float) -> np.ndarray:
-    """bool per direction (columns of directions [d, m]): a concept at any firing rate in RATE_MULTIPLES
-    x rate, with either sign (the generous baseline of the module docstring)."""
+                       min_firings: int, precision: float, multiples: tuple[float, ...] = RATE_MULTIPLES,
+                       both_signs: bool = True) -> np.ndarray:
+    """bool per direction (columns of directions [d, m]): a concept at any firing rate in multiples x rate,
+    with either sign (the generous baseline of the module docstring; multiples=(1,), both_signs=False
+    is the plain one: the SAE's rate, positive side)."""
     centred = x - x.mean(0)
     ok = np.zeros(directions.shape[1], bool)
-    ns = sorted({min(len(x), max(1, int(round(r * rate * len(x))))) for r in RATE_MULTIPLES})
+    ns = sorted({min(len(x), max(1, int(round(r * rate * len(x))))) for r in multiples})
     for j0 in range(0, directions.shape[1], 64):
         proj = centred @ directions[:, j0:j0 + 64]
-        for signed in (proj, -proj):
+        for signed in (proj, -proj) if both_signs else (proj,):
             part = np.argpartition(-signed, ns[-1] - 1, axis=0)[:ns[-1]]  # the n_max highest, any order
             top = np.take_along_axis(part, np.argsort(-np.take_along_axis(signed, part, 0), axis=0), 0)
             for n in ns:
@@ -118,10 +120,12 @@ def concept_table(sae: TopKSAE, data: HeldOutTokens, min_firings: int = 20, prec
     args = (data.activation, data.kind, len(data.kinds))
     neurons = direction_concepts(*args, np.eye(d, dtype=np.float32), rate, min_firings, precision)
     randoms = direction_concepts(*args, random, rate, min_firings, precision)
+    plain = {name: float(direction_concepts(*args, dirs, rate, min_firings, precision, (1.0,), False).mean())
+             for name, dirs in (("concept_neurons_plain", np.eye(d, dtype=np.float32)), ("concept_random_plain", random))}
     per_kind = Counter(data.kinds[t] for t in top[latents])
     return {"tokens": len(data.activation), "min_firings": min_firings, "precision": precision,
             "latent_rate": rate, "concept_latents": float(latents.mean()), "concept_neurons": float(neurons.mean()),
-            "concept_random": float(randoms.mean()), "latents_with_min_firings": int((firings >= min_firings).sum()),
+            "concept_random": float(randoms.mean()), **plain, "latents_with_min_firings": int((firings >= min_firings).sum()),
             "kind_share": dict(zip(data.kinds, (np.bincount(data.kind, minlength=len(data.kinds)) / len(data.kind))
                                    .round(4).tolist(), strict=True)),
             "concepts_by_kind": dict(per_kind.most_common()),
@@ -174,7 +178,9 @@ def write_report(table: dict[str, Any], contexts: dict[int, list[dict[str, Any]]
              "| directions | fraction that are concepts |", "|---|---|",
              f"| SAE latents | {table['concept_latents']:.3f} |",
              f"| raw neurons (best of 5 firing rates x 2 signs) | {table['concept_neurons']:.3f} |",
-             f"| random directions (same) | {table['concept_random']:.3f} |", "",
+             f"| random directions (same) | {table['concept_random']:.3f} |",
+             f"| raw neurons (the SAE's firing rate, positive side) | {table['concept_neurons_plain']:.3f} |",
+             f"| random directions (same) | {table['concept_random_plain']:.3f} |", "",
              "## Latents and their top-activating held-out tokens", ""]
     for j, rows in contexts.items():
         prec = per["precision"][j]

@@ -79,7 +79,7 @@ class SAEFamily(Family):
                "k": sae.cfg.k, "pca_components": components,
                "pca_explained_variance": pca_explained_variance(_rows(train_ds, PCA_ROWS), held.activation, components)}
         concepts = concept_table(sae, held)
-        out.update({k: concepts[k] for k in ("concept_latents", "concept_neurons", "concept_random")})
+        out.update({k: v for k, v in concepts.items() if k.startswith("concept_")})
         out = {**out, **_spliced_loss(sae, meta["activations"])}
         out["report"] = [str(p) for p in _report(sae, meta, held, concepts, out, Path(export_dir) / "report")]
         return out

@@ -95,7 +95,7 @@ class Task:
 
     def log_extras(self, parts: dict[str, float], writer: Any, step: int) -> tuple[dict[str, float], str]:
         """Extra metrics for the progress record, and the text they add to the progress line."""
-        return {}, " | ".join(f"{k} {v:.4f}" for k, v in parts.items())
+        return {}, " | ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "loss")  # the line shows loss first
 
 
 def gather_across_ranks() -> Callable[[torch.Tensor], tuple[list[torch.Tensor], int]] | None:

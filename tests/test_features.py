@@ -6,16 +6,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from neuraflex_ray.interpret.features import HeldOutTokens, concept_table, direction_concepts, latent_kind_counts
+from neuraflex_ray.interpret.features import LabelledRows, concept_table, direction_concepts, latent_kind_counts
 from neuraflex_ray.interpret.sae_eval import identity_sae
 
 
-def _tokens(rng: np.random.Generator, n: int = 600, d: int = 4) -> HeldOutTokens:
+def _tokens(rng: np.random.Generator, n: int = 600, d: int = 4) -> LabelledRows:
     kind = rng.integers(0, 3, n)
     x = rng.standard_normal((n, d)).astype(np.float32) * 0.1
     x[:, 0] += (kind == 0) * 3.0  # neuron 0 fires on kind 0 only; the others carry no kind
-    return HeldOutTokens(x, kind, ("a", "b", "c"), np.arange(n) // 10, np.arange(n) % 10,
-                         {b: np.zeros(10, np.int64) for b in range(n // 10)})
+    return LabelledRows(x, kind, ("a", "b", "c"), lambda row: {"row": str(row)})
 
 
 def test_latent_counts_are_the_firings_per_kind():

@@ -42,10 +42,11 @@ def test_an_sae_trains_exports_and_evaluates_like_any_model(activations, tmp_pat
     assert result["ce_clean"] < result["ce_zero"] and result["ce_sae"] > 0
     assert all(0 <= result[k] <= 1 for k in ("concept_latents", "concept_neurons", "concept_random"))
     report = tmp_path / "runs" / "sae-debug" / "export" / "report"
-    assert "## Latents and their top-activating held-out tokens" in (report / "features.md").read_text()
+    assert "## Latents and their top-activating held-out rows" in (report / "features.md").read_text()
     assert (report / "features.png").stat().st_size > 0
     concepts = json.loads((report / "concepts.json").read_text())
     assert len(concepts["per_latent"]["firings"]) == 128 and concepts["tokens"] == result["rows"]
+    assert "«" in (report / "features.md").read_text()  # each context marks its token
     sae, meta = load_exported(tmp_path / "runs" / "sae-debug" / "export")
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)  # unit rows after every step
     assert meta["activations"]["site"] == "resid_1"

@@ -73,14 +73,15 @@ def cmd_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_interpret_parser(sub: Any) -> None:
-    sp = sub.add_parser("activations", help="An LM export's activations at one site, by a Ray Data batch-inference job.",
-                        description="Writes Parquet shards (activation, block, position, token) and manifest.json; "
-                                    "sites: attn_i, ffn_i, resid_i, moe_in_i (neuraflex_ray/interpret/activations.py).")
-    sp.add_argument("--export", required=True, help="an LM export whose training dataset is on disk")
+    sp = sub.add_parser("activations", help="An export's activations at one site, by a Ray Data batch-inference job.",
+                        description="Writes Parquet shards (activation, block, position and the family's columns) and "
+                                    "manifest.json; LM sites: attn_i, ffn_i, resid_i, moe_in_i; NeuroFM sites: "
+                                    "latents, backbone_i (neuraflex_ray/interpret/activations.py).")
+    sp.add_argument("--export", required=True, help="an LM or NeuroFM export whose training dataset is on disk")
     sp.add_argument("--site", required=True, help="e.g. resid_1 (a wrong name lists the model's sites)")
     sp.add_argument("--data", default="train", help="train | val: which split of the export's own dataset")
     sp.add_argument("--out", required=True, help="the output directory (written whole or not at all)")
-    sp.add_argument("--max-blocks", type=int, default=0, help="stop after this many token blocks (0: all)")
+    sp.add_argument("--max-blocks", type=int, default=0, help="stop after this many units: token blocks or windows (0: all)")
     sp.add_argument("--actors", type=int, default=2, help="inference actors (one CPU each)")
     sp.set_defaults(fn=cmd_activations)
     sp = sub.add_parser("sae", help="Train, export and evaluate a TopK sparse autoencoder on an activations directory.",

@@ -143,6 +143,27 @@ class Family:
         interpretability): named so that the same site exists in every model of the family's shape."""
         raise self.unsupported("activation sites")
 
+    def activation_units(self, export: Path, meta: dict[str, Any], split: str) -> int:
+        """How many input units (an LM's token blocks, NeuroFM's windows) the split of the export's own
+        dataset holds; `activation_rows` reads them by index."""
+        raise self.unsupported("activation collection")
+
+    def activation_rows(self, model: Any, site: Any, meta: dict[str, Any], split: str, start: int,
+                        stop: int) -> dict[str, Any]:
+        """The site's output on units [start, stop) as columns: activation [n, d] float32, block (the unit)
+        int64, position (within the unit) int32, and what else a reader needs to find the row again."""
+        raise self.unsupported("activation collection")
+
+    def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
+        """Activation rows (whole units) with a label per row and a description of where it came from
+        (interpret/features.py's LabelledRows), for an SAE's features report."""
+        raise self.unsupported("activation labels")
+
+    def spliced_losses(self, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        """{name: a function computing one held-out loss of `model`}: measured clean, with an SAE's
+        reconstruction spliced in at a site, and with the site zeroed."""
+        raise self.unsupported("held-out losses for splicing")
+
     def after_training(self, cfg: Any, result: dict[str, Any], export_dir: Path) -> dict[str, Any]:
         """The quickstart's stages after training and export: {stage: its result} for summary.json."""
         return {"eval": self.evaluate(export_dir, Path(cfg.data.output_dir))}

@@ -1,9 +1,9 @@
 """A model's activations at named sites (the family's `activation_sites`), for sparse autoencoders and
 representation comparisons: in process, and as a Ray Data batch-inference job writing Parquet shards.
 
-An LM's activation at input position t of a block is the site's output there (the context is tokens
-0..t of the same block, as the LM is evaluated); each row keeps its block, position and token so that
-a feature can be read back in its text.
+What a unit and a row are is the family's (`Family.activation_rows`): for an LM, a token block and one
+input position of it (the site's output there, context tokens 0..t of the same block), keeping the
+token so that a feature can be read back in its text; for NeuroFM, a window and one latent token.
 """
 
 from __future__ import annotations
@@ -74,65 +74,62 @@ def lm_activations(model: torch.nn.Module, sites: dict[str, torch.nn.Module], bl
 
 class ActivationWriter:
     """Ray Data actor (`map_batches(ActivationWriter, batch_size=1, concurrency=...)`): holds the export and
-    writes each shard's activations at one site to `out_dir/shard-NNNNN.parquet`."""
+    writes each shard's activations at one site (units [start, stop) of the split, as the family's
+    `activation_rows` reads them) to `out_dir/shard-NNNNN.parquet`."""
 
-    def __init__(self, export: str, site: str, out_dir: str, threads: int = 1):
+    def __init__(self, export: str, site: str, split: str, out_dir: str, threads: int = 1):
         from neuraflex_ray.checkpoint import export_family, load_exported
 
         torch.set_num_threads(threads)
-        self.model, _ = load_exported(export)
-        self.sites = sites_of(export_family(export), self.model, [site])
-        self.site, self.out = site, Path(out_dir)
+        self.model, self.meta = load_exported(export)
+        self.family = export_family(export)
+        (self.site,) = sites_of(self.family, self.model, [site]).values()
+        self.split, self.out = split, Path(out_dir)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names, rows = [], []
-        for shard, first, tokens in zip(batch["shard"], batch["first_block"], batch["tokens"], strict=True):
-            blocks = np.stack(tokens) if tokens.dtype == object else np.asarray(tokens)
-            acts = lm_activations(self.model, self.sites, blocks)[self.site]
-            per = blocks.shape[1] - 1
-            block = int(first) + np.repeat(np.arange(len(blocks)), per)
-            table = pa.table({"activation": vector_column(acts), "block": pa.array(block.astype(np.int64)),
-                              "position": pa.array(np.tile(np.arange(per), len(blocks)).astype(np.int32)),
-                              "token": pa.array(blocks[:, :-1].reshape(-1).astype(np.int32))})
+        for shard, start, stop in zip(batch["shard"], batch["start"], batch["stop"], strict=True):
+            cols = self.family.activation_rows(self.model, self.site, self.meta, self.split, int(start), int(stop))
+            table = pa.table({"activation": vector_column(np.asarray(cols.pop("activation"), np.float32)),
+                              **{k: pa.array(v) for k, v in cols.items()}})
             name = f"shard-{int(shard):05d}.parquet"
             pq.write_table(table, self.out / name)
             names.append(name)
-            rows.append(len(acts))
+            rows.append(table.num_rows)
         return {"shard": np.asarray(batch["shard"]), "file": np.asarray(names), "rows": np.asarray(rows)}
 
 
 def collect_activations(export_dir: str | Path, site: str, split: str, out_dir: str | Path, *, max_blocks: int = 0,
                         shard_blocks: int = 256, actors: int = 2) -> dict[str, Any]:
-    """Activations of an LM export at `site` over its own dataset's `split` (train | val), written whole
-    or not at all to out_dir (shards + manifest.json); returns the manifest."""
+    """Activations of an export at `site` over its own dataset's `split` (train | val; the units are an
+    LM's token blocks or NeuroFM's windows), written whole or not at all to out_dir (shards +
+    manifest.json); returns the manifest."""
     from neuraflex_ray.checkpoint import export_family, load_exported, read_export_meta
-    from pipelines.shards import read_manifest
-    from pipelines.text import load_text_datasets, read_blocks
 
     export, out = Path(export_dir).expanduser().resolve(), Path(out_dir).expanduser().resolve()
     meta = read_export_meta(export)
+    family = export_family(export)
     model, _ = load_exported(export)
-    sites_of(export_family(export), model, [site])  # an unknown site fails here, before any work
-    data = (meta.get("data") or {}).get("output_dir")
-    if not data or read_manifest(Path(data)) is None:
-        raise ConfigError(f"--export {export}: its training dataset ({data!r}) is not on disk; rebuild it with "
-                          f"`neuraflex-ray data` and the export's config")
+    sites_of(family, model, [site])  # an unknown site fails here, before any work
     if split not in ("train", "val"):
         raise ConfigError(f"--data {split!r}: use train or val (the export's own split)")
     t0 = time.perf_counter()
-    train_ds, val_ds, _ = load_text_datasets(data)
-    blocks = read_blocks(train_ds if split == "train" else val_ds)
-    blocks = blocks[:max_blocks] if max_blocks else blocks
-    specs = [{"shard": i, "first_block": a, "tokens": blocks[a:a + shard_blocks]}
-             for i, a in enumerate(range(0, len(blocks), shard_blocks))]
+    units = family.activation_units(export, meta, split)
+    units = min(units, max_blocks) if max_blocks else units
+    specs = [{"shard": i, "start": a, "stop": min(a + shard_blocks, units)}
+             for i, a in enumerate(range(0, units, shard_blocks))]
+    if not specs:
+        raise ConfigError(f"--data {split}: the export's dataset holds no {split} units")
     with atomic_dir(out) as tmp:
         written = (ray.data.from_items(specs, override_num_blocks=len(specs))
                    .map_batches(ActivationWriter, batch_size=1, concurrency=min(actors, len(specs)), num_cpus=1,
-                                fn_constructor_kwargs={"export": str(export), "site": site, "out_dir": str(tmp)})
+                                fn_constructor_kwargs={"export": str(export), "site": site, "split": split,
+                                                       "out_dir": str(tmp)})
                    .take_all())
         files = [r["file"] for r in sorted(written, key=lambda r: r["shard"])]
         manifest = {"format_version": FORMAT_VERSION, "export": str(export), "site": site, "split": split,
-                    "data": data, "rows": int(sum(r["rows"] for r in written)), "blocks": int(len(blocks)),
+                    "data": (meta.get("data") or {}).get("output_dir"), "rows": int(sum(r["rows"] for r in written)),
+                    "blocks": int(units), "model_type": family.name,
                     "width": int(pq.read_schema(tmp / files[0]).field("activation").type.list_size),
                     "shards": files, "build_s": round(time.perf_counter() - t0, 2),
                     "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -142,9 +139,11 @@ def collect_activations(export_dir: str | Path, site: str, split: str, out_dir: 
 
 
 def read_activations(path: str | Path) -> dict[str, np.ndarray]:
-    """Every shard of a collected site, in order: activation [n, D], block, position, token."""
+    """Every shard of a collected site, in order: activation [n, D], block, position and the family's
+    other columns (an LM's token; NeuroFM's recording and start_s)."""
     p = Path(path)
     manifest = json.loads((p / "manifest.json").read_text())
     tables = [pq.read_table(p / f) for f in manifest["shards"]]
     return {"activation": np.concatenate([vector_rows(t.column("activation")) for t in tables]),
-            **{c: np.concatenate([t.column(c).to_numpy() for t in tables]) for c in ("block", "position", "token")}}
+            **{c: np.concatenate([t.column(c).to_numpy(zero_copy_only=False) for t in tables])
+               for c in tables[0].column_names if c != "activation"}}

@@ -1,5 +1,6 @@
 """Features people can read: what each SAE latent fires on, measured against the labels we already have
-(the LM's token kinds, `eval/token_kinds.py`), beside the site's raw neurons and random directions.
+(the LM's token kinds, `eval/token_kinds.py`; NeuroFM's modalities), beside the site's raw neurons and
+random directions.
 
 A direction is a *concept* when it fires on at least `min_firings` held-out tokens and at least
 `precision` of those firings are one token kind. An SAE latent fires where its TopK value is > 0 (its
@@ -8,13 +9,15 @@ generous one we can state: it fires on the held-out tokens where its projection 
 SAE's mean firing rate and at 1/4, 1/2, 2 and 4 times it, with either sign, and counts as a concept
 when any of those ten choices reaches the bar. The SAE's latents get no such choice.
 
-Read back in text: each latent's top-activating held-out tokens, with the text before and after
-(`contexts`), and a report (Markdown + PNG) per SAE (`write_report`).
+Read back: each latent's top-activating held-out rows, described by their family (an LM's text
+around the token, NeuroFM's recording and time), and a report (Markdown + PNG) per SAE (`write_report`).
+The labels come from the family too (`Family.activation_labels`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,36 +32,15 @@ BATCH = 8192
 
 
 @dataclass
-class HeldOutTokens:
-    """Held-out rows of one site with what a reader needs: the activation, the token kind, and where
-    the token sits (block, position) so its context can be decoded."""
+class LabelledRows:
+    """Held-out activation rows of one site with a label per row (an LM's token kind; NeuroFM's
+    modalities) and `describe(row)`: where the row came from, for a reader ({"context": text around an
+    LM's token, or a window's recording and time})."""
 
     activation: np.ndarray  # [n, d] float32
     kind: np.ndarray  # [n] int: index into kinds
     kinds: tuple[str, ...]
-    block: np.ndarray  # [n]
-    position: np.ndarray  # [n]
-    blocks: dict[int, np.ndarray]  # block -> its input tokens in position order
-
-
-def label_rows(acts: dict[str, np.ndarray], pieces_of: Any, kind_names: tuple[str, ...], kinds: str) -> HeldOutTokens:
-    """Token kinds for activation rows (read_activations' columns) of whole blocks: each block is lexed as
-    one text, so a string or comment that spans tokens is labelled as such. `pieces_of(token_ids)` gives
-    each token's text."""
-    from neuraflex_ray.eval.token_kinds import token_kinds
-
-    order = np.lexsort((acts["position"], acts["block"]))
-    block, position = acts["block"][order], acts["position"][order]
-    token = acts["token"][order]
-    starts = np.flatnonzero(np.r_[True, block[1:] != block[:-1]])
-    blocks, labels = {}, []
-    for a, b in zip(starts, np.r_[starts[1:], len(block)], strict=True):
-        ids = token[a:b]
-        blocks[int(block[a])] = ids
-        labels += token_kinds(pieces_of(ids), kinds)
-    index = {k: i for i, k in enumerate(kind_names)}
-    return HeldOutTokens(np.asarray(acts["activation"][order], np.float32), np.array([index[k] for k in labels]),
-                         kind_names, block, position, blocks)
+    describe: Callable[[int], dict[str, str]]
 
 
 def _precision(counts: np.ndarray, min_firings: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -105,7 +87,7 @@ def direction_concepts(x: np.ndarray, kind: np.ndarray, n_kinds: int, directions
     return ok
 
 
-def concept_table(sae: TopKSAE, data: HeldOutTokens, min_firings: int = 20, precision: float = 0.9,
+def concept_table(sae: TopKSAE, data: LabelledRows, min_firings: int = 20, precision: float = 0.9,
                   seed: int = 0) -> dict[str, Any]:
     """Fractions of SAE latents, raw neurons and random directions that are concepts, and per latent its
     firings, top kind and precision (for the report)."""
@@ -134,25 +116,16 @@ def concept_table(sae: TopKSAE, data: HeldOutTokens, min_firings: int = 20, prec
 
 
 @torch.no_grad()
-def top_contexts(sae: TopKSAE, data: HeldOutTokens, latents: list[int], decode: Any, n: int = 5, before: int = 24,
-                 after: int = 4) -> dict[int, list[dict[str, Any]]]:
-    """For each latent, its n highest activations on held-out tokens: the text before the token, the
-    token (between « »), and a little after."""
+def top_contexts(sae: TopKSAE, data: LabelledRows, latents: list[int], n: int = 5) -> dict[int, list[dict[str, Any]]]:
+    """For each latent, its n highest activations on held-out rows, each with its label and description."""
     best: dict[int, list[tuple[float, int]]] = {j: [] for j in latents}
     for i in range(0, len(data.activation), BATCH):
         dense = sae.dense_latents(torch.from_numpy(data.activation[i:i + BATCH]))[:, latents].numpy()
         for c, j in enumerate(latents):
             rows = np.argsort(-dense[:, c])[:n]
             best[j] += [(float(dense[r, c]), i + int(r)) for r in rows if dense[r, c] > 0]
-    out = {}
-    for j, cands in best.items():
-        out[j] = []
-        for value, row in sorted(cands, reverse=True)[:n]:
-            ids, p = data.blocks[int(data.block[row])], int(data.position[row])
-            out[j].append({"activation": round(value, 3), "kind": data.kinds[data.kind[row]],
-                           "before": decode(ids[max(0, p - before):p]), "token": decode(ids[p:p + 1]),
-                           "after": decode(ids[p + 1:p + 1 + after])})
-    return out
+    return {j: [{"activation": round(value, 3), "kind": data.kinds[data.kind[row]], **data.describe(row)}
+                for value, row in sorted(cands, reverse=True)[:n]] for j, cands in best.items()}
 
 
 def _shown(text: str) -> str:
@@ -173,7 +146,7 @@ def write_report(table: dict[str, Any], contexts: dict[int, list[dict[str, Any]]
     per = table["per_latent"]
     lines = [f"# Features of the SAE on `{stats.get('site', '?')}`", "",
              f"{stats.get('n_latents')} latents, k = {stats.get('k')}; explained variance "
-             f"{stats.get('explained_variance', float('nan')):.3f} on {table['tokens']:,} held-out tokens.", "",
+             f"{stats.get('explained_variance', float('nan')):.3f} on {table['tokens']:,} held-out rows.", "",
              f"Concepts (>= {table['min_firings']} held-out firings, >= {table['precision']:.0%} one token kind):", "",
              "| directions | fraction that are concepts |", "|---|---|",
              f"| SAE latents | {table['concept_latents']:.3f} |",
@@ -181,14 +154,15 @@ def write_report(table: dict[str, Any], contexts: dict[int, list[dict[str, Any]]
              f"| random directions (same) | {table['concept_random']:.3f} |",
              f"| raw neurons (the SAE's firing rate, positive side) | {table['concept_neurons_plain']:.3f} |",
              f"| random directions (same) | {table['concept_random_plain']:.3f} |", "",
-             "## Latents and their top-activating held-out tokens", ""]
+             "## Latents and their top-activating held-out rows", ""]
     for j, rows in contexts.items():
         prec = per["precision"][j]
         lines += [f"### latent {j}: {per['top_kind'][j]}, precision "
                   f"{'-' if prec is None else f'{prec:.2f}'} over {per['firings'][j]} firings", "",
                   "| activation | kind | context |", "|---|---|---|"]
-        lines += [f"| {r['activation']} | {r['kind']} | `{_shown(r['before'])}«{_shown(r['token'])}»{_shown(r['after'])}` |"
-                  for r in rows]
+        lines += [f"| {r['activation']} | {r['kind']} | "
+                  + "; ".join(f"`{_shown(str(v))}`" if k == "context" else f"{k} {_shown(str(v))}"
+                              for k, v in r.items() if k not in ("activation", "kind")) + " |" for r in rows]
         lines.append("")
     md = out_dir / "features.md"
     md.write_text("\n".join(lines))
@@ -196,11 +170,11 @@ def write_report(table: dict[str, Any], contexts: dict[int, list[dict[str, Any]]
     kinds = list(table["kind_share"])
     n_concepts = max(sum(table["concepts_by_kind"].values()), 1)
     xs = np.arange(len(kinds))
-    a.bar(xs - 0.2, [table["kind_share"][k] for k in kinds], 0.4, label="share of held-out tokens")
+    a.bar(xs - 0.2, [table["kind_share"][k] for k in kinds], 0.4, label="share of held-out rows")
     a.bar(xs + 0.2, [table["concepts_by_kind"].get(k, 0) / n_concepts for k in kinds], 0.4, label="share of concept latents")
     a.set_xticks(xs, kinds, rotation=35, ha="right")
     a.legend(fontsize=8)
-    a.set_title("Token kinds and the latents that detect them")
+    a.set_title("Labels and the latents that detect them")
     b.hist([p for p in per["precision"] if p is not None], bins=20, range=(0, 1))
     b.axvline(table["precision"], color="k", ls="--")
     b.set_xlabel("precision of a latent's top kind")

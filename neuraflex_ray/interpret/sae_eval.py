@@ -74,10 +74,11 @@ def reconstruct_with(sae: TopKSAE) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def ce_loss_score(loss_of: Callable[[], float], module: torch.nn.Module, sae: TopKSAE) -> dict[str, float | None]:
-    """{"ce_clean", "ce_sae", "ce_zero", "ce_loss_score"} for a model whose held-out loss `loss_of()`
-    computes. The score is None when zeroing the site barely moves the loss (the gap is then reported
-    on its own: a score would divide by almost nothing)."""
+def ce_loss_score(loss_of: Callable[[], float], module: torch.nn.Module, sae: TopKSAE,
+                  name: str = "ce") -> dict[str, float | None]:
+    """{"<name>_clean", "<name>_sae", "<name>_zero", "<name>_loss_score"} for a model whose held-out loss
+    `loss_of()` computes (name "ce": the LM's cross entropy). The score is None when zeroing the site
+    barely moves the loss (the gap is then reported on its own: a score would divide by almost nothing)."""
     clean = loss_of()
     with spliced(module, reconstruct_with(sae)):
         with_sae = loss_of()
@@ -85,7 +86,7 @@ def ce_loss_score(loss_of: Callable[[], float], module: torch.nn.Module, sae: To
         zero = loss_of()
     gap = zero - clean
     score = (zero - with_sae) / gap if abs(gap) > 1e-3 * max(abs(clean), 1.0) else None
-    return {"ce_clean": clean, "ce_sae": with_sae, "ce_zero": zero, "ce_loss_score": score}
+    return {f"{name}_clean": clean, f"{name}_sae": with_sae, f"{name}_zero": zero, f"{name}_loss_score": score}
 
 
 def identity_sae(d: int) -> TopKSAE:

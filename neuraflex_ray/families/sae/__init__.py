@@ -71,7 +71,7 @@ class SAEFamily(Family):
         from neuraflex_ray.interpret.sae_eval import pca_explained_variance, sae_stats
 
         sae, meta = load_exported(export_dir)
-        held = held_out_tokens(data_dir)
+        held = held_out_rows(data_dir)
         stats = sae_stats(sae, held.activation)
         components = max(1, round(stats["l0"]))
         train_ds, _ = open_split(str(data_dir))
@@ -85,27 +85,19 @@ class SAEFamily(Family):
         return out
 
 
-def held_out_tokens(data_dir: Path, limit: int = EVAL_ROWS) -> Any:
-    """The activation rows the SAE never trained on (whole token blocks), with each token's kind and
-    context: read from the activations directory through the split's block hash."""
-    from neuraflex_ray.checkpoint import read_export_meta
-    from neuraflex_ray.eval.token_kinds import kind_names, kinds_for
+def held_out_rows(data_dir: Path, limit: int = EVAL_ROWS) -> Any:
+    """The activation rows the SAE never trained on (whole units), labelled and described by the family
+    of the model they came from: read from the activations directory through the split's block hash."""
+    from neuraflex_ray.checkpoint import export_family, read_export_meta
     from neuraflex_ray.interpret.activations import read_activations
-    from neuraflex_ray.interpret.features import label_rows
-    from pipelines.shards import read_manifest
-    from pipelines.text import load_tokenizer
 
     split = json.loads((Path(data_dir) / "manifest.json").read_text())
     acts = read_activations(split["activations"])
     keep = held_out(acts["block"], split["val_fraction"], split["seed"])
     blocks = np.unique(acts["block"][keep])[:max(1, limit // (int(acts["position"].max()) + 1))]
     keep &= np.isin(acts["block"], blocks)
-    acts = {k: v[keep] for k, v in acts.items()}
-    lm_data = read_export_meta(Path(split["export"]))["data"]["output_dir"]
-    kinds = kinds_for(read_manifest(Path(lm_data)) or {})
-    tok = load_tokenizer(Path(split["export"]) / "tokenizer.json")
-    pieces = [tok.decode([i], skip_special_tokens=False) for i in range(tok.get_vocab_size())]
-    return label_rows(acts, lambda ids: [pieces[int(i)] for i in ids], kind_names(kinds), kinds)
+    export = Path(split["export"])
+    return export_family(export).activation_labels(export, read_export_meta(export), {k: v[keep] for k, v in acts.items()})
 
 
 def _report(sae: Any, meta: dict[str, Any], held: Any, concepts: dict[str, Any], evaluation: dict[str, Any],
@@ -113,14 +105,12 @@ def _report(sae: Any, meta: dict[str, Any], held: Any, concepts: dict[str, Any],
     """features.{md,png} and concepts.json: the concept fractions, and the most-firing concept latents (half
     of `shown`), then the most-firing others, each with its top-activating held-out contexts."""
     from neuraflex_ray.interpret.features import top_contexts, write_report
-    from pipelines.text import load_tokenizer
 
     per = concepts["per_latent"]
     by_firing = sorted(range(len(per["firings"])), key=lambda j: -per["firings"][j])
     concept = [j for j in by_firing if (per["precision"][j] or 0) >= concepts["precision"]]
     latents = (concept[:shown // 2] + [j for j in by_firing if j not in concept])[:shown]
-    tok = load_tokenizer(Path(meta["activations"]["export"]) / "tokenizer.json")
-    contexts = top_contexts(sae, held, latents, lambda ids: tok.decode([int(i) for i in ids], skip_special_tokens=False))
+    contexts = top_contexts(sae, held, latents)
     paths = write_report(concepts, contexts, evaluation, out_dir)
     (out_dir / "concepts.json").write_text(json.dumps(concepts))
     return [*paths, out_dir / "concepts.json"]
@@ -139,17 +129,18 @@ def _rows(ds: Any, limit: int) -> np.ndarray:
 
 
 def _spliced_loss(sae: Any, acts: dict[str, Any]) -> dict[str, Any]:
-    """The LM's held-out cross entropy clean, with the SAE spliced in at its site, and with the site zeroed."""
+    """The model's held-out losses (its family's: an LM's cross entropy, NeuroFM's masked reconstruction
+    and forecast) clean, with the SAE spliced in at its site, and with the site zeroed."""
     from neuraflex_ray.checkpoint import export_family, load_exported
-    from neuraflex_ray.eval.lm import heldout_loss
     from neuraflex_ray.interpret.sae_eval import ce_loss_score
-    from pipelines.text import load_text_datasets, read_blocks
 
-    lm, meta = load_exported(acts["export"])
-    site = export_family(acts["export"]).activation_sites(lm)[acts["site"]]
-    _, val_ds, _ = load_text_datasets(meta["data"]["output_dir"])
-    blocks = read_blocks(val_ds)
-    return ce_loss_score(lambda: heldout_loss(lm, blocks), site, sae)
+    model, meta = load_exported(acts["export"])
+    family = export_family(acts["export"])
+    site = family.activation_sites(model)[acts["site"]]
+    out: dict[str, Any] = {}
+    for name, loss_of in family.spliced_losses(model, meta).items():
+        out.update(ce_loss_score(loss_of, site, sae, name))
+    return out
 
 
 FAMILY = SAEFamily()

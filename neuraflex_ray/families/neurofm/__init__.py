@@ -110,6 +110,34 @@ class NeuroFMFamily(Family):
         }
 
     # ---- serving and fine-tuning ------------------------------------------------------------
+    # ---- interpretability (families/neurofm/interpret.py) -------------------------------------
+    def activation_sites(self, model: Any) -> dict[str, Any]:
+        """latents (the final latent tokens; their mean is the embedding), cross_i and backbone_i."""
+        from neuraflex_ray.families.neurofm import interpret
+
+        return interpret.activation_sites(model)
+
+    def activation_units(self, export: Path, meta: dict[str, Any], split: str) -> int:
+        from neuraflex_ray.families.neurofm import interpret
+
+        return interpret.activation_units(meta, split)
+
+    def activation_rows(self, model: Any, site: Any, meta: dict[str, Any], split: str, start: int,
+                        stop: int) -> dict[str, Any]:
+        from neuraflex_ray.families.neurofm import interpret
+
+        return interpret.activation_rows(model, site, meta, split, start, stop)
+
+    def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
+        from neuraflex_ray.families.neurofm import interpret
+
+        return interpret.activation_labels(export, meta, acts)
+
+    def spliced_losses(self, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
+        from neuraflex_ray.families.neurofm import interpret
+
+        return interpret.spliced_losses(model, meta)
+
     def load_served(self, name: str, path: Path, options: Any) -> Any:
         from neuraflex_ray.serving.models import load_series
 

@@ -1,0 +1,126 @@
+"""NeuroFM's side of interpretability (`Family.activation_*`, `spliced_losses`): activations of its own
+dataset's windows, the window's modalities as labels, and the held-out masked-reconstruction and
+forecast losses for splicing.
+
+A unit is one window (its context part, as the model embeds it); a row is one latent token of it at
+the site (`latents`: the final latent tokens, whose mean is the window embedding; `backbone_i`,
+`cross_i`: a block's output).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuraflex_ray.config import ConfigError
+
+BATCH = 16
+LOSS_WINDOWS = 512  # held-out windows the spliced losses score (evenly spread; all when fewer)
+
+
+@functools.lru_cache(maxsize=2)
+def _series(data_dir: str, split: str) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    from pipelines.timeseries import read_series
+
+    if not (Path(data_dir) / "manifest.json").is_file():
+        raise ConfigError(f"the export's training dataset ({data_dir!r}) is not on disk; rebuild it with "
+                          f"`neuraflex-ray data --model neurofm` and the export's config")
+    return read_series(data_dir, split)
+
+
+def _data_dir(meta: dict[str, Any]) -> str:
+    data = (meta.get("data") or {}).get("output_dir")
+    if not data:
+        raise ConfigError("the export's config.json names no dataset; export it again with this version")
+    return data
+
+
+def _rows(arrays: dict[str, Any], idx: np.ndarray) -> dict[str, Any]:
+    return {m: dataclasses.replace(a, x=a.x[idx], chan=a.chan[idx], present=a.present[idx]) for m, a in arrays.items()}
+
+
+def activation_sites(model: Any) -> dict[str, Any]:
+    return {"latents": model.norm, **{f"cross_{i}": b for i, b in enumerate(model.cross_blocks)},
+            **{f"backbone_{i}": b for i, b in enumerate(model.blocks)}}
+
+
+def activation_units(meta: dict[str, Any], split: str) -> int:
+    return len(_series(_data_dir(meta), split)[1])
+
+
+def _modality_sets(arrays: dict[str, Any], idx: np.ndarray) -> np.ndarray:
+    names = sorted(arrays)
+    return np.array(["+".join(m for m in names if arrays[m].present[i]) or "none" for i in idx], dtype=object)
+
+
+@torch.no_grad()
+def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, start: int, stop: int) -> dict[str, Any]:
+    from neuraflex_ray.interpret.activations import recording
+    from neuraflex_ray.models.neurofm import window_inputs
+
+    arrays, recordings, starts = _series(_data_dir(meta), split)
+    n = model.cfg.context_patches
+    model.eval()
+    parts = []
+    for lo in range(start, stop, BATCH):
+        idx = np.arange(lo, min(lo + BATCH, stop))
+        sub = _rows(arrays, idx)
+        inputs = {m: dataclasses.replace(w, x=w.x[..., :n * model.patch_len[m]])
+                  for m, w in window_inputs(sub, slice(None)).items()}
+        with recording({"site": site}) as seen:
+            model(inputs, decode=False)
+        parts.append(seen["site"][0].float().reshape(len(idx), -1, seen["site"][0].shape[-1]).numpy())
+    acts = np.concatenate(parts)  # [windows, latents, d]
+    w, lat = acts.shape[:2]
+    idx = np.repeat(np.arange(start, stop), lat)
+    return {"activation": acts.reshape(w * lat, -1), "block": idx.astype(np.int64),
+            "position": np.tile(np.arange(lat), w).astype(np.int32), "recording": recordings[idx].astype(str),
+            "start_s": starts[idx].astype(np.float64), "modalities": _modality_sets(arrays, idx).astype(str)}
+
+
+def activation_labels(export: Path, meta: dict[str, Any], acts: dict[str, np.ndarray]) -> Any:
+    """Each row's label is its window's set of modalities; described by recording, time and latent."""
+    from neuraflex_ray.interpret.features import LabelledRows
+
+    names = tuple(sorted(set(acts["modalities"].tolist())))
+    index = {k: i for i, k in enumerate(names)}
+
+    def describe(row: int) -> dict[str, str]:
+        return {"recording": str(acts["recording"][row]), "start_s": f"{float(acts['start_s'][row]):.1f}",
+                "latent": str(int(acts["position"][row]))}
+
+    return LabelledRows(np.asarray(acts["activation"], np.float32),
+                        np.array([index[k] for k in acts["modalities"].tolist()]), names, describe)
+
+
+def spliced_losses(model: Any, meta: dict[str, Any]) -> dict[str, Callable[[], float]]:
+    """Held-out masked reconstruction and forecast losses (the training objectives, final curriculum
+    stage, the same masks on every call), contrastive views off: they do not pass through one site."""
+    from neuraflex_ray.eval.common import n_windows, subset
+    from neuraflex_ray.models.neurofm import window_inputs
+    from neuraflex_ray.models.neurofm_objectives import neurofm_loss
+
+    arrays, _, _ = _series(_data_dir(meta), "val")
+    idx = subset(n_windows(arrays), LOSS_WINDOWS)
+    cfg = dataclasses.replace(model.cfg, contrastive_weight=0.0)
+    final = max([s.start_step for s in cfg.curriculum], default=0)
+
+    @torch.no_grad()
+    def loss(name: str) -> float:
+        model.eval()
+        gen = torch.Generator().manual_seed(7)
+        total, count = 0.0, 0
+        for lo in range(0, len(idx), BATCH):
+            part = idx[lo:lo + BATCH]
+            out = neurofm_loss(model, window_inputs(_rows(arrays, part), slice(None)), cfg, final, gen)
+            total += float(getattr(out, name)) * len(part)
+            count += len(part)
+        return total / max(count, 1)
+
+    return {"recon": lambda: loss("recon"), "forecast": lambda: loss("forecast")}

@@ -13,6 +13,8 @@ Stages (each writes <out>/<stage>.json and is reused on a rerun unless --fresh):
               for each pair, does every site's best CKA match in the other seed have its name (16 sites:
               attn, ffn, resid, moe_in x 4 layers; chance 1/16)? CCA's rate beside it, both directions
   drift       seed 0's 8 checkpoints: mean CKA over sites to the final checkpoint, by step
+  moe_vs_dense  the dense baseline (same active width) trained like seed 0: CKA to the MoE at every
+              shared site, beside MoE seed 0 against MoE seed 1
   forgetting  8 fine-tuning variants of the base on KJV (benchmarks/continual.py's methods and EWC lambdas,
               same data, seed and steps): how far each moved (1 - CKA to the base, mean over sites) against
               its forgetting (rise in the base's held-out bits/byte); Spearman
@@ -145,6 +147,27 @@ def stage_seeds(args: argparse.Namespace) -> dict[str, Any]:
             "layer_id_acc": {k: float(np.mean([p[k] for p in pairs])) for k in ("cka", "cca", "chance")}}
 
 
+def stage_moe_vs_dense(args: argparse.Namespace) -> dict[str, Any]:
+    """The dense baseline (model.num_experts=0: a SwiGLU of the MoE's active width) trained like seed 0,
+    against the MoE seed 0 at every shared site, beside MoE seed 0 against MoE seed 1."""
+    from neuraflex_ray.interpret.compare import site_activations
+    from neuraflex_ray.interpret.similarity import linear_cka
+
+    out = Path(args.out)
+    data = _data_dir(Path(args.base))
+    run = _train("interp-dense-seed-0", ["train.seed=0", "model.num_experts=0", "train.ep_size=1"], out / "runs")
+    dense = _export(_checkpoints(run)[-1][1], data, out / "exports" / "dense-seed-0")
+    moe = {s: out / "exports" / f"seed-{s}" for s in (0, 1)}
+    blocks, rows = _sample(moe[0], args.tokens)
+    a = {s: site_activations(e, blocks, rows) for s, e in moe.items()}
+    d = site_activations(dense, blocks, rows)
+    shared = [s for s in a[0] if s in d]
+    per_site = {s: {"moe_vs_dense": linear_cka(a[0][s], d[s]), "moe_vs_moe_seed": linear_cka(a[0][s], a[1][s])}
+                for s in shared}
+    return {"sites": per_site, "mean_moe_vs_dense": float(np.mean([v["moe_vs_dense"] for v in per_site.values()])),
+            "mean_moe_vs_moe_seed": float(np.mean([v["moe_vs_moe_seed"] for v in per_site.values()]))}
+
+
 def stage_drift(args: argparse.Namespace) -> dict[str, Any]:
     from neuraflex_ray.interpret.compare import site_activations
     from neuraflex_ray.interpret.similarity import linear_cka
@@ -207,7 +230,7 @@ def stage_forgetting(args: argparse.Namespace) -> dict[str, Any]:
 
 
 STAGES = {"sae": stage_sae, "invariance": stage_invariance, "seeds": stage_seeds, "drift": stage_drift,
-          "forgetting": stage_forgetting}
+          "moe_vs_dense": stage_moe_vs_dense, "forgetting": stage_forgetting}
 
 
 def main() -> None:
@@ -243,6 +266,8 @@ def main() -> None:
     if "drift" in results:
         compare["drift"] = results["drift"]["drift"]
         compare["drift_monotonic"] = results["drift"]["monotonic"]
+    if "moe_vs_dense" in results:
+        compare["moe_vs_dense"] = {k: v for k, v in results["moe_vs_dense"].items() if k.startswith("mean")}
     if "forgetting" in results:
         compare["forgetting_spearman"] = results["forgetting"]["spearman"]
         compare["forgetting_variants"] = results["forgetting"]["variants"]

@@ -95,27 +95,21 @@ class TopKSAE(nn.Module):
         return torch.zeros(x.shape[0], self.cfg.n_latents, dtype=values.dtype, device=x.device).scatter(-1, indices, values)
 
     def forward(self, x: torch.Tensor) -> SAEOutput:
-        raw = self.encoder(x - self.b_dec)
-        values, indices = torch.relu(raw).topk(self.cfg.k, dim=-1, sorted=False)
+        pre = self.pre_acts(x)
+        values, indices = pre.topk(self.cfg.k, dim=-1, sorted=False)
         x_hat = self.decode(values, indices)
         main = fvu(x, x_hat)
-        aux = self._aux_loss(x, x_hat, raw)
+        aux = self._aux_loss(x, x_hat, pre)
         return SAEOutput(x_hat, values, indices, main, aux, self.cfg.aux_coef)
 
-    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    def _aux_loss(self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
         dead = self.steps_since_fired >= self.cfg.dead_after
         n_dead = int(dead.sum())
         if n_dead == 0:
             return x.new_zeros(())
         aux_k = min(self.cfg.aux_k or self.cfg.d_in // 2, n_dead)
-        # A softplus of the raw pre-activation, not a ReLU: a latent whose pre-activation is negative on
-        # every input (the usual way to die) gets no gradient through a ReLU, so AuxK could never revive
-        # it (its term sat at 1.0: nothing explained). The softplus keeps the value positive and its
-        # gradient nonzero, raising the pre-activation where the latent's decoder row would explain the
-        # residual (Anthropic's ghost grads use exp the same way).
-        masked = raw.masked_fill(~dead, -torch.inf)  # only dead latents compete
-        top, indices = masked.topk(aux_k, dim=-1, sorted=False)
-        values = torch.nn.functional.softplus(top)  # softplus(-inf) = 0: no dead latent there
+        masked = pre.masked_fill(~dead, 0.0)  # only dead latents compete
+        values, indices = masked.topk(aux_k, dim=-1, sorted=False)
         residual = (x - x_hat).detach()
         e_hat = (values.unsqueeze(-1) * self.W_dec[indices]).sum(-2)
         return fvu(residual, e_hat)

@@ -50,3 +50,5 @@ def test_an_sae_trains_exports_and_evaluates_like_any_model(activations, tmp_pat
     sae, meta = load_exported(tmp_path / "runs" / "sae-debug" / "export")
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(128), atol=1e-4)  # unit rows after every step
     assert meta["activations"]["site"] == "resid_1"
+    split = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert len(split["train_mean"]) == 64 and len(sae.cfg.init_b_dec) == 64  # b_dec started at the training mean

@@ -11,7 +11,7 @@ them. Free of any parallelism: Ray Train wraps it like any other model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -26,6 +26,11 @@ class SAEConfig:
     aux_k: int = 0  # latents AuxK may use on the residual (0: d_in // 2, as `sparsify`)
     aux_coef: float = 1.0 / 32  # AuxK's weight in the loss (OpenAI's)
     dead_after: int = 200  # a latent silent for this many training steps counts as dead
+    # The decoder bias's starting value: the training rows' mean (fit_to_data fills it from the split's
+    # manifest; empty: zeros). Latents then start coding deviations from the typical activation, not
+    # the mean itself, which a random encoder row meets with a large negative pre-activation for half
+    # the latents (sparsify starts from the mean, OpenAI from the geometric median).
+    init_b_dec: list[float] = field(default_factory=list)
 
     @property
     def n_latents(self) -> int:
@@ -62,7 +67,7 @@ class TopKSAE(nn.Module):
         self.encoder = nn.Linear(d, n)
         # The decoder starts as the encoder's transpose (rows of unit norm): latents begin as read-write pairs.
         self.W_dec = nn.Parameter(self.encoder.weight.detach().clone())
-        self.b_dec = nn.Parameter(torch.zeros(d))
+        self.b_dec = nn.Parameter(torch.tensor(cfg.init_b_dec, dtype=torch.float32) if cfg.init_b_dec else torch.zeros(d))
         nn.init.zeros_(self.encoder.bias)
         self.register_buffer("steps_since_fired", torch.zeros(n, dtype=torch.long))
         self.normalize_decoder()

@@ -50,7 +50,7 @@ class SAEFamily(Family):
         if cfg.model.d_in not in (0, manifest["width"]):
             raise ConfigError(f"model.d_in={cfg.model.d_in} but the activations are {manifest['width']} wide; "
                               f"leave d_in at 0")
-        return dataclasses.replace(cfg.model, d_in=manifest["width"])
+        return dataclasses.replace(cfg.model, d_in=manifest["width"], init_b_dec=manifest.get("train_mean", []))
 
     def build_model(self, model_cfg: SAEConfig) -> Any:
         from neuraflex_ray.models.sae import TopKSAE

@@ -67,11 +67,24 @@ def build_split(cfg: SAEDataConfig) -> dict[str, Any]:
         manifest = {"activations": str(src), "export": acts["export"], "site": acts["site"], "split": acts["split"],
                     "width": acts["width"], "rows": acts["rows"], "train_rows": rows["train"], "val_rows": rows["val"],
                     "train_shards": shards["train"], "val_shards": shards["val"], "val_fraction": cfg.val_fraction,
-                    "seed": cfg.seed}
+                    "seed": cfg.seed, "train_mean": _mean(tmp, shards["train"])}
         swap_into_place(tmp, out, manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def _mean(root: Path, shards: list[str]) -> list[float]:
+    """The mean activation of the training side (the SAE's decoder bias starts there)."""
+    from pipelines.shards import vector_rows
+
+    total, n = None, 0
+    for s in shards:
+        for batch in pq.ParquetFile(root / s).iter_batches(batch_size=65536, columns=["activation"]):
+            x = vector_rows(batch.column(0)).astype(np.float64)
+            total = x.sum(0) if total is None else total + x.sum(0)
+            n += len(x)
+    return (total / max(n, 1)).round(6).tolist()
 
 
 def _side(batch: pa.Table, fraction: float, seed: int, val: bool) -> pa.Table:

@@ -3,8 +3,10 @@ are right and say something about the runs this system produces.
 
     neuraflex-ray activations --export runs/quickstart/export --site resid_1 --out data/activations/resid_1
     neuraflex-ray sae --activations data/activations/resid_1           # -> runs/sae-resid_1
+    neuraflex-ray activations --export runs/quickstart-neurofm/export --site latents --out data/activations/neurofm-latents
+    neuraflex-ray sae --activations data/activations/neurofm-latents data.val_fraction=0.3 model.expansion=4
     python benchmarks/interpretability.py [--sae runs/sae-resid_1] [--base runs/quickstart/export]
-                                          [--stages sae invariance seeds drift forgetting] [--out runs/bench-interp]
+                                          [--sae-neurofm runs/sae-latents] [--stages ...] [--out runs/bench-interp]
 
 Stages (each writes <out>/<stage>.json and is reused on a rerun unless --fresh):
   sae         the SAE run's evaluation (summary.json of `neuraflex-ray sae`)
@@ -58,16 +60,22 @@ def log(msg: str) -> None:
     print(f"[interpretability] {msg}", file=sys.stderr, flush=True)
 
 
-def stage_sae(args: argparse.Namespace) -> dict[str, Any]:
+def _sae_eval(run: str) -> dict[str, Any]:
     from neuraflex_ray.config import get_family
 
-    export = Path(args.sae) / "export"
+    export = Path(run) / "export"
     if not (export / "model.safetensors").is_file():
-        sys.exit(f"--sae {args.sae}: no export there; run `neuraflex-ray sae --activations DIR` first")
+        sys.exit(f"{run}: no SAE export there; run `neuraflex-ray sae --activations DIR` first")
     ev = get_family("sae").evaluate(export, Path(_data_dir(export)))
-    return {"lm": {k: ev[k] for k in LM_KEYS}, "lm_more": {k: v for k, v in ev.items() if k not in LM_KEYS},
-            "neurofm": None,
-            "neurofm_note": "not measured yet: NeuroFM's activation sites and spliced losses are still to come"}
+    return {k: v for k, v in ev.items() if k not in ("report", "rows")} | {"eval_rows": ev["rows"]}
+
+
+def stage_sae(args: argparse.Namespace) -> dict[str, Any]:
+    lm = _sae_eval(args.sae)
+    out: dict[str, Any] = {"lm": {k: lm[k] for k in LM_KEYS}, "lm_more": {k: v for k, v in lm.items() if k not in LM_KEYS}}
+    if args.sae_neurofm:
+        out["neurofm"] = _sae_eval(args.sae_neurofm)  # recon_* and forecast_* in place of ce_*
+    return out
 
 
 def _sample(base: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -236,6 +244,7 @@ STAGES = {"sae": stage_sae, "invariance": stage_invariance, "seeds": stage_seeds
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sae", default="runs/sae-resid_1", help="the run directory `neuraflex-ray sae` wrote")
+    p.add_argument("--sae-neurofm", default="", help="the same for an SAE on NeuroFM activations (e.g. runs/sae-latents)")
     p.add_argument("--base", default="runs/quickstart/export", help="the LM export the variants fine-tune")
     p.add_argument("--stages", nargs="+", default=list(STAGES), choices=list(STAGES))
     p.add_argument("--tokens", type=int, default=2048, help="held-out tokens per comparison")

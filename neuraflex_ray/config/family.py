@@ -69,6 +69,8 @@ class Family:
     serve:    serves ("openai": the completions and chat routes; "series": /v1/neuro/*), serve_name,
               load_served, generate_text
     finetune: finetune_methods, lora_targets, finetune_config, fisher_samples
+    interpret: activation_sites, and (from `interpret_module`) activation_units / activation_rows /
+              activation_labels / spliced_losses
     """
 
     name: str = ""  # the model_type; filled by the registry for a family named by import path
@@ -82,6 +84,10 @@ class Family:
     finetune_methods: tuple[str, ...] = ("full",)
     lora_targets: tuple[str, ...] = ()  # finetune.lora_targets it accepts (empty: no LoRA)
     flops_convention: str = ""  # how its model FLOPs are counted (the MFU note of a run's summary)
+    # The module that collects, labels and splices its activations (functions activation_units(meta, split),
+    # activation_rows(model, site, meta, split, start, stop), activation_labels(export, meta, acts),
+    # spliced_losses(model, meta)); imported only when asked. Empty: no interpretability beyond sites.
+    interpret_module: str = ""
 
     def unsupported(self, what: str) -> ConfigError:
         return ConfigError(f"model_type={self.name}: this family has no {what}")
@@ -143,26 +149,31 @@ class Family:
         interpretability): named so that the same site exists in every model of the family's shape."""
         raise self.unsupported("activation sites")
 
+    def _interpret(self, what: str) -> Any:
+        if not self.interpret_module:
+            raise self.unsupported(what)
+        return importlib.import_module(self.interpret_module)
+
     def activation_units(self, export: Path, meta: dict[str, Any], split: str) -> int:
         """How many input units (an LM's token blocks, NeuroFM's windows) the split of the export's own
         dataset holds; `activation_rows` reads them by index."""
-        raise self.unsupported("activation collection")
+        return self._interpret("activation collection").activation_units(meta, split)
 
     def activation_rows(self, model: Any, site: Any, meta: dict[str, Any], split: str, start: int,
                         stop: int) -> dict[str, Any]:
         """The site's output on units [start, stop) as columns: activation [n, d] float32, block (the unit)
         int64, position (within the unit) int32, and what else a reader needs to find the row again."""
-        raise self.unsupported("activation collection")
+        return self._interpret("activation collection").activation_rows(model, site, meta, split, start, stop)
 
     def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
         """Activation rows (whole units) with a label per row and a description of where it came from
         (interpret/features.py's LabelledRows), for an SAE's features report."""
-        raise self.unsupported("activation labels")
+        return self._interpret("activation labels").activation_labels(export, meta, acts)
 
     def spliced_losses(self, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
         """{name: a function computing one held-out loss of `model`}: measured clean, with an SAE's
         reconstruction spliced in at a site, and with the site zeroed."""
-        raise self.unsupported("held-out losses for splicing")
+        return self._interpret("held-out losses for splicing").spliced_losses(model, meta)
 
     def after_training(self, cfg: Any, result: dict[str, Any], export_dir: Path) -> dict[str, Any]:
         """The quickstart's stages after training and export: {stage: its result} for summary.json."""

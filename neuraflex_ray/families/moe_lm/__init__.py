@@ -29,6 +29,7 @@ class MoELMFamily(Family):
     finetune_methods = ("full", "lora")
     lora_targets = TARGETS
     flops_convention = "FLOPs/token = 6*N_active + 12*L*H*head_dim*T"
+    interpret_module = "neuraflex_ray.families.moe_lm.interpret"  # activations, labels, spliced losses
 
     def validate(self, cfg: JobConfig, world: int) -> None:
         validate_moe_lm(cfg, world)
@@ -69,27 +70,6 @@ class MoELMFamily(Family):
             if block.is_moe:
                 sites[f"moe_in_{i}"] = block.ffn_norm
         return sites
-
-    def activation_units(self, export: Path, meta: dict[str, Any], split: str) -> int:
-        from neuraflex_ray.families.moe_lm import interpret
-
-        return interpret.activation_units(meta, split)
-
-    def activation_rows(self, model: Any, site: Any, meta: dict[str, Any], split: str, start: int,
-                        stop: int) -> dict[str, Any]:
-        from neuraflex_ray.families.moe_lm import interpret
-
-        return interpret.activation_rows(model, site, meta, split, start, stop)
-
-    def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
-        from neuraflex_ray.families.moe_lm import interpret
-
-        return interpret.activation_labels(export, meta, acts)
-
-    def spliced_losses(self, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
-        from neuraflex_ray.families.moe_lm import interpret
-
-        return interpret.spliced_losses(model, meta)
 
     def expert_parallel(self, model: Any, ep_size: int, rank: int) -> Any:
         from neuraflex_ray.parallel.deepspeed_moe import parallelize_deepspeed

@@ -45,6 +45,7 @@ class NeuroFMFamily(Family):
     finetune_methods = ("full", "lora")
     lora_targets = ("linear",)  # every nn.Linear (finetune/lora.py)
     flops_convention = "model FLOPs = 3 x forward matmul FLOPs per window"
+    interpret_module = "neuraflex_ray.families.neurofm.interpret"  # activations, labels, spliced losses
 
     def validate(self, cfg: JobConfig, world: int) -> None:
         validate_neurofm(cfg, world)
@@ -116,27 +117,6 @@ class NeuroFMFamily(Family):
         from neuraflex_ray.families.neurofm import interpret
 
         return interpret.activation_sites(model)
-
-    def activation_units(self, export: Path, meta: dict[str, Any], split: str) -> int:
-        from neuraflex_ray.families.neurofm import interpret
-
-        return interpret.activation_units(meta, split)
-
-    def activation_rows(self, model: Any, site: Any, meta: dict[str, Any], split: str, start: int,
-                        stop: int) -> dict[str, Any]:
-        from neuraflex_ray.families.neurofm import interpret
-
-        return interpret.activation_rows(model, site, meta, split, start, stop)
-
-    def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
-        from neuraflex_ray.families.neurofm import interpret
-
-        return interpret.activation_labels(export, meta, acts)
-
-    def spliced_losses(self, model: Any, meta: dict[str, Any]) -> dict[str, Any]:
-        from neuraflex_ray.families.neurofm import interpret
-
-        return interpret.spliced_losses(model, meta)
 
     def load_served(self, name: str, path: Path, options: Any) -> Any:
         from neuraflex_ray.serving.models import load_series

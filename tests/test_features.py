@@ -31,10 +31,10 @@ def test_a_direction_is_a_concept_only_where_its_top_firings_are_one_kind():
     rng = np.random.default_rng(1)
     data = _tokens(rng)
     eye = np.eye(4, dtype=np.float32)
-    ok = direction_concepts(data.activation, data.kind, 3, eye, rate=0.1, min_firings=20, precision=0.9)
+    ok, _ = direction_concepts(data.activation, data.kind, 3, eye, rate=0.1, min_firings=20, precision=0.9)
     assert ok.tolist() == [True, False, False, False]
     # too few firings at every rate: nothing qualifies
-    assert not direction_concepts(data.activation, data.kind, 3, eye, rate=0.005, min_firings=20, precision=0.9).any()
+    assert not direction_concepts(data.activation, data.kind, 3, eye, rate=0.005, min_firings=20, precision=0.9)[0].any()
 
 
 def test_the_table_counts_latents_neurons_and_random_directions():

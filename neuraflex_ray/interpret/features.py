@@ -65,17 +65,21 @@ def latent_kind_counts(sae: TopKSAE, x: np.ndarray, kind: np.ndarray, n_kinds: i
 
 
 def direction_concepts(x: np.ndarray, kind: np.ndarray, n_kinds: int, directions: np.ndarray, rate: float,
-                       min_firings: int, precision: float, multiples: tuple[float, ...] = RATE_MULTIPLES,
-                       both_signs: bool = True) -> np.ndarray:
-    """bool per direction (columns of directions [d, m]): a concept at any firing rate in multiples x rate,
-    with either sign (the generous baseline of the module docstring; multiples=(1,), both_signs=False
-    is the plain one: the SAE's rate, positive side)."""
+                       min_firings: int, precision: float) -> tuple[np.ndarray, np.ndarray]:
+    """Two bools per direction (columns of directions [d, m]), from one projection and sort: (generous)
+    a concept at any firing rate in RATE_MULTIPLES x rate with either sign, the baseline of the module
+    docstring; (plain) a concept at the SAE's own rate, positive side, one of the generous choices."""
     centred = x - x.mean(0)
-    ok = np.zeros(directions.shape[1], bool)
-    ns = sorted({min(len(x), max(1, int(round(r * rate * len(x))))) for r in multiples})
+    generous, plain = np.zeros(directions.shape[1], bool), np.zeros(directions.shape[1], bool)
+
+    def n_of(multiple: float) -> int:  # firings at multiple x the SAE's rate
+        return min(len(x), max(1, int(round(multiple * rate * len(x)))))
+
+    ns, n_plain = sorted({n_of(r) for r in RATE_MULTIPLES}), n_of(1.0)
     for j0 in range(0, directions.shape[1], 64):
         proj = centred @ directions[:, j0:j0 + 64]
-        for signed in (proj, -proj) if both_signs else (proj,):
+        cols = slice(j0, j0 + proj.shape[1])
+        for positive, signed in ((True, proj), (False, -proj)):
             part = np.argpartition(-signed, ns[-1] - 1, axis=0)[:ns[-1]]  # the n_max highest, any order
             top = np.take_along_axis(part, np.argsort(-np.take_along_axis(signed, part, 0), axis=0), 0)
             for n in ns:
@@ -83,8 +87,11 @@ def direction_concepts(x: np.ndarray, kind: np.ndarray, n_kinds: int, directions
                     continue
                 k = kind[top[:n]]  # [n, cols]
                 counts = np.stack([(k == c).sum(0) for c in range(n_kinds)], 1)
-                ok[j0:j0 + proj.shape[1]] |= counts.max(1) / n >= precision
-    return ok
+                hit = counts.max(1) / n >= precision
+                generous[cols] |= hit
+                if positive and n == n_plain:
+                    plain[cols] |= hit
+    return generous, plain
 
 
 def concept_table(sae: TopKSAE, data: LabelledRows, min_firings: int = 20, precision: float = 0.9,
@@ -100,10 +107,9 @@ def concept_table(sae: TopKSAE, data: LabelledRows, min_firings: int = 20, preci
     random = rng.standard_normal((d, sae.cfg.n_latents)).astype(np.float32)
     random /= np.linalg.norm(random, axis=0, keepdims=True)
     args = (data.activation, data.kind, len(data.kinds))
-    neurons = direction_concepts(*args, np.eye(d, dtype=np.float32), rate, min_firings, precision)
-    randoms = direction_concepts(*args, random, rate, min_firings, precision)
-    plain = {name: float(direction_concepts(*args, dirs, rate, min_firings, precision, (1.0,), False).mean())
-             for name, dirs in (("concept_neurons_plain", np.eye(d, dtype=np.float32)), ("concept_random_plain", random))}
+    neurons, neurons_plain = direction_concepts(*args, np.eye(d, dtype=np.float32), rate, min_firings, precision)
+    randoms, randoms_plain = direction_concepts(*args, random, rate, min_firings, precision)
+    plain = {"concept_neurons_plain": float(neurons_plain.mean()), "concept_random_plain": float(randoms_plain.mean())}
     per_kind = Counter(data.kinds[t] for t in top[latents])
     return {"tokens": len(data.activation), "min_firings": min_firings, "precision": precision,
             "latent_rate": rate, "concept_latents": float(latents.mean()), "concept_neurons": float(neurons.mean()),

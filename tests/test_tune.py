@@ -29,7 +29,7 @@ from neuraflex_ray.train.driver import train
 from neuraflex_ray.tune import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 24
+STEPS = 16  # ASHA's rungs at 4, 8 and 16; PBT perturbs at 8
 TRIALS = 5
 
 

@@ -32,7 +32,14 @@ from neuraflex_ray.config.lm import DataConfig
 from neuraflex_ray.memory.config import DatastoreConfig
 from neuraflex_ray.memory.dedup import merge_near_duplicates
 from neuraflex_ray.memory.heldout import fit_own_gates, write_gates
-from neuraflex_ray.memory.index import PQ_POINTS_PER_CENTROID, build_indexes, configure, ivf_nlist, recall_at_k
+from neuraflex_ray.memory.index import (
+    PQ_POINTS_PER_CENTROID,
+    build_indexes,
+    check_key_width,
+    configure,
+    ivf_nlist,
+    recall_at_k,
+)
 from neuraflex_ray.memory.keys import KeyWriter, block_keys, read_keys
 from neuraflex_ray.memory.store import Datastore
 from pipelines.shards import read_manifest
@@ -86,6 +93,7 @@ def build_datastore(export_dir: str | Path, corpus: str, out_dir: str | Path, cf
     if not hasattr(model, "hidden_states") or not (export / "tokenizer.json").is_file():
         raise ConfigError(f"--export {export}: a {meta['model_type']} export has no token-level hidden states and "
                           f"tokenizer; a datastore is built for a token LM (NeuralFlex-MoE)")
+    check_key_width(model.cfg.dim, cfg)  # the keys are the hidden states
     t0 = time.perf_counter()
     with atomic_dir(out) as tmp:
         text, own = corpus_blocks(export, meta, corpus, tmp / "text", data or {})

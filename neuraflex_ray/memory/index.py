@@ -30,12 +30,17 @@ def ivf_nlist(n: int, cfg: DatastoreConfig) -> int:
     return max(1, min(2 ** round(math.log2(4 * math.sqrt(n))), n // PQ_POINTS_PER_CENTROID))
 
 
-def trained_ivfpq(sample: np.ndarray, n: int, cfg: DatastoreConfig) -> faiss.Index:
-    """An empty IVF-PQ index whose coarse and product quantizers are trained on `sample`."""
-    width = sample.shape[1]
+def check_key_width(width: int, cfg: DatastoreConfig) -> None:
+    """PQ splits a key into pq_m equal parts: refused (naming the fix) before any encoding starts."""
     if width % cfg.pq_m:
         raise ConfigError(f"datastore pq_m={cfg.pq_m} must divide the key width {width}; pick a divisor, e.g. "
                           f"pq_m={math.gcd(width, 16)}")
+
+
+def trained_ivfpq(sample: np.ndarray, n: int, cfg: DatastoreConfig) -> faiss.Index:
+    """An empty IVF-PQ index whose coarse and product quantizers are trained on `sample`."""
+    width = sample.shape[1]
+    check_key_width(width, cfg)
     bits = min(cfg.pq_bits, int(math.log2(max(2, len(sample)))))  # a tiny store cannot train 256 centroids
     index = faiss.IndexIVFPQ(faiss.IndexFlatL2(width), width, ivf_nlist(n, cfg), cfg.pq_m, bits)
     index.train(sample)

@@ -315,3 +315,32 @@ def test_basic_motions_probe_on_the_archive_split_and_two_reshuffles():
     assert r["baseline"] > 0.6 and 0.0 <= r["model"] <= 1.0
     assert r["ci_low"] <= r["ci_high"] and r["diff"] == pytest.approx(np.mean([s["diff"] for s in r["splits"]]))
     assert probe_basic_motions(NeuroFM(cfg).eval(), {"data": {**meta["data"], "channel_ids": {}}}) is None
+
+
+def test_sae_rows_carry_the_stimulus_phase_the_probe_gives_the_same_window(export_dir, meta, session, tasks):
+    """NeuroFM's interpretability labels (`activation_labels`, on the dataset's file clock) agree with the
+    probe's task-vs-rest labels (session clock) wherever both label a window; unlabelled rows get -1."""
+    from neuraflex_ray.checkpoint import export_family
+    from pipelines.timeseries import read_series
+
+    task = tasks[TASK_VS_REST]
+    probe = {round(float(t), 3): task.classes[y] for side in ("train", "test")
+             for t, y in zip(task.starts[side], task.y[side], strict=True)}
+    offset = next(r["start_s"] for r in meta["data"]["recordings"] if r["name"] == SYSTOLE.session)
+    recs, starts = zip(*[read_series(meta["data"]["output_dir"], split)[1:] for split in ("train", "val")], strict=True)
+    recs, starts = np.concatenate(recs).astype(str), np.concatenate(starts)
+    n = len(recs)
+    acts = {"activation": np.zeros((n, 4), np.float32), "recording": recs, "start_s": starts,
+            "modalities": np.full(n, "ecg+eda+resp"), "position": np.zeros(n, np.int32)}
+    rows = export_family(export_dir).activation_labels(export_dir, meta, acts)
+    got = [rows.kinds[k] if k >= 0 else "" for k in rows.kind]
+    assert {"systole: task", "systole: rest"} <= set(got) and "" in got
+    assert {g.split(": ")[0] for g in got if g} <= {"systole", "fnirs_tapping", "fmri_events"}
+    compared = 0
+    for rec, start, label in zip(recs, starts, got, strict=True):
+        t = round(float(start) - offset, 3)
+        if rec == SYSTOLE.session and t in probe:
+            assert label == f"systole: {probe[t]}", t
+            compared += 1
+    assert compared >= 20
+    assert rows.describe(0)["modalities"] == "ecg+eda+resp"

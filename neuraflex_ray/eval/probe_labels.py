@@ -21,11 +21,20 @@ response (REST_AFTER_S after an event ends).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from neuraflex_ray.eval.probe_tasks import EPS, ProbeSession, ProbeSource, TaskWindows, by_side, span_windows
+from neuraflex_ray.eval.probe_tasks import (
+    EPS,
+    ProbeSession,
+    ProbeSource,
+    TaskWindows,
+    by_side,
+    span_labels,
+    span_windows,
+)
 from pipelines.fnirs import read_netcdf_series
 from pipelines.neuro_samples import EVENT_FMRI_TR_S
 
@@ -98,14 +107,29 @@ def response_vs_rest(session: ProbeSession, name: str, classes: tuple[str, str],
                      cut_s: float | None) -> TaskWindows:
     """'response' when the window lies within [onset + HRF_DELAY_S, end + HRF_TAIL_S] of an event,
     'rest' when it overlaps no [onset, end + REST_AFTER_S]; the rest are unlabelled."""
-    ends = session.onsets_s + session.durations_s
-    inside = np.stack([session.onsets_s + HRF_DELAY_S, ends + HRF_TAIL_S], 1)
-    clear = np.stack([session.onsets_s, ends + REST_AFTER_S], 1)
+    _, inside, clear = response_spans(classes)(session.onsets_s, session.durations_s)
     starts, y = span_windows(session, inside, clear, hop_s)
     labels = (f"{what}: {classes[1]} = the {session.context_s:g} s window lies within [onset + {HRF_DELAY_S:g} s, end "
               f"+ {HRF_TAIL_S:g} s] of an event (the haemodynamic response), {classes[0]} = it overlaps no [onset, end "
               f"+ {REST_AFTER_S:g} s]; the rest unlabelled; {len(session.onsets_s)} events; hop {hop_s:g} s")
     return by_side(session, name, classes, labels, starts, y, cut_s)
+
+
+def response_spans(classes: tuple[str, str]) -> Callable[[np.ndarray, np.ndarray], tuple[tuple[str, str], np.ndarray,
+                                                                                             np.ndarray]]:
+    """The response rule as spans: inside [onset + HRF_DELAY_S, end + HRF_TAIL_S], clear of [onset, end +
+    REST_AFTER_S] (`ProbeSource.phases`)."""
+    def spans(onsets: np.ndarray, durations: np.ndarray) -> tuple[tuple[str, str], np.ndarray, np.ndarray]:
+        ends = onsets + durations
+        return classes, np.stack([onsets + HRF_DELAY_S, ends + HRF_TAIL_S], 1), np.stack([onsets, ends + REST_AFTER_S], 1)
+    return spans
+
+
+def block_spans(onsets: np.ndarray, durations: np.ndarray) -> tuple[tuple[str, str], np.ndarray, np.ndarray]:
+    """systole's task-vs-rest rule as spans (`ProbeSource.phases`): a window inside a block of trials is
+    'task', one clear of every block 'rest'."""
+    spans = trial_blocks(onsets)[1]
+    return ("rest", "task"), spans, spans
 
 
 FNIRS_TAPPING = "fnirs_tapping_vs_rest"
@@ -127,14 +151,35 @@ def fmri_events(root: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 SOURCES: dict[str, ProbeSource] = {
     "systole": ProbeSource("systole", "systole", "systole_task1", systole_events,
-                           lambda s, hop_s, cut_s: [task_vs_rest(s, hop_s, cut_s), post_vs_pre_onset(s, cut_s)]),
+                           lambda s, hop_s, cut_s: [task_vs_rest(s, hop_s, cut_s), post_vs_pre_onset(s, cut_s)],
+                           block_spans),
     "fnirs_tapping": ProbeSource(
         "fnirs_tapping", "pyphysio", "pyphysio_fnirs", fnirs_events,
         lambda s, hop_s, cut_s: [response_vs_rest(s, FNIRS_TAPPING, ("rest", "tapping"),
-                                                  "fnirs_tapping.ph blocks (pyphysio==4.10.0)", hop_s, cut_s)]),
+                                                  "fnirs_tapping.ph blocks (pyphysio==4.10.0)", hop_s, cut_s)],
+        response_spans(("rest", "tapping"))),
     "fmri_events": ProbeSource(
         "fmri_events", "nitime_events", "nitime_event_fmri", fmri_events,
         lambda s, hop_s, cut_s: [response_vs_rest(s, FMRI_EVENT, ("none", "event"),
-                                                  "event_related_fmri.csv events (nitime==0.12.1)", hop_s, cut_s)]),
+                                                  "event_related_fmri.csv events (nitime==0.12.1)", hop_s, cut_s)],
+        response_spans(("none", "event"))),
 }
 SYSTOLE = SOURCES["systole"]
+
+
+def window_phases(recordings: np.ndarray, starts_s: np.ndarray, context_s: float, cache_dir: str = "") -> np.ndarray:
+    """Each window's stimulus phase, "<source>: <class>" (for example "systole: task"), by its source's
+    `phases` rule, where the recording is a labelled source's session; "" elsewhere and where the rule
+    leaves the window unlabelled. `starts_s` are on the clock of the session's files (the dataset's
+    start_s column), which the sources' events are on too."""
+    recordings = np.asarray(recordings).astype(str)
+    out = np.full(len(recordings), "", dtype=object)
+    for source in SOURCES.values():
+        rows = np.flatnonzero(recordings == source.session)
+        if not len(rows) or source.phases is None:
+            continue
+        onsets, _, durations = source.read_events(cache_dir)
+        classes, inside, clear = source.phases(np.asarray(onsets, np.float64), np.asarray(durations, np.float64))
+        y = span_labels(np.asarray(starts_s, np.float64)[rows], context_s, inside, clear)
+        out[rows] = [f"{source.name}: {classes[v]}" if v >= 0 else "" for v in y]
+    return out

@@ -52,6 +52,14 @@ class ProbeSource:
     # files (0 = their first sample)
     events: Callable[[Path], tuple[np.ndarray, np.ndarray, np.ndarray]]
     tasks: Callable[[ProbeSession, float, float | None], list[TaskWindows]]  # (session, hop_s, cut_s)
+    # (onsets s, durations s) -> (classes, inside [K, 2], clear [K, 2]): the source's stimulus phase of any
+    # window (`span_labels`), the rule of its first task, for labels of windows the probe did not choose
+    phases: Callable[[np.ndarray, np.ndarray], tuple[tuple[str, str], np.ndarray, np.ndarray]] | None = None
+
+    def read_events(self, cache_dir: str = "") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(onsets s, codes, durations s) on the clock of the session's files."""
+        first = next(s for s in sample_sources(self.sample_set, cache_dir) if s.session == self.session)
+        return self.events(Path(first.path).parent)
 
 
 @dataclass
@@ -181,7 +189,7 @@ def load_session(meta: dict[str, Any], source: ProbeSource, cache_dir: str = "")
     arrays = pickle.loads(out["payload"])
     _check_against_export(meta["data"], prep, source.session)
     start = float(prep["start_s"])
-    onsets, codes, durations = source.events(Path(sources[0].path).parent)
+    onsets, codes, durations = source.read_events(cache_dir)
     rates = {m: float(plan["modalities"][m]["rate"]) for m in arrays}
     return ProbeSession(
         arrays=arrays, rates=rates,
@@ -224,11 +232,19 @@ def span_windows(session: ProbeSession, inside: np.ndarray, clear: np.ndarray,
     g, ctx = session.grid_s, session.context_s
     hop = max(1, round(hop_s / g)) * g
     starts = np.round(np.arange(math.floor((session.duration_s - ctx) / hop + EPS) + 1) * hop / g) * g
-    ends = starts + ctx
+    y = span_labels(starts, ctx, inside, clear)
+    keep = y >= 0
+    return starts[keep], y[keep]
+
+
+def span_labels(starts: np.ndarray, context_s: float, inside: np.ndarray, clear: np.ndarray) -> np.ndarray:
+    """Per window [start, start + context_s): 1 when it lies inside one of the `inside` spans [K, 2], 0
+    when it overlaps none of the `clear` spans, -1 (unlabelled) otherwise."""
+    starts = np.asarray(starts, np.float64)
+    ends = starts + context_s
     inside_any = ((inside[:, 0] <= starts[:, None] + EPS) & (ends[:, None] <= inside[:, 1] + EPS)).any(1)
     clear_all = ((ends[:, None] <= clear[:, 0] + EPS) | (starts[:, None] >= clear[:, 1] - EPS)).all(1)
-    keep = inside_any | clear_all
-    return starts[keep], inside_any[keep].astype(np.int64)
+    return np.where(inside_any, 1, np.where(clear_all, 0, -1)).astype(np.int64)
 
 
 def by_side(session: ProbeSession, name: str, classes: tuple[str, str], labels: str, starts: np.ndarray,

@@ -1,6 +1,6 @@
 """Features people can read: what each SAE latent fires on, measured against the labels we already have
-(the LM's token kinds, `eval/token_kinds.py`; NeuroFM's modalities), beside the site's raw neurons and
-random directions.
+(the LM's token kinds, `eval/token_kinds.py`; NeuroFM's stimulus phases, `eval/probe_labels.py`), beside
+the site's raw neurons and random directions.
 
 A direction is a *concept* when it fires on at least `min_firings` held-out tokens and at least
 `precision` of those firings are one token kind. An SAE latent fires where its TopK value is > 0 (its
@@ -34,11 +34,12 @@ BATCH = 8192
 @dataclass
 class LabelledRows:
     """Held-out activation rows of one site with a label per row (an LM's token kind; NeuroFM's
-    modalities) and `describe(row)`: where the row came from, for a reader ({"context": text around an
-    LM's token, or a window's recording and time})."""
+    stimulus phase) and `describe(row)`: where the row came from, for a reader ({"context": text around an
+    LM's token, or a window's recording and time}). Rows without a label (kind -1) count for explained
+    variance and contexts, not for concepts."""
 
     activation: np.ndarray  # [n, d] float32
-    kind: np.ndarray  # [n] int: index into kinds
+    kind: np.ndarray  # [n] int: index into kinds; -1 = no label
     kinds: tuple[str, ...]
     describe: Callable[[int], dict[str, str]]
 
@@ -97,24 +98,26 @@ def direction_concepts(x: np.ndarray, kind: np.ndarray, n_kinds: int, directions
 def concept_table(sae: TopKSAE, data: LabelledRows, min_firings: int = 20, precision: float = 0.9,
                   seed: int = 0) -> dict[str, Any]:
     """Fractions of SAE latents, raw neurons and random directions that are concepts, and per latent its
-    firings, top kind and precision (for the report)."""
-    counts = latent_kind_counts(sae, data.activation, data.kind, len(data.kinds))
+    firings, top kind and precision (for the report); over the labelled rows only."""
+    labelled = data.kind >= 0
+    x, kind = data.activation[labelled], data.kind[labelled]
+    counts = latent_kind_counts(sae, x, kind, len(data.kinds))
     firings, top, share = _precision(counts, min_firings)
     latents = np.nan_to_num(share, nan=0.0) >= precision
-    rate = float(firings.sum()) / (len(data.activation) * sae.cfg.n_latents)  # mean firing rate of a latent
-    d = data.activation.shape[1]
+    rate = float(firings.sum()) / (max(len(x), 1) * sae.cfg.n_latents)  # mean firing rate of a latent
+    d = x.shape[1]
     rng = np.random.default_rng(seed)
     random = rng.standard_normal((d, sae.cfg.n_latents)).astype(np.float32)
     random /= np.linalg.norm(random, axis=0, keepdims=True)
-    args = (data.activation, data.kind, len(data.kinds))
+    args = (x, kind, len(data.kinds))
     neurons, neurons_plain = direction_concepts(*args, np.eye(d, dtype=np.float32), rate, min_firings, precision)
     randoms, randoms_plain = direction_concepts(*args, random, rate, min_firings, precision)
     plain = {"concept_neurons_plain": float(neurons_plain.mean()), "concept_random_plain": float(randoms_plain.mean())}
     per_kind = Counter(data.kinds[t] for t in top[latents])
-    return {"tokens": len(data.activation), "min_firings": min_firings, "precision": precision,
+    return {"tokens": len(x), "rows_unlabelled": int((~labelled).sum()), "min_firings": min_firings, "precision": precision,
             "latent_rate": rate, "concept_latents": float(latents.mean()), "concept_neurons": float(neurons.mean()),
             "concept_random": float(randoms.mean()), **plain, "latents_with_min_firings": int((firings >= min_firings).sum()),
-            "kind_share": dict(zip(data.kinds, (np.bincount(data.kind, minlength=len(data.kinds)) / len(data.kind))
+            "kind_share": dict(zip(data.kinds, (np.bincount(kind, minlength=len(data.kinds)) / max(len(kind), 1))
                                    .round(4).tolist(), strict=True)),
             "concepts_by_kind": dict(per_kind.most_common()),
             "per_latent": {"firings": firings.tolist(), "top_kind": [data.kinds[t] for t in top],
@@ -130,7 +133,8 @@ def top_contexts(sae: TopKSAE, data: LabelledRows, latents: list[int], n: int = 
         for c, j in enumerate(latents):
             rows = np.argsort(-dense[:, c])[:n]
             best[j] += [(float(dense[r, c]), i + int(r)) for r in rows if dense[r, c] > 0]
-    return {j: [{"activation": round(value, 3), "kind": data.kinds[data.kind[row]], **data.describe(row)}
+    return {j: [{"activation": round(value, 3), "kind": data.kinds[data.kind[row]] if data.kind[row] >= 0 else "-",
+                 **data.describe(row)}
                 for value, row in sorted(cands, reverse=True)[:n]] for j, cands in best.items()}
 
 
@@ -152,8 +156,9 @@ def write_report(table: dict[str, Any], contexts: dict[int, list[dict[str, Any]]
     per = table["per_latent"]
     lines = [f"# Features of the SAE on `{stats.get('site', '?')}`", "",
              f"{stats.get('n_latents')} latents, k = {stats.get('k')}; explained variance "
-             f"{stats.get('explained_variance', float('nan')):.3f} on {table['tokens']:,} held-out rows.", "",
-             f"Concepts (>= {table['min_firings']} held-out firings, >= {table['precision']:.0%} one token kind):", "",
+             f"{stats.get('explained_variance', float('nan')):.3f} on held-out rows.", "",
+             f"Concepts (>= {table['min_firings']} held-out firings, >= {table['precision']:.0%} one label), over "
+             f"{table['tokens']:,} labelled held-out rows ({table['rows_unlabelled']:,} without a label left out):", "",
              "| directions | fraction that are concepts |", "|---|---|",
              f"| SAE latents | {table['concept_latents']:.3f} |",
              f"| raw neurons (best of 5 firing rates x 2 signs) | {table['concept_neurons']:.3f} |",

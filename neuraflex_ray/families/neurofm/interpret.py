@@ -1,6 +1,9 @@
 """NeuroFM's side of interpretability (`Family.activation_*`, `spliced_losses`): activations of its own
-dataset's windows, the window's modalities as labels, and the held-out masked-reconstruction and
+dataset's windows, their stimulus phases as labels, and the held-out masked-reconstruction and
 forecast losses for splicing.
+
+Labels: a window's stimulus phase where its recording has a labelled protocol (`eval/probe_labels.py`),
+else its set of modalities.
 
 A unit is one window (its context part, as the model embeds it); a row is one latent token of it at
 the site (`latents`: the final latent tokens, whose mean is the window embedding; `backbone_i`,
@@ -85,18 +88,26 @@ def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, sta
 
 
 def activation_labels(export: Path, meta: dict[str, Any], acts: dict[str, np.ndarray]) -> Any:
-    """Each row's label is its window's set of modalities; described by recording, time and latent."""
+    """Each row's label is its window's stimulus phase (`window_phases`: "systole: task", "fnirs_tapping:
+    rest", ...), rows of windows that have none left unlabelled; where no window has one (the dataset
+    holds no labelled recording), its set of modalities. Described by recording, time, modalities and
+    latent."""
+    from neuraflex_ray.eval.probe_labels import window_phases
     from neuraflex_ray.interpret.features import LabelledRows
 
-    names = tuple(sorted(set(acts["modalities"].tolist())))
+    data = meta.get("data") or {}
+    phases = window_phases(acts["recording"], acts["start_s"], float(data["context_s"]),
+                           (data.get("data_config") or {}).get("cache_dir", ""))
+    labels = phases if (phases != "").any() else np.asarray(acts["modalities"], dtype=object)
+    names = tuple(sorted(set(labels.tolist()) - {""}))
     index = {k: i for i, k in enumerate(names)}
 
     def describe(row: int) -> dict[str, str]:
         return {"recording": str(acts["recording"][row]), "start_s": f"{float(acts['start_s'][row]):.1f}",
-                "latent": str(int(acts["position"][row]))}
+                "modalities": str(acts["modalities"][row]), "latent": str(int(acts["position"][row]))}
 
     return LabelledRows(np.asarray(acts["activation"], np.float32),
-                        np.array([index[k] for k in acts["modalities"].tolist()]), names, describe)
+                        np.array([index.get(k, -1) for k in labels.tolist()], np.int64), names, describe)
 
 
 def spliced_losses(model: Any, meta: dict[str, Any]) -> dict[str, Callable[[], float]]:

@@ -31,9 +31,9 @@ REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_PORT, DASHBOARD_PORT = 6390, 8275
 
-# The debug MoE, small enough that a run is seconds of training; the data build runs on the cluster.
-SMALL = ["data.max_bytes=400000", "data.vocab_size=512", "data.seq_len=64", "train.micro_batch_size=4",
-         "train.eval_batches=2", "train.placement_strategy=STRICT_SPREAD"]
+# The tiny MoE (the cluster path, not the model, is under test); the data build runs on the cluster.
+SMALL = ["model.flavour=tiny", "model.max_seq_len=64", "data.max_bytes=400000", "data.vocab_size=512",
+         "data.seq_len=64", "train.micro_batch_size=4", "train.eval_batches=2", "train.placement_strategy=STRICT_SPREAD"]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +144,8 @@ def registered_step(run: Path) -> int | None:
 def test_killed_worker_restarts_from_the_last_checkpoint_and_finishes(cluster):
     run = cluster["storage"] / "runs" / "recover"
     steps, every = 48, 16
-    submit(cluster, "nfr-recover", "name=recover", f"train.max_steps={steps}", "train.log_every=2",
+    # The debug flavour here: its steps are slow enough that the kill lands before the next checkpoint.
+    submit(cluster, "nfr-recover", "name=recover", "model.flavour=debug", f"train.max_steps={steps}", "train.log_every=2",
            "train.eval_every=24", f"train.checkpoint_every={every}", "train.max_failures=2", wait=False)
     deadline = time.monotonic() + 600
     # Find the workers first: listing actors takes seconds, which must not fall between the first

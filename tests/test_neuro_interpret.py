@@ -16,7 +16,7 @@ from neuraflex_ray.checkpoint import export_family, load_exported
 from neuraflex_ray.config import load_config
 from neuraflex_ray.families.neurofm.scratch import SCRATCH_NEURO_MANIFEST, scratch_neurofm_export
 from neuraflex_ray.interpret.activations import collect_activations, read_activations
-from neuraflex_ray.interpret.sae_eval import ce_loss_score, identity_sae
+from neuraflex_ray.interpret.sae_eval import identity_sae, spliced_loss_score
 from neuraflex_ray.models.neurofm import window_inputs
 from pipelines.timeseries import read_series
 from tests.test_finetune_neurofm import recordings
@@ -63,7 +63,7 @@ def test_splicing_an_identity_sae_at_the_latents_leaves_both_losses_unchanged(ex
     losses = family.spliced_losses(model, meta)
     sae = identity_sae(model.cfg.dim)
     for name in ("recon", "forecast"):
-        out = ce_loss_score(losses[name], site, sae, name)
+        out = spliced_loss_score(losses[name], site, sae, name)
         assert out[f"{name}_sae"] == pytest.approx(out[f"{name}_clean"], rel=1e-5)
         if name == "recon":  # the untrained forecast is persistence whatever the latents say (its heads start at 0)
             assert out["recon_zero"] != pytest.approx(out["recon_clean"], rel=1e-3)

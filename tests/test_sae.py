@@ -74,7 +74,7 @@ def test_splicing_an_identity_sae_leaves_the_lm_loss_unchanged(tmp_path):
     from neuraflex_ray.checkpoint import export_family, load_exported
     from neuraflex_ray.eval.lm import heldout_loss
     from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
-    from neuraflex_ray.interpret.sae_eval import ce_loss_score, identity_sae, sae_stats
+    from neuraflex_ray.interpret.sae_eval import identity_sae, sae_stats, spliced_loss_score
 
     export = scratch_lm_export(tmp_path / "lm", vocab_size=512, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
                                num_experts=4, expert_ffn_dim=32, dense_ffn_dim=64, max_seq_len=64)
@@ -82,7 +82,7 @@ def test_splicing_an_identity_sae_leaves_the_lm_loss_unchanged(tmp_path):
     blocks = np.random.default_rng(0).integers(0, 500, size=(8, 33))
     site = export_family(export).activation_sites(model)["resid_1"]  # the last block's output
     sae = identity_sae(32)
-    out = ce_loss_score(lambda: heldout_loss(model, blocks), site, sae)
+    out = spliced_loss_score(lambda: heldout_loss(model, blocks), site, sae)
     assert out["ce_sae"] == pytest.approx(out["ce_clean"], abs=1e-6)
     # Zeroed, the last residual normalises to zero logits: the uniform distribution's ln V exactly. An untrained
     # model is near uniform anyway, so zeroing barely moves its loss and no score is given (gap reported).

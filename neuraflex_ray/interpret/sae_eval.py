@@ -74,11 +74,12 @@ def reconstruct_with(sae: TopKSAE) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def ce_loss_score(loss_of: Callable[[], float], module: torch.nn.Module, sae: TopKSAE,
+def spliced_loss_score(loss_of: Callable[[], float], module: torch.nn.Module, sae: TopKSAE,
                   name: str = "ce") -> dict[str, float | None]:
     """{"<name>_clean", "<name>_sae", "<name>_zero", "<name>_loss_score"} for a model whose held-out loss
-    `loss_of()` computes (name "ce": the LM's cross entropy). The score is None when zeroing the site
-    barely moves the loss (the gap is then reported on its own: a score would divide by almost nothing)."""
+    `loss_of()` computes (name "ce": the LM's cross entropy; NeuroFM's "recon" and "forecast"). The score
+    is None when zeroing the site barely moves the loss (the gap is then reported on its own: a score
+    would divide by almost nothing)."""
     clean = loss_of()
     with spliced(module, reconstruct_with(sae)):
         with_sae = loss_of()

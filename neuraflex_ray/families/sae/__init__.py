@@ -132,14 +132,14 @@ def _spliced_loss(sae: Any, acts: dict[str, Any]) -> dict[str, Any]:
     """The model's held-out losses (its family's: an LM's cross entropy, NeuroFM's masked reconstruction
     and forecast) clean, with the SAE spliced in at its site, and with the site zeroed."""
     from neuraflex_ray.checkpoint import export_family, load_exported
-    from neuraflex_ray.interpret.sae_eval import ce_loss_score
+    from neuraflex_ray.interpret.sae_eval import spliced_loss_score
 
     model, meta = load_exported(acts["export"])
     family = export_family(acts["export"])
     site = family.activation_sites(model)[acts["site"]]
     out: dict[str, Any] = {}
     for name, loss_of in family.spliced_losses(model, meta).items():
-        out.update(ce_loss_score(loss_of, site, sae, name))
+        out.update(spliced_loss_score(loss_of, site, sae, name))
     return out
 
 

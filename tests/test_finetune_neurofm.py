@@ -203,7 +203,8 @@ def test_finetune_with_ewc_on_fsdp_estimates_the_fisher_on_the_original_data(tun
     assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), tuned_model.parameters(), strict=True))
     # LoRA + EWC: the penalty falls on the sharded adapters' updates; the adapter is what it writes.
     lora = finetune(job(tmp, anchored, "lora-ewc", "finetune.ewc_lambda=100", "train.max_steps=2",
-                        "train.eval_every=2", "train.checkpoint_every=2"), fresh=True)
+                        "train.eval_every=2", "train.checkpoint_every=2",
+                        f"data.output_dir={tmp / 'ewc' / 'data'}"), fresh=True)  # the dataset the run above built
     adapter_meta = json.loads((Path(lora["adapter"]) / "adapter.json").read_text())
     assert lora["steps"] == 2 and adapter_meta["ewc_lambda"] == 100 and adapter_meta["method"] == "lora"
 

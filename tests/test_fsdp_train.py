@@ -198,36 +198,36 @@ def test_consolidated_export_matches_the_sharded_model(baseline, base_dir):
     assert_export_matches_sharded(baseline, base_dir)
 
 
-def test_ssm_backbone_trains_sharded_and_its_export_matches(ray_session, base_dir):
-    """model.backbone=ssm: each SSM block is its own FSDP2 unit; 6 steps cross the curriculum's
-    switch at step 4, so the scan also runs on the contrastive views' extra latent groups."""
+@pytest.fixture(scope="module")
+def ssm_collapse(ray_session, base_dir) -> tuple[dict, torch.nn.Module]:
+    """One run for two features (a run costs ~20 s here): model.backbone=ssm, each SSM block its own
+    FSDP2 unit, with issue 27's objectives (VICReg on the projections gathers every rank's windows; the
+    spectral head is a root parameter every rank trains). 6 steps cross the curriculum's switch at step
+    4, so the scan also runs on the contrastive views' extra latent groups. Returns (run, its export)."""
+    steps = 6
+    run = train(job(base_dir, "ssm-collapse", "model.backbone=ssm", "model.vicreg_weight=1.0",
+                    "model.vicreg_cov_weight=0.04", "model.spectral_weight=1.0", f"train.max_steps={steps}",
+                    f"train.eval_every={steps}", f"train.checkpoint_every={steps}"), fresh=True)
+    return run, assert_export_matches_sharded(run, base_dir)
+
+
+def test_ssm_backbone_trains_sharded_and_its_export_matches(ssm_collapse):
     from neuraflex_ray.models.ssm import SSMBlock
 
-    steps = 6
-    run = train(job(base_dir, "ssm", "model.backbone=ssm", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                    f"train.checkpoint_every={steps}"), fresh=True)
-    assert run["model_config"]["backbone"] == "ssm" and run["steps"] == steps
+    run, model = ssm_collapse
+    assert run["model_config"]["backbone"] == "ssm" and run["steps"] == 6
     assert [h["step"] for h in run["history"]] == [2, 4, 6]
     assert all(math.isfinite(h["loss"]) and math.isfinite(h["grad_norm"]) for h in run["history"])
     assert math.isfinite(run["val_loss"])
-    model = assert_export_matches_sharded(run, base_dir)
     assert all(isinstance(b, SSMBlock) for b in model.blocks)
 
 
-def test_collapse_objectives_train_sharded_and_the_export_matches(ray_session, base_dir):
-    """The objectives of issue 27 on two FSDP2 workers: VICReg on the projections gathers every rank's
-    windows, and the spectral head is a root parameter every rank trains (6 steps, the contrastive
-    views on from step 4)."""
-    steps = 6
-    run = train(job(base_dir, "collapse", "model.vicreg_weight=1.0", "model.vicreg_cov_weight=0.04",
-                    "model.spectral_weight=1.0", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                    f"train.checkpoint_every={steps}"), fresh=True)
-    assert run["steps"] == steps and all(math.isfinite(h["loss"]) for h in run["history"])
+def test_collapse_objectives_train_sharded_and_the_export_matches(ssm_collapse):
+    run, model = ssm_collapse
     last = run["history"][-1]
     assert last["spectral"] > 0 and last["proj_variance"] >= 0 and last["proj_covariance"] >= 0
     assert run["history"][0]["proj_variance"] == 0  # unimodal stage: no projections to keep apart yet
     assert math.isfinite(run["val_spectral"]) and math.isfinite(run["val_spread_ecg"])
-    model = assert_export_matches_sharded(run, base_dir)
     assert model.spectral_head is not None
 
 

@@ -78,10 +78,10 @@ def stage_sae(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _sample(base: Path, tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    from neuraflex_ray.interpret.compare import sample_blocks
+def _sample(base: Path, tokens: int) -> Any:
+    from neuraflex_ray.interpret.compare import sample_rows
 
-    return sample_blocks(base, tokens)
+    return sample_rows(base, tokens)
 
 
 def stage_invariance(args: argparse.Namespace) -> dict[str, Any]:
@@ -90,11 +90,11 @@ def stage_invariance(args: argparse.Namespace) -> dict[str, Any]:
     from neuraflex_ray.interpret.compare import site_activations
     from neuraflex_ray.interpret.similarity import linear_cka, procrustes_distance
 
-    blocks, rows = _sample(Path(args.base), args.tokens)
-    x = site_activations(args.base, blocks, rows, ["resid_1"])["resid_1"].astype(np.float64)
+    sample = _sample(Path(args.base), args.tokens)
+    x = site_activations(args.base, sample, ["resid_1"])["resid_1"].astype(np.float64)
     y = 2.5 * x @ ortho_group.rvs(x.shape[1], random_state=0) + 1.0
     cka, proc = linear_cka(x, y), procrustes_distance(x, y)
-    return {"cka": cka, "procrustes": proc, "ok": abs(cka - 1) < 1e-6 and proc < 1e-6, "tokens": len(rows),
+    return {"cka": cka, "procrustes": proc, "ok": abs(cka - 1) < 1e-6 and proc < 1e-6, "tokens": len(sample.rows),
             "procrustes_inputs": "each centred and scaled to unit Frobenius norm"}
 
 
@@ -140,8 +140,8 @@ def stage_seeds(args: argparse.Namespace) -> dict[str, Any]:
                                           "train.num_to_keep=8"], out / "runs")
         exports[s] = _export(_checkpoints(run)[-1][1], data, out / "exports" / f"seed-{s}")
         log(f"seed {s}: {exports[s]}")
-    blocks, rows = _sample(exports[0], args.tokens)
-    acts = {s: site_activations(e, blocks, rows) for s, e in exports.items()}
+    sample = _sample(exports[0], args.tokens)
+    acts = {s: site_activations(e, sample) for s, e in exports.items()}
     pairs = []
     for i, a in enumerate(SEEDS):
         for b in SEEDS[i + 1:]:
@@ -151,7 +151,7 @@ def stage_seeds(args: argparse.Namespace) -> dict[str, Any]:
                 pairs.append({"a": x, "b": y, **identify_sites(table, cca_m),
                               "cka_same_site_mean": float(np.mean(np.diag(table["cka_matrix"])))})
                 log(f"seeds {x} -> {y}: {pairs[-1]}")
-    return {"pairs": pairs, "sites": len(acts[0]), "tokens": len(rows),
+    return {"pairs": pairs, "sites": len(acts[0]), "tokens": len(sample.rows),
             "layer_id_acc": {k: float(np.mean([p[k] for p in pairs])) for k in ("cka", "cca", "chance")}}
 
 
@@ -166,9 +166,9 @@ def stage_moe_vs_dense(args: argparse.Namespace) -> dict[str, Any]:
     run = _train("interp-dense-seed-0", ["train.seed=0", "model.num_experts=0", "train.ep_size=1"], out / "runs")
     dense = _export(_checkpoints(run)[-1][1], data, out / "exports" / "dense-seed-0")
     moe = {s: out / "exports" / f"seed-{s}" for s in (0, 1)}
-    blocks, rows = _sample(moe[0], args.tokens)
-    a = {s: site_activations(e, blocks, rows) for s, e in moe.items()}
-    d = site_activations(dense, blocks, rows)
+    sample = _sample(moe[0], args.tokens)
+    a = {s: site_activations(e, sample) for s, e in moe.items()}
+    d = site_activations(dense, sample)
     shared = [s for s in a[0] if s in d]
     per_site = {s: {"moe_vs_dense": linear_cka(a[0][s], d[s]), "moe_vs_moe_seed": linear_cka(a[0][s], a[1][s])}
                 for s in shared}
@@ -185,11 +185,11 @@ def stage_drift(args: argparse.Namespace) -> dict[str, Any]:
     ckpts = _checkpoints(run)
     data = _data_dir(Path(args.base))
     exports = [(step, _export(c, data, out / "exports" / f"drift-{step}")) for step, c in ckpts]
-    blocks, rows = _sample(exports[-1][1], args.tokens)
-    final = site_activations(exports[-1][1], blocks, rows)
+    sample = _sample(exports[-1][1], args.tokens)
+    final = site_activations(exports[-1][1], sample)
     drift = []
     for step, e in exports:
-        acts = site_activations(e, blocks, rows)
+        acts = site_activations(e, sample)
         drift.append({"step": step, "cka_to_final": float(np.mean([linear_cka(acts[s], final[s]) for s in final]))})
         log(f"drift: {drift[-1]}")
     values = [d["cka_to_final"] for d in drift]
@@ -219,15 +219,15 @@ def stage_forgetting(args: argparse.Namespace) -> dict[str, Any]:
     def old_bpb(model: Any) -> float:
         return bits_per_byte(heldout_loss(model, old_blocks), old_bpt)
 
-    blocks, rows = _sample(base, args.tokens)
-    base_acts = site_activations(base, blocks, rows)
+    sample = _sample(base, args.tokens)
+    base_acts = site_activations(base, sample)
     base_bpb = old_bpb(load_exported(base)[0])
     variants = {}
     for name, extra in VARIANTS.items():
         out = finetune(load_config(config, [*common, f"name=interp-{name}", *extra]), fresh=True)
         export = merge_adapter(base, Path(out["adapter"]), Path(out["adapter"]).parent / "merged") \
             if "adapter" in out else Path(out["export"])
-        acts = site_activations(export, blocks, rows)
+        acts = site_activations(export, sample)
         moved = 1 - float(np.mean([linear_cka(base_acts[s], acts[s]) for s in base_acts]))
         variants[name] = {"moved": moved, "forgetting": old_bpb(load_exported(export)[0]) - base_bpb}
         log(f"{name}: {variants[name]}")

@@ -67,3 +67,24 @@ def test_splicing_an_identity_sae_at_the_latents_leaves_both_losses_unchanged(ex
         assert out[f"{name}_sae"] == pytest.approx(out[f"{name}_clean"], rel=1e-5)
         if name == "recon":  # the untrained forecast is persistence whatever the latents say (its heads start at 0)
             assert out["recon_zero"] != pytest.approx(out["recon_clean"], rel=1e-3)
+
+
+def test_compare_reads_the_same_windows_through_two_neurofm_exports(export, tmp_path):
+    """The family's site outputs feed `compare` as an LM's do: an export against itself is CKA 1 at every
+    site and identifies every site; another seed reads A's windows; a model without A's channels is refused."""
+    from neuraflex_ray.config import ConfigError
+    from neuraflex_ray.interpret.compare import compare_exports
+
+    same = compare_exports(export, export, tmp_path / "same", tokens=128)
+    assert same["tokens"] == 128 and set(same["sites_a"]) >= {"latents", "cross_0", "backbone_0"}
+    assert np.allclose(np.diag(same["cka_matrix"]), 1.0, atol=1e-6) and same["identify"]["cka"] == 1.0
+    other = scratch_neurofm_export(tmp_path / "seed1", seed=1)
+    meta = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**meta, "data": json.loads((export / "config.json").read_text())["data"]}))
+    table = compare_exports(export, other, tmp_path / "seeds", sites=["latents", "backbone_0"], tokens=128)
+    assert table["sites_a"] == ["latents", "backbone_0"] and all(np.isfinite(np.asarray(table["cka_matrix"])).ravel())
+    assert (tmp_path / "seeds" / "compare.png").stat().st_size > 0
+    meta["data"] = {**json.loads((export / "config.json").read_text())["data"], "channel_ids": {}}
+    (other / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="another id"):
+        compare_exports(export, other, tmp_path / "refused", tokens=128)

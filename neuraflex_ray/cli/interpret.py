@@ -92,14 +92,14 @@ def add_interpret_parser(sub: Any) -> None:
     sp.add_argument("--config", help="SAE job YAML (default: jobs/configs/sae_debug.yaml)")
     sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.k=16 model.expansion=4")
     sp.set_defaults(fn=cmd_sae)
-    sp = sub.add_parser("compare", help="How alike two LM exports (or checkpoints) represent held-out text, site by site.",
+    sp = sub.add_parser("compare", help="How alike two exports (or checkpoints) of a family represent held-out inputs, by site.",
                         description="Debiased linear CKA between every pair of sites (heatmap), and for same-named sites "
                                     "RSA with noise ceilings, Procrustes distance, SVCCA and CCA; writes compare.json, "
                                     "compare.md, compare.png (neuraflex_ray/interpret/compare.py).")
     sp.add_argument("a", help="an export, a training checkpoint or a run directory (its latest checkpoint)")
-    sp.add_argument("b", help="the same for the other model (same tokenizer)")
+    sp.add_argument("b", help="the same for the other model (an LM: A's tokenizer; NeuroFM: A's channels)")
     sp.add_argument("--site", action="append", default=[], help="compare only these sites (repeatable; default all)")
-    sp.add_argument("--tokens", type=int, default=2048, help="held-out tokens compared (default 2048)")
+    sp.add_argument("--tokens", type=int, default=2048, help="held-out rows compared (LM: tokens; NeuroFM: latent tokens)")
     sp.add_argument("--data", default="", help="the dataset a checkpoint trained on (default: an export's own)")
     sp.add_argument("--out", help="output directory (default runs/compare/<a>-vs-<b>)")
     sp.set_defaults(fn=cmd_compare)

@@ -70,7 +70,7 @@ class Family:
               load_served, generate_text
     finetune: finetune_methods, lora_targets, finetune_config, fisher_samples
     interpret: activation_sites, and (from `interpret_module`) activation_units / activation_rows /
-              activation_labels / spliced_losses
+              site_outputs / activation_labels / spliced_losses / check_comparable
     """
 
     name: str = ""  # the model_type; filled by the registry for a family named by import path
@@ -85,8 +85,9 @@ class Family:
     lora_targets: tuple[str, ...] = ()  # finetune.lora_targets it accepts (empty: no LoRA)
     flops_convention: str = ""  # how its model FLOPs are counted (the MFU note of a run's summary)
     # The module that collects, labels and splices its activations (functions activation_units(meta, split),
-    # activation_rows(model, site, meta, split, start, stop), activation_labels(export, meta, acts),
-    # spliced_losses(model, meta)); imported only when asked. Empty: no interpretability beyond sites.
+    # activation_rows(model, site, meta, split, start, stop), site_outputs(model, sites, meta, split, units),
+    # activation_labels(export, meta, acts), spliced_losses(model, meta), check_comparable(a, b)); imported
+    # only when asked. Empty: no interpretability beyond sites.
     interpret_module: str = ""
 
     def unsupported(self, what: str) -> ConfigError:
@@ -164,6 +165,16 @@ class Family:
         """The site's output on units [start, stop) as columns: activation [n, d] float32, block (the unit)
         int64, position (within the unit) int32, and what else a reader needs to find the row again."""
         return self._interpret("activation collection").activation_rows(model, site, meta, split, start, stop)
+
+    def site_outputs(self, model: Any, sites: dict[str, Any], meta: dict[str, Any], split: str,
+                     units: Any) -> dict[str, Any]:
+        """{name: float32 [rows, d]}: each of `sites`' output on the split's units (indices, sorted), in
+        unit order, every row of a unit (as `activation_rows` orders them); one forward per batch."""
+        return self._interpret("activation collection").site_outputs(model, sites, meta, split, units)
+
+    def check_comparable(self, a: Path, b: Path) -> None:
+        """Raise ConfigError when export `b` cannot read the inputs of export `a`'s dataset (`compare`)."""
+        self._interpret("representation comparisons").check_comparable(a, b)
 
     def activation_labels(self, export: Path, meta: dict[str, Any], acts: dict[str, Any]) -> Any:
         """Activation rows (whole units) with a label per row and a description of where it came from

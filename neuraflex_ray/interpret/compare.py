@@ -1,7 +1,9 @@
-"""`neuraflex-ray compare A B`: how alike two LM exports represent the same held-out tokens, at every site.
+"""`neuraflex-ray compare A B`: how alike two exports of one family represent the same held-out inputs,
+at every site.
 
-Both models read the same tokens (a fixed sample of A's held-out blocks; B must share A's tokenizer), and
-each site's output at those tokens is one activation matrix [tokens, width]. For every pair of sites
+Both models read the same inputs (a fixed sample of rows of A's held-out split: an LM's tokens, B sharing
+A's tokenizer; NeuroFM's latent tokens of A's windows, B knowing A's channels), and each site's output
+there is one activation matrix [rows, width]. For every pair of sites
 (A's site i, B's site j) we take the debiased linear CKA (the heatmap); for sites of the same name, also
 RSA with each side's split-half noise ceiling, the Procrustes distance and SVCCA/CCA (similarity.py).
 
@@ -12,6 +14,7 @@ best? Chance is 1 / the number of sites.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,39 +23,52 @@ import numpy as np
 from neuraflex_ray.config import ConfigError
 from neuraflex_ray.interpret import similarity
 
-TOKENS = 2048  # held-out tokens compared (Gram matrices are tokens x tokens)
+TOKENS = 2048  # held-out rows compared (Gram matrices are tokens x tokens)
 MEASURES = ("cka", "rsa", "procrustes", "svcca", "cca")
 
 
-def sample_blocks(export: str | Path, tokens: int = TOKENS, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out blocks of the export's own dataset, and `tokens` rows (flat indices into blocks[:, :-1])
-    drawn from them without replacement."""
-    from neuraflex_ray.checkpoint import read_export_meta
-    from pipelines.text import load_text_datasets, read_blocks
+@dataclass(frozen=True)
+class Sample:
+    """The held-out rows a comparison reads: flat indices `rows` (unit * per + row within the unit) into
+    the held-out split of the dataset that `meta` (the first export's config.json) names. A unit is an
+    LM's token block (per = its input positions) or a NeuroFM window (per = its latent tokens)."""
 
-    data = (read_export_meta(export).get("data") or {}).get("output_dir")
-    if not data:
-        raise ConfigError(f"{export}: its config.json names no dataset; compare reads that dataset's held-out text")
-    blocks = read_blocks(load_text_datasets(data)[1])
-    n = blocks.shape[0] * (blocks.shape[1] - 1)
+    meta: dict[str, Any]
+    per: int
+    rows: np.ndarray
+
+    @property
+    def units(self) -> np.ndarray:
+        return np.unique(self.rows // self.per)
+
+
+def sample_rows(export: str | Path, tokens: int = TOKENS, seed: int = 0) -> Sample:
+    """`tokens` rows drawn without replacement from the held-out split of the export's own dataset."""
+    from neuraflex_ray.checkpoint import export_family, load_exported, read_export_meta
+
+    meta, family = read_export_meta(export), export_family(export)
+    if not (meta.get("data") or {}).get("output_dir"):
+        raise ConfigError(f"{export}: its config.json names no dataset; compare reads that dataset's held-out split")
+    model, _ = load_exported(export)
+    name, site = next(iter(family.activation_sites(model).items()))
+    per = len(family.site_outputs(model, {name: site}, meta, "val", np.arange(1))[name])
+    n = family.activation_units(Path(export), meta, "val") * per
     rows = np.sort(np.random.default_rng(seed).choice(n, size=min(tokens, n), replace=False))
-    return blocks, rows
+    return Sample(meta, per, rows)
 
 
-def site_activations(export: str | Path, blocks: np.ndarray, rows: np.ndarray,
-                     sites: list[str] | None = None) -> dict[str, np.ndarray]:
-    """{site: [len(rows), width]} of an export (every site of its family when `sites` is None)."""
+def site_activations(export: str | Path, sample: Sample, sites: list[str] | None = None) -> dict[str, np.ndarray]:
+    """{site: [len(sample.rows), width]} of an export (every site of its family when `sites` is None)."""
     from neuraflex_ray.checkpoint import export_family, load_exported
-    from neuraflex_ray.interpret.activations import lm_activations, sites_of
+    from neuraflex_ray.interpret.activations import sites_of
 
     model, _ = load_exported(export)
     family = export_family(export)
     names = sites or list(family.activation_sites(model))
-    needed = np.unique(rows // (blocks.shape[1] - 1))
-    acts = lm_activations(model, sites_of(family, model, names), blocks[needed])
-    # rows index the full block list; map them onto the blocks that were run
-    per = blocks.shape[1] - 1
-    local = np.searchsorted(needed, rows // per) * per + rows % per
+    units = sample.units
+    acts = family.site_outputs(model, sites_of(family, model, names), sample.meta, "val", units)
+    # rows index the whole split; map them onto the units that were run
+    local = np.searchsorted(units, sample.rows // sample.per) * sample.per + sample.rows % sample.per
     return {name: a[local] for name, a in acts.items()}
 
 
@@ -123,16 +139,19 @@ def heatmap(table: dict[str, Any], path: Path, title: str) -> None:
 def compare_exports(a: str | Path, b: str | Path, out_dir: str | Path, sites: list[str] | None = None,
                     tokens: int = TOKENS, seed: int = 0) -> dict[str, Any]:
     """compare.json, compare.md and compare.png (CKA heatmap) in out_dir; returns the table."""
-    tok_a, tok_b = (Path(p) / "tokenizer.json" for p in (a, b))
-    if tok_a.read_bytes() != tok_b.read_bytes():
-        raise ConfigError(f"{b}: its tokenizer differs from {a}'s; compare reads the same tokens through both")
-    blocks, rows = sample_blocks(a, tokens, seed)
-    table = compare_activations(site_activations(a, blocks, rows, sites), site_activations(b, blocks, rows, sites))
-    table.update(a=str(a), b=str(b), tokens=len(rows), identify=identify_sites(table))
+    from neuraflex_ray.checkpoint import export_family
+
+    family = export_family(a)
+    if export_family(b).name != family.name:
+        raise ConfigError(f"{b}: a {export_family(b).name} export, {a} a {family.name} one; compare two of one family")
+    family.check_comparable(Path(a), Path(b))
+    sample = sample_rows(a, tokens, seed)
+    table = compare_activations(site_activations(a, sample, sites), site_activations(b, sample, sites))
+    table.update(a=str(a), b=str(b), tokens=len(sample.rows), identify=identify_sites(table))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(table, indent=2))
-    (out / "compare.md").write_text(to_markdown(table, Path(a).name, Path(b).name, len(rows)))
+    (out / "compare.md").write_text(to_markdown(table, Path(a).name, Path(b).name, len(sample.rows)))
     heatmap(table, out / "compare.png", f"CKA: {a} (rows) vs {b} (columns)")
     table["files"] = [str(out / f) for f in ("compare.json", "compare.md", "compare.png")]
     return table

@@ -40,11 +40,22 @@ def activation_units(meta: dict[str, Any], split: str) -> int:
     return len(_blocks(_data_dir(meta), split))
 
 
-def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, start: int, stop: int) -> dict[str, Any]:
+def site_outputs(model: Any, sites: dict[str, Any], meta: dict[str, Any], split: str,
+                 units: np.ndarray) -> dict[str, np.ndarray]:
     from neuraflex_ray.interpret.activations import lm_activations
 
+    return lm_activations(model, sites, _blocks(_data_dir(meta), split)[units])
+
+
+def check_comparable(a: Path, b: Path) -> None:
+    """Both LMs must read the same tokens: the same tokenizer."""
+    if (Path(a) / "tokenizer.json").read_bytes() != (Path(b) / "tokenizer.json").read_bytes():
+        raise ConfigError(f"{b}: its tokenizer differs from {a}'s; compare reads the same tokens through both")
+
+
+def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, start: int, stop: int) -> dict[str, Any]:
     blocks = _blocks(_data_dir(meta), split)[start:stop]
-    (acts,) = lm_activations(model, {"site": site}, blocks).values()
+    (acts,) = site_outputs(model, {"site": site}, meta, split, np.arange(start, stop)).values()
     per = blocks.shape[1] - 1
     return {"activation": acts, "block": start + np.repeat(np.arange(len(blocks)), per).astype(np.int64),
             "position": np.tile(np.arange(per), len(blocks)).astype(np.int32),

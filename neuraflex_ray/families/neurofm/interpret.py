@@ -63,27 +63,49 @@ def _modality_sets(arrays: dict[str, Any], idx: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, start: int, stop: int) -> dict[str, Any]:
+def site_outputs(model: Any, sites: dict[str, Any], meta: dict[str, Any], split: str,
+                 units: np.ndarray) -> dict[str, np.ndarray]:
     from neuraflex_ray.interpret.activations import recording
     from neuraflex_ray.models.neurofm import window_inputs
 
-    arrays, recordings, starts = _series(_data_dir(meta), split)
+    arrays, _, _ = _series(_data_dir(meta), split)
     n = model.cfg.context_patches
     model.eval()
-    parts = []
-    for lo in range(start, stop, BATCH):
-        idx = np.arange(lo, min(lo + BATCH, stop))
-        sub = _rows(arrays, idx)
+    out: dict[str, list[np.ndarray]] = {name: [] for name in sites}
+    for lo in range(0, len(units), BATCH):
         inputs = {m: dataclasses.replace(w, x=w.x[..., :n * model.patch_len[m]])
-                  for m, w in window_inputs(sub, slice(None)).items()}
-        with recording({"site": site}) as seen:
+                  for m, w in window_inputs(_rows(arrays, np.asarray(units[lo:lo + BATCH])), slice(None)).items()}
+        with recording(sites) as seen:
             model(inputs, decode=False)
-        parts.append(seen["site"][0].float().reshape(len(idx), -1, seen["site"][0].shape[-1]).numpy())
-    acts = np.concatenate(parts)  # [windows, latents, d]
-    w, lat = acts.shape[:2]
+        for name, parts in seen.items():
+            out[name].append(parts[0].float().reshape(-1, parts[0].shape[-1]).numpy())  # [windows * latents, d]
+    return {name: np.concatenate(parts) for name, parts in out.items()}
+
+
+def check_comparable(a: Path, b: Path) -> None:
+    """B reads A's windows: the same modalities at the same rates and context, and every channel of A's
+    dataset under the same id in B (the id picks the channel embedding)."""
+    from neuraflex_ray.checkpoint import read_export_meta
+
+    da, db = ((read_export_meta(p).get("data") or {}) for p in (a, b))
+    for key in ("modalities", "context_s", "patch_s"):
+        if da.get(key) != db.get(key):
+            raise ConfigError(f"{b}: data.{key} {db.get(key)} differs from {a}'s {da.get(key)}; compare reads A's "
+                              f"windows through both models")
+    ids_b = db.get("channel_ids") or {}
+    wrong = sorted(c for c, i in (da.get("channel_ids") or {}).items() if ids_b.get(c) != i)
+    if wrong:
+        raise ConfigError(f"{b}: channels {wrong[:3]} of {a}'s dataset have another id (or none) in B; compare "
+                          f"reads A's windows through both models")
+
+
+def activation_rows(model: Any, site: Any, meta: dict[str, Any], split: str, start: int, stop: int) -> dict[str, Any]:
+    arrays, recordings, starts = _series(_data_dir(meta), split)
+    acts = site_outputs(model, {"site": site}, meta, split, np.arange(start, stop))["site"]
+    lat = len(acts) // max(stop - start, 1)
     idx = np.repeat(np.arange(start, stop), lat)
-    return {"activation": acts.reshape(w * lat, -1), "block": idx.astype(np.int64),
-            "position": np.tile(np.arange(lat), w).astype(np.int32), "recording": recordings[idx].astype(str),
+    return {"activation": acts, "block": idx.astype(np.int64),
+            "position": np.tile(np.arange(lat), stop - start).astype(np.int32), "recording": recordings[idx].astype(str),
             "start_s": starts[idx].astype(np.float64), "modalities": _modality_sets(arrays, idx).astype(str)}
 
 

@@ -65,6 +65,9 @@ def init_single_process_group(device: torch.device) -> bool:
         with stdout_to_stderr():
             import deepspeed  # after the accelerator env var
 
+            from neuraflex_ray.parallel.deepspeed_comm import skip_shm_allreduce
+
+            skip_shm_allreduce()  # a C++ build that only DeepSpeed's inference all-reduce needs
             deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts the group created above
     except ImportError:
         return False

@@ -198,6 +198,9 @@ def parallelize_deepspeed(model: MoELM, ep_size: int, rank: int) -> MoELM:
     rank holds experts of ep_rank = rank % ep_size; `DeepSpeedStrategy` checks that after
     `deepspeed.initialize`.
     """
+    from neuraflex_ray.parallel.deepspeed_comm import skip_shm_allreduce
+
+    skip_shm_allreduce()
     for layer in model.layers:
         if isinstance(layer.ffn, MoE):
             layer.ffn = DeepSpeedMoE(layer.ffn, model.cfg, ep_size, rank % ep_size)

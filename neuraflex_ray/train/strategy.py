@@ -72,7 +72,10 @@ class DeepSpeedStrategy:
         from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
         from deepspeed.utils import groups
 
+        from neuraflex_ray.parallel.deepspeed_comm import skip_shm_allreduce
         from neuraflex_ray.parallel.deepspeed_moe import DeepSpeedMoE
+
+        skip_shm_allreduce()
 
         t = self.cfg.train
         rank = dist.get_rank()

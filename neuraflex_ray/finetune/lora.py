@@ -36,8 +36,7 @@ from neuraflex_ray.checkpoint.adapters import (  # noqa: F401 - the adapter file
     read_adapter,
     save_adapter,
 )
-
-TARGETS = ("attention", "dense", "experts", "router", "linear")
+from neuraflex_ray.finetune.targets import TARGETS, target_weights  # noqa: F401 - TARGETS: what a family accepts
 
 
 class LoRA(nn.Module):
@@ -55,38 +54,12 @@ class LoRA(nn.Module):
         return w + (self.scale * (a @ self.B)).to(w.dtype)
 
 
-def _weights(model: nn.Module, targets: list[str]) -> list[tuple[nn.Module, str]]:
-    """(module, attribute) of every weight the targets name, in module order."""
-    from neuraflex_ray.models.moe import MoE, SwiGLU
-    from neuraflex_ray.models.moe_lm import Attention
-    from neuraflex_ray.parallel.deepspeed_moe import Expert
-
-    out: list[tuple[nn.Module, str]] = []
-    for m in model.modules():
-        if "linear" in targets:
-            if isinstance(m, nn.Linear):
-                out.append((m, "weight"))
-            continue
-        if isinstance(m, Attention) and "attention" in targets:
-            out += [(getattr(m, n), "weight") for n in ("wq", "wk", "wv", "wo")]
-        elif isinstance(m, SwiGLU) and "dense" in targets:
-            out += [(getattr(m, n), "weight") for n in ("w1", "w3", "w2")]
-        elif isinstance(m, (MoE, Expert)) and "experts" in targets:
-            out += [(m, n) for n in ("w1", "w3", "w2")]
-        if "router" in targets:
-            if isinstance(m, MoE):
-                out.append((m.router, "weight"))
-            elif hasattr(m, "wg") and hasattr(m, "setup_routing"):  # DeepSpeed's gate slot (RouterGate)
-                out.append((m.wg, "weight"))
-    return out
-
-
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
     """Freeze `model` and give every targeted weight an adapter; returns the parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    for module, name in _weights(model, targets):
+    for module, name in target_weights(model, targets):
         base = getattr(module, name)
         lora = LoRA(base.shape, rank, alpha, dropout).to(base.device)
         if hasattr(base, "allreduce") and not base.allreduce:  # a DeepSpeed expert weight: its adapter is one too,

@@ -1,0 +1,97 @@
+"""Singular-value fine-tuning (SVF, Transformer², Sun et al. 2025): adapt a weight by rescaling its
+singular values, W' = U diag(σ ⊙ z) Vᵀ, training only the vector z (one number per singular value).
+
+The SVD of each targeted weight is taken once, from the base, when the adapter is attached; U, σ and
+Vᵀ are buffers (never trained, never saved: the base export gives them again). The parametrization
+returns W + U diag(σ ⊙ (z − 1)) Vᵀ, which is U diag(σ ⊙ z) Vᵀ up to the SVD's rounding and is the base
+weight exactly at z = 1, where the adapter starts. Shapes follow LoRA's (`lora.py`): `nn.Linear`
+weights [out, in], the local MoE's stacked experts [E, in, out] (a z per expert), DeepSpeed's
+per-expert weights; targets by name (`targets.py`).
+
+A z is min(out, in) numbers per matrix, so SVF trains far fewer parameters than LoRA of any rank
+(`apply_svf` returns the counts). Not yet wired: `finetune.method: svf`, its adapter files and per-request serving
+(issue 30); `apply_svf`, `svf_state` and `merge_svf` are the parts those build on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from neuraflex_ray.finetune.targets import target_weights
+
+SVF_SUFFIX = ".svf_z"  # an adapter tensor's name: `<module path>.<weight>.svf_z`
+
+
+class SVF(nn.Module):
+    """The parametrization w -> w + U diag(σ ⊙ (z − 1)) Vᵀ for w of shape [..., m, n]."""
+
+    def __init__(self, w: torch.Tensor):
+        super().__init__()
+        u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)  # [..., m, r], [..., r], [..., r, n]
+        self.register_buffer("U", u, persistent=False)
+        self.register_buffer("S", s, persistent=False)
+        self.register_buffer("Vh", vh, persistent=False)
+        self.z = nn.Parameter(torch.ones_like(s))
+
+    def delta(self) -> torch.Tensor:
+        return (self.U * (self.S * (self.z - 1)).unsqueeze(-2)) @ self.Vh
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w + self.delta().to(w.dtype)
+
+
+def apply_svf(model: nn.Module, targets: list[str]) -> dict[str, Any]:
+    """Freeze `model` and give every targeted weight an SVF vector; returns the parameter counts."""
+    total = sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module, name in target_weights(model, targets):
+        base = getattr(module, name)
+        svf = SVF(base).to(base.device)
+        if hasattr(base, "allreduce") and not base.allreduce:  # a DeepSpeed expert weight: so is its z
+            svf.z.allreduce, svf.z.group_name = False, base.group_name
+        parametrize.register_parametrization(module, name, svf)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"trainable": trainable, "total": total, "share": trainable / total}
+
+
+def svf_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, SVF]]:
+    """(module path, module, weight name, its SVF) for every adapted weight."""
+    out = []
+    for path, m in model.named_modules():
+        if parametrize.is_parametrized(m):
+            for name, plist in m.parametrizations.items():
+                out += [(path, m, name, p) for p in plist if isinstance(p, SVF)]
+    return out
+
+
+def svf_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The z vectors alone, named `<module path>.<weight>.svf_z` (this model's layout)."""
+    return {f"{path}.{name}{SVF_SUFFIX}": svf.z.detach().clone() for path, _, name, svf in svf_modules(model)}
+
+
+def load_svf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy z vectors (`svf_state`'s names) into a model that `apply_svf` adapted the same way."""
+    mods = {f"{path}.{name}": svf for path, _, name, svf in svf_modules(model)}
+    keys = {k.removesuffix(SVF_SUFFIX) for k in state}
+    if keys != set(mods):
+        raise ValueError(f"SVF state does not match this model: missing {sorted(set(mods) - keys)[:3]}, "
+                         f"unknown {sorted(keys - set(mods))[:3]}")
+    with torch.no_grad():
+        for key, z in state.items():
+            mods[key.removesuffix(SVF_SUFFIX)].z.copy_(z)
+
+
+def merge_svf(model: nn.Module) -> nn.Module:
+    """Fold every SVF into its weight and drop the parametrizations, in place."""
+    model.eval()
+    for _, module, name, _ in svf_modules(model):
+        if parametrize.is_parametrized(module, name):
+            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# Ray Train's controller polls its workers every 2 s and starts a preemption-watcher actor for every
+# run. A test's run trains for a second or two, so the poll adds about a second at each end and the
+# watcher a process start: ~5 s of a ~30 s run on 2 cores, over some sixty runs. Tests poll every
+# 0.25 s and go without the watcher (nothing here tests spot-instance preemption); every process the
+# suite starts (Ray's, a CLI driver's, the two-node cluster's) inherits these. Users keep Ray's defaults.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,8 @@ import torch
 from neuraflex_ray.checkpoint import load_exported, write_export
 from neuraflex_ray.config import ConfigError, ModelConfig, load_config
 from neuraflex_ray.finetune.ewc import EWC, estimate_fisher
-from neuraflex_ray.finetune.lora import adapter_state, apply_lora, fingerprint, load_adapter, merge, save_adapter
+from neuraflex_ray.finetune.lora import adapter_state, apply_lora, fingerprint, merge, save_adapter
+from neuraflex_ray.finetune.methods import load_adapter
 from neuraflex_ray.models.moe_lm import MoELM
 
 TINY = dict(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, num_experts=4, top_k=2, expert_ffn_dim=32,
@@ -130,7 +131,39 @@ def finetuned(ray_session, tmp_path_factory):
         "train.micro_batch_size=4", "train.max_steps=6", "train.warmup_steps=1", "train.log_every=2",
         "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3", "train.lr=1e-2",
         "train.inject_failure_at_step=5", "train.max_failures=1"])
-    return {"out": finetune(run, fresh=True), "base": base, "tmp": tmp}
+    out = finetune(run, fresh=True)
+    # SVF on the same base and data: only the singular-value scales train (a short run, no failure).
+    svf = load_config("jobs/configs/finetune_kjv.yaml", [
+        *overrides, "name=svf", f"finetune.from_export={base}", "finetune.method=svf", "data.source=stdlib",
+        "train.micro_batch_size=4", "train.max_steps=3", "train.warmup_steps=1", "train.log_every=1",
+        "train.eval_every=3", "train.eval_batches=2", "train.checkpoint_every=3", "train.lr=5e-2"])
+    return {"out": out, "svf": finetune(svf, fresh=True), "base": base, "tmp": tmp}
+
+
+def test_svf_finetune_on_the_deepspeed_ep_path_trains_only_z_and_merges(finetuned, tmp_path):
+    from safetensors.torch import load_file
+
+    from neuraflex_ray.finetune.run import merge_adapter
+
+    out, base = finetuned["svf"], finetuned["base"]
+    adapter = Path(out["adapter"])
+    meta = json.loads((adapter / "adapter.json").read_text())
+    assert out["steps"] == 3 and meta["method"] == "svf" and meta["base_fingerprint"] == fingerprint(base)
+    # Fewer than LoRA's rank-2 pairs on the same targets (the 0.5 % bound is the debug flavour's: test_svf.py).
+    lora_meta = json.loads((Path(finetuned["out"]["adapter"]) / "adapter.json").read_text())
+    assert 0 < meta["adapter_params"] < lora_meta["adapter_params"]
+    state = load_file(str(adapter / "adapter.safetensors"))
+    assert state and all(k.endswith(".svf_z") for k in state)
+    experts = [k for k in state if ".ffn.w1.svf_z" in k]
+    assert experts and all(state[k].shape[0] == 4 for k in experts)  # every expert's z, from both EP ranks
+    assert any(not torch.allclose(v, torch.ones_like(v)) for v in state.values())  # it trained
+    merged, _ = load_exported(merge_adapter(base, adapter, tmp_path / "merged"))
+    adapted, _ = load_exported(base)
+    load_adapter(adapted, adapter, base)
+    x = torch.randint(0, merged.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(merged(x)[0], adapted.eval()(x)[0], atol=1e-5)
+        assert not torch.allclose(merged(x)[0], load_exported(base)[0](x)[0], atol=1e-5)
 
 
 def test_lora_ewc_finetune_on_ray_train_writes_a_small_adapter_that_merges(finetuned, tmp_path):
@@ -178,11 +211,13 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
 
     flipped = {k: -v if k.endswith("lora_B") else v for k, v in load_file(f"{adapter}/adapter.safetensors").items()}
     save_adapter(flipped, json.loads(Path(adapter, "adapter.json").read_text()), tmp_path / "flipped")
+    svf = finetuned["svf"]["adapter"]
     url = deploy({"neuraflex-moe": str(base)}, port=free_port(), num_cpus=0.25,
-                 adapters={"ft": adapter, "flipped": str(tmp_path / "flipped")})
+                 adapters={"ft": adapter, "flipped": str(tmp_path / "flipped"), "svf": svf})
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
-        assert {m.id for m in client.models.list().data} == {"neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped"}
+        assert {m.id for m in client.models.list().data} == {"neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped",
+                                                              "neuraflex-moe:svf"}
         ids = list(range(5, 25))
 
         def prompt_logprobs(model: str) -> list:
@@ -195,6 +230,12 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
             logits, _ = merged(torch.tensor([ids]))
         want = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
         assert served_ft == pytest.approx(want, abs=1e-4) and served_ft != pytest.approx(served_base, abs=1e-4)
+        # An SVF adapter is served as a full-rank pair from the base's SVD: the merged SVF model's log-probs.
+        svf_merged, _ = load_exported(merge_adapter(base, svf, tmp_path / "svf-merged"))
+        with torch.no_grad():
+            logits, _ = svf_merged(torch.tensor([ids]))
+        want = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        assert prompt_logprobs("neuraflex-moe:svf") == pytest.approx(want, abs=1e-4)
         # Requests for the base and both adapters share the replica, batched together; each gets the
         # text in-process generation gives with its own weights.
         names = ["neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped"]

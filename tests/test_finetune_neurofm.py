@@ -18,7 +18,8 @@ import torch
 from neuraflex_ray.checkpoint import load_exported
 from neuraflex_ray.config import ConfigError, load_config
 from neuraflex_ray.families.neurofm.scratch import scratch_neurofm_export
-from neuraflex_ray.finetune.lora import fingerprint, load_adapter
+from neuraflex_ray.finetune.lora import fingerprint
+from neuraflex_ray.finetune.methods import load_adapter
 from neuraflex_ray.finetune.run import finetune, merge_adapter
 from neuraflex_ray.models.neurofm import SeriesInput
 

@@ -5,7 +5,7 @@
 - `deepspeed.py`: DeepSpeed expert-parallel checkpoints consolidated into the local layout.
 - `dcp.py`: FSDP2's torch.distributed.checkpoint shards consolidated into full tensors.
 - `export.py`: consolidated exports (`model.safetensors` + `config.json`), written and loaded.
-- `adapters.py`: LoRA adapter files and the names an adapted model's parameters take.
+- `adapters.py`: adapter files (LoRA, SVF) and the names an adapted model's parameters take.
 
 Training (train/strategy.py) writes checkpoints with these constants; fine-tuning, evaluation,
 serving and the command line read everything through the names below.
@@ -14,7 +14,7 @@ serving and the command line read everything through the names below.
 from neuraflex_ray.checkpoint.adapters import (
     ADAPTER_FILE,
     ADAPTER_META,
-    LORA_SUFFIXES,
+    ADAPTER_SUFFIXES,
     fingerprint,
     plain_name,
     read_adapter,
@@ -45,7 +45,7 @@ from neuraflex_ray.checkpoint.state import (
     write_train_state,
 )
 
-__all__ = ["ADAPTER_FILE", "ADAPTER_META", "CKPT_TAG", "DCP_DIR", "DEEPSPEED", "FSDP", "LORA_SUFFIXES", "TRAIN_STATE",
+__all__ = ["ADAPTER_FILE", "ADAPTER_META", "CKPT_TAG", "DCP_DIR", "DEEPSPEED", "FSDP", "ADAPTER_SUFFIXES", "TRAIN_STATE",
            "checkpoint_model_config", "consolidate", "consolidate_deepspeed", "consolidate_deepspeed_adapter",
            "consolidate_fsdp", "export_checkpoint", "export_consolidated", "export_family", "fingerprint", "is_complete",
            "load_exported", "plain_name", "read_adapter", "read_adapter_meta", "read_checkpoint_state",

@@ -1,8 +1,9 @@
-"""LoRA adapter files, and how an adapted model's parameters are named on disk.
+"""Adapter files (LoRA, SVF), and how an adapted model's parameters are named on disk.
 
-An adapter directory holds `adapter.safetensors` (tensors named `<weight>.lora_A` / `.lora_B` in the
-local layout) and `adapter.json` (rank, alpha, targets and the base export's fingerprint). The
-adapters themselves (parametrizations, apply, merge) are `finetune/lora.py`'s; serving reads these
+An adapter directory holds `adapter.safetensors` (tensors named `<weight>.lora_A` / `.lora_B`, or
+`<weight>.svf_z`, in the local layout) and `adapter.json` (its method, targets, the method's settings
+and the base export's fingerprint). The adapters themselves (parametrizations, apply, merge) are
+`finetune/lora.py`'s and `finetune/svf.py`'s (`finetune/methods.py` names both); serving reads these
 files through `serving/adapters.py`.
 """
 
@@ -18,19 +19,22 @@ import torch
 from neuraflex_ray.atomic import atomic_dir
 
 ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
-LORA_SUFFIXES = (".lora_A", ".lora_B")  # an adapter tensor's name ends so (see plain_name)
+# An adapter parameter's name in its parametrization -> its name on disk, after the weight's (`x.w.lora_A`):
+# LoRA's factors A and B (finetune/lora.py), SVF's singular-value scales z (finetune/svf.py).
+ADAPTER_PARAMS = {"A": "lora_A", "B": "lora_B", "z": "svf_z"}
+ADAPTER_SUFFIXES = tuple(f".{v}" for v in ADAPTER_PARAMS.values())  # an adapter tensor's name ends so
 
 
 def plain_name(key: str) -> str:
     """A parametrized model's state-dict key as the plain model's: `x.parametrizations.w.original` -> `x.w`,
-    and an adapter's `x.parametrizations.w.0.A` -> `x.w.lora_A`."""
+    and an adapter's `x.parametrizations.w.0.A` -> `x.w.lora_A` (`.0.z` -> `x.w.svf_z`)."""
     if ".parametrizations." not in key:
         return key
     head, tail = key.split(".parametrizations.", 1)
     name, rest = tail.split(".", 1)
     if rest == "original":
         return f"{head}.{name}"
-    return f"{head}.{name}.lora_{rest.rsplit('.', 1)[1]}"
+    return f"{head}.{name}.{ADAPTER_PARAMS[rest.rsplit('.', 1)[1]]}"
 
 
 def fingerprint(export_dir: str | Path) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from neuraflex_ray.checkpoint.adapters import LORA_SUFFIXES, plain_name
+from neuraflex_ray.checkpoint.adapters import ADAPTER_SUFFIXES, plain_name
 from neuraflex_ray.checkpoint.state import CKPT_TAG, checkpoint_model_config, deepspeed_main_file
 from neuraflex_ray.parallel.deepspeed_moe import DS_EXPERT, DS_GATE, to_local_name
 
@@ -78,7 +78,7 @@ def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.T
     module = _main_module(checkpoint_dir)
     state = {to_local_name(k): v for k, v in module.items() if DS_EXPERT not in k}
     counts = experts_per_layer(module)
-    state.update(_stacked_experts(checkpoint_dir, counts, lambda w: not w.endswith(LORA_SUFFIXES), every_layer=True))
+    state.update(_stacked_experts(checkpoint_dir, counts, lambda w: not w.endswith(ADAPTER_SUFFIXES), every_layer=True))
     assert not any(DS_GATE in k for k in state)
     return state, checkpoint_model_config(checkpoint_dir)
 
@@ -86,7 +86,7 @@ def consolidate_deepspeed(checkpoint_dir: str | Path) -> tuple[dict[str, torch.T
 def consolidate_deepspeed_adapter(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """The LoRA tensors of a DeepSpeed checkpoint (any ep_size), in the local layout."""
     module = _main_module(checkpoint_dir)
-    state = {to_local_name(k): v for k, v in module.items() if k.endswith(LORA_SUFFIXES) and DS_EXPERT not in k}
+    state = {to_local_name(k): v for k, v in module.items() if k.endswith(ADAPTER_SUFFIXES) and DS_EXPERT not in k}
     counts = experts_per_layer(module)
-    state.update(_stacked_experts(checkpoint_dir, counts, lambda w: w.endswith(LORA_SUFFIXES), every_layer=False))
+    state.update(_stacked_experts(checkpoint_dir, counts, lambda w: w.endswith(ADAPTER_SUFFIXES), every_layer=False))
     return state

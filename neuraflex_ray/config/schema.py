@@ -70,11 +70,14 @@ class FinetuneConfig:
     normal training run. The dataset is the job's `data` section (the new corpus)."""
 
     from_export: str = ""  # the export to start from (`neuraflex-ray export`, or a run's export/)
-    method: str = "full"  # full (every weight trains) | lora (low-rank adapters; the base stays frozen)
+    # full (every weight trains) | lora (low-rank adapters) | svf (singular-value scales; LM only): the base
+    # stays frozen under an adapter (finetune/methods.py)
+    method: str = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0  # adapters are scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # on the adapter's first factor, in training
-    lora_targets: list[str] = field(default_factory=lambda: ["attention", "dense", "experts"])  # + router
+    # the weights an adapter (LoRA or SVF) targets: attention, dense, experts, router (finetune/targets.py)
+    lora_targets: list[str] = field(default_factory=lambda: ["attention", "dense", "experts"])
     ewc_lambda: float = 0.0  # > 0: elastic weight consolidation toward the export's weights
     fisher_blocks: int = 64  # samples of the original training data (LM sequences, NeuroFM windows) for the Fisher
 

@@ -48,7 +48,7 @@ def _validate_finetune(cfg: JobConfig, family: Family) -> None:
     need(f.lora_rank >= 1, f"finetune.lora_rank must be >= 1 (got {f.lora_rank})")
     need(f.lora_alpha > 0, f"finetune.lora_alpha must be > 0 (got {f.lora_alpha})")
     need(0 <= f.lora_dropout < 1, f"finetune.lora_dropout must be in [0, 1) (got {f.lora_dropout})")
-    if f.method == "lora":
+    if f.method != "full":  # an adapter method (lora, svf): the weights it targets
         targets = family.lora_targets
         bad = [t for t in f.lora_targets if t not in targets]
         need(not bad and bool(f.lora_targets),

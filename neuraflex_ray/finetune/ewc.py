@@ -149,13 +149,13 @@ class EWC:
                  local_name: Callable[[str], str], expert_index: Callable[[str], int | None]):
         from torch.distributed.tensor import DTensor, distribute_tensor
 
-        from neuraflex_ray.finetune.lora import LORA_SUFFIXES, plain_name
+        from neuraflex_ray.finetune.lora import ADAPTER_SUFFIXES, plain_name
 
         self.lam = lam
         self.terms: list[tuple[Callable[[], torch.Tensor], torch.Tensor, torch.Tensor]] = []  # weight, anchor, F
         for full, p in model.named_parameters():
             key = plain_name(full)
-            if key.endswith(LORA_SUFFIXES):
+            if key.endswith(ADAPTER_SUFFIXES):
                 continue
             adapted = ".parametrizations." in full
             if not (adapted or p.requires_grad) or local_name(key) not in fisher:

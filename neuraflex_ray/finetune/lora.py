@@ -19,7 +19,6 @@ on-disk format: `neuraflex_ray/checkpoint/adapters.py`.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from torch.nn.utils import parametrize
 from neuraflex_ray.checkpoint.adapters import (  # noqa: F401 - the adapter file format, used with LoRA
     ADAPTER_FILE,
     ADAPTER_META,
-    LORA_SUFFIXES,
+    ADAPTER_SUFFIXES,
     fingerprint,
     plain_name,
     read_adapter,
@@ -89,21 +88,16 @@ def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_adapter(model: nn.Module, adapter_dir: str | Path, base_dir: str | Path) -> dict[str, Any]:
-    """Give `model` (loaded from `base_dir`, local layout) the adapter in `adapter_dir`; returns its meta.
-
-    Refuses an adapter trained on another base, naming both fingerprints."""
-    meta, state = read_adapter(adapter_dir, base_dir)
-    apply_lora(model, meta["rank"], meta["alpha"], 0.0, meta["targets"])
+def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy LoRA tensors (`adapter_state`'s names) into a model that `apply_lora` adapted the same way."""
     mods = {f"{path}.{name}": lora for path, _, name, lora in lora_modules(model)}
     missing = sorted(set(mods) - {k.rsplit(".", 1)[0] for k in state})
     if missing:
-        raise ValueError(f"adapter {adapter_dir} has no tensors for {missing[:3]}: it does not match this model")
+        raise ValueError(f"the adapter has no tensors for {missing[:3]}: it does not match this model")
     with torch.no_grad():
         for key, value in state.items():
             weight, part = key.rsplit(".", 1)
             getattr(mods[weight], part.removeprefix("lora_")).copy_(value)
-    return meta
 
 
 def merge(model: nn.Module) -> nn.Module:

@@ -6,7 +6,7 @@ Training is the ordinary Ray Train loop with the ordinary strategy (DeepSpeed, e
 included): checkpoints, resume and worker-failure recovery are those of training. Afterwards:
 
 - `finetune.method: full` writes a consolidated export (`<run dir>/export`), like training does;
-- `finetune.method: lora` writes the adapter alone (`<run dir>/adapter`: adapter.safetensors +
+- `finetune.method: lora` or `svf` writes the adapter alone (`<run dir>/adapter`: adapter.safetensors +
   adapter.json naming the base export's fingerprint); `neuraflex-ray merge` folds it into a full export.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import torch
 
 from neuraflex_ray.checkpoint import (
+    ADAPTER_SUFFIXES,
     FSDP,
-    LORA_SUFFIXES,
     consolidate_deepspeed_adapter,
     consolidate_fsdp,
     export_checkpoint,
@@ -31,22 +31,21 @@ from neuraflex_ray.checkpoint import (
     write_export,
 )
 from neuraflex_ray.config import JobConfig
-from neuraflex_ray.finetune.lora import apply_lora
+from neuraflex_ray.finetune.methods import adapter_method
 
 
 def consolidate_adapter(checkpoint_dir: str | Path, cfg: JobConfig) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of a fine-tune's checkpoint, in the local layout, whichever engine wrote it."""
+    """The adapter tensors of a fine-tune's checkpoint, in the local layout, whichever engine wrote it."""
     if read_checkpoint_state(checkpoint_dir)["strategy"] != FSDP:
         return consolidate_deepspeed_adapter(checkpoint_dir)
     # FSDP2 (DCP): loaded into a model adapted as training adapted it.
-    f = cfg.finetune
-    state, _ = consolidate_fsdp(checkpoint_dir, adapt=lambda m: apply_lora(m, f.lora_rank, f.lora_alpha, 0.0,
-                                                                           f.lora_targets))
-    return {plain_name(k): v for k, v in state.items() if plain_name(k).endswith(LORA_SUFFIXES)}
+    method = adapter_method(cfg.finetune.method)
+    state, _ = consolidate_fsdp(checkpoint_dir, adapt=lambda m: method.attach(m, cfg.finetune))
+    return {plain_name(k): v for k, v in state.items() if plain_name(k).endswith(ADAPTER_SUFFIXES)}
 
 
 def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps: int) -> Path:
-    """What a fine-tune produces: an adapter (lora) or a consolidated export (full)."""
+    """What a fine-tune produces: an adapter (lora, svf) or a consolidated export (full)."""
     f = cfg.finetune
     meta = {"finetuned_from": f.from_export, "base_fingerprint": fingerprint(f.from_export), "run_dir": str(run_dir),
             "steps": steps, "method": f.method, "ewc_lambda": f.ewc_lambda}
@@ -55,7 +54,7 @@ def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps
     state = consolidate_adapter(checkpoint, cfg)
     base_params = sum(p.numel() for p in _base_model(f.from_export).parameters())
     adapter_params = sum(v.numel() for v in state.values())
-    return save_adapter(state, {**meta, "rank": f.lora_rank, "alpha": f.lora_alpha, "targets": f.lora_targets,
+    return save_adapter(state, {**meta, **adapter_method(f.method).settings(f), "targets": f.lora_targets,
                                 "base_export": f.from_export, "adapter_params": adapter_params,
                                 "base_params": base_params}, run_dir / "adapter")
 
@@ -74,7 +73,7 @@ def finetune(cfg: JobConfig, fresh: bool = False) -> dict[str, Any]:
     result = train(cfg, fresh=fresh)
     run_dir = Path(result["run_dir"])
     out = export_finetune(cfg, result["checkpoint"], run_dir, result["steps"])
-    kind = "adapter" if cfg.finetune.method == "lora" else "export"
+    kind = "export" if cfg.finetune.method == "full" else "adapter"
     print(f"[finetune] {kind} -> {out}", flush=True)
     return {"run_dir": str(run_dir), kind: str(out), "steps": result["steps"], "val_loss": result.get("val_loss"),
             "checkpoint": str(result["checkpoint"]), "restored_from_step": result.get("restored_from_step")}
@@ -82,12 +81,12 @@ def finetune(cfg: JobConfig, fresh: bool = False) -> dict[str, Any]:
 
 def merge_adapter(base: str | Path, adapter: str | Path, out_dir: str | Path) -> Path:
     """base export + adapter -> a full export (the adapter folded into the weights)."""
-    from neuraflex_ray.finetune.lora import load_adapter, merge
+    from neuraflex_ray.finetune.methods import load_adapter, merge_adapters
 
     base = Path(base).resolve()
     model, base_meta = load_exported(base)
     meta = load_adapter(model, adapter, base)
-    merge(model)
+    merge_adapters(model)
     extra = {k: v for k, v in base_meta.items() if k not in ("model_type", "model")}
     # Whatever else the base export holds beside its weights (an LM's tokenizer.json) comes along.
     files = {f.name: f for f in base.iterdir() if f.is_file() and f.name not in ("model.safetensors", "config.json")

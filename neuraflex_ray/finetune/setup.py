@@ -2,7 +2,7 @@
 
 `finetune_config` (driver): the model section comes from the export, so the run trains the model
 that was exported, and the export's Fisher is computed once when EWC asks for it.
-`adapt_for_finetune` (worker, inside the strategy's set-up): LoRA adapters.
+`adapt_for_finetune` (worker, inside the strategy's set-up): LoRA or SVF adapters.
 `ewc_for_finetune` (worker, once the strategy has placed the parameters, before a checkpoint is
 restored, so the anchor is the export): the EWC penalty.
 """
@@ -50,21 +50,24 @@ def _ensure_fisher(cfg: JobConfig, export: Path, meta: dict[str, Any]) -> None:
 
 
 def adapt_for_finetune(model: nn.Module, cfg: JobConfig) -> nn.Module:
-    """LoRA adapters (method lora) for `model` in its parallel layout; the model as is otherwise."""
+    """Adapters (method lora or svf: `methods.py`) for `model` in its parallel layout; the model as is
+    otherwise."""
     f = cfg.finetune
     if not f.from_export:
         return model
     import torch.distributed as dist
 
-    from neuraflex_ray.finetune.lora import apply_lora
+    from neuraflex_ray.finetune.methods import METHODS
     from neuraflex_ray.train.loop import log  # not print(): Train V2 would echo it twice
 
-    if f.method == "lora":
-        counts = apply_lora(model, f.lora_rank, f.lora_alpha, f.lora_dropout, f.lora_targets)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            log(f"[finetune] LoRA rank {f.lora_rank} on {', '.join(f.lora_targets)}: {counts['trainable']:,} of "
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if f.method in METHODS:
+        method = METHODS[f.method]
+        counts = method.attach(model, f)
+        if first:
+            log(f"[finetune] {method.label} on {', '.join(f.lora_targets)}: {counts['trainable']:,} of "
                 f"{counts['total']:,} parameters of this rank's model train ({100 * counts['share']:.2f}%)")
-    elif not dist.is_initialized() or dist.get_rank() == 0:
+    elif first:
         n = sum(p.numel() for p in model.parameters())
         log(f"[finetune] full: all {n:,} parameters of this rank's model train")
     return model

@@ -9,8 +9,8 @@ weights [out, in], the local MoE's stacked experts [E, in, out] (a z per expert)
 per-expert weights; targets by name (`targets.py`).
 
 A z is min(out, in) numbers per matrix, so SVF trains far fewer parameters than LoRA of any rank
-(`apply_svf` returns the counts). Not yet wired: `finetune.method: svf`, its adapter files and per-request serving
-(issue 30); `apply_svf`, `svf_state` and `merge_svf` are the parts those build on.
+(`apply_svf` returns the counts). `finetune.method: svf` trains it on the same loop as LoRA; its adapter
+files, merge and per-request serving go through `methods.py`.
 """
 
 from __future__ import annotations

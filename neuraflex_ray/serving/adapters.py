@@ -1,8 +1,10 @@
-"""LoRA adapters served per request: one replica, one base model, several adapters.
+"""Adapters (LoRA, SVF) served per request: one replica, one base model, several adapters.
 
 A request picks an adapter with `model: "<base>:<adapter>"` (`/v1/models` lists them). Each targeted
 weight of the base gets one `MultiLoRA` parametrization holding every adapter's (A, B) pair and an
-`active` switch: the weight read is W (no adapter) or W + scale * A @ B of the active one. The
+`active` switch: the weight read is W (no adapter) or W + scale * A @ B of the active one. An SVF
+adapter is such a pair too, of full rank: A = U diag(σ ⊙ (z − 1)), B = Vᵀ, from the base weight's SVD
+when the replica loads it (`finetune/methods.py`). The
 engine switches per group of rows: a decode step runs one forward per adapter present among the
 live requests, each forward at the full batch shape (so a request's tokens depend only on its own
 adapter, as batch invariance asks), keeping that adapter's rows. Requests for different adapters
@@ -26,6 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from neuraflex_ray.checkpoint import ADAPTER_FILE, ADAPTER_META, fingerprint
+from neuraflex_ray.finetune.methods import adapter_method
 
 
 class MultiLoRA(nn.Module):
@@ -60,14 +63,19 @@ class AdapterSet:
                 raise ValueError(f"adapters.{name}: {path} was trained on base {meta['base_fingerprint']}, but "
                                  f"{base_export} is base {base_print}: serve it with the export it was fine-tuned from")
             state = load_file(str(path / ADAPTER_FILE))
-            scale = meta["alpha"] / meta["rank"]
-            for key in {k.rsplit(".", 1)[0] for k in state}:
+            method = adapter_method(meta.get("method", "lora"))
+            per_weight: dict[str, dict[str, torch.Tensor]] = {}
+            for k, v in state.items():
+                key, part = k.rsplit(".", 1)
+                per_weight.setdefault(key, {})[part] = v
+            for key, tensors in per_weight.items():
                 module_path, weight = key.rsplit(".", 1)
-                slot = self._slot(model.get_submodule(module_path), weight)
-                dev = getattr(model.get_submodule(module_path), weight).device
-                slot.pairs[name] = (state[f"{key}.lora_A"].to(dev), state[f"{key}.lora_B"].to(dev), scale)
-            self.meta[name] = {"path": str(path), "rank": meta["rank"], "targets": meta["targets"],
-                               "bytes": (path / ADAPTER_FILE).stat().st_size}
+                module = model.get_submodule(module_path)
+                base = getattr(module, weight)  # the base weight (no adapter is active while loading)
+                a, b, scale = method.served_pair(base, tensors, meta)
+                self._slot(module, weight).pairs[name] = (a.to(base.device), b.to(base.device), scale)
+            self.meta[name] = {"path": str(path), "method": method.name, "rank": meta.get("rank"),
+                               "targets": meta["targets"], "bytes": (path / ADAPTER_FILE).stat().st_size}
 
     def _slot(self, module: nn.Module, weight: str) -> MultiLoRA:
         if parametrize.is_parametrized(module, weight):

@@ -26,7 +26,7 @@ class MoELMFamily(Family):
     task_class = LMTask
     serves = "openai"
     serve_name = "neuraflex-moe"
-    finetune_methods = ("full", "lora")
+    finetune_methods = ("full", "lora", "svf")
     lora_targets = TARGETS
     flops_convention = "FLOPs/token = 6*N_active + 12*L*H*head_dim*T"
     interpret_module = "neuraflex_ray.families.moe_lm.interpret"  # activations, labels, spliced losses

@@ -24,7 +24,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
 from neuraflex_ray.checkpoint.adapters import (  # noqa: F401 - the adapter file format, used with LoRA
     ADAPTER_FILE,
@@ -35,7 +34,7 @@ from neuraflex_ray.checkpoint.adapters import (  # noqa: F401 - the adapter file
     read_adapter,
     save_adapter,
 )
-from neuraflex_ray.finetune.targets import TARGETS, target_weights  # noqa: F401 - TARGETS: what a family accepts
+from neuraflex_ray.finetune.targets import TARGETS, attach, attached, fold  # noqa: F401 - TARGETS: what a family accepts
 
 
 class LoRA(nn.Module):
@@ -55,28 +54,12 @@ class LoRA(nn.Module):
 
 def apply_lora(model: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> dict[str, Any]:
     """Freeze `model` and give every targeted weight an adapter; returns the parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module, name in target_weights(model, targets):
-        base = getattr(module, name)
-        lora = LoRA(base.shape, rank, alpha, dropout).to(base.device)
-        if hasattr(base, "allreduce") and not base.allreduce:  # a DeepSpeed expert weight: its adapter is one too,
-            for p in lora.parameters():  # reduced over the expert-data-parallel group only
-                p.allreduce, p.group_name = False, base.group_name
-        parametrize.register_parametrization(module, name, lora)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total, "share": trainable / total}
+    return attach(model, targets, lambda w: LoRA(w.shape, rank, alpha, dropout))
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, LoRA]]:
     """(module path, module, weight name, its LoRA) for every adapted weight."""
-    out = []
-    for path, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            for name, plist in m.parametrizations.items():
-                out += [(path, m, name, p) for p in plist if isinstance(p, LoRA)]
-    return out
+    return attached(model, LoRA)
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,10 +85,4 @@ def load_lora_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapter into its weight (W + scale * A @ B) and drop the parametrizations, in place."""
-    model.eval()
-    for _, module, name, _ in lora_modules(model):
-        if parametrize.is_parametrized(module, name):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return fold(model, LoRA)

@@ -19,9 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
-from neuraflex_ray.finetune.targets import target_weights
+from neuraflex_ray.finetune.targets import attach, attached, fold
 
 SVF_SUFFIX = ".svf_z"  # an adapter tensor's name: `<module path>.<weight>.svf_z`
 
@@ -46,27 +45,12 @@ class SVF(nn.Module):
 
 def apply_svf(model: nn.Module, targets: list[str]) -> dict[str, Any]:
     """Freeze `model` and give every targeted weight an SVF vector; returns the parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for module, name in target_weights(model, targets):
-        base = getattr(module, name)
-        svf = SVF(base).to(base.device)
-        if hasattr(base, "allreduce") and not base.allreduce:  # a DeepSpeed expert weight: so is its z
-            svf.z.allreduce, svf.z.group_name = False, base.group_name
-        parametrize.register_parametrization(module, name, svf)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"trainable": trainable, "total": total, "share": trainable / total}
+    return attach(model, targets, SVF)
 
 
 def svf_modules(model: nn.Module) -> list[tuple[str, nn.Module, str, SVF]]:
     """(module path, module, weight name, its SVF) for every adapted weight."""
-    out = []
-    for path, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            for name, plist in m.parametrizations.items():
-                out += [(path, m, name, p) for p in plist if isinstance(p, SVF)]
-    return out
+    return attached(model, SVF)
 
 
 def svf_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -88,10 +72,4 @@ def load_svf_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 def merge_svf(model: nn.Module) -> nn.Module:
     """Fold every SVF into its weight and drop the parametrizations, in place."""
-    model.eval()
-    for _, module, name, _ in svf_modules(model):
-        if parametrize.is_parametrized(module, name):
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
+    return fold(model, SVF)

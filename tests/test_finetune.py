@@ -140,6 +140,17 @@ def finetuned(ray_session, tmp_path_factory):
     return {"out": out, "svf": finetune(svf, fresh=True), "base": base, "tmp": tmp}
 
 
+def assert_merged_equals_adapted(merged_dir: Path, base: Path, adapter: Path) -> None:
+    """The merged export computes what the base with the adapter loaded computes, and not what the base does."""
+    merged, _ = load_exported(merged_dir)
+    adapted, _ = load_exported(base)
+    load_adapter(adapted, adapter, base)
+    x = torch.randint(0, merged.cfg.vocab_size, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(merged(x)[0], adapted.eval()(x)[0], atol=1e-5)
+        assert not torch.allclose(merged(x)[0], load_exported(base)[0](x)[0], atol=1e-5)
+
+
 def test_svf_finetune_on_the_deepspeed_ep_path_trains_only_z_and_merges(finetuned, tmp_path):
     from safetensors.torch import load_file
 
@@ -157,13 +168,7 @@ def test_svf_finetune_on_the_deepspeed_ep_path_trains_only_z_and_merges(finetune
     experts = [k for k in state if ".ffn.w1.svf_z" in k]
     assert experts and all(state[k].shape[0] == 4 for k in experts)  # every expert's z, from both EP ranks
     assert any(not torch.allclose(v, torch.ones_like(v)) for v in state.values())  # it trained
-    merged, _ = load_exported(merge_adapter(base, adapter, tmp_path / "merged"))
-    adapted, _ = load_exported(base)
-    load_adapter(adapted, adapter, base)
-    x = torch.randint(0, merged.cfg.vocab_size, (2, 16))
-    with torch.no_grad():
-        assert torch.allclose(merged(x)[0], adapted.eval()(x)[0], atol=1e-5)
-        assert not torch.allclose(merged(x)[0], load_exported(base)[0](x)[0], atol=1e-5)
+    assert_merged_equals_adapted(merge_adapter(base, adapter, tmp_path / "merged"), base, adapter)
 
 
 def test_lora_ewc_finetune_on_ray_train_writes_a_small_adapter_that_merges(finetuned, tmp_path):
@@ -183,13 +188,7 @@ def test_lora_ewc_finetune_on_ray_train_writes_a_small_adapter_that_merges(finet
     from neuraflex_ray.cli import main
 
     assert main(["merge", "--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "merged")]) == 0
-    merged, _ = load_exported(tmp_path / "merged")
-    adapted, _ = load_exported(base)
-    load_adapter(adapted, adapter, base)
-    x = torch.randint(0, merged.cfg.vocab_size, (2, 16))
-    with torch.no_grad():
-        assert torch.allclose(merged(x)[0], adapted.eval()(x)[0], atol=1e-5)
-        assert not torch.allclose(merged(x)[0], load_exported(base)[0](x)[0], atol=1e-5)
+    assert_merged_equals_adapted(tmp_path / "merged", base, adapter)
 
 
 def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):

@@ -149,8 +149,9 @@ def test_explicit_resume_from_run_dir(ray_session, baseline, base_dir):
 
 
 def _compare_paths(config: dict) -> dict:
-    """Inside a Ray Train worker, for every router: the local dropless model vs the same weights under
-    DeepSpeed EP, then one real training step of the aux-free router's bias."""
+    """Inside a Ray Train worker, for every router and for a Titans memory with windowed attention: the
+    local dropless model vs the same weights under DeepSpeed EP, then one real training step of the
+    aux-free router's bias."""
     import ray.train
 
     from neuraflex_ray.checkpoint import consolidate_deepspeed
@@ -162,8 +163,10 @@ def _compare_paths(config: dict) -> dict:
     rank = ray.train.get_context().get_world_rank()
     gen = torch.Generator().manual_seed(100 + rank)  # different tokens per rank
     out = {}
-    for router in ROUTERS:
-        cfg = JobConfig.from_dict({**config["job"], "model": {**config["job"]["model"], "router": router}})
+    cases = {**{router: {"router": router} for router in ROUTERS},
+             "titans": {"memory": "titans", "attn_window": 8, "memory_chunk": 8}}  # 4 memory updates in 32 tokens
+    for router, overrides in cases.items():
+        cfg = JobConfig.from_dict({**config["job"], "model": {**config["job"]["model"], **overrides}})
         torch.manual_seed(0)
         local = MoELM(cfg.model)
         torch.manual_seed(0)
@@ -209,7 +212,7 @@ def _compare_paths(config: dict) -> dict:
     return out
 
 
-def test_deepspeed_ep_path_equals_dropless_path_for_every_router(ray_session, base_dir):
+def test_deepspeed_ep_path_equals_dropless_path_for_every_router_and_the_memory(ray_session, base_dir):
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -220,7 +223,7 @@ def test_deepspeed_ep_path_equals_dropless_path_for_every_router(ray_session, ba
     result = TorchTrainer(_compare_paths, train_loop_config={"job": cfg.to_dict(), "tmp": str(base_dir)},
                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1})).fit()
     out = result.return_value
-    for router in ("softmax_topk", "aux_free", "sinkhorn"):
+    for router in ("softmax_topk", "aux_free", "sinkhorn", "titans"):
         assert out[router]["dropped"] == 0.0, out
         assert out[router]["logits"] < 1e-5 and out[router]["aux"] < 1e-6, out
     assert out["bias_moved"] == pytest.approx(0.01)  # every bias entry moves by exactly the rate

@@ -46,6 +46,15 @@ class ModelConfig:
     capacity_factor: float = 2.0
     min_capacity: int = 4
     drop_tokens: bool = True
+    # Long context. attn_window > 0: each token attends to itself and the attn_window - 1 tokens
+    # before it (sliding-window attention); 0: to every token before it.
+    attn_window: int = 0
+    # "titans": a neural long-term memory beside attention in every layer, learning as the sequence
+    # is read (models/titans.py); "none": attention alone.
+    memory: str = "none"
+    memory_variant: str = "mag"  # memory as a gated branch beside attention (the only variant built)
+    memory_chunk: int = 64  # tokens per memory update; a chunk's tokens read the memory of the chunks before it
+    memory_depth: int = 2  # layers of the memory MLP (1: a linear associative memory)
 
 
 # Presets. `debug` trains in minutes on 2 CPU cores; `small` is a single-GPU model; `1b` is

@@ -18,6 +18,7 @@ from torch import nn
 from neuraflex_ray.config import ModelConfig
 from neuraflex_ray.models.moe import MoE, MoEStats, SwiGLU
 from neuraflex_ray.models.routers import uses_aux_loss
+from neuraflex_ray.models.titans import MemoryState, NeuralMemory
 
 
 class RMSNorm(nn.Module):
@@ -52,6 +53,7 @@ class KVCache:
 
     k: torch.Tensor
     v: torch.Tensor
+    memory: MemoryState | None = None  # the layer's Titans memory (model.memory: titans), per row like k/v
 
     @classmethod
     def empty(cls, batch: int, n_kv_heads: int, max_len: int, head_dim: int, dtype: torch.dtype,
@@ -59,9 +61,22 @@ class KVCache:
         shape = (batch, n_kv_heads, max_len, head_dim)
         return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
+    def move_row(self, dst: int, src: int) -> None:
+        """Copy row src (keys, values, memory) over row dst: a scheduler compacting its batch."""
+        self.k[dst], self.v[dst] = self.k[src], self.v[src]
+        if self.memory is not None:
+            self.memory.move_row(dst, src)
+
     def slot(self, i: int) -> KVCache:
         """Row i as a batch of one (views: writes land in this cache)."""
-        return KVCache(self.k[i:i + 1], self.v[i:i + 1])
+        return KVCache(self.k[i:i + 1], self.v[i:i + 1], self.memory.slot(i) if self.memory is not None else None)
+
+
+def visible(q_pos: torch.Tensor, k_len: int, window: int) -> torch.Tensor:
+    """Query positions [..., Tq] -> [..., Tq, k_len]: the keys each query attends to, itself and those
+    before it, the last `window` positions only when window > 0 (sliding-window attention)."""
+    back = q_pos[..., None] - torch.arange(k_len, device=q_pos.device)
+    return (back >= 0) & (back < window) if window > 0 else back >= 0
 
 
 class Attention(nn.Module):
@@ -69,6 +84,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.n_kv_heads
         self.head_dim = cfg.dim // cfg.n_heads
+        self.window = cfg.attn_window
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
@@ -81,7 +97,7 @@ class Attention(nn.Module):
         k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))  # [B, H, T, D]
-        mask, causal = None, True
+        mask = None
         if isinstance(start_pos, torch.Tensor):
             # Batched decode, one new token per row at its own position (continuous batching).
             # Every row attends over the whole cache length under its own mask: the shapes never
@@ -91,19 +107,18 @@ class Attention(nn.Module):
             cache.k[rows, :, start_pos] = k[:, :, 0]
             cache.v[rows, :, start_pos] = v[:, :, 0]
             k, v = cache.k[:b], cache.v[:b]
-            keys = torch.arange(k.shape[2], device=x.device)
-            mask, causal = (keys[None, :] <= start_pos[:, None])[:, None, None, :], False  # [B, 1, 1, L]
+            mask = visible(start_pos[:, None], k.shape[2], self.window)[:, None]  # [B, 1, 1, L]
         elif cache is not None:
             end = start_pos + t
             cache.k[:b, :, start_pos:end] = k
             cache.v[:b, :, start_pos:end] = v
             k, v = cache.k[:b, :, :end], cache.v[:b, :, :end]
-            if start_pos > 0:
-                # New query i sits at absolute position start_pos + i and sees keys 0..start_pos + i.
-                causal = False
-                if t > 1:
-                    mask = torch.ones(t, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and t > 1,
+            if (start_pos > 0 and t > 1) or self.window:
+                # New query i sits at absolute position start_pos + i and sees keys up to start_pos + i.
+                mask = visible(torch.arange(start_pos, end, device=x.device), end, self.window)
+        elif self.window:
+            mask = visible(torch.arange(t, device=x.device), t, self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
@@ -139,11 +154,19 @@ class Block(nn.Module):
                                       cfg.router, cfg.sinkhorn_iters)
         else:
             self.ffn = SwiGLU(cfg.dim, ffn_width(cfg, layer_id))
+        # MAG: the long-range memory reads the same normalised input as attention, beside it.
+        self.memory = NeuralMemory(cfg.dim, cfg.memory_chunk, cfg.memory_depth) if cfg.memory == "titans" else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None,
-                start_pos: int | torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
-        """`valid` [B, T] (bool): positions that hold a token; an MoE layer routes only those (padding)."""
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start_pos)
+                start_pos: int | torch.Tensor, valid: torch.Tensor | None = None,
+                live: torch.Tensor | None = None) -> tuple[torch.Tensor, MoEStats | None]:
+        """`valid` [B, T] (bool): positions that hold a token; an MoE layer routes only those (padding).
+        `live` [B] (bool): in a per-row decode step, the rows whose memory takes in their token."""
+        n = self.attn_norm(x)
+        mixed = self.attn(n, cos, sin, cache, start_pos)
+        if self.memory is not None:
+            mixed = mixed + self.memory(n, cache.memory if cache is not None else None, start_pos, live)
+        x = x + mixed
         h = self.ffn(self.ffn_norm(x), valid) if self.is_moe and valid is not None else self.ffn(self.ffn_norm(x))
         stats = None
         if self.is_moe:
@@ -178,6 +201,8 @@ class MoELM(nn.Module):
             for lin in (layer.attn.wq, layer.attn.wk, layer.attn.wv):
                 nn.init.normal_(lin.weight, std=std)
             nn.init.normal_(layer.attn.wo.weight, std=out_std)
+            if layer.memory is not None:
+                layer.memory.init_weights(std, out_std)
             ffn = layer.ffn
             if isinstance(ffn, MoE):
                 ffn.init_weights(std, out_std)
@@ -187,11 +212,12 @@ class MoELM(nn.Module):
                 nn.init.normal_(ffn.w3.weight, std=std)
                 nn.init.normal_(ffn.w2.weight, std=out_std)
 
-    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                start_pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+    def forward(self, tokens: torch.Tensor, caches: list[KVCache] | None = None, start_pos: int | torch.Tensor = 0,
+                live: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
         """tokens [B, T] -> logits [B, T, V]. With caches, the tokens continue at `start_pos`: an int
-        for the whole batch, or a [B] tensor of per-row positions for a one-token decode step."""
-        h, stats = self.hidden_states(tokens, caches, start_pos)
+        for the whole batch, or a [B] tensor of per-row positions for a one-token decode step, where
+        only the rows `live` (default all) advance a Titans memory (the others' rows are placeholders)."""
+        h, stats = self.hidden_states(tokens, caches, start_pos, live)
         return self.logits(h), stats
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -199,7 +225,8 @@ class MoELM(nn.Module):
         return self.output(hidden)
 
     def hidden_states(self, tokens: torch.Tensor, caches: list[KVCache] | None = None,
-                      start_pos: int | torch.Tensor = 0) -> tuple[torch.Tensor, list[MoEStats]]:
+                      start_pos: int | torch.Tensor = 0,
+                      live: torch.Tensor | None = None) -> tuple[torch.Tensor, list[MoEStats]]:
         """tokens [B, T] -> the final normalised hidden states [B, T, D] that the output layer reads
         (a retrieval memory's keys), with forward()'s arguments."""
         t = tokens.shape[1]
@@ -213,7 +240,7 @@ class MoELM(nn.Module):
         h = self.tok_embeddings(tokens)
         stats: list[MoEStats] = []
         for i, layer in enumerate(self.layers):
-            h, s = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos)
+            h, s = layer(h, cos, sin, caches[i] if caches is not None else None, start_pos, live=live)
             if s is not None:
                 stats.append(s)
         return self.norm(h), stats
@@ -221,8 +248,12 @@ class MoELM(nn.Module):
     def new_caches(self, batch: int, max_len: int | None = None) -> list[KVCache]:
         c = self.cfg
         p = self.tok_embeddings.weight
-        return [KVCache.empty(batch, c.n_kv_heads, max_len or c.max_seq_len, c.dim // c.n_heads, p.dtype, p.device)
-                for _ in range(c.n_layers)]
+        caches = [KVCache.empty(batch, c.n_kv_heads, max_len or c.max_seq_len, c.dim // c.n_heads, p.dtype, p.device)
+                  for _ in range(c.n_layers)]
+        for cache, layer in zip(caches, self.layers, strict=True):
+            if layer.memory is not None:
+                cache.memory = layer.memory.new_state(batch)
+        return caches
 
 
 @dataclass
@@ -318,8 +349,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     """Total parameters, active parameters per token (the matmul weights a token touches) and the
     routers' share of them.
 
-    Active counts: attention, routers, top_k experts (+ shared) in MoE layers, dense FFNs, and the
-    output projection (it is a real d x V matmul even when tied). The embedding lookup is excluded.
+    Active counts: attention, routers, top_k experts (+ shared) in MoE layers, dense FFNs, the Titans
+    memory's parameters, and the output projection (it is a real d x V matmul even when tied). The
+    embedding lookup is excluded; so are the memory's per-chunk updates (its FLOPs are not in MFU).
     """
     d, hd = cfg.dim, cfg.dim // cfg.n_heads
     attn = d * cfg.n_heads * hd * 2 + d * cfg.n_kv_heads * hd * 2
@@ -329,11 +361,13 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     dense = sum(3 * d * ffn_width(cfg, i) for i in range(cfg.n_layers) if i not in moe_layers)
     router = len(moe_layers) * d * cfg.num_experts
     norms = (2 * cfg.n_layers + 1) * d
+    # Titans: q, k, v, read gate and output projections, W_0 (d x d per MLP layer) and three gates.
+    memory = cfg.n_layers * (5 * d * d + cfg.memory_depth * d * d + 3 * (d + 1)) if cfg.memory == "titans" else 0
     embed = cfg.vocab_size * d
     head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
-    total = (embed + head + norms + cfg.n_layers * attn + dense + router
+    total = (embed + head + norms + memory + cfg.n_layers * attn + dense + router
              + len(moe_layers) * (cfg.num_experts * expert + shared))
-    active = (cfg.vocab_size * d + cfg.n_layers * attn + dense + router
+    active = (cfg.vocab_size * d + memory + cfg.n_layers * attn + dense + router
               + len(moe_layers) * (cfg.top_k * expert + shared))
     return {"total": total, "active": active, "router": router}
 

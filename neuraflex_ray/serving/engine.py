@@ -274,6 +274,9 @@ class LMEngine(SlotEngine):
                  memories: Any = None):
         if speculator is not None and not kv_cache:
             raise ValueError("speculative decoding verifies drafts against the KV cache: it needs kv_cache=True")
+        if speculator is not None and model.cfg.memory != "none":
+            raise ValueError(f"speculative decoding rolls rejected drafts back out of the KV cache; model.memory="
+                             f"{model.cfg.memory!r} has already taken them in: serve it without a draft model")
         super().__init__(max_batch_size, model.cfg.max_seq_len, model.cfg.vocab_size, model.tok_embeddings.weight.device,
                          calibration_temperature)
         self.speculator, self.adapters, self.memories = speculator, adapters, memories
@@ -338,6 +341,8 @@ class LMEngine(SlotEngine):
         for adapter, members in groups.items():
             tokens = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
             positions = torch.zeros(rows, dtype=torch.long, device=self.device)
+            writes = torch.zeros(rows, dtype=torch.bool, device=self.device)  # rows whose memory reads this token
+            writes[[seq.slot for seq in members]] = True
             for seq in live:
                 tokens[seq.slot, 0] = seq.out[-1]
                 positions[seq.slot] = len(seq.prompt) + len(seq.out) - 1
@@ -347,7 +352,7 @@ class LMEngine(SlotEngine):
                     positions[seq.slot] = self.max_len - 1
             with self.adapter(adapter), (batch_invariant_experts(self.model) if self.batch_invariant
                                          else contextlib.nullcontext()):
-                logits, hidden = self._forward(tokens, self.caches, positions)
+                logits, hidden = self._forward(tokens, self.caches, positions, writes)
             for seq in members:
                 try:
                     self._take(seq, self.read_memory(seq, hidden[seq.slot, -1:], logits[seq.slot, -1:])[0])
@@ -362,7 +367,7 @@ class LMEngine(SlotEngine):
             for new, seq in enumerate(live):
                 if seq.slot != new:  # new < seq.slot: the row copied over is free
                     for c in self.caches:
-                        c.k[new], c.v[new] = c.k[seq.slot], c.v[seq.slot]
+                        c.move_row(new, seq.slot)
                     self.slots[seq.slot], self.slots[new], seq.slot = None, seq, new
             return live
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 from neuraflex_ray.config import JobConfig, ModelConfig, TrainConfig
 from neuraflex_ray.config.validate import need
 from neuraflex_ray.models.routers import ROUTERS
+from neuraflex_ray.models.titans import MEMORY_DEPTHS
+
+MEMORIES = ("none", "titans")
+MEMORY_VARIANTS = ("mag",)
 
 
 def validate_moe_lm(cfg: JobConfig, world: int) -> None:
@@ -42,6 +46,20 @@ def validate_moe_model(m: ModelConfig, prefix: str) -> None:
          f"{prefix}top_k={m.top_k} is larger than {prefix}num_experts={m.num_experts}; set {prefix}top_k <= "
          f"{m.num_experts}")
     need(m.capacity_factor > 0, f"{prefix}capacity_factor must be > 0 (got {m.capacity_factor})")
+    validate_long_context(m, prefix)
+
+
+def validate_long_context(m: ModelConfig, prefix: str) -> None:
+    """The attention window and the Titans memory."""
+    need(m.attn_window >= 0, f"{prefix}attn_window must be >= 0 (0: full causal attention), got {m.attn_window}")
+    need(m.memory in MEMORIES, f"{prefix}memory={m.memory!r} is not known; use one of {list(MEMORIES)}")
+    if m.memory == "none":
+        return
+    need(m.memory_variant in MEMORY_VARIANTS,
+         f"{prefix}memory_variant={m.memory_variant!r} is not built; use one of {list(MEMORY_VARIANTS)}")
+    need(m.memory_chunk > 0, f"{prefix}memory_chunk must be > 0 (got {m.memory_chunk})")
+    need(m.memory_depth in MEMORY_DEPTHS, f"{prefix}memory_depth={m.memory_depth} is not built; use one of "
+                                          f"{list(MEMORY_DEPTHS)}")
 
 
 def validate_expert_layout(m: ModelConfig, t: TrainConfig, world: int, prefix: str) -> None:

@@ -7,7 +7,7 @@ import torch
 
 from neuraflex_ray.config import ConfigError, load_config
 from neuraflex_ray.models.moe_lm import MoELM, generate, lm_loss
-from neuraflex_ray.models.titans import NeuralMemory, memory_grads
+from neuraflex_ray.models.titans import MAX_STEP, NeuralMemory, memory_grads
 
 TINY = ["model.flavour=tiny", "model.vocab_size=128", "model.max_seq_len=64", "data.seq_len=32"]
 
@@ -24,20 +24,27 @@ def titans():
 
 def test_linear_memory_update_is_the_hand_computed_gradient_step():
     torch.manual_seed(0)
-    mem = NeuralMemory(2, chunk=1, depth=1)
+    mem = NeuralMemory(2, chunk=2, depth=1)
     mem.init_weights(0.02, 0.02)
     w = torch.tensor([[[1.0, 0.0], [0.5, 2.0]]])
     s = torch.tensor([[[0.1, 0.0], [0.0, -0.1]]])
-    k, v, lr = torch.tensor([[[0.6, 0.8]]]), torch.tensor([[[1.0, -1.0]]]), torch.tensor([[0.25]])
-    x = torch.tensor([[[0.3, -0.7]]])
-    (w1,), (s1,) = mem.update([w], [s], k, v, lr, x)
-    # By hand: M(k) = k W = [0.6 + 0.4, 1.6] = [1.0, 1.6]; error [0, 2.6]; grad = 2 * 0.25 * k^T err.
-    grad = torch.tensor([[0.0, 0.5 * 0.6 * 2.6], [0.0, 0.5 * 0.8 * 2.6]])
+    k = torch.tensor([[[0.6, 0.8], [1.0, 0.0]]])
+    v = torch.tensor([[[1.0, -1.0], [0.0, 0.0]]])
+    x = torch.tensor([[[0.3, -0.7], [0.1, 0.1]]])
+    # Rates 0.5 + 1.0 exceed the chunk's budget of 1: they are scaled to 1/3 and 2/3.
+    (w1,), (s1,) = mem.update([w], [s], k, v, torch.tensor([[0.5, 1.0]]), x)
+    # By hand: M(k1) = k1 W = [0.6 + 0.4, 1.6] = [1.0, 1.6], error [0, 2.6]; M(k2) = [1, 0], error [1, 0].
+    # grad = 2 * (1/3) * k1^T [0, 2.6] + 2 * (2/3) * k2^T [1, 0]
+    grad = torch.tensor([[4 / 3, 2 / 3 * 0.6 * 2.6], [0.0, 2 / 3 * 0.8 * 2.6]])
+    grad = grad * MAX_STEP / grad.norm()  # a step's norm is clipped to MAX_STEP (this one is 2.2)
     eta = torch.sigmoid(mem.momentum_gate(x.mean(1))).detach()  # the gates' weights are zero at init:
     alpha = torch.sigmoid(mem.forget_gate(x.mean(1))).detach()  # sigmoid(2) and sigmoid(-4)
     assert float(eta) == pytest.approx(torch.sigmoid(torch.tensor(2.0)).item())
     assert torch.allclose(s1[0], eta * s[0] - grad, atol=1e-6)
     assert torch.allclose(w1[0], (1 - alpha) * w[0] + s1[0], atol=1e-6)
+    # Within the budget the rate is used as it is, and a step under the clip is not scaled.
+    (_,), (s2,) = mem.update([w], [s], k[:, :1], v[:, :1], torch.tensor([[0.1]]), x[:, :1])
+    assert torch.allclose(s2[0], eta * s[0] - torch.tensor([[0.0, 0.2 * 0.6 * 2.6], [0.0, 0.2 * 0.8 * 2.6]]), atol=1e-6)
 
 
 def test_two_layer_memory_gradient_equals_autograd():

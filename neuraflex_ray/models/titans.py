@@ -9,6 +9,11 @@ step on the associative loss of the chunk's tokens, sum_t theta_t ||M_W(k_t) - v
     W_{c+1} = (1 - alpha_c) * W_c + S_c
 
 theta_t (per token), eta_c and alpha_c (per chunk, from the chunk's mean input) are learned gates.
+A chunk's rates are a budget: when they sum past 1 they are scaled to sum to 1, so a chunk of
+near-identical keys (a run of spaces) cannot take one huge step and blow the memory up, while a
+few surprising tokens in a chunk of dull ones keep their full rate; and a row's step (all its
+matrices together) is clipped to norm MAX_STEP, as Titans' implementations bound the surprise:
+without it a two-layer memory fed one token over and over diverges within a few chunks.
 A token of chunk c reads M_{W_c}(q_t): a memory that has taken in every earlier chunk and nothing
 of its own chunk or later ones, so the read is causal and a chunk's tokens are read in parallel.
 
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MAX_LR = 0.5  # theta_t's ceiling: with unit keys, 2 * 0.5 * ||k||^2 = 1 writes a linear memory's value in one step
+MAX_STEP = 1.0  # the largest Frobenius norm of one chunk's gradient step, per row
 MEMORY_DEPTHS = (1, 2)  # 1: a linear associative memory k W; 2: silu(k W1) W2
 
 
@@ -129,11 +135,15 @@ class NeuralMemory(nn.Module):
 
     def update(self, weights: list[torch.Tensor], momentum: list[torch.Tensor], k: torch.Tensor, v: torch.Tensor,
                lr: torch.Tensor, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """One chunk's step: k, v [B, C, m], lr [B, C], x [B, C, d] (the chunk's inputs, for its gates)."""
+        """One chunk's step: k, v [B, C, m], lr [B, C] (theta, before the budget), x [B, C, d] (the
+        chunk's inputs, for its gates)."""
+        lr = lr / lr.sum(1, keepdim=True).clamp(min=1.0)  # the chunk's write budget
         mean = x.mean(1)
         eta = torch.sigmoid(self.momentum_gate(mean))[:, :, None]  # [B, 1, 1]
         alpha = torch.sigmoid(self.forget_gate(mean))[:, :, None]
         grads = memory_grads(weights, k, v, lr)
+        norm = torch.sqrt(sum(g.pow(2).sum((1, 2)) for g in grads))[:, None, None]
+        grads = [g * (MAX_STEP / (norm + 1e-6)).clamp(max=1.0) for g in grads]
         momentum = [eta * s - g for s, g in zip(momentum, grads, strict=True)]
         weights = [(1 - alpha) * w + s for w, s in zip(weights, momentum, strict=True)]
         return weights, momentum

@@ -212,11 +212,11 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
     save_adapter(flipped, json.loads(Path(adapter, "adapter.json").read_text()), tmp_path / "flipped")
     svf = finetuned["svf"]["adapter"]
     url = deploy({"neuraflex-moe": str(base)}, port=free_port(), num_cpus=0.25,
-                 adapters={"ft": adapter, "flipped": str(tmp_path / "flipped"), "svf": svf})
+                 adapters={"ft": adapter, "flipped": str(tmp_path / "flipped"), "svf": svf}, dispatch=True)
     try:
         client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
         assert {m.id for m in client.models.list().data} == {"neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped",
-                                                              "neuraflex-moe:svf"}
+                                                              "neuraflex-moe:svf", "neuraflex-moe:auto"}
         ids = list(range(5, 25))
 
         def prompt_logprobs(model: str) -> list:
@@ -235,6 +235,15 @@ def test_adapters_are_served_per_request_beside_the_base(finetuned, tmp_path):
             logits, _ = svf_merged(torch.tensor([ids]))
         want = torch.log_softmax(logits[0, :-1], -1).gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
         assert prompt_logprobs("neuraflex-moe:svf") == pytest.approx(want, abs=1e-4)
+        # `auto`: the first pass picks an adapter (or none: the base) and says so in the choice's extension
+        # field; the answer is the chosen model's. (These adapters share the base's data, so which one it
+        # picks is not the point here: tests/test_dispatch.py checks the routing on separable domains.)
+        r = client.completions.create(model="neuraflex-moe:auto", prompt=ids, max_tokens=0, echo=True, logprobs=0)
+        chosen = r.choices[0].model_extra["dispatch"]
+        assert set(chosen["probabilities"]) == {"none", "ft", "flipped", "svf"}
+        assert chosen["probabilities"][chosen["adapter"]] == max(chosen["probabilities"].values())
+        same = "neuraflex-moe" if chosen["adapter"] == "none" else f"neuraflex-moe:{chosen['adapter']}"
+        assert r.choices[0].logprobs.token_logprobs[1:] == prompt_logprobs(same)
         # Requests for the base and both adapters share the replica, batched together; each gets the
         # text in-process generation gives with its own weights.
         names = ["neuraflex-moe", "neuraflex-moe:ft", "neuraflex-moe:flipped"]

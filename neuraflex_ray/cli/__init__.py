@@ -162,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens drafted per verify step")
     sp.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                     help="a LoRA adapter of a served LM (`finetune` wrote it); requests pick it as model <base>:NAME")
+    sp.add_argument("--dispatch", action="store_true",
+                    help="offer model <base>:auto: a first pass over the prompt picks the adapter (or none), with a "
+                         "classifier fitted at start-up on the base's and each adapter's training data")
     sp.add_argument("--datastore", action="append", default=[], metavar="NAME=DIR",
                     help="a retrieval memory of a served LM (`datastore build` wrote it); requests pick it as model "
                          "<base>+NAME, or <base>:ADAPTER+NAME with an adapter")

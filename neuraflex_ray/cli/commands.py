@@ -198,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> dict:
             raise ConfigError(f"{flag} {bad[0]}: give NAME=DIR (requests then ask for model {ask})")
     serving = {"quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
                "num_speculative_tokens": args.num_speculative_tokens,
-               "adapters": dict(a.split("=", 1) for a in args.adapter),
+               "adapters": dict(a.split("=", 1) for a in args.adapter), "dispatch": args.dispatch,
                "datastores": dict(a.split("=", 1) for a in args.datastore), "datastore_index": args.datastore_index}
     try:  # every serving option and a draft's tokenizer, checked before Serve starts
         from neuraflex_ray.serving.app import bind_app

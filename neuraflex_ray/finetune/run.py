@@ -48,7 +48,8 @@ def export_finetune(cfg: JobConfig, checkpoint: str | Path, run_dir: Path, steps
     """What a fine-tune produces: an adapter (lora, svf) or a consolidated export (full)."""
     f = cfg.finetune
     meta = {"finetuned_from": f.from_export, "base_fingerprint": fingerprint(f.from_export), "run_dir": str(run_dir),
-            "steps": steps, "method": f.method, "ewc_lambda": f.ewc_lambda}
+            "steps": steps, "method": f.method, "ewc_lambda": f.ewc_lambda,
+            "data_dir": str(Path(cfg.data.output_dir).resolve())}  # what dispatch fits its classifier on
     if f.method == "full":
         return export_checkpoint(checkpoint, cfg.data.output_dir, run_dir / "export", meta)
     state = consolidate_adapter(checkpoint, cfg)

@@ -55,6 +55,7 @@ class AdapterSet:
 
         self.model, self.meta = model, {}
         self.slots: list[MultiLoRA] = []
+        self.dispatcher: Any = None  # serving/dispatch.py's, when the replica serves `<base>:auto`
         base_print = base_print or fingerprint(base_export)  # the caller may have hashed the export already
         for name, path in adapters.items():
             path = Path(path).expanduser().resolve()
@@ -99,6 +100,13 @@ class AdapterSet:
 
     def names(self) -> list[str]:
         return sorted(self.meta)
+
+    def enable_dispatch(self, dispatcher: Any) -> None:
+        """Offer `<base>:auto` (serving/dispatch.py): the engine asks `dispatcher` per request."""
+        from neuraflex_ray.serving.dispatch import AUTO
+
+        self.dispatcher = dispatcher
+        self.meta[AUTO] = {"method": "dispatch", "classes": dispatcher.classes}
 
 
 def adapter_info(adapters: AdapterSet | None) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import threading
 from collections import deque
@@ -37,6 +38,7 @@ import torch
 
 from neuraflex_ray.models.moe import MoE
 from neuraflex_ray.models.moe_lm import MoELM, sample_next
+from neuraflex_ray.serving.dispatch import AUTO
 from neuraflex_ray.serving.logprobs import TokenScore, score
 
 
@@ -76,6 +78,7 @@ class Sequence:
     spec_proposed: int = 0  # speculative decoding: draft tokens proposed for this request ...
     spec_accepted: int = 0  # ... and accepted by the target model
     state: Any = None  # what an engine keeps per sequence beside its cache slot (the BLT: its generator)
+    dispatch: dict[str, Any] | None = None  # `<base>:auto`: the adapter the first pass chose, and why
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -287,6 +290,9 @@ class LMEngine(SlotEngine):
         self._start()
 
     def _prefill(self, seq: Sequence) -> None:
+        if seq.params.adapter == AUTO:  # the first pass (serving/dispatch.py) picks the adapter
+            adapter, seq.dispatch = self.adapters.dispatcher.choose(self.model, seq.prompt)
+            seq.params = dataclasses.replace(seq.params, adapter=adapter)
         ids = torch.tensor([seq.prompt], device=self.device)
         with self.adapter(seq.params.adapter):
             if self.caches is not None:  # prefill alone, into this slot's rows of the cache

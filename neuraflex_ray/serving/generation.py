@@ -150,6 +150,8 @@ def _choice(kind: Kind, lm: LMModel, req: Any, job: Job, text: str, start: int =
             out["logprobs"] = lp.completion_logprobs(lm.tokenizer, ids, scores, offset, req.logprobs)
     elif kind == "chat" and req.logprobs:
         out["logprobs"] = lp.chat_logprobs(lm.tokenizer, ids, scores, req.top_logprobs or 0)
+    if seq.dispatch is not None and (first or not chunk):
+        out["dispatch"] = seq.dispatch  # extension: the adapter `<base>:auto` chose
     if req.uncertainty or req.confidence_threshold is not None:
         out["uncertainty"] = lp.uncertainty(scores, lm.engine.calibration_temperature, req.confidence_threshold,
                                             seq.stopped_low_confidence and (finish is not None))

@@ -148,6 +148,7 @@ class ServeOptions:
     datastores: dict[str, str] = dataclasses.field(default_factory=dict)  # {name: datastore dir} (serving/memory.py)
     datastore_index: str = "flat"  # which of each datastore's indexes is searched: flat | ivfpq | hnsw
     datastore_gate: str = "adaptive"  # adaptive | fixed: which of the gates fitted at build
+    dispatch: bool = False  # offer `<base>:auto`: a first pass picks the adapter (serving/dispatch.py)
 
     @classmethod
     def from_args(cls, args: dict[str, Any]) -> ServeOptions:
@@ -257,7 +258,25 @@ def _adapters(o: ServeOptions, path: Path, model: torch.nn.Module) -> Any:
     mine = fingerprint(path)
     ours = {n: p for n, p in o.adapters.items()
             if read_adapter_meta(p)["base_fingerprint"] == mine}
-    return AdapterSet(model, path, ours, base_print=mine) if ours else None
+    if not ours:
+        return None
+    adapters = AdapterSet(model, path, ours, base_print=mine)
+    if o.dispatch:
+        adapters.enable_dispatch(_dispatcher(path, model, ours))
+    return adapters
+
+
+def _dispatcher(path: Path, model: torch.nn.Module, adapters: dict[str, str]) -> Any:
+    """The classifier behind `<base>:auto`, fitted on the base's and each adapter's training data."""
+    from neuraflex_ray.serving.dispatch import fit_for_adapters
+
+    data = {}
+    for name, adapter in adapters.items():
+        if "data_dir" not in (meta := read_adapter_meta(adapter)):
+            raise ValueError(f"dispatch: adapters.{name} ({adapter}) does not record its training data (an adapter "
+                             f"from before dispatch existed); fine-tune it again or serve without dispatch")
+        data[name] = meta["data_dir"]
+    return fit_for_adapters(model, read_export_meta(path)["data"]["output_dir"], data)
 
 
 def _memories(o: ServeOptions, path: Path) -> Any:

@@ -33,7 +33,7 @@ from neuraflex_ray.serving.app import build_app
 from neuraflex_ray.serving.deploy import deploy, find_export, free_port
 from neuraflex_ray.serving.models import ServeOptions
 
-LM, NEURO = "neuraflex-moe", "neurofm"
+LM, NEURO, TITANS = "neuraflex-moe", "neurofm", "neuraflex-titans"
 CONTEXT = 1024
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,9 @@ def server(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("serve")
     models = {LM: str(scratch_lm_export(root / "lm", max_seq_len=CONTEXT)),
-              NEURO: str(scratch_neurofm_export(root / "neuro"))}
+              NEURO: str(scratch_neurofm_export(root / "neuro")),
+              TITANS: str(scratch_lm_export(root / "titans", max_seq_len=128, flavour="tiny", memory="titans",
+                                            attn_window=16, memory_chunk=8))}
     url = deploy(models, port=free_port(), num_cpus=0.5)
     yield {"url": url, "models": models, "client": OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)}
     serve.shutdown()
@@ -77,7 +79,7 @@ def complete(server, prompt: str, **kw) -> str:
 def test_model_list_health_and_cards(server):
     status, models = get(f"{server['url']}/v1/models")
     assert status == 200 and models["object"] == "list"
-    assert {m["id"] for m in models["data"]} == {LM, NEURO}
+    assert {m["id"] for m in models["data"]} == {LM, NEURO, TITANS}
     _, card = get(f"{server['url']}/v1/models/{LM}")
     config = json.loads((Path(server["models"][LM]) / "config.json").read_text())["model"]
     assert card["config"] == config and card["context_length"] == CONTEXT
@@ -89,6 +91,27 @@ def test_model_list_health_and_cards(server):
     assert status == 404 and err["error"]["param"] == "model" and "gpt-4" in err["error"]["message"]
     status, health = get(f"{server['url']}/health")
     assert status == 200 and health["status"] == "ok" and health["models"][LM]["slots"] == 16
+
+
+def test_a_titans_model_serves_on_the_same_app_with_its_memory_per_request(server):
+    """Greedy text over HTTP equals in-process generation (the memory updated chunk by chunk as the
+    engine decodes), alone and with 7 other requests in the same decode steps."""
+    from neuraflex_ray.checkpoint import load_exported
+    from neuraflex_ray.models.moe_lm import generate
+    from pipelines.text import load_tokenizer
+
+    model, _ = load_exported(server["models"][TITANS])
+    tok = load_tokenizer(Path(server["models"][TITANS]) / "tokenizer.json")
+    prompts = [f"def f{i}(x):\n    return x * {i} + " + "y" * (3 * i) for i in range(8)]  # past several chunks
+    want = [tok.decode(generate(model, tok.encode(p).ids, 24)) for p in prompts]
+
+    def one(p: str) -> str:
+        return server["client"].completions.create(model=TITANS, prompt=p, max_tokens=24, temperature=0.0,
+                                                   extra_body={"ignore_eos": True}).choices[0].text
+
+    assert one(prompts[3]) == want[3]
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(one, prompts)) == want
 
 
 def test_openai_client_completions_chat_and_streaming(server):

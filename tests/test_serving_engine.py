@@ -13,12 +13,20 @@ from neuraflex_ray.models.moe_lm import MoELM, generate
 from neuraflex_ray.serving.engine import LMEngine, SamplingParams
 from neuraflex_ray.serving.openai_api import TextStream
 
+FLAVOURS = {"moe": {}, "dense": {"num_experts": 0},
+            # A Titans memory beside a 16-token window, updated every 8 tokens: per-slot state in the engine.
+            "titans": {"memory": "titans", "attn_window": 16, "memory_chunk": 8}}
 
-@pytest.fixture(scope="module", params=[4, 0], ids=["moe", "dense"])
-def model(request):
-    """The routed model, and the dense baseline (`num_experts: 0`), which serves the same way."""
+
+def tiny(**kw) -> MoELM:
     torch.manual_seed(0)
-    return MoELM(ModelConfig(dim=64, n_layers=2, num_experts=request.param, vocab_size=256, max_seq_len=96)).eval()
+    return MoELM(ModelConfig(dim=64, n_layers=2, vocab_size=256, max_seq_len=96, **kw)).eval()
+
+
+@pytest.fixture(scope="module", params=list(FLAVOURS))
+def model(request):
+    """The routed model, the dense baseline (`num_experts: 0`) and a Titans model, all served the same way."""
+    return tiny(**FLAVOURS[request.param])
 
 
 def prompts(n: int) -> list[list[int]]:
@@ -158,3 +166,35 @@ def test_text_stream_holds_back_partial_characters_and_cuts_at_stop_strings():
     pieces = {1: b"ab", 2: b"EN", 3: b"D\xc3"}
     text = TextStream(lambda ids: b"".join(pieces[i] for i in ids).decode("utf-8", errors="replace"), stop=["END"])
     assert [text.push(i) for i in (1, 2, 3)] == ["ab", "", ""] and text.stopped and text.finish() == ""
+
+
+def test_a_titans_memory_never_carries_one_request_into_another():
+    """A secret in request A leaves request B's log-probs bit for bit as they are alone, whether B
+    runs after A (the same slot, its memory restarted) or batched with A and 14 others."""
+    model = tiny(**FLAVOURS["titans"])
+    engine = LMEngine(model, max_batch_size=16)
+    scored = SamplingParams(max_tokens=20, temperature=0.0, scores=True, prompt_scores=True)
+    secret = [(11 * j) % 250 + 3 for j in range(40)]  # five memory chunks of A's own
+    b = [(5 * j) % 200 + 1 for j in range(30)]
+
+    def b_logprobs(jobs: list[list[int]]) -> list[float]:
+        seqs = []
+
+        async def go() -> None:
+            async def one(p: list[int]) -> None:
+                seq = engine.submit(p, scored)
+                seqs.append(seq)
+                [t async for t in seq.stream()]
+
+            await asyncio.gather(*(one(p) for p in jobs))
+
+        asyncio.run(go())
+        seq = next(s for s in seqs if s.prompt == b)
+        return [s.logprob for s in seq.prompt_scores[1:]] + [s.logprob for s in seq.scores]
+
+    alone = b_logprobs([b])
+    asyncio.run(run(engine, [(secret, scored)]))  # A alone first: B may take the slot A left
+    assert b_logprobs([b]) == alone
+    others = [secret] + [[(3 * i + j) % 250 + 1 for j in range(8 + i)] for i in range(14)]
+    assert b_logprobs([*others, b]) == alone
+    assert engine.load()["peak_batch"] == 16

@@ -373,6 +373,8 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 * N_active + 6 * L * H * (d_qk + d_v) * T (torchtitan's convention)."""
+    """Training FLOPs per token: 6 * N_active + 6 * L * H * (d_qk + d_v) * T (torchtitan's convention),
+    T the keys a query attends to: the sequence, or the attention window when it is shorter."""
     hd = cfg.dim // cfg.n_heads
-    return 6 * param_counts(cfg)["active"] + 6 * cfg.n_layers * cfg.n_heads * (2 * hd) * seq_len
+    span = min(seq_len, cfg.attn_window) if cfg.attn_window > 0 else seq_len
+    return 6 * param_counts(cfg)["active"] + 6 * cfg.n_layers * cfg.n_heads * (2 * hd) * span

@@ -201,8 +201,9 @@ class NeuralMemory(nn.Module):
 
     def _decode(self, state: MemoryState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lr: torch.Tensor,
                 x: torch.Tensor, live: torch.Tensor | None) -> torch.Tensor:
-        """One token per row, each row at its own place in its own chunk (continuous batching)."""
-        read = memory_read(state.weights, q)
+        """One token per row, each row at its own place in its own chunk (continuous batching). The
+        batch may be the state's first rows only (an engine that decodes just its live rows)."""
+        read = memory_read([w[:x.shape[0]] for w in state.weights], q)
         rows = torch.arange(x.shape[0], device=x.device) if live is None else live.nonzero().squeeze(1)
         n = state.filled[rows]
         for buf, new in ((state.keys, k), (state.values, v), (state.lrs, lr), (state.inputs, x)):

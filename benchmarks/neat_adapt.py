@@ -47,6 +47,8 @@ def main() -> None:
     p.add_argument("--max-bytes", type=int, default=3_000_000, help="stdlib training text")
     p.add_argument("--base", default="runs/quickstart/export", help="the export svf and dispatch adapt")
     p.add_argument("--ft-steps", type=int, default=200, help="fine-tuning steps of every adapter")
+    p.add_argument("--svf-lr", type=float, default=0.0,
+                   help="train.lr of the SVF adapters (0: the config's, as LoRA's); scales want more than LoRA")
     p.add_argument("--dispatch-blocks", type=int, default=64, help="held-out blocks per domain for dispatch")
     p.add_argument("--output-dir", default="runs/bench-neat")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every training run")

@@ -89,7 +89,8 @@ def run_svf(args: Any, base: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """The JSON's "svf" section, and the KJV SVF adapter (dispatch reuses it)."""
     old_data = str(Path(json.loads((base / "config.json").read_text())["data"]["output_dir"]).resolve())
     arms = {"lora": finetune_adapter(args, base, "kjv-lora", ["finetune.method=lora"]),
-            "svf": finetune_adapter(args, base, "kjv-svf", ["finetune.method=svf"])}
+            "svf": finetune_adapter(args, base, "kjv-svf", ["finetune.method=svf",
+                                                           *([f"train.lr={args.svf_lr}"] if args.svf_lr else [])])}
     scores = {name: {"old": bpb(adapted(base, a["adapter"]), old_data), "new": bpb(adapted(base, a["adapter"]), a["data_dir"])}
               for name, a in arms.items()}
     base_old = bpb(adapted(base, None), old_data)
@@ -98,7 +99,7 @@ def run_svf(args: Any, base: Path) -> tuple[dict[str, Any], dict[str, Any]]:
            "base_old_bpb": base_old, "base_new_bpb": bpb(adapted(base, None), arms["svf"]["data_dir"]),
            "lora_trainable_fraction": arms["lora"]["trainable_fraction"],
            "forgetting": {n: s["old"] - base_old for n, s in scores.items()},
-           "seconds": {n: a["seconds"] for n, a in arms.items()}, "steps": args.ft_steps}
+           "seconds": {n: a["seconds"] for n, a in arms.items()}, "steps": args.ft_steps, "svf_lr": args.svf_lr}
     print(f"[neat] svf: {json.dumps(out)}", file=sys.stderr, flush=True)
     return out, arms["svf"]
 
@@ -109,6 +110,7 @@ def run_dispatch(args: Any, base: Path, kjv: dict[str, Any]) -> dict[str, Any]:
 
     corpus = licence_corpus(Path(args.output_dir).resolve() / "licences.jsonl")
     lic = finetune_adapter(args, base, "licences-svf", ["finetune.method=svf", f"data.source={corpus}",
+                                                         *([f"train.lr={args.svf_lr}"] if args.svf_lr else []),
                                                          f"data.output_dir={Path(args.output_dir).resolve() / 'data-licences'}",
                                                          "data.max_bytes=0"])
     base_data = str(Path(json.loads((base / "config.json").read_text())["data"]["output_dir"]).resolve())

@@ -41,6 +41,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=500, help="training steps of every long-context arm")
     p.add_argument("--context", type=int, default=1024, help="tokens per training and recall row")
     p.add_argument("--window", type=int, default=128, help="model.attn_window of the window and titans arms")
+    p.add_argument("--arms", nargs="+", default=["full", "window", "titans"], choices=["full", "window", "titans"],
+                   help="the long-context arms to train (all three for the JSON's titans section)")
     p.add_argument("--chunk", type=int, default=64, help="model.memory_chunk of the titans arm")
     p.add_argument("--cases", type=int, default=64, help="recall rows per distance")
     p.add_argument("--recall-docs", type=int, default=600, help="training documents with planted recall exercises")

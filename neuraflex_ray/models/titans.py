@@ -113,14 +113,16 @@ class NeuralMemory(nn.Module):
             nn.init.constant_(gate.bias, bias)
 
     def new_state(self, batch: int) -> MemoryState:
+        """A state for `batch` sequences, every row at W_0 (`reset`)."""
         w = self.init[0]
-        dim = w.shape[0]
-        z = [torch.zeros(batch, *p.shape, dtype=w.dtype, device=w.device) for p in self.init]
-        state = MemoryState([t.clone() for t in z], z, *(torch.zeros(batch, self.chunk, dim, dtype=w.dtype, device=w.device)
-                                                        for _ in range(2)),
-                            torch.zeros(batch, self.chunk, dtype=w.dtype, device=w.device),
-                            torch.zeros(batch, self.chunk, dim, dtype=w.dtype, device=w.device),
-                            torch.zeros(batch, dtype=torch.long, device=w.device))
+
+        def zeros(*shape: int, dtype: torch.dtype = w.dtype) -> torch.Tensor:
+            return torch.zeros(batch, *shape, dtype=dtype, device=w.device)
+
+        dim, c = w.shape[0], self.chunk
+        state = MemoryState(weights=[zeros(*p.shape) for p in self.init], momentum=[zeros(*p.shape) for p in self.init],
+                            keys=zeros(c, dim), values=zeros(c, dim), lrs=zeros(c), inputs=zeros(c, dim),
+                            filled=zeros(dtype=torch.long))
         self.reset(state)
         return state
 

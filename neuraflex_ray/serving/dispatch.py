@@ -13,7 +13,6 @@ The choice and the classifier's probabilities go back in each choice's `dispatch
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -59,14 +58,11 @@ class Dispatcher:
 
 def training_blocks(data_dir: str | Path, limit: int) -> np.ndarray:
     """The first `limit` training blocks of a built text dataset ([n, seq_len + 1] token ids)."""
-    from pipelines.shards import read_columns
+    from pipelines.shards import read_columns, require_manifest
 
     out = Path(data_dir).expanduser().resolve()
-    manifest_path = out / "manifest.json"
-    if not manifest_path.is_file():
-        raise ValueError(f"dispatch: no built dataset in {out} (manifest.json missing): the classifier is fitted on "
-                         f"each domain's training data; rebuild it or serve without dispatch")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = require_manifest(out, "`neuraflex-ray data` (dispatch fits its classifier on each domain's training "
+                                     "data), or serve without dispatch")
     return read_columns(out, manifest["train_shards"], ("tokens",), limit=limit)["tokens"]
 
 

@@ -146,3 +146,38 @@ def test_dockerfile_and_local_script_exist_and_name_real_files():
             for src in line.split()[1:-1]:
                 assert (REPO / src).exists(), src
     assert (REPO / "clusters" / "local.sh").stat().st_mode & 0o111  # executable
+
+
+# ---------------------------------------------------------------------------------------------
+# Access: Ray's job API runs arbitrary code for whoever reaches it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_every_ray_up_cluster_starts_ray_with_token_auth_and_a_loopback_dashboard(path):
+    raw = yaml.safe_load(path.read_text())
+    starts = [c for c in raw["head_start_ray_commands"] + raw["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2, path
+    for cmd in starts:  # the mode is set in the same shell, before `ray start`
+        assert cmd.index("export RAY_AUTH_MODE=token") < cmd.index("ray start"), cmd
+        host = next((a.split("=", 1)[1] for a in shlex.split(cmd.split("ray start", 1)[1]) if a.startswith("--dashboard-host")),
+                    "127.0.0.1")  # Ray's default
+        assert host in ("127.0.0.1", "localhost"), cmd
+    assert raw["file_mounts"].get("~/.ray/auth_token") == "~/.ray/auth_token", path  # every node holds the token
+
+
+def test_every_kuberay_cluster_enables_token_auth():
+    specs = {"RayCluster": lambda d: d["spec"], "RayJob": lambda d: d["spec"]["rayClusterSpec"],
+             "RayService": lambda d: d["spec"]["rayClusterConfig"]}
+    found = manifests()
+    for kind, spec in specs.items():
+        s = spec(found[kind])
+        assert s.get("authOptions", {}).get("mode") == "token", kind
+        # The dashboard may listen on the pod's interfaces only because the token guards it.
+        assert s["headGroupSpec"]["rayStartParams"].get("dashboard-host") in ("0.0.0.0", None), kind
+
+
+def test_the_local_cluster_script_uses_token_auth_on_loopback():
+    script = (REPO / "clusters" / "local.sh").read_text()
+    assert "RAY_AUTH_MODE=token" in script and "--dashboard-host=127.0.0.1" in script
+    assert "0.0.0.0" not in script

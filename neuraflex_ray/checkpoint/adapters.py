@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from neuraflex_ray.atomic import atomic_dir
+from neuraflex_ray.checkpoint.untrusted import refuse_pickles
 
 ADAPTER_FILE, ADAPTER_META = "adapter.safetensors", "adapter.json"
 # An adapter parameter's name in its parametrization -> its name on disk, after the weight's (`x.w.lora_A`):
@@ -66,6 +67,7 @@ def read_adapter(adapter_dir: str | Path, base_dir: str | Path) -> tuple[dict[st
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
+    refuse_pickles(adapter_dir, "adapter")
     meta = read_adapter_meta(adapter_dir)
     have = fingerprint(base_dir)
     if meta["base_fingerprint"] != have:

@@ -29,7 +29,7 @@ _EXPERT_KEY = re.compile(rf"^(.+)\.{re.escape(DS_EXPERT)}\.(\d+)\.(.+)$")
 
 def _main_module(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """The main file's weights by plain name (a LoRA-parametrized weight under its own name)."""
-    module = torch.load(deepspeed_main_file(checkpoint_dir), map_location="cpu", weights_only=False, mmap=True)["module"]
+    module = torch.load(deepspeed_main_file(checkpoint_dir), map_location="cpu", weights_only=True, mmap=True)["module"]
     return {plain_name(k): v for k, v in module.items()}
 
 
@@ -55,7 +55,7 @@ def _stacked_experts(checkpoint_dir: str | Path, counts: dict[str, int], keep: C
     for f in (Path(checkpoint_dir) / CKPT_TAG).iterdir():
         if not EXPERT_FILE.match(f.name):
             continue
-        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
             m = _EXPERT_KEY.match(plain_name(k))
             if m and keep(m.group(3)):
                 per_expert.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v

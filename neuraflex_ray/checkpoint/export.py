@@ -24,6 +24,7 @@ from neuraflex_ray.atomic import atomic_dir
 from neuraflex_ray.checkpoint.dcp import consolidate_fsdp
 from neuraflex_ray.checkpoint.deepspeed import consolidate_deepspeed
 from neuraflex_ray.checkpoint.state import FSDP, read_checkpoint_state
+from neuraflex_ray.checkpoint.untrusted import refuse_pickles
 from neuraflex_ray.config import DEFAULT_MODEL_TYPE, JobConfig, get_family
 
 
@@ -84,6 +85,7 @@ def read_export_meta(path: str | Path) -> dict[str, Any]:
     if not (p / "model.safetensors").is_file() or not (p / "config.json").is_file():
         raise FileNotFoundError(f"{p} is not a model export (model.safetensors + config.json): pass a directory "
                                 f"written by `neuraflex-ray export` or `quickstart` (<run dir>/export)")
+    refuse_pickles(p, "export")
     meta = json.loads((p / "config.json").read_text())
     meta.setdefault("model_type", DEFAULT_MODEL_TYPE)
     return meta

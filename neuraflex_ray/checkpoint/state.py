@@ -51,7 +51,7 @@ def read_checkpoint_state(checkpoint_dir: str | Path) -> dict[str, Any]:
     main = deepspeed_main_file(p)  # a DeepSpeed checkpoint written before train_state.json existed
     if not main.is_file():
         raise FileNotFoundError(f"{p / TRAIN_STATE} not found: is {checkpoint_dir} a checkpoint written by train?")
-    state = torch.load(main, map_location="cpu", weights_only=False, mmap=True)
+    state = torch.load(main, map_location="cpu", weights_only=True, mmap=True)
     out = {k: state[k] for k in ("step", "epoch", "samples_in_epoch", "model_config")}
     return {**out, "model_type": DEFAULT_MODEL_TYPE, "strategy": DEEPSPEED, "world_size": state["dp_world_size"]}
 

@@ -12,6 +12,7 @@ import faiss
 import numpy as np
 
 from neuraflex_ray.checkpoint import fingerprint
+from neuraflex_ray.checkpoint.untrusted import refuse_pickles
 from neuraflex_ray.config import ConfigError
 from neuraflex_ray.memory.config import INDEX_KINDS, DatastoreConfig
 from neuraflex_ray.memory.index import configure
@@ -48,7 +49,7 @@ def kept_keys(path: str | Path) -> np.ndarray:
 
     p = Path(path)
     manifest = read_datastore_manifest(p)
-    kept = np.load(p / "positions.npy")
+    kept = np.load(p / "positions.npy", allow_pickle=False)
     parts = []
     for shard in manifest["shards"]:
         s = read_keys(p / shard)
@@ -66,6 +67,7 @@ class Datastore:
         if index not in INDEX_KINDS:
             raise ConfigError(f"datastore index {index!r}: expected one of {list(INDEX_KINDS)}")
         self.path = Path(path).expanduser().resolve()
+        refuse_pickles(self.path, "datastore")
         self.manifest = read_datastore_manifest(self.path)
         if export_dir is not None:
             check_export(self.manifest, self.path, export_dir)
@@ -73,8 +75,8 @@ class Datastore:
         self.cfg.validate()
         self.kind = index
         self.index = configure(faiss.read_index(str(self.path / self.manifest["index"][index]["file"])), self.cfg)
-        self.values = np.load(self.path / "values.npy").astype(np.int64)
-        self.counts = np.load(self.path / "counts.npy").astype(np.float32)
+        self.values = np.load(self.path / "values.npy", allow_pickle=False).astype(np.int64)
+        self.counts = np.load(self.path / "counts.npy", allow_pickle=False).astype(np.float32)
 
     @property
     def k(self) -> int:

@@ -40,6 +40,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
+from neuraflex_ray.local_ray import start_local_ray  # noqa: E402
 from neuraflex_ray.serving.deploy import free_port, wait_ready  # noqa: E402
 
 MODEL = "neuraflex-moe"
@@ -121,7 +122,6 @@ def main() -> None:
     p.add_argument("--scale-down-timeout-s", type=float, default=180.0)
     args = p.parse_args()
 
-    import ray
     from openai import OpenAI
     from ray import serve
 
@@ -132,7 +132,7 @@ def main() -> None:
     dep = dict(app_spec["deployments"][0])
     dep_name = dep.pop("name")
     auto = dep["autoscaling_config"]
-    ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
     port = free_port(8000)
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only

@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
+from neuraflex_ray.local_ray import start_local_ray  # noqa: E402
 from neuraflex_ray.serving.deploy import deploy, free_port  # noqa: E402
 
 MODEL = "neuraflex-moe"
@@ -86,10 +87,9 @@ def main() -> None:
     p.add_argument("--kv-flavours", nargs="+", default=["debug", "small"], help="model.flavour(s) for the KV runs")
     args = p.parse_args()
 
-    import ray
     from ray import serve
 
-    ray.init(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=max(os.cpu_count() or 1, 2), include_dashboard=False, log_to_driver=False)
     port = free_port(8000)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON only
         exports = {f: export_for(f, Path(tmp), args.kv_tokens) for f in {args.flavour, *args.kv_flavours}}

@@ -3,7 +3,7 @@
 The package is layered; a unit (a sub-package, a top-level module, or `pipelines/` beside the
 package) imports only units of the layers below its own, never above and never beside:
 
-    atomic, console                 small utilities: atomic writes, what reaches the console
+    atomic, console, local_ray      small utilities: atomic writes, what reaches the console, starting a local Ray
     config                          the job config and its sections; the model-family interface and registry
     models                          the models, free of any parallelism
     parallel, pipelines             DeepSpeed expert parallelism; the Ray Data pipelines
@@ -25,7 +25,7 @@ import against `LAYERS`.
 """
 
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("atomic", "console"),
+    ("atomic", "console", "local_ray"),
     ("config",),
     ("models",),
     ("parallel", "pipelines"),

@@ -26,9 +26,11 @@ def ray_session():
     """
     import ray
 
+    from neuraflex_ray.local_ray import start_local_ray
+
     started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
+    if started:  # its address in its own processes' environment (Train's cleaner finds it beside other Rays)
+        start_local_ray(keep_address=False, num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1")
     yield
     if started:
         ray.shutdown()

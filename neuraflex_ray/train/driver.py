@@ -21,6 +21,7 @@ from ray.train.torch import TorchTrainer
 from neuraflex_ray import console
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
 from neuraflex_ray.config import ConfigError, JobConfig, TrainConfig, get_family, validate
+from neuraflex_ray.local_ray import cluster_to_join, start_local_ray
 from neuraflex_ray.train.loop import train_loop_per_worker
 
 RAY_RUN_NAME = "train"
@@ -35,17 +36,18 @@ def ensure_ray(cfg: JobConfig | None = None, min_cpus: float = 0) -> None:
         return
     # Library chatter to <run dir>/logs/library.log from here on (console.py); --verbose keeps it.
     console.install((cfg.run_dir if cfg else Path("runs")) / "logs" / "library.log")
-    if os.environ.get("RAY_ADDRESS"):
+    joining = cluster_to_join()
+    if joining:
         ctx = ray.init()
     else:
         workers = cfg.train.num_workers * cfg.train.cpus_per_worker if cfg else 2
         # Logical CPUs above the physical count leave room for Ray Data's read tasks beside the
         # training workers on a small machine; the workers set their own torch thread counts.
-        ctx = ray.init(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)), include_dashboard=True,
-                       dashboard_host="127.0.0.1", log_to_driver=True)
+        ctx = start_local_ray(num_cpus=max(os.cpu_count() or 1, workers + 2, math.ceil(min_cpus)),
+                              include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
     console.filter_worker_lines()
     if ctx.dashboard_url:
-        print(f"[ray] {'connected to' if os.environ.get('RAY_ADDRESS') else 'started'} a Ray cluster; "
+        print(f"[ray] {'connected to' if joining else 'started'} a Ray cluster; "
               f"dashboard http://{ctx.dashboard_url}", flush=True)
 
 

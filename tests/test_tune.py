@@ -165,9 +165,13 @@ def test_tensorboard_has_every_trial_under_one_directory(sweep):
 
 
 def test_resources_are_free_after_the_sweep(sweep):
+    from ray.util import placement_group_table
+
     deadline = time.monotonic() + 60
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
-        assert time.monotonic() < deadline, f"placement groups left behind: {ray.available_resources()}"
+        held = {k: {f: v.get(f) for f in ("state", "bundles", "stats")} for k, v in placement_group_table().items()
+                if v.get("state") != "REMOVED"}
+        assert time.monotonic() < deadline, f"placement groups left behind: {held}; {ray.available_resources()}"
         time.sleep(1)
 
 

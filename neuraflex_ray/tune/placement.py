@@ -10,6 +10,8 @@ still holds.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -73,18 +75,36 @@ def release_groups(groups: set[str], grace_s: float) -> list[str]:
     return left
 
 
-def release_leaked_placement_groups(grace_s: float = 15.0) -> None:
+DRIVER_JOBS = "driver_jobs.txt"  # in the sweep directory: the Ray job id of every driver that ran the sweep
+
+
+def record_driver_job(sweep_dir: Path) -> list[str]:
+    """Add this driver's Ray job id to the sweep's list; return the ids of the drivers that ran it before."""
+    path = sweep_dir / DRIVER_JOBS
+    earlier = path.read_text().split() if path.is_file() else []
+    job = ray.get_runtime_context().get_job_id()
+    with open(path, "a") as f:
+        f.write(job + "\n")
+    return [j for j in earlier if j != job]
+
+
+def release_leaked_placement_groups(earlier_jobs: Sequence[str] = (), grace_s: float = 15.0) -> None:
     """Remove the worker placement groups this sweep's Train runs left behind.
 
     Once Tune has returned no trial of ours is running, so whatever this job still holds after a
     grace period for Ray's own clean-up is a leak: a group of a Train run that was still starting when
-    its trial stopped, before any report could name it. Placement group ids end with the id of the
-    job that created them.
+    its trial stopped, before any report could name it. Groups of the sweep's earlier drivers
+    (`earlier_jobs`: a run interrupted and now resumed) go at once when Ray lists their job as dead:
+    Ray should have removed them with the job, yet once in a CI run one stayed reserved a minute after
+    the resumed sweep had ended. Placement group ids end with the id of the job that created them.
     """
     from ray.util import placement_group_table
 
     job = ray.get_runtime_context().get_job_id()
-    ours = {pg for pg in placement_group_table() if pg.endswith(job)}
-    leaked = release_groups(ours, grace_s)
+    table = placement_group_table()
+    # An id recorded by a driver on another cluster may name a live job here: only dead ones count.
+    dead = {k.hex() for k, v in ray._private.worker.global_worker.gcs_client.get_all_job_info().items() if v.is_dead}
+    old = {pg for pg in table if any(pg.endswith(j) for j in set(earlier_jobs) & dead)}
+    leaked = release_groups(old, 0.0) + release_groups({pg for pg in table if pg.endswith(job)}, grace_s)
     if leaked:
         print(f"[tune] released {len(leaked)} placement group(s) that stopped trials left behind", flush=True)

@@ -32,7 +32,11 @@ import ray
 
 from neuraflex_ray.config import ConfigError
 from neuraflex_ray.tune.config import Sweep
-from neuraflex_ray.tune.placement import ReleaseEndedTrialGroups, release_leaked_placement_groups
+from neuraflex_ray.tune.placement import (
+    ReleaseEndedTrialGroups,
+    record_driver_job,
+    release_leaked_placement_groups,
+)
 from neuraflex_ray.tune.space import optuna_distributions, tune_domains
 from neuraflex_ray.tune.trial import run_trial
 
@@ -180,6 +184,8 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     # 2 x 1.01 of 3 reserved, the reads waited forever for a free CPU.
     ensure_ray(sweep.base, min_cpus=(sweep.cfg.max_concurrent_trials or 1) * (t.num_workers * t.cpus_per_worker
                                                                                + TRIAL_CPU) + 1)
+    earlier_jobs = record_driver_job(sweep.dir)
+    release_leaked_placement_groups(earlier_jobs, grace_s=0.0)  # an interrupted driver's leftovers, if any
     base = sweep.base
     if base.finetune.from_export:  # the export's tokenizer, and its Fisher computed once for every trial
         from neuraflex_ray.finetune.setup import finetune_config
@@ -193,7 +199,7 @@ def run_sweep(sweep: Sweep, *, resume: bool = False, fresh: bool = False) -> dic
     print(f"[tune] dashboards: neuraflex-ray dashboard {sweep.dir} (TensorBoard: {sweep.dir / 'tensorboard'}" +
           (f", Optuna: {sweep.storage_url})" if sweep.storage_url else ")"), flush=True)
     grid = _tuner(sweep, resume).fit()
-    release_leaked_placement_groups()
+    release_leaked_placement_groups(earlier_jobs)
     finished = grid.num_terminated + grid.num_errors
     if finished < c.num_trials:  # Ctrl-C / SIGTERM: Tune saved its state and returned early
         print(f"[tune] interrupted with {finished} of {c.num_trials} trials finished; continue with --resume "

@@ -29,6 +29,7 @@ from neuraflex_ray.config import ModelConfig
 from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export
 from neuraflex_ray.families.neurofm.scratch import SCRATCH_NEURO_MANIFEST, scratch_neurofm_export
 from neuraflex_ray.models.moe_lm import param_counts
+from neuraflex_ray.serving.access import AccessConfig
 from neuraflex_ray.serving.app import build_app
 from neuraflex_ray.serving.deploy import deploy, find_export, free_port
 from neuraflex_ray.serving.models import ServeOptions
@@ -326,7 +327,8 @@ def test_serve_configs_pass_serves_own_schema_and_build(tmp_path):
         schema = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
         (app,) = schema.applications
         assert app.import_path == "neuraflex_ray.serving.app:build_app", path
-        assert set(app.args) <= {"models", *(f.name for f in dataclasses.fields(ServeOptions))}, path
+        assert set(app.args) <= {"models", "access", *(f.name for f in dataclasses.fields(ServeOptions))}, path
+        AccessConfig.from_args(app.args.get("access"), env={})  # every limit a known setting with a valid value
         deployment = app.deployments[0]
         assert deployment.name == "NeuraFlexServer" and deployment.autoscaling_config["max_replicas"] >= 1
     # Serve calls the builder the way it calls any app builder (one dict argument), and the builder

@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "<base>+NAME, or <base>:ADAPTER+NAME with an adapter")
     sp.add_argument("--datastore-index", choices=["flat", "ivfpq", "hnsw"], default="flat",
                     help="which index of each datastore is searched (default flat: exact)")
+    sp.add_argument("--api-key-file", default="", metavar="FILE",
+                    help="require `Authorization: Bearer <key>` on every route but /health: one key per line, "
+                         "optionally followed by a name; re-read when it changes (also: NEURAFLEX_API_KEYS)")
+    sp.add_argument("--access", action="append", default=[], metavar="LIMIT=VALUE",
+                    help="a per-key limit (serving/access.py): requests_per_minute, tokens_per_minute, "
+                         "max_concurrent_streams, max_body_bytes, max_prompt_tokens, protect_health=true")
     sp.add_argument("--replicas", type=int, default=1)
     sp.add_argument("--num-cpus", type=float, default=1, help="CPUs per replica")
     sp.add_argument("--num-gpus", type=float, default=0, help="GPUs per replica (the model then runs on CUDA, bf16)")

@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 from neuraflex_ray.config import BUILTIN, DEFAULT_MODEL_TYPE, ConfigError, JobConfig, get_family, load_config
 
@@ -196,7 +197,13 @@ def cmd_serve(args: argparse.Namespace) -> dict:
         bad = [a for a in items if "=" not in a]
         if bad:
             raise ConfigError(f"{flag} {bad[0]}: give NAME=DIR (requests then ask for model {ask})")
-    serving = {"quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
+    access: dict[str, Any] = {"api_key_file": args.api_key_file} if args.api_key_file else {}
+    for item in args.access:
+        name, _, value = item.partition("=")
+        if not value:
+            raise ConfigError(f"--access {item}: give LIMIT=VALUE, e.g. requests_per_minute=60")
+        access[name] = value.lower() == "true" if name == "protect_health" else int(value) if value.isdigit() else value
+    serving = {"access": access, "quantize": args.quantize, "speculative": args.speculative, "draft": args.draft,
                "num_speculative_tokens": args.num_speculative_tokens,
                "adapters": dict(a.split("=", 1) for a in args.adapter), "dispatch": args.dispatch,
                "datastores": dict(a.split("=", 1) for a in args.datastore), "datastore_index": args.datastore_index}

@@ -41,6 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from neuraflex_ray.serving import generation
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving import openapi as api_doc
+from neuraflex_ray.serving.access import AccessConfig, AccessMiddleware, install
 from neuraflex_ray.serving.errors import RequestError
 from neuraflex_ray.serving.logprobs import token_text
 from neuraflex_ray.serving.memory import check_datastores
@@ -59,6 +60,7 @@ from neuraflex_ray.serving.neuro import NeuroRequest
 from pipelines.text import EOS
 
 app = FastAPI(title="NeuraFlex-Ray", description=__doc__)
+app.add_middleware(AccessMiddleware)  # API keys and per-key limits (access.py); off until args.access sets keys
 
 
 @app.exception_handler(RequestError)
@@ -138,7 +140,10 @@ api_doc.install(app, {
                   ray_actor_options={"num_cpus": 1})
 @serve.ingress(app)
 class NeuraFlexServer:
-    def __init__(self, models: dict[str, str], options: dict[str, Any] | None = None):
+    def __init__(self, models: dict[str, str], options: dict[str, Any] | None = None,
+                 access: dict[str, Any] | None = None):
+        # Limits shared by the app's replicas live in one ledger actor named after the app.
+        install(AccessConfig(**(access or {})), f"neuraflex-access-{serve.get_replica_context().app_name}")
         opts = ServeOptions.from_args(options or {})
         self.models = {name: load_model(name, Path(p), opts) for name, p in resolve_models(models).items()}
         self.created = int(time.time())
@@ -153,7 +158,7 @@ class NeuraFlexServer:
     @app.get("/health")
     async def health(self) -> dict[str, Any]:
         self.check_health()
-        return {"status": "ok", "models": {
+        return {"status": "ok", "replica": serve.get_replica_context().replica_id.unique_id, "models": {
             n: m.engine.load() if isinstance(m, LMModel) else {"model_type": m.meta["model_type"]}
             for n, m in self.models.items()}}
 
@@ -318,9 +323,10 @@ class NeuraFlexServer:
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve config entry point (`import_path: neuraflex_ray.serving.app:build_app`).
 
-    args: models ({name: export dir}, or a path / list of paths) and the fields of
-    `serving/models.py:ServeOptions` (max_batch_size, kv_cache, device, batch_invariant, quantize,
-    speculative, draft, num_speculative_tokens, adapters, datastores, datastore_index, datastore_gate).
+    args: models ({name: export dir}, or a path / list of paths), access (API keys and per-key limits:
+    `serving/access.py:AccessConfig`), and the fields of `serving/models.py:ServeOptions` (max_batch_size,
+    kv_cache, device, batch_invariant, quantize, speculative, draft, num_speculative_tokens, adapters,
+    datastores, datastore_index, datastore_gate).
     Serve calls an app builder with exactly this one
     argument; deployment options (replicas, ray_actor_options, autoscaling) come from the config's
     `deployments:` section.
@@ -333,7 +339,8 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
     replica starts) and bound, with `options` for the deployment when called from Python (deploy.py)."""
     if "models" not in args:
         raise ValueError("serve config args: `models` is required ({name: export dir})")
-    serving = ServeOptions.from_args({k: v for k, v in args.items() if k != "models"})
+    access = AccessConfig.from_args(args.get("access"))  # NEURAFLEX_API_KEYS: only their digests go on
+    serving = ServeOptions.from_args({k: v for k, v in args.items() if k not in ("models", "access")})
     models = {n: str(p) for n, p in resolve_models(args["models"]).items()}
     if serving.adapters:
         check_adapters(serving.adapters, [p for p in models.values() if _is_lm(p)])
@@ -343,7 +350,8 @@ def bind_app(args: dict[str, Any], options: dict[str, Any] | None = None) -> ser
         for path in models.values():
             if _is_lm(path):
                 check_draft(Path(serving.draft), Path(path))
-    return NeuraFlexServer.options(**(options or {})).bind(models, dataclasses.asdict(serving))
+    return NeuraFlexServer.options(**(options or {})).bind(models, dataclasses.asdict(serving),
+                                                           dataclasses.asdict(access))
 
 
 def _is_lm(path: str) -> bool:

@@ -79,6 +79,7 @@ class Sequence:
     spec_accepted: int = 0  # ... and accepted by the target model
     state: Any = None  # what an engine keeps per sequence beside its cache slot (the BLT: its generator)
     dispatch: dict[str, Any] | None = None  # `<base>:auto`: the adapter the first pass chose, and why
+    cancel_mark: int | None = None  # len(out) when cancel() was first called: what the engine made after it
 
     def emit(self, kind: str, value: Any) -> None:
         try:
@@ -103,6 +104,8 @@ class Sequence:
             self.cancel()
 
     def cancel(self) -> None:
+        if self.cancel_mark is None:
+            self.cancel_mark = len(self.out)
         self.cancelled = True  # read by the engine thread; a no-op once finished
 
 
@@ -126,7 +129,10 @@ class SlotEngine:
         self.slots: list[Sequence | None] = [None] * max_batch_size
         self.waiting: deque[Sequence] = deque()
         self.cond = threading.Condition()
-        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0, "peak_batch": 0}
+        # tokens_after_cancel: the most tokens any cancelled sequence (a client gone mid-stream) was given
+        # after its cancel() -- the engine drops it at its next step, so at most one step's worth.
+        self.stats = {"finished": 0, "cancelled": 0, "failed": 0, "steps": 0, "tokens": 0, "peak_batch": 0,
+                      "tokens_after_cancel": 0}
         self.error: BaseException | None = None  # set only if the loop itself died (health check)
 
     def _start(self) -> None:
@@ -251,6 +257,8 @@ class SlotEngine:
     def _retire(self, seq: Sequence, reason: str | None) -> None:
         self._free(seq)
         self.stats["cancelled" if reason is None else "finished"] += 1
+        if reason is None and seq.cancel_mark is not None:
+            self.stats["tokens_after_cancel"] = max(self.stats["tokens_after_cancel"], len(seq.out) - seq.cancel_mark)
         if reason is not None:
             seq.emit("done", reason)
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from fastapi.responses import StreamingResponse
 
+from neuraflex_ray.serving import access
 from neuraflex_ray.serving import logprobs as lp
 from neuraflex_ray.serving import openai_api as oai
 from neuraflex_ray.serving.engine import SamplingParams, Sequence
@@ -85,6 +86,11 @@ def _params(req: Any, lm: LMModel, prompt: list[int], max_tokens: int | None, sa
 async def run(kind: Kind, lm: LMModel, req: Any, prompts: list[list[int]], max_tokens: int | None,
               adapter: str | None = None, datastore: str | None = None) -> Any:
     longest = max(len(p) for p in prompts)
+    limit = access.prompt_limit(lm.context)
+    if longest > limit:
+        field = "messages" if kind == "chat" else "prompt"
+        raise RequestError(f"{field}: {longest} tokens; this server takes prompts of at most {limit} tokens "
+                           f"(max_prompt_tokens): shorten it", field, code="prompt_too_long")
     if max_tokens is not None and longest + max_tokens > lm.context:
         field = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
         raise RequestError(f"{field}={max_tokens} plus the prompt's {longest} tokens exceed this model's "
@@ -93,22 +99,32 @@ async def run(kind: Kind, lm: LMModel, req: Any, prompts: list[list[int]], max_t
     samples = req.best_of_count()
     jobs = [Job(i * samples + j, ids, _params(req, lm, ids, max_tokens, j, adapter, datastore))
             for i, ids in enumerate(prompts) for j in range(samples)]
+    grant = access.current()
+    if req.stream and grant is not None:
+        await grant.open_stream()  # 429 when the key has max_concurrent_streams open already
     for job in jobs:
         job.seq = lm.engine.submit(job.prompt, job.params)
     rid = oai.new_id("cmpl" if kind == "text" else "chatcmpl")
     prompt_tokens = sum(len(p) for p in prompts)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(kind, lm, req, rid, jobs, stops, prompt_tokens, include_usage),
+        return StreamingResponse(_stream(kind, lm, req, rid, jobs, stops, prompt_tokens, include_usage, grant),
                                  media_type="text/event-stream")
     try:
         await asyncio.gather(*(_collect(lm, job, stops) for job in jobs))
     finally:
-        for job in jobs:
-            job.seq.cancel()
+        _release(jobs, grant)
     kept = _best(jobs, req.n, samples) if samples > req.n else jobs
     choices = [_choice(kind, lm, req, job, job.text) for job in kept]
     return oai.response(kind, rid, req.model, choices, oai.usage(prompt_tokens, sum(j.tokens for j in jobs)))
+
+
+def _release(jobs: list[Job], grant: access.Grant | None) -> None:
+    """Free the jobs' engine slots; charge what they generated to the caller's key."""
+    for job in jobs:
+        job.seq.cancel()
+    if grant is not None:
+        grant.tokens += sum(len(job.seq.out) for job in jobs)
 
 
 async def _collect(lm: LMModel, job: Job, stops: list[str]) -> None:
@@ -163,7 +179,7 @@ def _sse(obj: dict[str, Any]) -> str:
 
 
 async def _stream(kind: Kind, lm: LMModel, req: Any, rid: str, jobs: list[Job], stops: list[str],
-                  prompt_tokens: int, include_usage: bool) -> AsyncIterator[str]:
+                  prompt_tokens: int, include_usage: bool, grant: access.Grant | None) -> AsyncIterator[str]:
     """Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`. Choices stream side
     by side, each chunk carrying the logprobs of the tokens it covers; if the client goes away the
     tasks are cancelled and the slots freed."""
@@ -200,5 +216,4 @@ async def _stream(kind: Kind, lm: LMModel, req: Any, rid: str, jobs: list[Job], 
     finally:
         for t in tasks:
             t.cancel()
-        for job in jobs:
-            job.seq.cancel()
+        _release(jobs, grant)

@@ -35,7 +35,9 @@ OURS = re.compile(r"^\[[a-z_-]+\] ")
 # A forwarded line that reports a failure is shown even when it is not ours.
 FAILURE = re.compile(r"Traceback \(most recent call last\)|\b(\w+Error|\w*Exception):|\bCRITICAL\b|\bFATAL\b")
 # Driver-side notices shown by default that no user of this tool can act on.
-NOISE = ("Progress bars disabled", "Token authentication is enabled")
+NOISE = ("Progress bars disabled", "Token authentication is enabled",
+         # Ray Data's notice of a failed task: the command line then prints the error itself, in one line.
+         "An exception was raised from a task of operator", "Exception occurred in user code, with the abbreviated")
 RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
 
 _installed: dict[str, Any] = {}

@@ -24,10 +24,11 @@ import pyarrow.parquet as pq
 import pyedflib
 
 from neuraflex_ray.config import ModalitySpec, RecordingSpec
+from pipelines.errors import BadInput
 from pipelines.fnirs import read_fnirs_netcdf
 
 
-class BadRecording(ValueError):
+class BadRecording(BadInput):
     """A recording that cannot be used; the message names the file, the problem and the fix."""
 
 

@@ -14,6 +14,7 @@ import pyarrow as pa
 import ray
 
 from neuraflex_ray.atomic import write_json_atomic
+from pipelines.errors import BadInput
 
 
 def swap_into_place(tmp: Path, out: Path, manifest: dict[str, Any], files: tuple[str, ...] = ()) -> None:
@@ -63,11 +64,25 @@ def require_manifest(out: Path, build_hint: str) -> dict[str, Any]:
     return manifest
 
 
+def check_shards(out: Path, shards: list[str]) -> None:
+    """Every shard a manifest lists is a whole Parquet file (its footer reads), before any worker
+    reads one: a shard cut short (a full disk, a copy killed midway) is one error naming it."""
+    import pyarrow.parquet as pq
+
+    for s in shards:
+        try:
+            pq.read_metadata(out / s)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise BadInput(f"{out / s}: not a complete Parquet file ({e}); the dataset in {out} is damaged: "
+                           f"fix: delete {out / 'manifest.json'} and run again to rebuild it") from None
+
+
 def load_splits(output_dir: str, build_hint: str) -> tuple[ray.data.Dataset, ray.data.Dataset, dict[str, Any]]:
     """(train, val, manifest) of a built output_dir. Shards are read in manifest order with ordered
     execution, so every reader (e.g. every Ray Train rank) sees the same sequence of rows."""
     out = Path(output_dir).expanduser().resolve()
     manifest = require_manifest(out, build_hint)
+    check_shards(out, manifest["train_shards"] + manifest["val_shards"])
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     train = ray.data.read_parquet([str(out / s) for s in manifest["train_shards"]])
     val = ray.data.read_parquet([str(out / s) for s in manifest["val_shards"]])

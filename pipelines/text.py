@@ -74,13 +74,19 @@ def build_text_dataset(cfg: DataConfig, *, force: bool = False) -> dict[str, Any
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     block_len = cfg.seq_len + 1
 
-    docs = (
-        ray.data.from_items([{"path": f.path, "id": f.rel} for f in files],
-                            override_num_blocks=min(len(files), 64))
-        .map_batches(_read_documents, batch_format="numpy",
-                     fn_kwargs={"fs": fs, "text_field": cfg.text_field, "seed": cfg.seed})
-        .materialize()
-    )
+    try:
+        docs = (
+            ray.data.from_items([{"path": f.path, "id": f.rel} for f in files],
+                                override_num_blocks=min(len(files), 64))
+            .map_batches(_read_documents, batch_format="numpy",
+                         fn_kwargs={"fs": fs, "text_field": cfg.text_field, "seed": cfg.seed})
+            .materialize()
+        )
+    except Exception:
+        # Ray Data hands a task's error back wrapped, as text; find the bad file here to raise its own
+        # one-line BadInput (naming the file and line) instead.
+        _find_bad_input(fs, files, cfg.text_field)
+        raise
     cols = _columns(docs, ["u", "nbytes"])  # per document, in order
     keep = _num_to_keep(cols["nbytes"], cfg.max_bytes)
     if keep < len(cols["u"]):
@@ -239,6 +245,13 @@ def _read_documents(batch: dict[str, np.ndarray], fs: pafs.FileSystem, text_fiel
         "nbytes": pa.array([len(t.encode()) for t in texts], pa.int64()),
         "u": pa.array([_unit_hash(i, seed) for i in ids], pa.float64()),
     })
+
+
+def _find_bad_input(fs: pafs.FileSystem, files: list[_InputFile], text_field: str) -> None:
+    """Read every input in this process; the first that cannot be read raises its BadInput."""
+    for f in files:
+        for _ in _file_documents(fs, f.path, text_field):
+            pass
 
 
 def _unit_hash(doc_id: str, seed: int) -> float:

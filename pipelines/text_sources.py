@@ -17,10 +17,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from neuraflex_ray.config import DataConfig
+from pipelines.errors import BadInput
 
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst")  # one document per file
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")  # one document per row, text in cfg.text_field
@@ -127,7 +129,10 @@ def _file_documents(fs: pafs.FileSystem, path: str, text_field: str) -> Iterator
     suffix = _suffix(path)
     if suffix == ".parquet":
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
+            try:
+                pf = pq.ParquetFile(f)
+            except (pa.ArrowInvalid, OSError) as e:
+                raise BadInput(f"{path}: not a complete Parquet file ({e}); fix: re-copy or re-export it") from None
             if text_field not in pf.schema_arrow.names:
                 raise ValueError(f"data.text_field={text_field!r}: {path} has no such column "
                                  f"(columns: {pf.schema_arrow.names})")
@@ -139,10 +144,24 @@ def _file_documents(fs: pafs.FileSystem, path: str, text_field: str) -> Iterator
         yield None, text
         return
     if suffix == ".json" and text.lstrip().startswith("["):
-        rows: Any = json.loads(text)  # a JSON array of records
+        try:
+            rows: Any = json.loads(text)  # a JSON array of records
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}, line {e.lineno}: not valid JSON ({e.msg}, column {e.colno}); fix that line") from None
     else:
-        rows = (json.loads(line) for line in text.splitlines() if line.strip())  # JSON lines
+        rows = _json_lines(path, text)
     for i, row in enumerate(rows):
         if not isinstance(row, dict) or text_field not in row:
             raise ValueError(f"data.text_field={text_field!r}: record {i} of {path} has no such key")
         yield i, row[text_field]
+
+
+def _json_lines(path: str, text: str) -> Iterator[Any]:
+    """The records of a JSON-lines file; a line that is not JSON is an error naming the file and line."""
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}, line {n}: not JSON ({e.msg}, column {e.colno}); fix: correct or remove "
+                               f"that line") from None

@@ -77,6 +77,7 @@ def test_two_trainings_at_once_each_on_its_own_local_ray_run_clean(runs):
 def test_a_default_run_shows_progress_and_no_chatter(runs):
     tmp, quiet, _ = runs
     assert "[train] step 2/4" in quiet and "[train] step 4/4" in quiet and "[eval] step 4" in quiet
+    assert "[ckpt] step 4 complete: " in quiet  # Ray's own checkpoint line went to the log file
     assert [c for c in CHATTER if c in quiet] == []
     log = tmp / "runs" / "quiet" / "logs" / "library.log"
     assert f"library output goes to {log}" in quiet

@@ -5,7 +5,8 @@ Every command that takes --config also takes dotted overrides after it, e.g.
 
     neuraflex-ray train --config jobs/configs/moe_debug.yaml train.max_steps=50 model.top_k=1
 
-A usage or config error prints one line naming the flag or field and exits 2. By default the console
+A usage or config error, or an input file that cannot be used, prints one line naming the flag, the
+field or the file (and line) and exits 2. By default the console
 shows our progress lines, warnings and errors, and library chatter goes to <run dir>/logs/library.log
 (neuraflex_ray/console.py). `--verbose` (before the command) shows both the chatter and tracebacks.
 """
@@ -197,11 +198,30 @@ def main(argv: list[str] | None = None) -> int:
         os.environ[VERBOSE_ENV] = "1"
     try:
         out = args.fn(args)
-    except ConfigError as e:
-        if args.verbose:
+    except Exception as e:
+        err = _config_error(e)
+        if err is None or args.verbose:
             raise
-        print(f"config error: {e}", file=sys.stderr)
+        from pipelines.errors import BadInput
+
+        print(f"{'input' if isinstance(err, BadInput) else 'config'} error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(out, indent=2, default=str))
     return 130 if out.get("interrupted") else 0
 
+
+
+def _config_error(e: BaseException | None) -> ConfigError | None:
+    """The ConfigError (a bad field, a bad input file) behind `e`, also when a Ray task raised it: Ray's
+    wrapper is an instance of the same class, but its text carries the remote traceback."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: what the task itself raised
+        if isinstance(cause, BaseException):
+            e = cause
+        elif isinstance(e, ConfigError):
+            return e
+        else:
+            e = e.__cause__ or e.__context__
+    return None

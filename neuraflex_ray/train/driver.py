@@ -22,6 +22,7 @@ from neuraflex_ray import console
 from neuraflex_ray.checkpoint import is_complete, read_checkpoint_state
 from neuraflex_ray.config import ConfigError, JobConfig, TrainConfig, get_family, validate
 from neuraflex_ray.local_ray import cluster_to_join, start_local_ray
+from neuraflex_ray.train.checkpoint_notices import AnnounceCheckpoints, announce_skipped
 from neuraflex_ray.train.loop import train_loop_per_worker
 
 RAY_RUN_NAME = "train"
@@ -62,14 +63,19 @@ def checkpoints_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def latest_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint under a run directory (or `path` itself if it is one)."""
+def latest_checkpoint(path: str | Path, announce: bool = False) -> Path | None:
+    """The newest complete checkpoint under a run directory (or `path` itself if it is one).
+    `announce`: say on the console which newer ones it passed over as incomplete."""
     p = Path(path).resolve()
     if is_complete(p):
         return p
     # Ray names checkpoint directories by time; skip any a crash left incomplete.
-    candidates = sorted((checkpoints_root(p) / RAY_RUN_NAME).glob("checkpoint_*"), reverse=True)
-    return next((d for d in candidates if d.is_dir() and is_complete(d)), None)
+    candidates = [d for d in sorted((checkpoints_root(p) / RAY_RUN_NAME).glob("checkpoint_*"), reverse=True)
+                  if d.is_dir()]
+    found = next((d for d in candidates if is_complete(d)), None)
+    if announce:
+        announce_skipped(candidates[:candidates.index(found)] if found else candidates, found)
+    return found
 
 
 def remove_incomplete_checkpoints(run_dir: Path) -> list[Path]:
@@ -169,7 +175,7 @@ def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = 
 
     resume = None
     if cfg.train.resume_from:
-        resume = latest_checkpoint(cfg.train.resume_from)
+        resume = latest_checkpoint(cfg.train.resume_from, announce=True)
         if resume is None:
             raise ConfigError(f"train.resume_from={cfg.train.resume_from!r} holds no complete checkpoint")
         saved = read_checkpoint_state(resume)
@@ -206,7 +212,7 @@ def train(cfg: JobConfig, *, fresh: bool = False, callbacks: list[Any] | None = 
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep, checkpoint_score_attribute="step",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=t.max_failures),
-            callbacks=callbacks or None,
+            callbacks=[AnnounceCheckpoints(), *(callbacks or [])],
         ),
     )
     result = trainer.fit()

@@ -34,3 +34,19 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
+
+
+POSTGRES = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """The machine's PostgreSQL (trust auth, database `test`): a sweep's shared Optuna study lives there."""
+    import psycopg2
+
+    try:
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="test", connect_timeout=5).close()
+    except psycopg2.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable at 127.0.0.1:5432 (user postgres, database test): {str(e).strip()}; "
+                    f"`make test` needs it (README, 'Tests')", pytrace=False)
+    return POSTGRES

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import optuna
@@ -31,11 +32,12 @@ from neuraflex_ray.tune import load_sweep, run_sweep
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # ASHA's rungs at 4, 8 and 16; PBT perturbs at 8
 TRIALS = 5
+STUDY = f"t_{uuid.uuid4().hex[:8]}"  # the sweep's name, and its study's in the shared PostgreSQL database
 
 
-def write_sweep(tmp: Path) -> Path:
+def write_sweep(tmp: Path, storage: str = "") -> Path:
     raw = {
-        "name": "t", "output_dir": str(tmp / "sweeps"), "base": str(REPO / "jobs" / "configs" / "moe_debug.yaml"),
+        "name": STUDY, "output_dir": str(tmp / "sweeps"), "base": str(REPO / "jobs" / "configs" / "moe_debug.yaml"),
         "overrides": {
             "model": {"flavour": "tiny", "max_seq_len": 64},
             "data": {"output_dir": str(tmp / "data"), "max_bytes": 400000, "vocab_size": 512, "seq_len": 32},
@@ -47,7 +49,7 @@ def write_sweep(tmp: Path) -> Path:
                   # Architecture in the space: the router each trial trains with (as tune_router_debug.yaml).
                   "model.router": {"type": "choice", "values": ["softmax_topk", "aux_free", "sinkhorn"]}},
         "metric": "val_loss", "mode": "min", "num_trials": TRIALS, "max_concurrent_trials": 2, "seed": 0,
-        "search": {"algorithm": "optuna", "n_startup_trials": 2,
+        "search": {"algorithm": "optuna", "n_startup_trials": 2, "storage": storage,
                    "points_to_evaluate": [{"train.lr": 1e30, "model.router": "softmax_topk"}]},
         "scheduler": {"type": "asha", "grace_period": 4, "reduction_factor": 2},
     }
@@ -57,10 +59,8 @@ def write_sweep(tmp: Path) -> Path:
 
 
 def finished_in_optuna(storage: str) -> int:
-    if not Path(storage.removeprefix("sqlite:///")).is_file():
-        return 0
     try:
-        study = optuna.load_study(study_name="t", storage=storage)
+        study = optuna.load_study(study_name=STUDY, storage=storage)
     except KeyError:  # not created yet
         return 0
     return sum(t.state.is_finished() for t in study.trials)
@@ -77,10 +77,14 @@ def trial_files(sweep_dir: Path) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def sweep(ray_session, tmp_path_factory):
+def sweep(ray_session, tmp_path_factory, postgres_url):
+    """The study lives in the machine's PostgreSQL (as a sweep over several nodes keeps it): both the
+    interrupted driver and the resumed one write to it."""
     tmp = tmp_path_factory.mktemp("tune")
-    path = write_sweep(tmp)
+    path = write_sweep(tmp, storage=postgres_url)
     loaded = load_sweep(path)
+    # Optuna makes its tables on first use; made here, the polling below and the driver never race to.
+    optuna.storages.RDBStorage(postgres_url)
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = open(tmp / "phase1.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "neuraflex_ray.cli", "tune", "--config", str(path)],
@@ -98,8 +102,9 @@ def sweep(ray_session, tmp_path_factory):
     before = trial_files(loaded.dir)
 
     summary = run_sweep(load_sweep(path), resume=True)
-    return {"path": path, "sweep": loaded, "rc": rc, "finished_before": finished, "files_before": before,
+    yield {"path": path, "sweep": loaded, "rc": rc, "finished_before": finished, "files_before": before,
             "summary": summary, "log": (tmp / "phase1.log").read_text(), "tmp": tmp}
+    optuna.delete_study(study_name=STUDY, storage=postgres_url)
 
 
 def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep):
@@ -141,7 +146,8 @@ def test_results_table_in_csv_and_parquet(sweep):
 
 
 def test_optuna_storage_holds_every_trial(sweep):
-    study = optuna.load_study(study_name="t", storage=sweep["sweep"].storage_url)
+    assert sweep["sweep"].storage_url.startswith("postgresql")
+    study = optuna.load_study(study_name=STUDY, storage=sweep["sweep"].storage_url)
     states = [t.state for t in study.trials]
     assert len(states) == TRIALS
     assert states.count(optuna.trial.TrialState.FAIL) == 1
@@ -192,7 +198,7 @@ def test_the_dashboards_serve_the_finished_sweep(sweep):
     servers = start(sweep["sweep"].dir, tensorboard_port=free_port(), optuna_port=free_port())
     try:
         studies = json.loads(urllib.request.urlopen(servers["optuna"] + "/api/studies", timeout=30).read())
-        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == "t"]
+        (study,) = [s for s in studies["study_summaries"] if s["study_name"] == STUDY]
         detail = json.loads(urllib.request.urlopen(f"{servers['optuna']}/api/studies/{study['study_id']}",
                                                    timeout=30).read())
         assert len(detail["trials"]) == TRIALS

@@ -17,7 +17,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray cluster for the whole session (starting Ray takes seconds).
+    """One local Ray cluster for the whole session (starting Ray takes seconds): one per process of
+    `pytest -n 2` (make test), each of which runs whole modules (--dist loadfile).
 
     4 logical CPUs on a 2-core machine: 2 training workers take one each and Ray Data's read
     tasks need the rest, else ingestion waits forever behind the workers.

@@ -134,6 +134,7 @@ def test_kuberay_rayservice_serves_the_lm_app():
     module, attr = app.import_path.split(":")
     assert callable(getattr(__import__(module, fromlist=[attr]), attr))
     assert app.deployments[0].ray_actor_options.num_gpus == 1
+    assert svc["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]["redisAddress"]  # a lost head comes back
     pvc = manifests()["PersistentVolumeClaim"]
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
 

@@ -1,0 +1,308 @@
+"""Faults tried on purpose, with nothing lost: a head node lost under Serve load, keys and limits under load,
+a torn checkpoint on resume.
+
+    python benchmarks/fault_suite.py [--parts gcs_restart,auth,rate_limit,torn_checkpoint] [--outage-s 20]
+
+- gcs_restart: `clusters/local.sh up --gcs-ft` (a head and a worker node on this machine, the GCS backed
+  by the machine's Redis); an untrained tiny LM served by `serve deploy` with both replicas on the
+  worker node; 16 clients send completions through the worker node's Serve proxy. Every process of
+  the head node is killed (`local.sh kill-head`), and `--outage-s` later the head is started again
+  (`local.sh start-head`, what a supervisor or KubeRay would do). Counts the requests sent during the
+  outage and those that succeeded, then those that failed after it, and checks that the application,
+  a job submitted before the loss and the worker node are still there.
+- auth / rate_limit: one replica with keys; 20 requests without a key and 20 with a wrong one (their
+  statuses), and a key sending 4x its requests_per_minute while a second key's latency is measured
+  beside an unloaded run of it (p50 ratio).
+- torn_checkpoint: a checkpoint directory cut short (its expert files removed, as by a kill
+  mid-save) beside a complete one: the step the resume takes.
+
+Prints one JSON object with a key per part (the shape of issue 31's evidence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
+from neuraflex_ray.serving.deploy import free_port  # noqa: E402
+
+MODEL = "neuraflex-moe"
+BODY = {"model": MODEL, "prompt": "def handler(event, context):", "max_tokens": 8, "temperature": 0}
+
+
+def post(url: str, body: dict[str, Any], key: str | None = None, timeout: float = 30) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, {}
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+        return 0, {}
+
+
+def wait_for(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
+        time.sleep(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The head node lost under load
+# ---------------------------------------------------------------------------------------------
+
+
+class Load:
+    """`clients` threads sending completions to `url` back to back; each result is (t_sent, ok)."""
+
+    def __init__(self, url: str, clients: int):
+        self.url, self.results, self.stop = url, [], threading.Event()
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            t0 = time.monotonic()
+            status, body = post(self.url, BODY, timeout=30)
+            ok = status == 200 and body.get("usage", {}).get("completion_tokens") == BODY["max_tokens"]
+            with self.lock:
+                self.results.append((t0, ok))
+            if not ok:
+                time.sleep(0.2)  # a client backs off a little after a failure
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def wait_app_running(env: dict[str, str], name: str, timeout_s: float) -> str | None:
+    """Poll `serve status` until application `name` is RUNNING; its last status."""
+    deadline, status = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        r = subprocess.run([str(REPO / ".venv" / "bin" / "serve"), "status", "-a", env["RAY_ADDRESS"]], env=env,
+                           capture_output=True, text=True, timeout=120)
+        if r.returncode == 0:
+            status = (yaml.safe_load(r.stdout) or {}).get("applications", {}).get(name, {}).get("status")
+            if status == "RUNNING":
+                return status
+        time.sleep(2)
+    return status
+
+
+def local_sh(env: dict[str, str], *args: str, timeout: float = 300) -> str:
+    r = subprocess.run([str(REPO / "clusters" / "local.sh"), *args], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"local.sh {' '.join(args)} failed: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+    return r.stdout
+
+
+def gcs_restart(args: argparse.Namespace) -> dict[str, Any]:
+    state = Path(tempfile.mkdtemp(prefix="nfr-ft-", dir="/tmp"))
+    head_serve, worker_serve, dashboard = free_port(8100), free_port(8101), free_port(8277)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(NFR_CLUSTER_DIR=str(state), NFR_HEAD_PORT=str(free_port(6392)), NFR_DASHBOARD_PORT=str(dashboard),
+               NFR_WORKER_SERVE_PORT=str(worker_serve), PATH=f"{REPO / '.venv' / 'bin'}:{env['PATH']}")
+    jobs_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}", "RAY_AUTH_MODE": "token"}
+    local_sh(env, "up", "--gcs-ft")
+    try:
+        export = scratch_lm_export(state / "storage" / "lm", max_seq_len=128, flavour="tiny")
+        config = {"proxy_location": "EveryNode", "http_options": {"host": "127.0.0.1", "port": head_serve},
+                  "applications": [{"name": "ft", "route_prefix": "/", "import_path": "neuraflex_ray.serving.app:build_app",
+                                    "args": {"models": {MODEL: str(export)}, "max_batch_size": 8},
+                                    "deployments": [{"name": "NeuraFlexServer", "num_replicas": 2, "ray_actor_options": {
+                                        # both replicas on the worker node: the head's loss must not take them
+                                        "num_cpus": 0.5, "resources": {"nfr_worker_node": 0.01}}}]}]}
+        (state / "serve.yaml").write_text(yaml.safe_dump(config))
+        r = subprocess.run([str(REPO / ".venv" / "bin" / "serve"), "deploy", str(state / "serve.yaml"),
+                            "-a", jobs_env["RAY_ADDRESS"]], env=jobs_env, capture_output=True, text=True, timeout=300,
+                           cwd=REPO)
+        if r.returncode:
+            raise RuntimeError(f"serve deploy failed: {r.stdout[-2000:]} {r.stderr[-2000:]}")
+        job = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "job", "submit", "--no-wait", "--",
+                              "python", "-c", "import time; time.sleep(3600)"], env=jobs_env, check=True,
+                             capture_output=True, text=True, timeout=120, cwd=REPO).stdout
+        job_id = next(w for w in job.split() if w.startswith("raysubmit_"))
+        url = f"http://127.0.0.1:{worker_serve}/v1/completions"
+        wait_for(f"http://127.0.0.1:{worker_serve}/health", 300)
+        with Load(url, args.clients) as load:
+            time.sleep(args.warmup_s)
+            t_kill = time.monotonic()
+            local_sh(env, "kill-head")
+            time.sleep(args.outage_s)
+            t_back = time.monotonic()
+            local_sh(env, "start-head")  # returns once the worker node has rejoined the new head
+            app = wait_app_running(jobs_env, "ft", 300)
+            t_recovered = time.monotonic()
+            time.sleep(args.after_s)
+        during = [ok for t, ok in load.results if t_kill <= t < t_back]
+        after = [ok for t, ok in load.results if t >= t_recovered]
+        nodes = local_sh(env, "status")
+        r = subprocess.run([str(REPO / ".venv" / "bin" / "ray"), "job", "status", job_id], env=jobs_env,
+                           capture_output=True, text=True, timeout=120)
+        job_status = [line for line in (r.stdout + r.stderr).splitlines() if job_id in line or "tatus" in line]
+        return {"requests_during_outage": len(during), "succeeded_during_outage": int(sum(during)),
+                "requests_after": len(after), "failed_after": len(after) - int(sum(after)),
+                "apps_recovered": app == "RUNNING", "app_recovered_s": round(t_recovered - t_back, 1),
+                "nodes_alive_after": nodes.count("alive"),
+                "job_after": job_status[-1].strip() if job_status else None,  # `ray job status`'s line
+                "outage_s": args.outage_s,
+                "clients": args.clients}
+    finally:
+        local_sh(env, "down")
+        shutil.rmtree(state, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys and limits
+# ---------------------------------------------------------------------------------------------
+
+
+def auth_and_rate_limit(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from neuraflex_ray.local_ray import start_local_ray
+    from neuraflex_ray.serving.deploy import deploy
+
+    root = Path(tempfile.mkdtemp(prefix="nfr-keys-"))
+    keys = {"loaded": "sk-loaded-" + os.urandom(8).hex(), "quiet": "sk-quiet-" + os.urandom(8).hex()}
+    (root / "keys.txt").write_text("".join(f"{k} {n}\n" for n, k in keys.items()))
+    rpm = args.rpm
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        export = scratch_lm_export(root / "lm", max_seq_len=128, flavour="tiny")
+        base = deploy({MODEL: str(export)}, port=free_port(), num_cpus=1,
+                      access={"api_key_file": str(root / "keys.txt"), "requests_per_minute": rpm})
+        url = base + "/v1/completions"
+        no_key = {post(url, BODY)[0] for _ in range(20)}
+        bad_key = {post(url, BODY, "sk-wrong")[0] for _ in range(20)}
+        good = post(url, BODY, keys["quiet"])[0]
+
+        def timed(key: str, n: int) -> list[float]:
+            out = []
+            for _ in range(n):
+                t0 = time.perf_counter()
+                status, _ = post(url, BODY, key)
+                assert status == 200, status
+                out.append(time.perf_counter() - t0)
+            return out
+
+        unloaded = timed(keys["quiet"], args.samples)
+        # The loaded key sends 4x its limit over one minute (paced: 4 * rpm requests in 60 s, from 4
+        # threads); the quiet key's requests are timed across that minute.
+        statuses: list[int] = []
+        period = 60.0 / (4 * rpm) * 4  # each of the 4 threads
+
+        def flood() -> None:
+            t_next = time.monotonic()
+            for _ in range(rpm):
+                statuses.append(post(url, BODY, keys["loaded"])[0])
+                t_next += period
+                time.sleep(max(0.0, t_next - time.monotonic()))
+
+        threads = [threading.Thread(target=flood) for _ in range(4)]
+        for t in threads:
+            t.start()
+        loaded = []
+        for _ in range(args.samples):
+            loaded += timed(keys["quiet"], 1)
+            time.sleep(50.0 / args.samples)
+        for t in threads:
+            t.join()
+        return {"auth": {"no_key": sorted(no_key)[0] if len(no_key) == 1 else sorted(no_key),
+                         "bad_key": sorted(bad_key)[0] if len(bad_key) == 1 else sorted(bad_key), "good_key": good},
+                "rate_limit": {"limited_status": 429 if 429 in statuses else None, "sent": len(statuses),
+                               "admitted": statuses.count(200), "limited": statuses.count(429),
+                               "requests_per_minute": rpm,
+                               "other_key_p50_ratio": round(float(np.median(loaded) / np.median(unloaded)), 3),
+                               "other_key_p50_ms": round(float(np.median(loaded)) * 1e3, 1),
+                               "other_key_unloaded_p50_ms": round(float(np.median(unloaded)) * 1e3, 1)}}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# A torn checkpoint
+# ---------------------------------------------------------------------------------------------
+
+
+def torn_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
+    from neuraflex_ray.checkpoint import read_checkpoint_state
+    from neuraflex_ray.train.driver import RAY_RUN_NAME, checkpoints_root, latest_checkpoint
+
+    legacy = REPO / "tests" / "fixtures" / "legacy" / "moe" / "checkpoint"
+    with tempfile.TemporaryDirectory() as tmp:
+        root = checkpoints_root(Path(tmp)) / RAY_RUN_NAME
+        shutil.copytree(legacy, root / "checkpoint_2026-12-01_10-00-00.000000")
+        torn = root / "checkpoint_2026-12-01_10-05-00.000000"
+        shutil.copytree(legacy, torn)
+        for f in sorted((torn / "ds").glob("layer_*"))[1:]:
+            f.unlink()
+        used = latest_checkpoint(Path(tmp), announce=True)  # says on the console what it skipped
+        return {"resumed_from_step": read_checkpoint_state(used)["step"] if used else None,
+                "skipped": [torn.name]}
+
+
+PARTS = {"gcs_restart": gcs_restart, "auth": auth_and_rate_limit, "torn_checkpoint": torn_checkpoint}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="gcs_restart,auth,torn_checkpoint")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--outage-s", type=float, default=20)
+    p.add_argument("--warmup-s", type=float, default=10)
+    p.add_argument("--after-s", type=float, default=15)
+    p.add_argument("--rpm", type=int, default=60, help="requests_per_minute of every key")
+    p.add_argument("--samples", type=int, default=12, help="the quiet key's timed requests, unloaded and loaded "
+                                                           "(2 x samples + 1 must stay under --rpm)")
+    args = p.parse_args()
+    out: dict[str, Any] = {}
+    for name in args.parts.split(","):
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's and the parts' notices; stdout carries the JSON
+            result = PARTS[name.replace("rate_limit", "auth")](args)
+        out.update(result if name == "auth" else {name: result})
+    out["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform()}
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()

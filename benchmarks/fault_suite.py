@@ -1,8 +1,13 @@
-"""Faults tried on purpose, with nothing lost: a head node lost under Serve load, keys and limits under load,
-a torn checkpoint on resume.
+"""Faults tried on purpose, with nothing lost: a replica and a head node lost under Serve load, keys and
+limits under load, a torn checkpoint on resume.
 
-    python benchmarks/fault_suite.py [--parts gcs_restart,auth,rate_limit,torn_checkpoint] [--outage-s 20]
+    python benchmarks/fault_suite.py [--parts replica_kill,gcs_restart,auth,torn_checkpoint] [--outage-s 20]
 
+- replica_kill: two replicas of an untrained tiny LM on a local Ray; 32 clients on the official openai
+  client (its default 2 retries), every other one streaming, each request seeded and checked against
+  its text alone; one replica's actor is killed (`ray.kill`). Counts failures as the clients saw them,
+  cut streams (with an error, or silently), wrong texts, the server's 5xx and the client's retries, and
+  the seconds until Serve runs 2 replicas again.
 - gcs_restart: `clusters/local.sh up --gcs-ft` (a head and a worker node on this machine, the GCS backed
   by the machine's Redis); an untrained tiny LM served by `serve deploy` with both replicas on the
   worker node; 16 clients send completions through the worker node's Serve proxy. Every process of
@@ -189,6 +194,123 @@ def gcs_restart(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
+# A replica killed under load
+# ---------------------------------------------------------------------------------------------
+
+
+def _spec(i: int) -> dict[str, Any]:
+    return {"prompt": f"# request {i}\ndef handler(event, context):", "seed": 1000 + i}
+
+
+class Clients:
+    """`n` threads on the official openai client (its default retries), every other one streaming; each
+    request's text is checked against the same request's text alone (seeded, batch-invariant decoding)."""
+
+    def __init__(self, url: str, reference: dict[int, str], n: int, max_tokens: int):
+        import httpx
+
+        self.url, self.reference, self.max_tokens = url, reference, max_tokens
+        self.results: list[dict[str, Any]] = []
+        self.http = {"requests": 0, "5xx": 0}
+        self.lock, self.stop = threading.Lock(), threading.Event()
+
+        def on_response(r: Any) -> None:  # every HTTP attempt the client makes, retries included
+            with self.lock:
+                self.http["requests"] += 1
+                self.http["5xx"] += r.status_code >= 500
+
+        self.client_http = httpx.Client(event_hooks={"response": [on_response]}, timeout=120)
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
+
+    def _run(self, k: int) -> None:
+        from openai import OpenAI
+
+        client = OpenAI(base_url=f"{self.url}/v1", api_key="unused", http_client=self.client_http)
+        i = k
+        while not self.stop.is_set():
+            i = (i + len(self.threads)) % len(self.reference)
+            spec, stream = _spec(i), k % 2 == 1
+            kw = {"model": MODEL, "prompt": spec["prompt"], "seed": spec["seed"], "temperature": 0.8,
+                  "max_tokens": self.max_tokens, "extra_body": {"ignore_eos": True}}
+            text, finish, error = "", None, None
+            try:
+                if stream:
+                    parts = []
+                    for chunk in client.completions.create(stream=True, **kw):
+                        for c in chunk.choices:
+                            parts.append(c.text)
+                            finish = c.finish_reason or finish
+                    text = "".join(parts)
+                else:
+                    out = client.completions.create(**kw)
+                    text, finish = out.choices[0].text, out.choices[0].finish_reason
+            except Exception as e:  # noqa: BLE001 - what a client sees
+                error = f"{type(e).__name__}: {e}"[:200]
+            with self.lock:
+                self.results.append({"stream": stream, "error": error, "silent_cut": error is None and finish is None,
+                                     "wrong": error is None and finish is not None and text != self.reference[i]})
+
+    def __enter__(self) -> Clients:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def replica_kill(args: argparse.Namespace) -> dict[str, Any]:
+    import ray
+    from ray import serve
+
+    from neuraflex_ray.local_ray import start_local_ray
+    from neuraflex_ray.serving.deploy import deploy
+
+    root = Path(tempfile.mkdtemp(prefix="nfr-kill-"))
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        export = scratch_lm_export(root / "lm", max_seq_len=128, flavour="tiny")
+        url = deploy({MODEL: str(export)}, port=free_port(), num_cpus=0.5, num_replicas=2, name="kill")
+        from openai import OpenAI
+
+        alone = OpenAI(base_url=f"{url}/v1", api_key="unused")
+        reference = {i: alone.completions.create(model=MODEL, prompt=_spec(i)["prompt"], seed=_spec(i)["seed"],
+                                                 temperature=0.8, max_tokens=args.max_tokens,
+                                                 extra_body={"ignore_eos": True}).choices[0].text
+                     for i in range(args.distinct)}
+        with Clients(url, reference, args.kill_clients, args.max_tokens) as load:
+            time.sleep(args.warmup_s)
+            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                        if "SERVE_REPLICA" in a["name"] and "kill" in a["name"]]
+            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+            t_kill = time.monotonic()
+            recovered = None
+            while time.monotonic() - t_kill < 120:
+                states = serve.status().applications["kill"].deployments["NeuraFlexServer"].replica_states
+                if states.get("RUNNING", 0) == 2 and time.monotonic() - t_kill > 2:
+                    recovered = round(time.monotonic() - t_kill, 1)
+                    break
+                time.sleep(0.5)
+            time.sleep(args.after_s)
+        r = load.results
+        plain, streams = [x for x in r if not x["stream"]], [x for x in r if x["stream"]]
+        return {"requests": len(r), "failed": sum(x["error"] is not None for x in r),
+                "failed_non_streaming": sum(x["error"] is not None for x in plain),
+                "cut_streams_with_error": sum(x["error"] is not None for x in streams),
+                "silent_cut_streams": sum(x["silent_cut"] for x in r),
+                "wrong": sum(x["wrong"] for x in r) + sum(x["silent_cut"] for x in r),
+                "recovered_s": recovered, "server_5xx": load.http["5xx"],
+                "client_retries": load.http["requests"] - len(r), "clients": args.kill_clients,
+                "errors": sorted({x["error"].split(":")[0] for x in r if x["error"]})}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
 # Keys and limits
 # ---------------------------------------------------------------------------------------------
 
@@ -281,12 +403,16 @@ def torn_checkpoint(args: argparse.Namespace) -> dict[str, Any]:
                 "skipped": [torn.name]}
 
 
-PARTS = {"gcs_restart": gcs_restart, "auth": auth_and_rate_limit, "torn_checkpoint": torn_checkpoint}
+PARTS = {"replica_kill": replica_kill, "gcs_restart": gcs_restart, "auth": auth_and_rate_limit,
+         "torn_checkpoint": torn_checkpoint}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="gcs_restart,auth,torn_checkpoint")
+    p.add_argument("--parts", default="replica_kill,gcs_restart,auth,torn_checkpoint")
+    p.add_argument("--kill-clients", type=int, default=32, help="replica_kill: clients, every other one streaming")
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--distinct", type=int, default=16, help="replica_kill: distinct seeded requests")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--outage-s", type=float, default=20)
     p.add_argument("--warmup-s", type=float, default=10)

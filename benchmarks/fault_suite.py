@@ -86,15 +86,36 @@ def wait_for(url: str, timeout_s: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-class Load:
+class ClientThreads:
+    """Client threads running `_run(k)` from entering the block until leaving it."""
+
+    def __init__(self, n: int):
+        self.results: list[Any] = []
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
+
+    def _run(self, k: int) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> ClientThreads:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+class Load(ClientThreads):
     """`clients` threads sending completions to `url` back to back; each result is (t_sent, ok)."""
 
     def __init__(self, url: str, clients: int):
-        self.url, self.results, self.stop = url, [], threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        super().__init__(clients)
+        self.url = url
 
-    def _run(self) -> None:
+    def _run(self, k: int) -> None:
         while not self.stop.is_set():
             t0 = time.monotonic()
             status, body = post(self.url, BODY, timeout=30)
@@ -103,16 +124,6 @@ class Load:
                 self.results.append((t0, ok))
             if not ok:
                 time.sleep(0.2)  # a client backs off a little after a failure
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=60)
 
 
 def wait_app_running(env: dict[str, str], name: str, timeout_s: float) -> str | None:
@@ -202,17 +213,16 @@ def _spec(i: int) -> dict[str, Any]:
     return {"prompt": f"# request {i}\ndef handler(event, context):", "seed": 1000 + i}
 
 
-class Clients:
+class Clients(ClientThreads):
     """`n` threads on the official openai client (its default retries), every other one streaming; each
     request's text is checked against the same request's text alone (seeded, batch-invariant decoding)."""
 
     def __init__(self, url: str, reference: dict[int, str], n: int, max_tokens: int):
         import httpx
 
+        super().__init__(n)
         self.url, self.reference, self.max_tokens = url, reference, max_tokens
-        self.results: list[dict[str, Any]] = []
         self.http = {"requests": 0, "5xx": 0}
-        self.lock, self.stop = threading.Lock(), threading.Event()
 
         def on_response(r: Any) -> None:  # every HTTP attempt the client makes, retries included
             with self.lock:
@@ -220,7 +230,6 @@ class Clients:
                 self.http["5xx"] += r.status_code >= 500
 
         self.client_http = httpx.Client(event_hooks={"response": [on_response]}, timeout=120)
-        self.threads = [threading.Thread(target=self._run, args=(k,), daemon=True) for k in range(n)]
 
     def _run(self, k: int) -> None:
         from openai import OpenAI
@@ -249,16 +258,6 @@ class Clients:
             with self.lock:
                 self.results.append({"stream": stream, "error": error, "silent_cut": error is None and finish is None,
                                      "wrong": error is None and finish is not None and text != self.reference[i]})
-
-    def __enter__(self) -> Clients:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
 
 
 def replica_kill(args: argparse.Namespace) -> dict[str, Any]:

@@ -218,7 +218,7 @@ class Clients(ClientThreads):
     request's text is checked against the same request's text alone (seeded, batch-invariant decoding)."""
 
     def __init__(self, url: str, reference: dict[int, str], n: int, max_tokens: int):
-        import httpx
+        from openai import DefaultHttpx2Client
 
         super().__init__(n)
         self.url, self.reference, self.max_tokens = url, reference, max_tokens
@@ -229,7 +229,8 @@ class Clients(ClientThreads):
                 self.http["requests"] += 1
                 self.http["5xx"] += r.status_code >= 500
 
-        self.client_http = httpx.Client(event_hooks={"response": [on_response]}, timeout=120)
+        # The openai client's own HTTP client (its defaults), with a hook that sees every attempt.
+        self.client_http = DefaultHttpx2Client(event_hooks={"response": [on_response]}, timeout=120)
 
     def _run(self, k: int) -> None:
         from openai import OpenAI
@@ -281,14 +282,18 @@ def replica_kill(args: argparse.Namespace) -> dict[str, Any]:
                      for i in range(args.distinct)}
         with Clients(url, reference, args.kill_clients, args.max_tokens) as load:
             time.sleep(args.warmup_s)
-            replicas = [a for a in ray.util.list_named_actors(all_namespaces=True)
+            def replicas() -> list[dict[str, str]]:
+                return [a for a in ray.util.list_named_actors(all_namespaces=True)
                         if "SERVE_REPLICA" in a["name"] and "kill" in a["name"]]
-            ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+            victim = replicas()[0]
+            ray.kill(ray.get_actor(victim["name"], namespace=victim["namespace"]), no_restart=True)
             t_kill = time.monotonic()
             recovered = None
-            while time.monotonic() - t_kill < 120:
+            while time.monotonic() - t_kill < 120:  # back: 2 RUNNING, and the killed one is not among them
                 states = serve.status().applications["kill"].deployments["NeuraFlexServer"].replica_states
-                if states.get("RUNNING", 0) == 2 and time.monotonic() - t_kill > 2:
+                names = {a["name"] for a in replicas()}
+                if states.get("RUNNING", 0) == 2 and victim["name"] not in names and len(names) == 2:
                     recovered = round(time.monotonic() - t_kill, 1)
                     break
                 time.sleep(0.5)

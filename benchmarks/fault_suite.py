@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from neuraflex_ray.families.moe_lm.scratch import scratch_lm_export  # noqa: E402
-from neuraflex_ray.serving.deploy import free_port  # noqa: E402
+from neuraflex_ray.serving.deploy import free_port, wait_ready  # noqa: E402
 
 MODEL = "neuraflex-moe"
 BODY = {"model": MODEL, "prompt": "def handler(event, context):", "max_tokens": 8, "temperature": 0}
@@ -65,20 +65,6 @@ def post(url: str, body: dict[str, Any], key: str | None = None, timeout: float 
         return e.code, {}
     except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
         return 0, {}
-
-
-def wait_for(url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s:.0f} s")
-        time.sleep(1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +161,7 @@ def gcs_restart(args: argparse.Namespace) -> dict[str, Any]:
                              capture_output=True, text=True, timeout=120, cwd=REPO).stdout
         job_id = next(w for w in job.split() if w.startswith("raysubmit_"))
         url = f"http://127.0.0.1:{worker_serve}/v1/completions"
-        wait_for(f"http://127.0.0.1:{worker_serve}/health", 300)
+        wait_ready(f"http://127.0.0.1:{worker_serve}", 300)  # the worker node's proxy answers
         with Load(url, args.clients) as load:
             time.sleep(args.warmup_s)
             t_kill = time.monotonic()

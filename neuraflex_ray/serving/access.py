@@ -315,10 +315,6 @@ class AccessMiddleware:
             await a.call("finish", key, grant.tokens, grant.lease)
 
 
-class BodyTooLarge(RequestError):
-    pass
-
-
 def _bounded(receive: Any, limit: int) -> Any:
     """`receive`, raising 413 once more than `limit` body bytes have come (a chunked upload has no length)."""
     seen = 0
@@ -329,7 +325,7 @@ def _bounded(receive: Any, limit: int) -> Any:
         if message["type"] == "http.request":
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise BodyTooLarge(f"the request body exceeds {limit} bytes (max_body_bytes)", None, status=413,
+                raise RequestError(f"the request body exceeds {limit} bytes (max_body_bytes)", None, status=413,
                                    code="request_too_large")
         return message
 

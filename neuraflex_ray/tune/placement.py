@@ -102,9 +102,11 @@ def release_leaked_placement_groups(earlier_jobs: Sequence[str] = (), grace_s: f
 
     job = ray.get_runtime_context().get_job_id()
     table = placement_group_table()
-    # An id recorded by a driver on another cluster may name a live job here: only dead ones count.
-    dead = {k.hex() for k, v in ray._private.worker.global_worker.gcs_client.get_all_job_info().items() if v.is_dead}
-    old = {pg for pg in table if any(pg.endswith(j) for j in set(earlier_jobs) & dead)}
+    old: set[str] = set()
+    if earlier_jobs:  # an id recorded by a driver on another cluster may name a live job here: only dead ones count
+        jobs = ray._private.worker.global_worker.gcs_client.get_all_job_info()
+        dead = {k.hex() for k, v in jobs.items() if v.is_dead} & set(earlier_jobs)
+        old = {pg for pg in table if any(pg.endswith(j) for j in dead)}
     leaked = release_groups(old, 0.0) + release_groups({pg for pg in table if pg.endswith(job)}, grace_s)
     if leaked:
         print(f"[tune] released {len(leaked)} placement group(s) that stopped trials left behind", flush=True)

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_train)
     sp = with_config("finetune", "Continue training an export on new data (full, LoRA and/or EWC: the finetune "
                                  "section of the config; neuraflex_ray/finetune/).")
-    sp.add_argument("--from", dest="from_export", required=True, metavar="EXPORT", help="the export to fine-tune")
+    start = sp.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from", dest="from_export", metavar="EXPORT", help="the export to fine-tune")
+    start.add_argument("--from-hf", dest="from_hf", metavar="DIR",
+                       help="a Hugging Face transformers directory to fine-tune (imported into <run dir>/hf-import)")
     sp.add_argument("--fresh", action="store_true", help="delete this run's old checkpoints first")
     sp.set_defaults(fn=cmd_finetune)
     sp = sub.add_parser("dashboard", help="TensorBoard and optuna-dashboard on a sweep directory; prints both URLs.",
@@ -88,9 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--adapter", required=True, help="the adapter directory (<fine-tune run dir>/adapter)")
     sp.add_argument("--out", required=True, help="where to write the merged export")
     sp.set_defaults(fn=cmd_merge)
-    sp = with_config("export", "Convert the latest sharded checkpoint into one consolidated safetensors export.")
+    sp = with_config("export", "Convert the latest sharded checkpoint into one consolidated safetensors export "
+                               "(--format hf: a Hugging Face transformers directory of a stock architecture).")
     sp.add_argument("--checkpoint", help="run directory or checkpoint directory (default: the config's run dir)")
-    sp.add_argument("--out", help="export directory (default: <run dir>/export)")
+    sp.add_argument("--export", help="with --format hf: convert this existing export instead of a checkpoint")
+    sp.add_argument("--format", choices=("neuraflex", "hf"), default="neuraflex",
+                    help="neuraflex: this project's export; hf: AutoModelForCausalLM.from_pretrained loads it")
+    sp.add_argument("--out", help="export directory (default: <run dir>/export, or <run dir>/hf with --format hf)")
     sp.set_defaults(fn=cmd_export)
     sp = with_config("eval", "Evaluate an export on held-out data beside its baselines, in one process.")
     sp.add_argument("--export", help="export directory (default: <run dir>/export)")

@@ -44,15 +44,25 @@ def cmd_train(args: argparse.Namespace) -> dict:
 
 
 def cmd_export(args: argparse.Namespace) -> dict:
-    from neuraflex_ray.checkpoint import export_checkpoint
+    from neuraflex_ray.checkpoint import export_checkpoint, export_family
     from neuraflex_ray.train.driver import latest_checkpoint
 
     cfg = _config(args)
+    if args.export:
+        if args.format != "hf":
+            raise ConfigError("--export converts an existing export, which only --format hf does; drop --export")
+        _export_meta(args.export)  # a clear line when it is not an export
+        out = export_family(args.export).export_hf(Path(args.export), Path(args.out or cfg.run_dir / "hf"))
+        return {"hf": str(out), "export": args.export}
     ckpt = latest_checkpoint(args.checkpoint or cfg.run_dir)
     if ckpt is None:
         raise ConfigError(f"--checkpoint: no complete checkpoint under {args.checkpoint or cfg.run_dir}; run train first")
-    out = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), args.out or cfg.run_dir / "export")
-    return {"export": str(out), "checkpoint": str(ckpt)}
+    if args.format != "hf":
+        out = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), args.out or cfg.run_dir / "export")
+        return {"export": str(out), "checkpoint": str(ckpt)}
+    export = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), cfg.run_dir / "export")  # what hf converts
+    out = export_family(export).export_hf(export, Path(args.out or cfg.run_dir / "hf"))
+    return {"hf": str(out), "export": str(export), "checkpoint": str(ckpt)}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:
@@ -127,7 +137,8 @@ def cmd_generate(args: argparse.Namespace) -> dict:
 def cmd_finetune(args: argparse.Namespace) -> dict:
     from neuraflex_ray.finetune.run import finetune
 
-    cfg = load_config(args.config, [*args.overrides, f"finetune.from_export={args.from_export}"])
+    start = f"finetune.from_export={args.from_export}" if args.from_export else f"finetune.from_hf={args.from_hf}"
+    cfg = load_config(args.config, [*args.overrides, start])
     return finetune(cfg, fresh=args.fresh)
 
 

@@ -65,7 +65,7 @@ class Family:
               shard_units (FSDP2 path), run_summary
     export:   export (a checkpoint -> a consolidated export), evaluate (an export on held-out data,
               beside a baseline fitted on the training split), after_training (what the quickstart
-              does with a fresh export)
+              does with a fresh export); export_hf / import_hf (a stock Hugging Face architecture)
     serve:    serves ("openai": the completions and chat routes; "series": /v1/neuro/*), serve_name,
               load_served, generate_text
     finetune: finetune_methods, lora_targets, finetune_config, fisher_samples
@@ -189,6 +189,15 @@ class Family:
     def after_training(self, cfg: Any, result: dict[str, Any], export_dir: Path) -> dict[str, Any]:
         """The quickstart's stages after training and export: {stage: its result} for summary.json."""
         return {"eval": self.evaluate(export_dir, Path(cfg.data.output_dir))}
+
+    # ---- other tools' formats ----------------------------------------------------------------
+    def export_hf(self, export_dir: Path, out: Path) -> Path:
+        """An export -> a Hugging Face transformers directory of a stock architecture (`export --format hf`)."""
+        raise self.unsupported("Hugging Face export")
+
+    def import_hf(self, hf_dir: Path, out: Path) -> Path:
+        """A Hugging Face transformers directory -> an export of this family (`finetune --from-hf`)."""
+        raise self.unsupported("Hugging Face import")
 
     # ---- serving ----------------------------------------------------------------------------
     def load_served(self, name: str, path: Path, options: Any) -> Any:

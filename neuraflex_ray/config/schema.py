@@ -70,6 +70,9 @@ class FinetuneConfig:
     normal training run. The dataset is the job's `data` section (the new corpus)."""
 
     from_export: str = ""  # the export to start from (`neuraflex-ray export`, or a run's export/)
+    # or a Hugging Face transformers directory of an architecture the family imports (`finetune --from-hf`):
+    # imported into <run dir>/hf-import, which then is the export the run starts from
+    from_hf: str = ""
     # full (every weight trains) | lora (low-rank adapters) | svf (singular-value scales; LM only): the base
     # stays frozen under an adapter (finetune/methods.py)
     method: str = "full"

@@ -37,12 +37,18 @@ def _validate_finetune(cfg: JobConfig, family: Family) -> None:
     f = cfg.finetune
     methods = family.finetune_methods
     need(f.method in methods, f"finetune.method={f.method!r}: use {' or '.join(methods)}")
-    if not f.from_export:
+    need(not (f.from_export and f.from_hf), "finetune.from_export and finetune.from_hf are both set: a fine-tune "
+         "starts from one model; keep one of them")
+    if f.from_hf:
+        need(Path(f.from_hf, "config.json").is_file(),
+             f"finetune.from_hf={f.from_hf}: no config.json there; pass a Hugging Face model directory "
+             f"(`neuraflex-ray export --format hf` writes one)")
+    if not f.from_export and not f.from_hf:
         need(f.method == "full" and f.ewc_lambda == 0,
              "finetune.method/ewc_lambda need finetune.from_export: the export to fine-tune (set it, or use "
-             "`neuraflex-ray finetune --from <export>`)")
+             "`neuraflex-ray finetune --from <export>` or `--from-hf <dir>`)")
         return
-    need(Path(f.from_export, "model.safetensors").is_file(),
+    need(bool(f.from_hf) or Path(f.from_export, "model.safetensors").is_file(),
          f"finetune.from_export={f.from_export}: no model.safetensors there; pass an export directory "
          f"(`neuraflex-ray export` writes one; a run keeps it in <run dir>/export)")
     need(f.lora_rank >= 1, f"finetune.lora_rank must be >= 1 (got {f.lora_rank})")

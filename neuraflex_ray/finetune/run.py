@@ -65,12 +65,12 @@ def _base_model(export: str | Path) -> torch.nn.Module:
 
 
 def finetune(cfg: JobConfig, fresh: bool = False) -> dict[str, Any]:
-    """Train from `cfg.finetune.from_export` on `cfg.data`, export, and report held-out bits/byte."""
-    from neuraflex_ray.finetune.setup import finetune_config
+    """Train from `cfg.finetune.from_export` (or `from_hf`) on `cfg.data`, export, and report held-out bits/byte."""
+    from neuraflex_ray.finetune.setup import finetune_config, import_hf_base
     from neuraflex_ray.train.driver import ensure_ray, train
 
     ensure_ray(cfg)
-    cfg = finetune_config(cfg)
+    cfg = finetune_config(import_hf_base(cfg))
     result = train(cfg, fresh=fresh)
     run_dir = Path(result["run_dir"])
     out = export_finetune(cfg, result["checkpoint"], run_dir, result["steps"])

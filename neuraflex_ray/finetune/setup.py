@@ -19,6 +19,17 @@ from neuraflex_ray.checkpoint import read_export_meta
 from neuraflex_ray.config import ConfigError, JobConfig, get_family
 
 
+def import_hf_base(cfg: JobConfig) -> JobConfig:
+    """`finetune.from_hf`: the Hugging Face directory imported as an export into <run dir>/hf-import (the
+    family converts it), which the run then starts from as `finetune.from_export`."""
+    f = cfg.finetune
+    if not f.from_hf:
+        return cfg
+    export = get_family(cfg.model_type).import_hf(Path(f.from_hf).expanduser().resolve(), cfg.run_dir / "hf-import")
+    print(f"[finetune] imported {f.from_hf} -> {export}", flush=True)
+    return dataclasses.replace(cfg, finetune=dataclasses.replace(f, from_export=str(export), from_hf=""))
+
+
 def finetune_config(cfg: JobConfig) -> JobConfig:
     """The job as it trains: the export's model (its family says what else the new data must keep) and the
     Fisher file beside the export, if EWC is on."""

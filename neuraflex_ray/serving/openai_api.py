@@ -48,6 +48,13 @@ def apply_chat_template(messages: list[dict[str, str]]) -> str:
     return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
 
 
+# The same template in Jinja, for tokenizer_config.json of a Hugging Face export (a test checks the two
+# agree): transformers' apply_chat_template(messages, add_generation_prompt=True) renders what the
+# function above does.
+CHAT_TEMPLATE_JINJA = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
+                       "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Requests
 # ---------------------------------------------------------------------------------------------

@@ -124,6 +124,17 @@ class MoELMFamily(Family):
             "serve": serve_and_call(export_dir, prompt, max_tokens=48, seed=cfg.train.seed),
         }
 
+    def export_hf(self, export_dir: Path, out: Path) -> Path:
+        """Mixtral (the dense baseline: Llama, or Mistral with a window); settings without one are refused."""
+        from neuraflex_ray.families.moe_lm.hf import export_hf
+
+        return export_hf(export_dir, out)
+
+    def import_hf(self, hf_dir: Path, out: Path) -> Path:
+        from neuraflex_ray.families.moe_lm.hf import import_hf
+
+        return import_hf(hf_dir, out)
+
     # ---- serving and fine-tuning ------------------------------------------------------------
     def load_served(self, name: str, path: Path, options: Any) -> Any:
         from neuraflex_ray.serving.models import load_lm

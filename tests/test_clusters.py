@@ -182,3 +182,29 @@ def test_the_local_cluster_script_uses_token_auth_on_loopback():
     script = (REPO / "clusters" / "local.sh").read_text()
     assert "RAY_AUTH_MODE=token" in script and "--dashboard-host=127.0.0.1" in script
     assert "0.0.0.0" not in script
+
+
+@pytest.mark.parametrize("path", CLUSTER_YAMLS, ids=lambda p: p.name)
+def test_every_ray_up_head_keeps_its_gcs_in_redis_when_the_env_file_says_so(path, tmp_path):
+    """The head's start command, run by bash up to `ray start` (which only echoes what it would get): with
+    clusters/gcs_redis.env on the head, Ray sees the Redis address, namespace and password; without it,
+    nothing (an empty RAY_REDIS_ADDRESS would count as set)."""
+    import subprocess
+
+    head = next(c for c in yaml.safe_load(path.read_text())["head_start_ray_commands"] if "ray start" in c)
+    before, args = head.split("ray start", 1)
+    probe = before + 'echo "addr=${RAY_REDIS_ADDRESS-unset} ns=${RAY_external_storage_namespace-unset}"' + args
+    example = (REPO / "clusters" / "gcs_redis.env.example").read_text()
+    env_file = tmp_path / "neuraflex-ray" / "clusters" / "gcs_redis.env"
+
+    def run() -> str:
+        return subprocess.run(["bash", "-c", probe], env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, check=True).stdout
+
+    words = run().split()
+    assert words[:2] == ["addr=unset", "ns=unset"] and not any("redis" in w for w in words)
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text(example.replace("# export NFR_REDIS_PASSWORD=...", "export NFR_REDIS_PASSWORD=s3cret"))
+    words = run().split()
+    assert words[:2] == ["addr=redis.internal.example:6379", "ns=neuraflex"] and "--redis-password=s3cret" in words
+    assert "clusters/gcs_redis.env" in (REPO / ".gitignore").read_text().split()  # a password is never committed

@@ -162,9 +162,14 @@ def test_keys_rotate_without_a_restart_and_never_reach_the_logs(server):
         assert time.monotonic() < deadline, "the replicas did not pick up the rotated key file"
         time.sleep(0.5)
     assert all(call(u, new)[0] == 200 for _ in range(4))  # both replicas took it
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    node = ray._private.worker._global_node
+    logs = Path(node.get_session_dir_path()) / "logs"
     for f in logs.rglob("*"):
         if f.is_file() and f.stat().st_size < 50_000_000:
             text = f.read_bytes()
             for key in (*KEYS.values(), new):
                 assert key.encode() not in text, f
+    # Nor Ray's Prometheus endpoint, which carries Serve's per-route and per-deployment metrics.
+    with urllib.request.urlopen(f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics", timeout=30) as r:
+        metrics = r.read()
+    assert b"ray_" in metrics and not any(key.encode() in metrics for key in (*KEYS.values(), new))

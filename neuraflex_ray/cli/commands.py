@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -60,9 +61,10 @@ def cmd_export(args: argparse.Namespace) -> dict:
     if args.format != "hf":
         out = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), args.out or cfg.run_dir / "export")
         return {"export": str(out), "checkpoint": str(ckpt)}
-    export = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), cfg.run_dir / "export")  # what hf converts
-    out = export_family(export).export_hf(export, Path(args.out or cfg.run_dir / "hf"))
-    return {"hf": str(out), "export": str(export), "checkpoint": str(ckpt)}
+    with tempfile.TemporaryDirectory(dir=cfg.run_dir) as tmp:  # our export of it, which hf converts
+        export = export_checkpoint(ckpt, Path(cfg.data.output_dir).resolve(), Path(tmp) / "export")
+        out = export_family(export).export_hf(export, Path(args.out or cfg.run_dir / "hf"))
+    return {"hf": str(out), "checkpoint": str(ckpt)}
 
 
 def cmd_eval(args: argparse.Namespace) -> dict:

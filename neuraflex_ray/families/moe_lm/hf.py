@@ -237,7 +237,8 @@ def export_hf(export_dir: Path, out: Path, max_shard_size: str = "5GB") -> Path:
         tok_cfg.update(tokenizer_class="PreTrainedTokenizerFast", chat_template=CHAT_TEMPLATE_JINJA)
         (tmp / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
         (tmp / "neuraflex_export.json").write_text(json.dumps(
-            {"source_export": str(Path(export_dir).resolve()), "architecture": config.architectures,
+            {"source": meta.get("source_checkpoint") or str(Path(export_dir).resolve()),  # what it was made from
+             "architecture": config.architectures,
              "calibration": meta.get("calibration")}, indent=2))
     return Path(out).resolve()
 

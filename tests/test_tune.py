@@ -28,6 +28,7 @@ from ray.tune import ExperimentAnalysis
 from neuraflex_ray.config import config_from_raw, load_config
 from neuraflex_ray.train.driver import train
 from neuraflex_ray.tune import load_sweep, run_sweep
+from neuraflex_ray.tune.run import LOST_WITH_DRIVER, TUNE_TRIAL_ID, _search
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 16  # ASHA's rungs at 4, 8 and 16; PBT perturbs at 8
@@ -153,6 +154,9 @@ def test_optuna_storage_holds_every_trial(sweep):
     assert states.count(optuna.trial.TrialState.FAIL) == 1
     assert optuna.trial.TrialState.PRUNED in states and optuna.trial.TrialState.COMPLETE in states
     assert study.trials[0].params == {"train.lr": 1e30, "model.router": "softmax_topk"}  # the point to evaluate came first
+    # Each Optuna trial names its Tune trial, once: the study and the sweep's table count the same trials.
+    table = pd.read_csv(Path(sweep["summary"]["dir"]) / "results.csv")
+    assert sorted(t.user_attrs[TUNE_TRIAL_ID] for t in study.trials) == sorted(table.trial_id)
     best = study.best_trial
     assert best.value == pytest.approx(sweep["summary"]["best"]["val_loss"])
     # What each run measured rides along as user attributes, pruned trials included (not the failed one:
@@ -160,6 +164,40 @@ def test_optuna_storage_holds_every_trial(sweep):
     assert best.user_attrs["val_bits_per_byte"] > 0 and best.user_attrs["step"] == STEPS
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert all(0 < t.user_attrs["step"] < STEPS and "val_loss" in t.user_attrs for t in pruned)
+
+
+def test_a_killed_drivers_trials_end_once_in_the_study(tmp_path):
+    """--resume after the driver was killed outright, not stopped: the study is ahead of Tune's last save.
+    A trial asked after the save is failed and another takes its place; a trial told after it keeps what
+    was told while Tune runs it on. (benchmarks/fault_suite.py sweep_resume kills a real driver on two nodes.)"""
+    path = write_sweep(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw["search"]["points_to_evaluate"] = []
+    path.write_text(yaml.safe_dump(raw))
+    loaded = load_sweep(path)
+    loaded.dir.mkdir(parents=True)
+    search = _search(loaded)
+    search.suggest("a")
+    search.suggest("b")
+    search.save(str(tmp_path / "searcher.pkl"))  # Tune's last save before the kill
+    lost = search.suggest("c")
+    search.on_trial_complete("b", {"val_loss": 1.0, "step": STEPS})
+
+    resumed = _search(loaded)
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("b", {"val_loss": 0.5, "step": STEPS, "training_iteration": 4})  # run on from a checkpoint
+    resumed.on_trial_complete("b", {"val_loss": 0.5, "step": STEPS})
+    assert resumed.suggest("d") == lost  # the seeded sampler, restored with the save, draws the lost point again
+    assert resumed.suggest("e") != lost  # and only once
+    for trial_id in ("a", "d", "e"):
+        resumed.on_trial_complete(trial_id, {"val_loss": 2.0, "step": STEPS})
+
+    study = optuna.load_study(study_name=STUDY, storage=loaded.storage_url)
+    by_tune = {t.user_attrs[TUNE_TRIAL_ID]: t for t in study.trials}
+    assert {k: t.state.name for k, t in by_tune.items()} == {"a": "COMPLETE", "b": "COMPLETE", "c": "FAIL",
+                                                             "d": "COMPLETE", "e": "COMPLETE"}
+    assert by_tune["b"].value == 1.0
+    assert [k for k, t in by_tune.items() if t.user_attrs.get(LOST_WITH_DRIVER)] == ["c"]
 
 
 def test_tensorboard_has_every_trial_under_one_directory(sweep):

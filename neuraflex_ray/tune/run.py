@@ -41,6 +41,9 @@ from neuraflex_ray.tune.space import optuna_distributions, tune_domains
 from neuraflex_ray.tune.trial import run_trial
 
 TRIAL_CPU = 0.01  # the Tune trial actor itself: it only drives a Train run
+# Optuna trials' user attributes: the Tune trial (trials/<id>) each one is, and the mark of a trial a
+# killed driver left running that no Tune trial will end (see Search below).
+TUNE_TRIAL_ID, LOST_WITH_DRIVER = "tune_trial_id", "lost_with_driver"
 
 # --------------------------------------------------------------------------------------------
 # Search, scheduler, Tuner
@@ -49,24 +52,66 @@ TRIAL_CPU = 0.01  # the Tune trial actor itself: it only drives a Train run
 
 def _search(sweep: Sweep) -> Any:
     import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+    from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
     max_steps = sweep.base.train.max_steps
 
     class Search(OptunaSearch):
         """Upstream records a trial COMPLETE once it reported anything. Here an errored trial is FAIL
-        and a trial the scheduler stopped before max_steps is PRUNED, as the Optuna dashboard expects."""
+        and a trial the scheduler stopped before max_steps is PRUNED, as the Optuna dashboard expects.
+
+        A driver killed outright (no Ctrl-C, no SIGTERM: a lost head machine, the OOM killer) leaves the
+        study ahead of Tune's saved state, which is at most a few seconds old, and --resume restores
+        this searcher from that state:
+          - a trial asked of Optuna after the save is RUNNING in the study, yet no restored Tune trial
+            will ever end it: it is marked failed (LOST_WITH_DRIVER) and the resumed sweep asks for a
+            trial in its place; the sampler, restored with its random state, draws the lost trial's
+            point again when seeded (queueing the lost point as well made the sweep run it twice);
+          - a trial told after the save is run on by Tune from its last checkpoint: the study keeps
+            what the killed driver told, and the trial counts once.
+        """
+
+        def suggest(self, trial_id: str) -> dict | None:
+            config = super().suggest(trial_id)
+            # The dashboard then names each Optuna trial's Tune trial (its trials/<id> and tune/<id>).
+            self._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ID, trial_id)
+            return config
+
+        def restore(self, checkpoint_path: str) -> None:
+            super().restore(checkpoint_path)
+            restored = {t.number for t in self._ot_trials.values()}
+            storage = self._storage
+            study_id = storage.get_study_id_from_name(self._study_name)
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number not in restored:  # asked by a driver that was killed before Tune saved it
+                    trial = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+                    storage.set_trial_user_attr(trial, LOST_WITH_DRIVER, True)
+                    self._ot_study.tell(t.number, state=TrialState.FAIL)
+                    print(f"[tune] Optuna trial {t.number} (Tune trial {t.user_attrs.get(TUNE_TRIAL_ID)}) was "
+                          f"left running by a driver stopped before Tune saved it: marked failed, another "
+                          f"trial takes its place", flush=True)
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            try:
+                super().on_trial_result(trial_id, result)
+            except UpdateFinishedTrialError:  # told by a killed driver after Tune's last save (see above)
+                self._completed_trials.add(trial_id)
 
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
             stopped = result is not None and result.get("step", max_steps) < max_steps
-            if result and trial_id in self._ot_trials:
+            if result and trial_id in self._ot_trials and trial_id not in self._completed_trials:
                 # Every validation metric the family reports (a BLT's measured mean patch size beside
                 # its bits per byte), kept as user attributes: the dashboard plots a searched value
                 # against what the run measured, pruned trials included.
-                for key, value in result.items():
-                    if (key.startswith("val_") or key == "step") and isinstance(value, int | float) \
-                            and math.isfinite(value):
-                        self._ot_trials[trial_id].set_user_attr(key, float(value))
+                try:
+                    for key, value in result.items():
+                        if (key.startswith("val_") or key == "step") and isinstance(value, int | float) \
+                                and math.isfinite(value):
+                            self._ot_trials[trial_id].set_user_attr(key, float(value))
+                except UpdateFinishedTrialError:  # told by a killed driver after Tune's last save
+                    self._completed_trials.add(trial_id)
             super().on_trial_complete(trial_id, None if error or stopped else result, error)
 
     c = sweep.cfg

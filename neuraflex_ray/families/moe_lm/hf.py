@@ -37,7 +37,7 @@ from neuraflex_ray.atomic import atomic_dir
 from neuraflex_ray.checkpoint import load_exported, write_export
 from neuraflex_ray.checkpoint.untrusted import refuse_pickles
 from neuraflex_ray.config import ConfigError, ModelConfig
-from neuraflex_ray.models.moe_lm import ffn_width
+from neuraflex_ray.models.moe_lm import ffn_width, moe_layer_ids
 from neuraflex_ray.serving.openai_api import CHAT_TEMPLATE_JINJA
 from pipelines.text import EOS
 
@@ -108,52 +108,50 @@ def _permute_heads(w: torch.Tensor, n_heads: int, perm: torch.Tensor) -> torch.T
     return w.reshape(n_heads, rows // n_heads, cols)[:, perm].reshape(rows, cols)
 
 
+def _pairs(cfg: ModelConfig) -> list[tuple[str, str, int]]:
+    """(our name, transformers' name, heads whose rotary rows to permute or 0) of every weight that maps
+    one to one; the experts, fused differently on each side, are `to_hf`'s and `from_hf`'s own."""
+    pairs = [("tok_embeddings.weight", "model.embed_tokens.weight", 0), ("norm.weight", "model.norm.weight", 0)]
+    for i in range(cfg.n_layers):
+        o, h = f"layers.{i}.", f"model.layers.{i}."
+        pairs += [(o + "attn_norm.weight", h + "input_layernorm.weight", 0),
+                  (o + "ffn_norm.weight", h + "post_attention_layernorm.weight", 0),
+                  (o + "attn.wq.weight", h + "self_attn.q_proj.weight", cfg.n_heads),
+                  (o + "attn.wk.weight", h + "self_attn.k_proj.weight", cfg.n_kv_heads),
+                  (o + "attn.wv.weight", h + "self_attn.v_proj.weight", 0),
+                  (o + "attn.wo.weight", h + "self_attn.o_proj.weight", 0)]
+        if cfg.num_experts > 0:
+            pairs.append((o + "ffn.router.weight", h + "mlp.gate.weight", 0))
+        else:
+            pairs += [(f"{o}ffn.{w}.weight", f"{h}mlp.{n}.weight", 0)
+                      for n, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))]
+    return pairs
+
+
+def _map(src: dict[str, torch.Tensor], pairs: list[tuple[str, str, int]], perm: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {dst: _permute_heads(src[name], heads, perm) if heads else src[name] for name, dst, heads in pairs}
+
+
 def to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our state dict (every name, tied ones included) -> the HF model's state dict."""
-    perm = _rope_perm(cfg.dim // cfg.n_heads)
-    out = {"model.embed_tokens.weight": state["tok_embeddings.weight"], "model.norm.weight": state["norm.weight"],
-           "lm_head.weight": state["output.weight"]}
-    for i in range(cfg.n_layers):
-        ours, hf = f"layers.{i}.", f"model.layers.{i}."
-        out |= {hf + "input_layernorm.weight": state[ours + "attn_norm.weight"],
-                hf + "post_attention_layernorm.weight": state[ours + "ffn_norm.weight"],
-                hf + "self_attn.q_proj.weight": _permute_heads(state[ours + "attn.wq.weight"], cfg.n_heads, perm),
-                hf + "self_attn.k_proj.weight": _permute_heads(state[ours + "attn.wk.weight"], cfg.n_kv_heads, perm),
-                hf + "self_attn.v_proj.weight": state[ours + "attn.wv.weight"],
-                hf + "self_attn.o_proj.weight": state[ours + "attn.wo.weight"]}
-        if cfg.num_experts > 0:
-            w1, w3, w2 = (state[f"{ours}ffn.{n}"].transpose(1, 2) for n in ("w1", "w3", "w2"))
-            out |= {hf + "mlp.gate.weight": state[ours + "ffn.router.weight"],
-                    hf + "mlp.experts.gate_up_proj": torch.cat([w1, w3], dim=1).contiguous(),
-                    hf + "mlp.experts.down_proj": w2.contiguous()}
-        else:
-            out |= {hf + f"mlp.{n}.weight": state[f"{ours}ffn.{w}.weight"]
-                    for n, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
+    out = _map(state, _pairs(cfg), _rope_perm(cfg.dim // cfg.n_heads)) | {"lm_head.weight": state["output.weight"]}
+    for i in moe_layer_ids(cfg):
+        w1, w3, w2 = (state[f"layers.{i}.ffn.{n}"].transpose(1, 2) for n in ("w1", "w3", "w2"))
+        out[f"model.layers.{i}.mlp.experts.gate_up_proj"] = torch.cat([w1, w3], dim=1).contiguous()
+        out[f"model.layers.{i}.mlp.experts.down_proj"] = w2.contiguous()
     return out
 
 
 def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """The HF model's state dict -> ours (the inverse of `to_hf`)."""
     inverse = torch.argsort(_rope_perm(cfg.dim // cfg.n_heads))
-    out = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"]}
+    out = _map(hf, [(theirs, ours, heads) for ours, theirs, heads in _pairs(cfg)], inverse)
     if not cfg.tie_embeddings:
         out["output.weight"] = hf["lm_head.weight"]
-    for i in range(cfg.n_layers):
-        ours, h = f"layers.{i}.", f"model.layers.{i}."
-        out |= {ours + "attn_norm.weight": hf[h + "input_layernorm.weight"],
-                ours + "ffn_norm.weight": hf[h + "post_attention_layernorm.weight"],
-                ours + "attn.wq.weight": _permute_heads(hf[h + "self_attn.q_proj.weight"], cfg.n_heads, inverse),
-                ours + "attn.wk.weight": _permute_heads(hf[h + "self_attn.k_proj.weight"], cfg.n_kv_heads, inverse),
-                ours + "attn.wv.weight": hf[h + "self_attn.v_proj.weight"],
-                ours + "attn.wo.weight": hf[h + "self_attn.o_proj.weight"]}
-        if cfg.num_experts > 0:
-            w1, w3 = hf[h + "mlp.experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=2)
-            out |= {ours + "ffn.router.weight": hf[h + "mlp.gate.weight"],
-                    ours + "ffn.w1": w1.contiguous(), ours + "ffn.w3": w3.contiguous(),
-                    ours + "ffn.w2": hf[h + "mlp.experts.down_proj"].transpose(1, 2).contiguous()}
-        else:
-            out |= {f"{ours}ffn.{w}.weight": hf[h + f"mlp.{n}.weight"]
-                    for n, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
+    for i in moe_layer_ids(cfg):
+        w1, w3 = hf[f"model.layers.{i}.mlp.experts.gate_up_proj"].transpose(1, 2).chunk(2, dim=2)
+        out |= {f"layers.{i}.ffn.w1": w1.contiguous(), f"layers.{i}.ffn.w3": w3.contiguous(),
+                f"layers.{i}.ffn.w2": hf[f"model.layers.{i}.mlp.experts.down_proj"].transpose(1, 2).contiguous()}
     return out
 
 

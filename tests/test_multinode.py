@@ -30,6 +30,8 @@ from neuraflex_ray.train.driver import RAY_RUN_NAME, checkpoints_root, latest_ch
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 HEAD_PORT, DASHBOARD_PORT = 6390, 8275
+# Two raylets, a training job and Serve on 2 cores: run with nothing beside it (`make test`'s second part).
+pytestmark = pytest.mark.alone
 
 # The tiny MoE (the cluster path, not the model, is under test); the data build runs on the cluster.
 SMALL = ["model.flavour=tiny", "model.max_seq_len=64", "data.max_bytes=400000", "data.vocab_size=512",

@@ -52,8 +52,8 @@ def cmd_export(args: argparse.Namespace) -> dict:
     if args.export:
         if args.format != "hf":
             raise ConfigError("--export converts an existing export, which only --format hf does; drop --export")
-        _export_meta(args.export)  # a clear line when it is not an export
-        out = export_family(args.export).export_hf(Path(args.export), Path(args.out or cfg.run_dir / "hf"))
+        export, meta = _export_meta(args.export)  # a clear line when it is not an export
+        out = get_family(meta["model_type"]).export_hf(export, Path(args.out or cfg.run_dir / "hf"))
         return {"hf": str(out), "export": args.export}
     ckpt = latest_checkpoint(args.checkpoint or cfg.run_dir)
     if ckpt is None:

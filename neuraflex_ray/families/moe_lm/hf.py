@@ -251,7 +251,7 @@ def import_hf(hf_dir: Path, out: Path) -> Path:
     refuse_pickles(hf_dir, "Hugging Face directory")
     hf_cfg = AutoConfig.from_pretrained(hf_dir)
     cfg = model_config_from_hf(hf_cfg)
-    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, use_safetensors=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(hf_dir, config=hf_cfg, dtype=torch.float32, use_safetensors=True)
     state = from_hf(hf_model.state_dict(), cfg)
     source = hf_dir / "neuraflex_export.json"
     calibration = json.loads(source.read_text()).get("calibration") if source.is_file() else None
